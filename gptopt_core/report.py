@@ -1,0 +1,145 @@
+"""run.json manifest, report.md, the end-of-run summary table, and the atomic model directory writer."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+#: metric key → (column title, formatter); the summary shows the ones any record has
+COLUMNS = {
+    "perplexity": ("ppl", lambda v: f"{v:.3f}"),
+    "model_bytes": ("MB", lambda v: f"{v / 1e6:.1f}"),
+    "sparsity": ("sparsity", lambda v: f"{v:.1%}"),
+    "decode_tokens_per_s": ("decode tok/s", lambda v: f"{v:.1f}"),
+    "prefill_ms": ("prefill ms", lambda v: f"{v:.1f}"),
+    "peak_memory_bytes": ("peak MB", lambda v: f"{v / 1e6:.1f}"),
+}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("gptopt", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build_manifest(ctx, error=None) -> dict:
+    pipeline = ctx.pipeline
+    manifest = {"gptopt": versions()["gptopt"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": versions(), "seed": ctx.seed}
+    manifest.update(getattr(ctx, "manifest", {}))
+    manifest["recipe"] = pipeline.recipe()
+    manifest["steps"] = ctx.records
+    manifest["status"] = "ok" if error is None else ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+    if error is not None:
+        manifest["error"] = str(error) or type(error).__name__
+    return manifest
+
+
+def step_line(i: int, n: int, record: dict) -> str:
+    m = record.get("metrics", {})
+    parts = [f"{COLUMNS[k][0]} {COLUMNS[k][1](m[k])}" for k in COLUMNS if isinstance(m.get(k), (int, float))]
+    return f"[green]✓[/] [{i + 1}/{n}] [bold]{record['name']}[/] {record['seconds']:.1f}s  " + "  ".join(parts)
+
+
+def summary_rows(ctx):
+    records = [r for r in ctx.records if r.get("status") == "ok"]
+    keys = [k for k in COLUMNS if any(isinstance(r.get("metrics", {}).get(k), (int, float)) for r in records)]
+    header = ["#", "step", "seconds"] + [COLUMNS[k][0] for k in keys]
+    rows = []
+    for i, r in enumerate(ctx.records, 1):
+        m = r.get("metrics", {})
+        cells = [str(i), r["name"] + ("" if r.get("status") == "ok" else f" ({r.get('status')})"),
+                 f"{r.get('seconds', 0):.1f}"]
+        cells += [COLUMNS[k][1](m[k]) if isinstance(m.get(k), (int, float)) else "" for k in keys]
+        rows.append(cells)
+    return header, rows
+
+
+def print_summary(ctx) -> None:
+    if ctx.quiet or not ctx.is_main_process or ctx.console is None:
+        return
+    from rich.table import Table
+
+    header, rows = summary_rows(ctx)
+    table = Table(title=f"gptopt: {ctx.model_spec}", title_justify="left")
+    for h in header:
+        table.add_column(h, justify="left" if h == "step" else "right")
+    for row in rows:
+        table.add_row(*row)
+    ctx.console.print(table)
+
+
+def report_markdown(ctx, manifest, sections) -> str:
+    header, rows = summary_rows(ctx)
+    lines = [f"# gptopt run: {ctx.model_spec}", "",
+             f"- status: {manifest['status']}" + (f" ({manifest.get('error')})" if manifest.get("error") else ""),
+             f"- model: `{ctx.model_spec}` (hash {manifest.get('model', {}).get('hash', '?')[:12]})",
+             f"- data: `{ctx.data_spec}`, seed {ctx.seed}, device {manifest.get('device')}",
+             f"- created: {manifest['created']}, gptopt {manifest['gptopt']}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Replay: `gptopt run --recipe run.json`", ""]
+    for s in sections:
+        lines += [s, ""]
+    return "\n".join(lines)
+
+
+def finish_run(ctx, error=None) -> dict:
+    sections = []
+    try:
+        for part in ctx.hook.gptopt_run_finished(ctx=ctx, records=ctx.records, out_dir=ctx.out_dir):
+            sections.extend(part or [])
+    except Exception as exc:  # a reporting fault must not hide the run's own outcome
+        sections.append(f"(a run_finished hook failed: {type(exc).__name__}: {exc})")
+    manifest = build_manifest(ctx, error)
+    if ctx.out_dir is not None and ctx.is_main_process:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(ctx.out_dir / "run.json", manifest)
+        (ctx.out_dir / "report.md").write_text(report_markdown(ctx, manifest, sections))
+    if error is None:
+        print_summary(ctx)
+    return manifest
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model_dir(ctx, target: Path, overwrite: bool = False) -> list[str]:
+    """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename."""
+    import yaml
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        ctx.hook.gptopt_save_model(ctx=ctx, model=ctx.model, path=tmp)
+        ctx.tokenizer.save_pretrained(str(tmp))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
+        write_json_atomic(tmp / "run.json", build_manifest(ctx))
+        if target.exists():
+            if not overwrite and (not target.is_dir() or any(target.iterdir())):
+                raise FileExistsError(f"{target} appeared while saving")
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p.name for p in target.iterdir())

@@ -1,0 +1,109 @@
+"""Steps: one params schema gives the CLI options, the recipe keys and the Python keyword arguments."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pydantic
+
+from .errors import ParamsError
+
+
+class Params(pydantic.BaseModel):
+    """Base for a step's parameters: unknown keys are errors, values are validated on assignment.
+
+    Field descriptions become ``--help`` text; field names become ``--option-names`` (``_`` → ``-``) and
+    recipe keys.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+def fact_matches(pattern: str, fact: str) -> bool:
+    """``"quantized"`` matches ``"quantized"`` and ``"quantized:4bit"``; ``"quantized:4bit"`` only itself."""
+    return fact == pattern or fact.startswith(pattern + ":")
+
+
+def find_fact(pattern: str, facts) -> str | None:
+    for fact in sorted(facts):
+        if fact_matches(pattern, fact):
+            return fact
+    return None
+
+
+class Step:
+    """Base class of every step.
+
+    Subclasses set ``name``, ``Params`` and the fact declarations, and implement :meth:`apply`.
+
+    * ``requires``: fact pattern → hint shown when it is missing (e.g. ``{"masks": "run prune first"}``).
+    * ``forbids``: fact pattern → reason shown when present (``{"quantized:4bit": "packed weights ..."}``).
+    * ``provides`` / ``removes``: facts added / dropped after this step (see :meth:`next_facts`).
+    * ``trains``: this step trains the model (the training hooks run during it).
+
+    Facts are plain strings such as ``quantized:4bit``, ``masks``, ``adapter``, ``l1``.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+    requires: ClassVar[dict[str, str]] = {}
+    forbids: ClassVar[dict[str, str]] = {}
+    provides: ClassVar[frozenset[str]] = frozenset()
+    removes: ClassVar[frozenset[str]] = frozenset()
+    trains: ClassVar[bool] = False
+    #: set by the core: the plugin that registered this step
+    plugin: ClassVar[str] = "?"
+
+    def __init__(self, **kwargs: Any):
+        self.params = self.validate(kwargs)
+
+    @classmethod
+    def validate(cls, values: dict[str, Any]) -> Params:
+        """Validate raw values (from any door) into ``cls.Params``; raises :class:`ParamsError`."""
+        try:
+            return cls.Params(**values)
+        except pydantic.ValidationError as exc:
+            raise ParamsError(format_validation_error(cls.name, exc)) from None
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    # -- planning -------------------------------------------------------------------------------------
+    def required_facts(self) -> dict[str, str]:
+        return dict(self.requires)
+
+    def forbidden_facts(self) -> dict[str, str]:
+        return dict(self.forbids)
+
+    def next_facts(self, facts: set[str]) -> set[str]:
+        """Facts after this step, given the facts before it."""
+        kept = {f for f in facts if not any(fact_matches(r, f) for r in self.removes)}
+        return kept | set(self.provides)
+
+    def check_plan(self, before: list["Step"], after: list["Step"], facts: set[str]) -> None:
+        """Extra ordering checks; raise :class:`gptopt_core.PlanError` with a sentence saying what would work."""
+
+    # -- running --------------------------------------------------------------------------------------
+    def apply(self, ctx) -> dict[str, Any]:
+        """Run the step on ``ctx.model``; return metrics (JSON-serialisable dict)."""
+        raise NotImplementedError
+
+    def params_dict(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params_dict()})"
+
+
+def format_validation_error(step: str, exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "params"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown option '{loc}'")
+            continue
+        msg = err["msg"]
+        if "input" in err and err["type"] != "missing":
+            msg += f" (got {err['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{step}: " + "; ".join(parts)

@@ -1,0 +1,50 @@
+"""Helpers for testing gptopt plugins (also used by gptopt's own tests).
+
+``register_plugin`` registers a module or object with hook implementations for the duration of a ``with``
+block (or a pytest fixture body) and unregisters it in ``finally``::
+
+    from gptopt_core.testing import register_plugin
+
+    def test_my_step(tmp_path):
+        with register_plugin(my_plugin_module, "my-plugin"):
+            Pipeline(model="tiny-random-gpt2", quiet=True).add("my-step").run()
+"""
+from __future__ import annotations
+
+import contextlib
+
+from .plugins import get_plugins
+
+
+@contextlib.contextmanager
+def register_plugin(module, name: str):
+    """Register ``module`` as plugin ``name`` in the process-wide plugin set; unregister afterwards."""
+    plugins = get_plugins()
+    plugins.register(module, name)
+    plugins.collect_steps()
+    try:
+        yield plugins
+    finally:
+        plugins.unregister(name)
+
+
+def make_context(model: str = "tiny-random-llama", data: str = "builtin:pydoc", seed: int = 0,
+                 device: str = "cpu", **kwargs):
+    """A ready :class:`gptopt_core.RunContext` on a loaded model, as a step sees it (no steps run)."""
+    from rich.console import Console
+
+    from .context import RunContext
+    from .data import TextData
+    from .pipeline import Pipeline, _seed_everything
+
+    pipe = Pipeline(model=model, data=data, seed=seed, device=device, quiet=True, **kwargs)
+    dev = pipe.resolve_device()
+    loaded = pipe.load_model(dev)
+    _seed_everything(seed)
+    ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=dev,
+                     data=TextData.load(data, loaded.tokenizer), seed=seed, facts=set(loaded.facts),
+                     plugins=pipe.plugins, console=Console(stderr=True, quiet=True), model_spec=model,
+                     data_spec=data, quiet=True)
+    ctx.pipeline = pipe
+    ctx.manifest = {}
+    return ctx
