@@ -30,6 +30,16 @@ class EvalStep(Step):
         if self.params.stride and self.params.stride > self.params.block_size:
             raise GptoptError("eval: stride must not exceed block-size (tokens would go unscored)")
 
+    def preflight(self, ctx):
+        data = ctx.data if self.params.split == "valid" else ctx.eval_data
+        if data is None:
+            raise GptoptError("eval --split eval-data needs --eval-data on the run")
+        have = min(int(data.valid_ids.numel()), self.params.max_tokens)
+        if have < self.params.block_size + 1:
+            raise GptoptError(
+                f"eval: the held-out split of '{data.spec}' has {int(data.valid_ids.numel())} tokens, fewer than one "
+                f"block of {self.params.block_size}+1; give more text or a smaller --block-size")
+
     def apply(self, ctx):
         from .evaluate import generate_sample, perplexity
 

@@ -83,7 +83,8 @@ class TextData:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, spec: str, tokenizer) -> "TextData":
+    def load(cls, spec: str, tokenizer=None) -> "TextData":
+        """Read and split the documents (no tokenizer needed yet: bad data fails before a model loads)."""
         docs = load_documents(spec)
         if not docs or not any(d.strip() for d in docs):
             raise SourceError(f"data '{spec}' is empty; give a file with text in it")

@@ -47,7 +47,7 @@ class Pipeline:
         self.steps: list = []
 
     # -- building -------------------------------------------------------------------------------------
-    def add(self, name: str, **params) -> "Pipeline":
+    def add(self, name: str, /, **params) -> "Pipeline":
         """Append a step by name; its params are validated now (raises :class:`gptopt_core.ParamsError`)."""
         step_cls = self.plugins.step_class(name)
         self.steps.append(step_cls(**params))
@@ -122,11 +122,14 @@ class Pipeline:
 
         self.validate()
         self.check_out_dir()
+        data = TextData.load(self.data_spec)
+        eval_data = TextData.load(self.eval_data_spec) if self.eval_data_spec else None
         device = self.resolve_device()
         console = Console(stderr=True, quiet=self.quiet)
         loaded = self.load_model(device)
-        data = TextData.load(self.data_spec, loaded.tokenizer)
-        eval_data = TextData.load(self.eval_data_spec, loaded.tokenizer) if self.eval_data_spec else None
+        for d in (data, eval_data):
+            if d is not None:
+                d.tokenizer = loaded.tokenizer
         self.validate(loaded.facts)
         _seed_everything(self.seed)
         ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
@@ -144,6 +147,8 @@ class Pipeline:
                                  "train_tokens": int(data.train_ids.numel()),
                                  "valid_tokens": int(data.valid_ids.numel())},
                         "device": str(device), "loaded": self.collect_metrics(ctx)}
+        for step in self.steps:
+            step.preflight(ctx)
         ctx.log(f"[bold]gptopt[/] {self.model_spec} on {device}: {len(self.steps)} step(s)")
         error = None
         try:

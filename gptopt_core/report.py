@@ -101,7 +101,7 @@ def finish_run(ctx, error=None) -> dict:
     except Exception as exc:  # a reporting fault must not hide the run's own outcome
         sections.append(f"(a run_finished hook failed: {type(exc).__name__}: {exc})")
     manifest = build_manifest(ctx, error)
-    if ctx.out_dir is not None and ctx.is_main_process:
+    if ctx.out_dir is not None and ctx.is_main_process and ctx.records:  # nothing ran: write nothing
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ctx.out_dir / "run.json", manifest)
         (ctx.out_dir / "report.md").write_text(report_markdown(ctx, manifest, sections))

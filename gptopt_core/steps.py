@@ -83,6 +83,10 @@ class Step:
     def check_plan(self, before: list["Step"], after: list["Step"], facts: set[str]) -> None:
         """Extra ordering checks; raise :class:`gptopt_core.PlanError` with a sentence saying what would work."""
 
+    def preflight(self, ctx) -> None:
+        """Checks that need the loaded model or tokenized data, run for every step before the first one runs
+        (e.g. enough held-out tokens for one eval block); raise :class:`gptopt_core.GptoptError`."""
+
     # -- running --------------------------------------------------------------------------------------
     def apply(self, ctx) -> dict[str, Any]:
         """Run the step on ``ctx.model``; return metrics (JSON-serialisable dict)."""
