@@ -1,0 +1,119 @@
+"""gptopt plugin ``prune``: magnitude, Wanda and Taylor (gradient) importance; unstructured or N:M.
+
+The step zeroes the least important weights of the linear / Conv1D layers (the output head and the
+embeddings only when ``--include`` names them) and records the masks as a model fact: ``ctx.state["masks"]``
+(qualified module name → bool tensor shaped like ``module.weight`` as stored, True = kept) and the fact
+``masks``, so training steps that follow keep the pruned weights at zero.
+
+Heavy imports (torch) happen inside :mod:`gptopt_prune.pruning`, loaded only when the step runs.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+import pydantic
+
+from gptopt_core import GptoptError, Params, Step, hookimpl
+
+NM_RE = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+    """``"unstructured"`` → ``None``; ``"N:M"`` → ``(N, M)`` (N weights kept of every M)."""
+    if pattern == "unstructured":
+        return None
+    m = NM_RE.match(pattern)
+    if not m:
+        raise ValueError(f"'{pattern}' is neither 'unstructured' nor N:M (e.g. 2:4: keep 2 of every 4 weights)")
+    n, m_ = int(m.group(1)), int(m.group(2))
+    if not 0 < n < m_ or m_ > 1024:
+        raise ValueError(f"'{pattern}' is not a valid N:M pattern: need 0 < N < M <= 1024 (keep N of every M "
+                         "consecutive input weights), e.g. 2:4 or 4:8")
+    return n, m_
+
+
+class PruneParams(Params):
+    sparsity: Optional[float] = pydantic.Field(
+        None, ge=0.0, lt=1.0,
+        description="fraction of weights to zero, in [0, 1) (unstructured; an N:M pattern implies 1 - N/M)")
+    method: Literal["magnitude", "wanda", "taylor"] = pydantic.Field(
+        "wanda", description="importance: |w|, |w|·‖x‖ (Wanda), or |w·∂L/∂w| over calibration batches (Taylor)")
+    pattern: str = pydantic.Field(
+        "unstructured", description="unstructured, or N:M: keep N of every M consecutive input weights (e.g. 2:4)")
+    scope: Literal["layer", "global"] = pydantic.Field(
+        "layer", description="where the sparsity is exact: in every layer, or over all pruned layers together")
+    calib_samples: int = pydantic.Field(
+        64, ge=1, le=100_000, description="calibration blocks from the train split (wanda, taylor)")
+    calib_seq_len: int = pydantic.Field(
+        128, ge=2, le=32_768, description="tokens per calibration block (wanda, taylor)")
+    sequential: bool = pydantic.Field(
+        True, description="wanda: later blocks see the already-pruned earlier blocks (else all see the dense model)")
+    include: list[str] = pydantic.Field(
+        [], description="glob on module names to prune (repeatable); the only way to prune lm_head / embeddings")
+    exclude: list[str] = pydantic.Field([], description="glob on module names to leave dense (repeatable)")
+
+    @pydantic.field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @pydantic.field_validator("include", "exclude")
+    @classmethod
+    def _check_globs(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("empty glob pattern")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _check_combination(self):
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            if self.sparsity is None:
+                raise ValueError("give --sparsity (fraction of weights to zero, e.g. 0.5) or an N:M --pattern")
+        else:
+            implied = 1 - nm[0] / nm[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"--sparsity {self.sparsity} contradicts --pattern {self.pattern}, which zeros "
+                                 f"{implied:.4g} of the weights; leave --sparsity out with an N:M pattern")
+            if self.scope == "global":
+                raise ValueError(f"--scope global does not apply to --pattern {self.pattern} (N:M is exact per "
+                                 "group of M weights); use --scope layer")
+        return self
+
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return 1 - nm[0] / nm[1] if nm else float(self.sparsity)
+
+
+class PruneStep(Step):
+    """Zero unimportant weights (magnitude, Wanda or Taylor importance; unstructured or N:M) and record the masks.
+
+    magnitude scores |w|; wanda scores |w|·‖x‖ (input-channel activation norm on calibration text from the
+    train split, compared within each output row, block by block); taylor scores |w·∂L/∂w| summed over
+    calibration batches. The masks go to the run's state (fact ``masks``) so later training keeps the zeros.
+    """
+
+    name = "prune"
+    Params = PruneParams
+    forbids = {"quantized": "pruning needs float weights; put prune before quantize"}
+    provides = frozenset({"masks"})
+
+    def apply(self, ctx):
+        from .pruning import run_prune
+
+        return run_prune(ctx, self.params)
+
+
+@hookimpl
+def gptopt_register_steps(register):
+    register(PruneStep)
+
+
+__all__ = ["PruneParams", "PruneStep", "GptoptError", "parse_pattern"]

@@ -1,0 +1,435 @@
+"""The pruning itself: which layers, how important each weight is, which weights go.
+
+Every score and mask is computed on the weight's (out_features, in_features) view, whatever the layer type
+(GPT-2 ``Conv1D`` stores the transpose; an included ``nn.Embedding`` is taken as (vocab, dim)), and turned
+back into the stored shape for ``ctx.state["masks"]``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gptopt_core import GptoptError, SourceError
+from gptopt_core.modules import is_conv1d, is_weight_layer, matches, weight_modules
+
+#: magnitude and taylor compare weights across the whole layer, wanda within each output row (Wanda paper)
+ROW_WISE = {"magnitude": False, "wanda": True, "taylor": False}
+#: calibration blocks per forward pass
+MICRO_BATCH = 8
+
+
+@dataclass(eq=False)
+class Target:
+    name: str
+    module: Any
+
+    @property
+    def conv1d(self) -> bool:
+        return is_conv1d(self.module)
+
+    @property
+    def embedding(self) -> bool:
+        import torch.nn as nn
+
+        return isinstance(self.module, nn.Embedding)
+
+    def view(self):
+        """(out, in) view of the weight (no copy)."""
+        w = self.module.weight
+        return w.t() if self.conv1d else w
+
+    def to_stored(self, keep_view):
+        return keep_view.t().contiguous() if self.conv1d else keep_view
+
+
+# -- which layers -------------------------------------------------------------------------------------
+def find_targets(model, include, exclude) -> list[Target]:
+    """Linear / Conv1D layers (head and embeddings only when ``include`` names them), model order, de-duplicated
+    by weight tensor (tied weights are pruned once)."""
+    import torch.nn as nn
+
+    candidates = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) or isinstance(m, nn.Embedding)]
+    for pattern in include:
+        if not any(matches(n, [pattern]) for n, _ in candidates):
+            example = next((n for n, m in candidates if is_weight_layer(m)), "?")
+            raise GptoptError(f"prune: --include '{pattern}' matches no linear, Conv1D or embedding layer of this "
+                              f"model; names look like '{example}'")
+    chosen = {id(m) for _, m in weight_modules(model, include or None, exclude or None)}
+    if include:
+        chosen |= {id(m) for n, m in candidates if isinstance(m, nn.Embedding) and matches(n, include)
+                   and not (exclude and matches(n, exclude))}
+    targets, seen = [], set()
+    # weight layers first, so a weight tied between an embedding and the head is pruned as the head
+    order = {id(m): i for i, (_, m) in enumerate(candidates)}
+    for name, module in sorted(candidates, key=lambda c: isinstance(c[1], nn.Embedding)):
+        if id(module) not in chosen:
+            continue
+        weight = module.weight
+        if getattr(weight, "quant_state", None) is not None or weight.dtype in _int_dtypes():
+            raise GptoptError(f"prune: {name} holds quantized weights; put prune before quantize")
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        targets.append(Target(name, module))
+    targets.sort(key=lambda t: order[id(t.module)])
+    if not targets:
+        raise GptoptError("prune: no layer left to prune after --include/--exclude; loosen --exclude")
+    return targets
+
+
+def _int_dtypes():
+    import torch
+
+    return (torch.int8, torch.uint8)
+
+
+# -- which weights ------------------------------------------------------------------------------------
+def keep_nm(score, n: int, m: int, name: str):
+    """Keep the ``n`` highest-scoring of every ``m`` consecutive input weights of each row."""
+    import torch
+
+    rows, cols = score.shape
+    if cols % m:
+        raise GptoptError(f"prune: {name} has {cols} input features, not a multiple of M={m}; choose another "
+                          f"N:M pattern or --exclude '{name}'")
+    groups = score.reshape(rows, cols // m, m)
+    drop = groups.topk(m - n, dim=-1, largest=False).indices
+    keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
+    keep.scatter_(-1, drop, False)
+    return keep.reshape(rows, cols)
+
+
+def keep_rows(score, sparsity: float):
+    """Per output row: drop the lowest scores; the layer total is exactly round(sparsity * numel)."""
+    import torch
+
+    rows, cols = score.shape
+    k_total = round(sparsity * rows * cols)
+    base, extra = divmod(k_total, rows)
+    counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
+    counts[:extra] += 1
+    order = torch.sort(score, dim=1, stable=True).indices
+    dropped = torch.arange(cols, device=score.device)[None, :] < counts[:, None]
+    keep = torch.empty((rows, cols), dtype=torch.bool, device=score.device)
+    keep.scatter_(1, order, ~dropped)
+    return keep
+
+
+def keep_layer(score, sparsity: float):
+    """Drop exactly round(sparsity * numel) lowest scores of the whole layer."""
+    import torch
+
+    k = round(sparsity * score.numel())
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        keep[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = False
+    return keep.reshape(score.shape)
+
+
+def keep_global(scores: list, sparsity: float) -> list:
+    """Drop exactly round(sparsity * total) lowest scores over all layers together (ties broken by order)."""
+    import torch
+
+    flat = torch.cat([s.flatten().float().cpu() for s in scores])
+    k = round(sparsity * flat.numel())
+    drop = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k:
+        threshold = flat.kthvalue(k).values
+        drop = flat < threshold
+        need = k - int(drop.sum())
+        if need > 0:
+            drop[(flat == threshold).nonzero().squeeze(1)[:need]] = True
+    out, start = [], 0
+    for s in scores:
+        out.append((~drop[start:start + s.numel()]).reshape(s.shape).to(s.device))
+        start += s.numel()
+    return out
+
+
+class Pruner:
+    """Turns importance scores into masks, applies them and records them in ``ctx.state["masks"]``."""
+
+    def __init__(self, ctx, params):
+        self.ctx, self.params = ctx, params
+        self.nm = params.nm
+        self.sparsity = params.target_sparsity
+        self.row_wise = ROW_WISE[params.method]
+
+    def prune(self, targets: list[Target], scores: list) -> None:
+        """``scores``: float tensors on the (out, in) view, one per target (all pruned together if global)."""
+        import torch
+
+        if self.params.scope == "global":
+            keeps = keep_global(scores, self.sparsity)
+        else:
+            keeps = []
+            for t, s in zip(targets, scores):
+                if self.nm:
+                    keeps.append(keep_nm(s, *self.nm, t.name))
+                elif self.row_wise:
+                    keeps.append(keep_rows(s, self.sparsity))
+                else:
+                    keeps.append(keep_layer(s, self.sparsity))
+        masks = self.ctx.state.setdefault("masks", {})
+        with torch.no_grad():
+            for t, keep in zip(targets, keeps):
+                stored = t.to_stored(keep)
+                weight = t.module.weight
+                weight.mul_(stored.to(dtype=weight.dtype, device=weight.device))
+                old = masks.get(t.name)
+                if old is not None and tuple(old.shape) == tuple(stored.shape):
+                    stored = old.to(stored.device) & stored
+                masks[t.name] = stored
+
+
+# -- scores -------------------------------------------------------------------------------------------
+def magnitude_score(t: Target):
+    return t.view().detach().abs().float()
+
+
+def calibration_batches(ctx, params):
+    import torch
+
+    if getattr(ctx, "data", None) is None:
+        raise GptoptError(f"prune --method {params.method} needs training text for calibration; give --data")
+    try:
+        blocks = ctx.calibration_blocks(params.calib_samples, params.calib_seq_len)
+    except SourceError as exc:
+        raise GptoptError(f"prune --method {params.method} needs calibration text from the train split: {exc}") \
+            from None
+    device = _model_device(ctx.model)
+    blocks = [b.to(device) for b in blocks]
+    return [torch.cat(blocks[i:i + MICRO_BATCH]) for i in range(0, len(blocks), MICRO_BATCH)]
+
+
+def _model_device(model):
+    import torch
+
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def taylor_scores(ctx, model, targets: list[Target], batches) -> list:
+    """sum over calibration batches of |w · ∂L/∂w| (causal LM loss), on the (out, in) view."""
+    import torch
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    weights = [t.module.weight for t in targets]
+    acc = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights:
+            w.requires_grad_(True)
+        for batch in ctx.progress(batches, "prune taylor"):
+            out = model(input_ids=batch, labels=batch, use_cache=False)
+            out.loss.backward()
+            with torch.no_grad():
+                for w, a in zip(weights, acc):
+                    if w.grad is not None:
+                        a.add_((w.detach().float() * w.grad.float()).abs())
+                    w.grad = None
+            ctx.progress_info(f"loss {out.loss.item():.3f}")
+            del out
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return [a.t() if t.conv1d else a for t, a in zip(targets, acc)]
+
+
+class _Captured(Exception):
+    pass
+
+
+def find_blocks(model):
+    """The model's list of decoder blocks: the ``nn.ModuleList`` holding the most weight layers (or None)."""
+    import torch.nn as nn
+
+    best, best_count = None, 0
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            count = sum(1 for m in module.modules() if is_weight_layer(m))
+            if count > best_count:
+                best, best_count = module, count
+    return best
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block(block, args, kwargs):
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class NormCollector:
+    """Forward hooks that accumulate sum of x_j² per input channel j of each target (Wanda's ‖X_j‖²)."""
+
+    def __init__(self, targets):
+        self.sums, self.handles = {}, []
+        for t in targets:
+            self.handles.append(t.module.register_forward_hook(self._hook(t)))
+
+    def _hook(self, t):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            s = (x * x).sum(0)
+            self.sums[t] = self.sums[t] + s if t in self.sums else s
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def score(self, t: Target):
+        import torch
+
+        norm = torch.sqrt(self.sums[t]) if t in self.sums else None
+        if norm is None:
+            raise GptoptError(f"prune: {t.name} saw no calibration input (is it used in the forward pass?)")
+        return t.view().detach().abs().float() * norm.to(t.module.weight.device)[None, :]
+
+
+def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential: bool) -> dict:
+    """Wanda, block by block: hooks on one decoder block at a time, fed the previous block's outputs.
+
+    ``sequential``: each block is pruned before its outputs feed the next block (later blocks see the pruned
+    earlier ones); otherwise every block sees dense inputs and all targets are pruned at the end (needed for
+    ``--scope global``). Targets outside the blocks (e.g. an included lm_head) get one full forward pass.
+    """
+    import torch
+
+    for t in targets:
+        if t.embedding:
+            raise GptoptError(f"prune --method wanda cannot score embedding '{t.name}' (it has no input "
+                              "activations); use --method magnitude or taylor, or --exclude it")
+    blocks = find_blocks(model)
+    block_of = {}
+    if blocks is not None:
+        for i, block in enumerate(blocks):
+            mods = {id(m) for m in block.modules()}
+            for t in targets:
+                if id(t.module) in mods:
+                    block_of[t] = i
+    outside = [t for t in targets if t not in block_of]
+    pending: list[tuple[Target, Any]] = []  # (target, score) for pruning at the end
+    peak_act = 0
+
+    def full_pass(group):
+        col = NormCollector(group)
+        try:
+            for b in batches:
+                model(input_ids=b, use_cache=False)
+        finally:
+            col.remove()
+        return col
+
+    with torch.no_grad():
+        if outside and not sequential:
+            col = full_pass(outside)
+            pending += [(t, col.score(t)) for t in outside]
+        inside = [t for t in targets if t in block_of]
+        if inside:
+            inputs = []
+
+            def catch(module, args, kwargs):
+                inputs.append((args, kwargs))
+                raise _Captured
+
+            handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+            try:
+                for b in batches:
+                    try:
+                        model(input_ids=b, use_cache=False)
+                    except _Captured:
+                        pass
+            finally:
+                handle.remove()
+            last = max(block_of[t] for t in inside)
+            for i in ctx.progress(range(last + 1), "prune wanda"):
+                group = [t for t in inside if block_of[t] == i]
+                col = NormCollector(group) if group else None
+                try:
+                    outs = [_run_block(blocks[i], a, k) for a, k in inputs]
+                finally:
+                    if col:
+                        col.remove()
+                peak_act = max(peak_act, sum(_hidden(a, k).numel() * _hidden(a, k).element_size()
+                                             for a, k in inputs) * 2)
+                if group:
+                    scores = [col.score(t) for t in group]
+                    if sequential:
+                        pruner.prune(group, scores)
+                        if i < last or outside:
+                            outs = [_run_block(blocks[i], a, k) for a, k in inputs]
+                    else:
+                        pending += list(zip(group, scores))
+                inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
+                del outs
+            del inputs
+        if outside and sequential:
+            col = full_pass(outside)
+            pruner.prune(outside, [col.score(t) for t in outside])
+    if pending:
+        order = {t: i for i, t in enumerate(targets)}
+        pending.sort(key=lambda p: order[p[0]])
+        pruner.prune([p[0] for p in pending], [p[1] for p in pending])
+    return {"wanda_blockwise": inside != [] if blocks is not None else False,
+            "calib_activation_bytes": int(peak_act)}
+
+
+# -- the step -----------------------------------------------------------------------------------------
+def run_prune(ctx, params) -> dict:
+    import torch
+
+    model = ctx.model
+    start = time.perf_counter()
+    targets = find_targets(model, params.include, params.exclude)
+    pruner = Pruner(ctx, params)
+    was_training = model.training
+    model.eval()
+    extra: dict = {}
+    calib_tokens = 0
+    try:
+        if params.method == "magnitude":
+            with torch.no_grad():
+                pruner.prune(targets, [magnitude_score(t) for t in targets])
+        else:
+            batches = calibration_batches(ctx, params)
+            calib_tokens = sum(b.numel() for b in batches)
+            if params.method == "taylor":
+                pruner.prune(targets, taylor_scores(ctx, model, targets, batches))
+            else:
+                sequential = params.sequential and params.scope == "layer"
+                extra = wanda(ctx, model, targets, batches, pruner, sequential)
+                extra["sequential"] = sequential
+    finally:
+        model.train(was_training)
+    layer_sparsity, zeros, total = {}, 0, 0
+    with torch.no_grad():
+        for t in targets:
+            w = t.module.weight
+            z = int((w == 0).sum())
+            layer_sparsity[t.name] = round(z / w.numel(), 6)
+            zeros += z
+            total += w.numel()
+    seconds = time.perf_counter() - start
+    ctx.log(f"  prune {params.method} {params.pattern}: {len(targets)} layers, {zeros / total:.2%} of "
+            f"{total:,} weights zero ({seconds:.1f}s)")
+    return {"method": params.method, "pattern": params.pattern, "scope": params.scope,
+            "target_sparsity": round(params.target_sparsity, 6), "pruned_sparsity": zeros / total,
+            "pruned_layers": len(targets), "pruned_weights": total, "calib_tokens": calib_tokens,
+            "prune_seconds": round(seconds, 3), "layer_sparsity": layer_sparsity, **extra}
