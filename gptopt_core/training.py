@@ -1,0 +1,450 @@
+"""The one training loop of gptopt, on :class:`accelerate.Accelerator`.
+
+Every step that trains (``lora``, ``finetune``, and anything a plugin adds) runs this loop, so every plugin
+that cares about training (pruning masks, L1 penalties, distillation) hooks into one place:
+
+* **Loss**: causal-LM cross-entropy on blocks of ``seq_len`` tokens cut from the *train* split (never the
+  held-out split), plus the extra terms returned by the ``gptopt_training_loss`` hook for every micro-batch.
+* **Optimizer**: AdamW on the parameters with ``requires_grad`` (weight decay on matrices only), linear
+  warmup then cosine decay to zero, gradient accumulation, gradient clipping (``max_grad_norm``).
+* **After every optimizer step**: the pruning masks in ``ctx.state["masks"]`` are re-applied to the weights
+  being trained (pruned weights stay exactly zero; PEFT-wrapped names are resolved), then the
+  ``gptopt_after_optimizer_step`` hook runs.
+* **Precision**: ``auto`` is bf16 autocast on a CUDA GPU that supports it, fp16 on other GPUs, fp32 on CPU;
+  ``bf16`` also works on CPU.
+* **Multi-process**: under ``accelerate launch`` the same command runs data-parallel (gloo on CPU, NCCL on
+  GPUs). ``batch_size`` is per process; the global batch of one optimizer step is
+  ``batch_size * grad_accum * num_processes`` blocks. The block order is a pure function of (seed, step), and
+  each process takes its own slice of every global batch, so a run with 2 processes × batch 2 sees exactly
+  the blocks a single process with batch 4 sees. Only the main process logs and evaluates.
+* **Checkpointing**: :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything needed to
+  continue a run (step, optimizer, scheduler, RNG, histories); the data order needs only the step.
+
+Plugin-facing API::
+
+    from gptopt_core.training import TrainParams, Trainer, train
+
+    class MyParams(TrainParams):          # shared options: lr, steps/epochs, batch-size, seq-len, ...
+        ...
+
+    metrics = train(ctx, model, params, name="mystep")   # or Trainer(ctx, model, params).run()
+
+While a loop runs, ``ctx.state["trainer"]`` is the running :class:`Trainer` (hooks may read ``.step``,
+``.total_steps``, ``.params``, ``.accelerator``); it is removed afterwards.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal, Optional
+
+import pydantic
+
+from .errors import GptoptError, SourceError
+from .steps import Params
+
+__all__ = ["TrainParams", "Trainer", "train", "train_blocks", "resolve_precision", "mask_targets"]
+
+DEFAULT_STEPS = 100
+
+
+class TrainParams(Params):
+    """Options every training step shares (``lora``, ``finetune`` subclass it and may change defaults)."""
+
+    lr: float = pydantic.Field(1e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
+    steps: Optional[int] = pydantic.Field(None, ge=1, le=10_000_000,
+                                          description=f"optimizer steps (default {DEFAULT_STEPS} unless --epochs)")
+    epochs: Optional[float] = pydantic.Field(None, gt=0, le=10_000,
+                                             description="passes over the train split (instead of --steps)")
+    batch_size: int = pydantic.Field(4, ge=1, le=65_536, description="blocks per micro-batch per process")
+    seq_len: int = pydantic.Field(256, ge=8, le=131_072, description="tokens per training block")
+    grad_accum: int = pydantic.Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
+    warmup_steps: Optional[int] = pydantic.Field(None, ge=0,
+                                                 description="linear warmup steps (default: 10% of the steps)")
+    weight_decay: float = pydantic.Field(0.0, ge=0, le=10, description="AdamW weight decay (matrices only)")
+    max_grad_norm: float = pydantic.Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
+    eval_every: int = pydantic.Field(0, ge=0, description="held-out perplexity every N steps and at the end (0: off)")
+    eval_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens scored by --eval-every")
+    gradient_checkpointing: bool = pydantic.Field(False, description="recompute activations to save memory")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = pydantic.Field(
+        "auto", description="autocast: auto = bf16/fp16 on a GPU, fp32 on CPU")
+    distill_from: Optional[Literal["original"]] = pydantic.Field(
+        None, description="add a KL term against the model as it was loaded (before lossy steps)")
+    distill_weight: Optional[float] = pydantic.Field(None, gt=0, le=1000,
+                                                     description="weight of the KL term [default: 1.0]")
+    temperature: Optional[float] = pydantic.Field(None, gt=0, le=100,
+                                                  description="distillation temperature [default: 2.0]")
+
+    @pydantic.model_validator(mode="after")
+    def _check(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.distill_from is None and (self.distill_weight is not None or self.temperature is not None):
+            raise ValueError("--distill-weight/--temperature need --distill-from original")
+        return self
+
+
+def resolve_precision(precision: str, device) -> str:
+    """The accelerate ``mixed_precision`` value ("no" | "bf16" | "fp16") for a precision option on a device."""
+    import torch
+
+    is_cuda = getattr(device, "type", str(device)).startswith("cuda")
+    if precision == "auto":
+        if is_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if precision == "fp16" and not is_cuda:
+        raise GptoptError("--precision fp16 needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def train_blocks(data, seq_len: int):
+    """The train split cut into non-overlapping blocks: a LongTensor [n_blocks, seq_len] (tail dropped)."""
+    ids = data.train_ids
+    n = int(ids.numel()) // seq_len
+    if n < 1:
+        raise SourceError(
+            f"no train data: the train split of '{data.spec}' has {int(ids.numel())} tokens, fewer than one "
+            f"training block of --seq-len {seq_len}; give more text with --data or a smaller --seq-len")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def mask_targets(model, masks: dict) -> list:
+    """``[(weight_parameter, bool_mask)]`` for the masks whose weights are being trained.
+
+    Mask names are those of the plain model (``model.named_modules()``); in a PEFT-wrapped model the module
+    is found by name suffix and its base layer's weight is used. Frozen weights (e.g. a LoRA base) are left
+    out: they cannot move during training.
+    """
+    modules = dict(model.named_modules())
+    out = []
+    for name, keep in (masks or {}).items():
+        module = modules.get(name)
+        if module is None:
+            module = next((m for n, m in modules.items() if n.endswith("." + name) and hasattr(m, "weight")), None)
+        if module is None:
+            continue
+        base = getattr(module, "base_layer", module)
+        weight = base.weight
+        if weight.requires_grad and tuple(weight.shape) == tuple(keep.shape):
+            out.append((weight, keep.to(device=weight.device)))
+    return out
+
+
+class Trainer:
+    """One training run of ``model`` with :class:`TrainParams` inside a step.
+
+    Build it, optionally :meth:`load_state_dict` a checkpoint, then :meth:`run` (returns the metrics dict the
+    step reports). The model is trained in place; afterwards it is unwrapped (no DDP / autocast wrappers) and
+    left in eval mode.
+    """
+
+    def __init__(self, ctx, model, params: TrainParams, name: str = "train"):
+        self.ctx, self.model, self.params, self.name = ctx, model, params, name
+        self.step = 0  # optimizer steps done
+        self.loss_history: list[float] = []  # mean training loss (CE + extra terms) of each optimizer step
+        self.ce_history: list[float] = []  # the cross-entropy part alone
+        self.eval_history: list[dict] = []  # {"step", "perplexity"}
+        self.tokens_seen = 0  # global tokens trained on
+        self.train_seconds = 0.0  # time in forward/backward/optimizer (not eval)
+        self.accelerator = None
+        self.optimizer = None
+        self.scheduler = None
+        self._rng_to_restore = None
+
+    # -- data order: a pure function of (seed, step) ------------------------------------------------------
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def global_batch(self) -> int:
+        """Blocks per optimizer step over all processes."""
+        return self.params.batch_size * self.params.grad_accum * self.num_processes
+
+    def _permutation(self, epoch: int):
+        import torch
+
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + epoch)
+            cache = (epoch, torch.randperm(self.n_blocks, generator=gen))
+            self._perm_cache = cache
+        return cache[1]
+
+    def block_indices(self, step: int, micro: int, rank: int | None = None) -> list[int]:
+        """Indices of the blocks process ``rank`` trains on in micro-batch ``micro`` of optimizer step ``step``."""
+        p = self.params
+        rank = self.process_index if rank is None else rank
+        first = step * self.global_batch + micro * p.batch_size * self.num_processes + rank * p.batch_size
+        out = []
+        for g in range(first, first + p.batch_size):
+            out.append(int(self._permutation(g // self.n_blocks)[g % self.n_blocks]))
+        return out
+
+    # -- setup ----------------------------------------------------------------------------------------------
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        mixed = resolve_precision(self.params.precision, self.ctx.device)
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision", mixed) != mixed:
+            AcceleratorState._reset_state(reset_partial_state=False)  # a new precision in the same process
+        cpu = getattr(self.ctx.device, "type", str(self.ctx.device)) == "cpu"
+        return Accelerator(cpu=cpu, mixed_precision=mixed)
+
+    def setup(self) -> None:
+        """Create the accelerator, optimizer and schedule; wrap the model. Called by :meth:`run` if needed."""
+        import torch
+
+        p = self.params
+        self.blocks = train_blocks(self.ctx.data, p.seq_len)
+        self.n_blocks = int(self.blocks.shape[0])
+        self.accelerator = self._accelerator()
+        if p.steps is not None:
+            self.total_steps = p.steps
+        elif p.epochs is not None:
+            self.total_steps = max(1, math.ceil(p.epochs * self.n_blocks / self.global_batch))
+        else:
+            self.total_steps = DEFAULT_STEPS
+        self.warmup_steps = p.warmup_steps if p.warmup_steps is not None else int(0.1 * self.total_steps)
+        self.warmup_steps = min(self.warmup_steps, self.total_steps)
+
+        model = self.model
+        trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+        if not trainable:
+            raise GptoptError(f"{self.name}: the model has no trainable parameters")
+        self.trainable_params = sum(q.numel() for _, q in trainable)
+        self.total_params = sum(q.numel() for q in model.parameters())
+        if p.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", True) and not hasattr(
+                    model, "gradient_checkpointing_enable"):
+                raise GptoptError(f"{self.name}: this model does not support --gradient-checkpointing")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = getattr(model, "config", None)
+        self._use_cache = getattr(config, "use_cache", None)
+        if config is not None and self._use_cache is not None:
+            config.use_cache = False
+        decay = [q for n, q in trainable if q.ndim >= 2]
+        no_decay = [q for n, q in trainable if q.ndim < 2]
+        groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p.lr, betas=(0.9, 0.999), eps=1e-8)
+        warm, total = self.warmup_steps, self.total_steps
+
+        def schedule(step: int) -> float:  # LambdaLR counts from 0: step k uses lr * schedule(k)
+            if warm and step < warm:
+                return (step + 1) / (warm + 1)
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        # the scheduler is NOT handed to accelerate: it would step once per process per step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.wrapped, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self._masks = mask_targets(self.accelerator.unwrap_model(self.wrapped), self.ctx.state.get("masks"))
+        if self._masks:
+            self.apply_masks()
+        if self._rng_to_restore is not None:
+            self._set_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # -- checkpoint state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run at :attr:`step` (model weights are saved separately)."""
+        return {"step": self.step, "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "rng": self._get_rng(),
+                "loss_history": list(self.loss_history), "ce_history": list(self.ce_history),
+                "eval_history": list(self.eval_history), "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds, "params": self.params.model_dump(mode="json")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (call after :meth:`setup`, or before: it is applied by setup)."""
+        self.step = int(state["step"])
+        self.loss_history = list(state.get("loss_history", []))
+        self.ce_history = list(state.get("ce_history", []))
+        self.eval_history = list(state.get("eval_history", []))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.optimizer is None:
+            self._pending_state = state
+            return
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("rng") is not None:
+            self._set_rng(state["rng"])
+
+    @staticmethod
+    def _get_rng() -> dict:
+        import random
+
+        import torch
+
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return rng
+
+    @staticmethod
+    def _set_rng(rng: dict) -> None:
+        import random
+
+        import torch
+
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def apply_masks(self) -> None:
+        """Zero the pruned entries of the weights being trained (``ctx.state["masks"]``)."""
+        import torch
+
+        with torch.no_grad():
+            for weight, keep in self._masks:
+                weight.mul_(keep.to(weight.dtype))
+
+    def extra_loss(self, model, batch, outputs):
+        terms = self.ctx.hook.gptopt_training_loss(ctx=self.ctx, model=model, batch=batch, outputs=outputs)
+        terms = [t for t in terms if t is not None]
+        return sum(terms) if terms else None
+
+    def train_step(self) -> float:
+        """One optimizer step (all micro-batches); returns its mean loss over all processes."""
+        import torch
+
+        p, acc = self.params, self.accelerator
+        model = self.wrapped
+        plain = acc.unwrap_model(model)
+        model.train()
+        total = torch.zeros((), device=acc.device)
+        total_ce = torch.zeros((), device=acc.device)
+        for micro in range(p.grad_accum):
+            ids = self.blocks[self.block_indices(self.step, micro)].to(acc.device)
+            batch = {"input_ids": ids, "labels": ids}
+            sync = micro == p.grad_accum - 1 or self.num_processes == 1
+            ctx_mgr = acc.no_sync(model) if not sync else _nullcontext()
+            with ctx_mgr:
+                outputs = model(**batch)
+                loss = outputs.loss
+                extra = self.extra_loss(plain, batch, outputs)
+                full = loss + extra if extra is not None else loss
+                acc.backward(full / p.grad_accum)
+            total += full.detach().float() / p.grad_accum
+            total_ce += loss.detach().float() / p.grad_accum
+        if p.max_grad_norm > 0:
+            acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self._masks:
+            self.apply_masks()
+        self.ctx.hook.gptopt_after_optimizer_step(ctx=self.ctx, model=plain, step=self.step)
+        if self.num_processes > 1:
+            both = acc.reduce(torch.stack([total, total_ce]), reduction="mean")
+            total, total_ce = both[0], both[1]
+        self.loss_history.append(float(total))
+        self.ce_history.append(float(total_ce))
+        return self.loss_history[-1]
+
+    def evaluate(self) -> float | None:
+        """Held-out perplexity (the core's one method) on the main process; others wait."""
+        from .evaluate import perplexity
+
+        acc, p = self.accelerator, self.params
+        ppl = None
+        if acc.is_main_process:
+            valid = self.ctx.data.valid_ids
+            block = min(512, max(8, int(valid.numel()) - 1))
+            ppl = perplexity(acc.unwrap_model(self.wrapped), valid, block, block, p.eval_tokens)["perplexity"]
+            self.eval_history.append({"step": self.step, "perplexity": ppl})
+            self.ctx.log(f"  {self.name} step {self.step}/{self.total_steps}: held-out ppl {ppl:.3f}")
+        acc.wait_for_everyone()
+        return ppl
+
+    def run(self) -> dict:
+        """Train up to :attr:`total_steps`; returns the step's metrics."""
+        if self.accelerator is None:
+            pending = getattr(self, "_pending_state", None)
+            self.setup()
+            if pending is not None:
+                self.load_state_dict(pending)
+                self._pending_state = None
+        p = self.params
+        tokens_per_step = self.global_batch * p.seq_len
+        self.ctx.state["trainer"] = self
+        try:
+            remaining = range(self.step, self.total_steps)
+            for _ in self.ctx.progress(remaining, self.name, total=len(remaining)):
+                start = time.perf_counter()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - start
+                self.tokens_seen += tokens_per_step
+                if not math.isfinite(loss):
+                    raise GptoptError(f"{self.name}: the training loss became {loss} at step {self.step}; "
+                                      "lower --lr or use --precision fp32")
+                tps = self.tokens_seen / max(self.train_seconds, 1e-9)
+                self.ctx.progress_info(f"loss {loss:.3f}  {tps:,.0f} tok/s")
+                if p.eval_every and (self.step % p.eval_every == 0 or self.step == self.total_steps):
+                    self.evaluate()
+        finally:
+            self.ctx.state.pop("trainer", None)
+            self.finish()
+        return self.metrics()
+
+    def finish(self) -> None:
+        """Drop the accelerate wrappers and restore the model's inference settings."""
+        acc = self.accelerator
+        if acc is None:
+            return
+        model = acc.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
+        if self.params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+        config = getattr(model, "config", None)
+        if config is not None and self._use_cache is not None:
+            config.use_cache = self._use_cache
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        self.model = model
+
+    def metrics(self) -> dict:
+        n = len(self.loss_history)
+        out: dict[str, Any] = {
+            "train_steps": self.step, "train_tokens": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 3),
+            "train_tokens_per_s": round(self.tokens_seen / self.train_seconds, 2) if self.train_seconds else None,
+            "trainable_params": int(self.trainable_params),
+            "trainable_percent": round(100.0 * self.trainable_params / max(self.total_params, 1), 4),
+            "num_processes": self.num_processes, "global_batch_blocks": self.global_batch,
+            "precision": resolve_precision(self.params.precision, self.ctx.device),
+            "loss_first": self.loss_history[0] if n else None, "loss_last": self.loss_history[-1] if n else None,
+            "loss_history": [round(x, 6) for x in self.loss_history],
+        }
+        if self.ce_history != self.loss_history:
+            out["ce_history"] = [round(x, 6) for x in self.ce_history]
+        if self.eval_history:
+            out["eval_history"] = self.eval_history
+            out["train_eval_perplexity"] = self.eval_history[-1]["perplexity"]
+        return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(ctx, model, params: TrainParams, name: str = "train") -> tuple[Any, dict]:
+    """Train ``model`` in place with the one loop; returns ``(model, metrics)`` (the model unwrapped)."""
+    trainer = Trainer(ctx, model, params, name=name)
+    metrics = trainer.run()
+    return trainer.model, metrics
