@@ -66,6 +66,7 @@ class SaveStep(Step):
 
     name = "save"
     Params = SaveParams
+    path_params = ("to",)
 
     def check_target(self):
         from pathlib import Path

@@ -6,6 +6,10 @@ class GptoptError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message=""):
+        # always one line: user-supplied names may carry newlines
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class ParamsError(GptoptError):
     """A step's parameters failed validation."""

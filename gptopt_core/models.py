@@ -140,6 +140,8 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     kwargs = {"trust_remote_code": trust}
     if any(path.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
+    else:  # only reached with --allow-pickle: unpickle tensors only, never arbitrary objects
+        kwargs.update(use_safetensors=False, weights_only=True)
     facts = set()
     qc = cfg.get("quantization_config")
     if qc is None:
@@ -149,7 +151,7 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load model from {path}: {first}") from None
     model.eval()

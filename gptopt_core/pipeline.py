@@ -45,6 +45,7 @@ class Pipeline:
         self.allow_pickle, self.trust_remote_code, self.quiet = allow_pickle, trust_remote_code, quiet
         self.plugins = plugins or get_plugins()
         self.steps: list = []
+        self.expect: dict = {}  # hashes recorded by a replayed run.json
 
     # -- building -------------------------------------------------------------------------------------
     def add(self, name: str, /, **params) -> "Pipeline":
@@ -57,15 +58,24 @@ class Pipeline:
     def from_recipe(cls, path, **overrides) -> "Pipeline":
         from .recipes import parse_recipe
 
-        return cls.from_dict(parse_recipe(path), **overrides)
+        return cls.from_dict(parse_recipe(path), where=str(path), **overrides)
 
     @classmethod
-    def from_dict(cls, recipe: dict, **overrides) -> "Pipeline":
+    def from_dict(cls, recipe: dict, where: str = "recipe", **overrides) -> "Pipeline":
+        """A pipeline from a parsed recipe (see :func:`gptopt_core.recipes.normalize_recipe`)."""
+        from .recipes import check_recipe_path, normalize_recipe
+
+        if "steps" not in recipe or (recipe["steps"] and not isinstance(recipe["steps"][0], tuple)):
+            recipe = {**normalize_recipe(recipe, where), "expect": recipe.get("expect", {})}
         kwargs = {k: recipe[k] for k in ("model", "data", "seed", "device", "eval_data") if k in recipe}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         pipe = cls(**kwargs)
-        for name, params in recipe["steps"]:
+        pipe.expect = dict(recipe.get("expect") or {})
+        for i, (name, params) in enumerate(recipe["steps"], 1):
             pipe.add(name, **params)
+            for key in pipe.steps[-1].path_params:
+                if params.get(key) is not None:
+                    check_recipe_path(params[key], f"{where}: step {i} '{name}' {key}")
         return pipe
 
     def recipe(self) -> dict:
@@ -147,6 +157,7 @@ class Pipeline:
                                  "train_tokens": int(data.train_ids.numel()),
                                  "valid_tokens": int(data.valid_ids.numel())},
                         "device": str(device), "loaded": self.collect_metrics(ctx)}
+        self.warn_on_changed_inputs(ctx)
         for step in self.steps:
             step.preflight(ctx)
         ctx.log(f"[bold]gptopt[/] {self.model_spec} on {device}: {len(self.steps)} step(s)")
@@ -162,6 +173,17 @@ class Pipeline:
         finally:
             manifest = finish_run(ctx, error)
         return RunResult(ctx.model, ctx.tokenizer, ctx.records, ctx, manifest)
+
+    def warn_on_changed_inputs(self, ctx) -> None:
+        import warnings
+
+        for key in ("model", "data"):
+            recorded, now = self.expect.get(key), ctx.manifest[key]["hash"]
+            if recorded and recorded != now:
+                warnings.warn(f"REPLAY MISMATCH: the {key} '{ctx.manifest[key]['spec']}' has hash {now[:12]}, but the "
+                              f"replayed run.json recorded {recorded[:12]}: results will differ from that run",
+                              UserWarning, stacklevel=2)
+                ctx.manifest[key]["recorded_hash"] = recorded
 
     def load_model(self, device):
         options = {"device": str(device), "allow_pickle": self.allow_pickle,

@@ -27,9 +27,22 @@ def parse_recipe(path) -> dict:
         at = f" at line {where.line + 1}" if where is not None else ""
         raise GptoptError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}{at}: "
                           f"{getattr(exc, 'problem', None) or exc}") from None
+    expect = {}
     if isinstance(doc, dict) and isinstance(doc.get("recipe"), dict) and "steps" in doc:
-        doc = doc["recipe"]  # a run.json manifest replays its resolved recipe
-    return normalize_recipe(doc, str(path))
+        # a run.json manifest replays its resolved recipe; its recorded hashes are checked after loading
+        expect = {k: (doc.get(k) or {}).get("hash") for k in ("model", "data") if isinstance(doc.get(k), dict)}
+        doc = doc["recipe"]
+    recipe = normalize_recipe(doc, str(path))
+    recipe["expect"] = {k: v for k, v in expect.items() if v}
+    return recipe
+
+
+def check_recipe_path(value, where: str) -> None:
+    """Recipes may only write below the directory they are run from (no absolute paths, no '..')."""
+    p = Path(str(value))
+    if p.is_absolute() or ".." in p.parts or str(value).startswith("~"):
+        raise GptoptError(f"{where}: '{value}' escapes the working directory; a recipe may only write to relative "
+                          "paths below it (give absolute paths on the command line instead)")
 
 
 def normalize_recipe(doc, where: str = "recipe") -> dict:
@@ -37,7 +50,7 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
         raise GptoptError(f"{where}: a recipe is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     unknown = set(map(str, doc)) - TOP_KEYS
     if unknown:
-        raise GptoptError(f"{where}: unknown key '{sorted(unknown)[0]}'; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise GptoptError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")
     check_version(doc.get("gptopt"), where)
     steps_in = doc.get("steps") or []
     if not isinstance(steps_in, list):

@@ -50,6 +50,8 @@ class Step:
     provides: ClassVar[frozenset[str]] = frozenset()
     removes: ClassVar[frozenset[str]] = frozenset()
     trains: ClassVar[bool] = False
+    #: params that name output paths: a recipe may only point them below the working directory
+    path_params: ClassVar[tuple[str, ...]] = ()
     #: set by the core: the plugin that registered this step
     plugin: ClassVar[str] = "?"
 
