@@ -95,14 +95,17 @@ def report_markdown(ctx, manifest, sections) -> str:
 
 def finish_run(ctx, error=None) -> dict:
     sections = []
+    writes = ctx.out_dir is not None and ctx.is_main_process and bool(ctx.records)  # nothing ran: write nothing
+    if writes:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for part in ctx.hook.gptopt_run_finished(ctx=ctx, records=ctx.records, out_dir=ctx.out_dir):
+        out_dir = ctx.out_dir if writes else None
+        for part in ctx.hook.gptopt_run_finished(ctx=ctx, records=ctx.records, out_dir=out_dir):
             sections.extend(part or [])
     except Exception as exc:  # a reporting fault must not hide the run's own outcome
         sections.append(f"(a run_finished hook failed: {type(exc).__name__}: {exc})")
     manifest = build_manifest(ctx, error)
-    if ctx.out_dir is not None and ctx.is_main_process and ctx.records:  # nothing ran: write nothing
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    if writes:
         write_json_atomic(ctx.out_dir / "run.json", manifest)
         (ctx.out_dir / "report.md").write_text(report_markdown(ctx, manifest, sections))
     if error is None:
