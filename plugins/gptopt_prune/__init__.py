@@ -105,6 +105,11 @@ class PruneStep(Step):
     forbids = {"quantized": "pruning needs float weights; put prune before quantize"}
     provides = frozenset({"masks"})
 
+    def preflight(self, ctx):
+        from .pruning import preflight
+
+        preflight(ctx, self.params)
+
     def apply(self, ctx):
         from .pruning import run_prune
 

@@ -312,10 +312,6 @@ def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential
     """
     import torch
 
-    for t in targets:
-        if t.embedding:
-            raise GptoptError(f"prune --method wanda cannot score embedding '{t.name}' (it has no input "
-                              "activations); use --method magnitude or taylor, or --exclude it")
     blocks = find_blocks(model)
     block_of = {}
     if blocks is not None:
@@ -392,12 +388,39 @@ def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential
 
 
 # -- the step -----------------------------------------------------------------------------------------
+def check_targets(targets: list[Target], params) -> None:
+    nm = params.nm
+    for t in targets:
+        cols = t.view().shape[1]
+        if nm and cols % nm[1]:
+            raise GptoptError(f"prune: {t.name} has {cols} input features, not a multiple of M={nm[1]}; choose "
+                              f"another N:M pattern or --exclude '{t.name}'")
+        if params.method == "wanda" and t.embedding:
+            raise GptoptError(f"prune --method wanda cannot score embedding '{t.name}' (it has no input "
+                              "activations); use --method magnitude or taylor, or --exclude it")
+
+
+def preflight(ctx, params) -> None:
+    """Everything that can fail on the loaded model or the data, checked before the chain's first step."""
+    check_targets(find_targets(ctx.model, params.include, params.exclude), params)
+    if params.method in ("wanda", "taylor"):
+        data = getattr(ctx, "data", None)
+        have = int(data.train_ids.numel()) if data is not None else 0
+        if have < params.calib_seq_len + 1:
+            spec = getattr(data, "spec", "")
+            raise GptoptError(
+                f"prune --method {params.method} needs training text for calibration: the train split of "
+                f"'{spec}' has {have} tokens, fewer than one block of --calib-seq-len {params.calib_seq_len}+1; "
+                "give more --data or a smaller --calib-seq-len")
+
+
 def run_prune(ctx, params) -> dict:
     import torch
 
     model = ctx.model
     start = time.perf_counter()
     targets = find_targets(model, params.include, params.exclude)
+    check_targets(targets, params)
     pruner = Pruner(ctx, params)
     was_training = model.training
     model.eval()
