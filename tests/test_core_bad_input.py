@@ -40,6 +40,18 @@ CASES = {
     "cuda without a GPU": (lambda p: ["--model", "tiny-random-gpt2", "--device", "cuda", "eval"], "no CUDA GPU"),
     "bad device": (lambda p: ["--model", "tiny-random-gpt2", "--device", "tpu", "eval"], "--device must be"),
     "no steps": (lambda p: ["--model", "tiny-random-gpt2"], "no steps given"),
+    "truncated config.json": (lambda p: ["--model", p / "badconfig", "eval"], "config.json is not valid JSON"),
+    "not a GGUF file": (lambda p: ["--model", p / "fake.gguf", "eval"], "not a GGUF file"),
+    "corrupt GGUF file": (lambda p: ["--model", p / "corrupt.gguf", "eval"], "cannot read GGUF file"),
+    "missing GGUF file": (lambda p: ["--model", p / "absent.gguf", "eval"], "does not exist"),
+    "recipe with wrong types": (lambda p: ["--recipe", p / "wrongtype.yaml"], "'seed' must be an integer"),
+    "recipe that is a list": (lambda p: ["--recipe", p / "list.yaml"], "a recipe is a mapping"),
+    "ill-typed seed": (lambda p: ["--seed", "x", "--model", "tiny-random-gpt2", "eval"], "--seed must be an integer"),
+    "missing data file": (lambda p: ["--model", "tiny-random-gpt2", "--data", p / "nope.txt", "eval"],
+                          "does not exist"),
+    "unknown built-in data": (lambda p: ["--model", "tiny-random-gpt2", "--data", "builtin:wiki", "eval"],
+                              "unknown built-in data"),
+    "missing required option": (lambda p: ["--model", "tiny-random-gpt2", "save"], "save: to: Field required"),
 }
 
 
@@ -53,6 +65,12 @@ def workdir(tmp_path):
     (tmp_path / "broken.yaml").write_text("model: [tiny\nsteps: {eval\n")
     (tmp_path / "badparams.yaml").write_text("model: tiny-random-gpt2\nsteps:\n  - eval: {block_size: -1}\n")
     (tmp_path / "newer.yaml").write_text("gptopt: 99.0.0\nmodel: tiny-random-gpt2\nsteps: [eval]\n")
+    (tmp_path / "badconfig").mkdir()
+    (tmp_path / "badconfig" / "config.json").write_text('{"model_type": "gp')
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04" + bytes(200))
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + bytes(range(256)) * 4)
+    (tmp_path / "wrongtype.yaml").write_text("model: tiny-random-gpt2\nseed: abc\nsteps: [eval]\n")
+    (tmp_path / "list.yaml").write_text("- eval\n- save\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
     return tmp_path
