@@ -244,7 +244,11 @@ class Trainer:
 
         # the scheduler is NOT handed to accelerate: it would step once per process per step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.wrapped, self.optimizer = self.accelerator.prepare(model, optimizer)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.wrapped, self.optimizer = self.accelerator.prepare(model, optimizer)
         self._masks = mask_targets(self.accelerator.unwrap_model(self.wrapped), self.ctx.state.get("masks"))
         if self._masks:
             self.apply_masks()
@@ -362,7 +366,7 @@ class Trainer:
         ppl = None
         if acc.is_main_process:
             valid = self.ctx.data.valid_ids
-            block = min(512, max(8, int(valid.numel()) - 1))
+            block = min(512, p.eval_tokens - 1, max(8, int(valid.numel()) - 1))
             ppl = perplexity(acc.unwrap_model(self.wrapped), valid, block, block, p.eval_tokens)["perplexity"]
             self.eval_history.append({"step": self.step, "perplexity": ppl})
             self.ctx.log(f"  {self.name} step {self.step}/{self.total_steps}: held-out ppl {ppl:.3f}")

@@ -1,0 +1,313 @@
+"""gptopt-transfer: knowledge transfer by training: ``lora`` (PEFT LoRA, QLoRA on a 4-bit base) and ``finetune``.
+
+Both steps run the core's one training loop (:mod:`gptopt_core.training`) and share its options. Pruning
+masks (``ctx.state["masks"]``) survive: full fine-tuning keeps pruned weights exactly zero after every
+optimizer step, and a LoRA ``--merge`` re-applies the masks to the merged weights, so the saved model has the
+pruned sparsity exactly. ``--distill-from original`` adds a KL term against the model as it was loaded.
+
+Heavy imports (torch, peft) happen inside the step bodies only.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import pydantic
+
+from gptopt_core import GptoptError, PlanError, Step, hookimpl
+from gptopt_core.training import TrainParams
+
+#: module names LoRA targets with ``--target-modules auto``, by ``config.model_type``
+AUTO_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0
+
+
+class FinetuneParams(TrainParams):
+    lr: float = pydantic.Field(5e-5, gt=0, le=1.0, description="peak learning rate (AdamW)")
+
+
+class LoraParams(TrainParams):
+    lr: float = pydantic.Field(5e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
+    r: int = pydantic.Field(16, ge=1, le=4096, description="LoRA rank")
+    alpha: float = pydantic.Field(32.0, gt=0, le=1e6, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = pydantic.Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: List[str] = pydantic.Field(
+        default_factory=lambda: ["auto"],
+        description="'auto' (per architecture) or glob patterns on module names, e.g. '*q_proj' (repeatable)")
+    merge: bool = pydantic.Field(False, description="merge the adapter into the weights (a plain model)")
+
+    @pydantic.field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value):
+        value = [v.strip() for v in value]
+        if not value or any(not v for v in value):
+            raise ValueError("give 'auto' or non-empty glob patterns")
+        if "auto" in value and len(value) > 1:
+            raise ValueError("'auto' cannot be combined with other patterns")
+        return value
+
+
+class _TrainingStep(Step):
+    trains = True
+
+    def wants_original_model(self) -> bool:
+        return self.params.distill_from == "original"
+
+    def preflight(self, ctx):
+        from gptopt_core.training import resolve_precision, train_blocks
+
+        train_blocks(ctx.data, self.params.seq_len)  # "no train data" fails before anything runs
+        resolve_precision(self.params.precision, ctx.device)
+
+    def _train(self, ctx, model):
+        from gptopt_core.training import Trainer
+
+        p = self.params
+        if p.distill_from:
+            ctx.state["distill"] = {"weight": p.distill_weight or DISTILL_WEIGHT,
+                                    "temperature": p.temperature or TEMPERATURE}
+        try:
+            trainer = Trainer(ctx, model, p, name=self.name)
+            metrics = trainer.run()
+        finally:
+            ctx.state.pop("distill", None)
+        return trainer.model, metrics
+
+
+class FinetuneStep(_TrainingStep):
+    """Full fine-tuning of every weight on the train split (sparsity-preserving when masks are present)."""
+
+    name = "finetune"
+    Params = FinetuneParams
+    forbids = {
+        "quantized": "full fine-tuning cannot update packed low-bit weights; put finetune before quantize, "
+                     "or use lora (QLoRA) on the quantized model",
+        "adapter": "the model carries an unmerged LoRA adapter; use lora --merge before finetune",
+    }
+
+    def apply(self, ctx):
+        model = ctx.model
+        model.requires_grad_(True)
+        model, metrics = self._train(ctx, model)
+        ctx.model = model
+        if ctx.state.get("masks"):
+            from gptopt_core.metrics import sparsity
+
+            metrics["masked_sparsity_kept"] = _masks_hold(model, ctx.state["masks"])
+            metrics["sparsity"] = sparsity(model)
+        return metrics
+
+
+class LoraStep(_TrainingStep):
+    """LoRA adapters (PEFT) trained on the train split; QLoRA on a 4-bit base; optional sparsity-keeping merge."""
+
+    name = "lora"
+    Params = LoraParams
+    forbids = {
+        "adapter": "the model already carries an unmerged LoRA adapter; give the earlier lora step --merge",
+    }
+
+    def next_facts(self, facts):
+        facts = super().next_facts(facts)
+        return facts if self.params.merge else facts | {"adapter"}
+
+    def check_plan(self, before, after, facts):
+        quantized = any(f.startswith("quantized") for f in facts)
+        if self.params.merge and quantized and "masks" in facts:
+            raise PlanError("lora --merge on a quantized, pruned model cannot keep the pruned weights exactly zero "
+                            "(the merge re-quantizes them); run lora --merge before quantize, or keep the adapter "
+                            "unmerged (--no-merge)")
+
+    def preflight(self, ctx):
+        super().preflight(ctx)
+        resolve_targets(ctx.model, self.params.target_modules)
+
+    def apply(self, ctx):
+        import warnings
+
+        import peft
+
+        p = self.params
+        model = ctx.model
+        targets, conv1d = resolve_targets(model, p.target_modules)
+        four_bit = "quantized:4bit" in ctx.facts or bool(getattr(model, "is_loaded_in_4bit", False))
+        k_bit = four_bit or any(f.startswith("quantized") for f in ctx.facts)
+        config = peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
+                                 fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            if k_bit:  # QLoRA-style: freeze the base, upcast non-quantized params, enable input grads
+                model = peft.prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=p.gradient_checkpointing,
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.requires_grad_(False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
+            model, metrics = self._train(ctx, model)
+        metrics["lora_targets"] = len(targets)
+        metrics["qlora"] = bool(k_bit)
+        if p.merge:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
+                model = model.merge_and_unload()
+            masks = ctx.state.get("masks")
+            if masks:
+                from gptopt_core.metrics import sparsity
+                from gptopt_core.modules import apply_masks
+
+                apply_masks(model, masks)
+                metrics["masked_sparsity_kept"] = _masks_hold(model, masks)
+                metrics["sparsity"] = sparsity(model)
+        model.eval()
+        ctx.model = model
+        return metrics
+
+
+def resolve_targets(model, patterns) -> tuple[list[str], bool]:
+    """The qualified names of the layers LoRA adapts, and whether they are GPT-2 ``Conv1D`` layers.
+
+    ``auto``: by architecture (:data:`AUTO_TARGETS`), else every linear layer but the output head.
+    Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
+    Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
+    """
+    from gptopt_core.modules import is_conv1d, matches, weight_modules
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = weight_modules(base)
+    if patterns == ["auto"]:
+        kind = getattr(getattr(base, "config", None), "model_type", "")
+        leaf = AUTO_TARGETS.get(kind)
+        chosen = [(n, m) for n, m in layers if leaf is None or n.rsplit(".", 1)[-1] in leaf]
+        what = f"auto targets for model type '{kind}' ({', '.join(leaf) if leaf else 'all linear layers'})"
+    else:
+        chosen = [(n, m) for n, m in weight_modules(base, include=patterns)]
+        what = f"--target-modules {' '.join(patterns)}"
+    if not chosen:
+        examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, _ in layers})[:8])
+        raise GptoptError(f"lora: {what} matched no linear layer of this model; its layers are named like: "
+                          f"{examples}")
+    conv = {is_conv1d(m) for _, m in chosen}
+    if len(conv) > 1:
+        raise GptoptError(f"lora: {what} mixes GPT-2 Conv1D and nn.Linear layers; target one kind at a time")
+    return [n for n, _ in chosen], conv.pop()
+
+
+def _masks_hold(model, masks) -> bool:
+    """True when every pruned (mask False) weight is exactly zero."""
+    import torch
+
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        w = getattr(module, "base_layer", module).weight
+        if w.shape != keep.shape:
+            continue
+        with torch.no_grad():
+            if bool((w[~keep.to(w.device)] != 0).any()):
+                return False
+    return True
+
+
+# -- hooks ------------------------------------------------------------------------------------------------
+@hookimpl
+def gptopt_register_steps(register):
+    register(LoraStep)
+    register(FinetuneStep)
+
+
+@hookimpl
+def gptopt_training_loss(ctx, model, batch, outputs):
+    """Distillation: ``weight * T^2 * KL(teacher_T || student_T)`` per token, teacher = the model as loaded."""
+    cfg = ctx.state.get("distill")
+    if not cfg:
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    teacher = ctx.original_model()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"]).logits.float()
+    T = cfg["temperature"]
+    s = F.log_softmax(outputs.logits.float() / T, dim=-1)
+    t = F.log_softmax(t_logits / T, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+    return cfg["weight"] * T * T * kl
+
+
+@hookimpl(tryfirst=True)
+def gptopt_save_model(ctx, model, path):
+    """A PEFT model: the base model (LoRA layers swapped out) in ``path``, saved by whichever plugin saves
+    such a base (e.g. a 4-bit one), and the adapter in ``path/adapter`` (``PeftModel.from_pretrained``)."""
+    if type(model).__module__.split(".")[0] != "peft":
+        return None
+    base = model.get_base_model()
+    with _without_lora_layers(base):
+        ctx.hook.gptopt_save_model(ctx=ctx, model=base, path=path)
+    model.save_pretrained(str(path / "adapter"), safe_serialization=True)
+    return True
+
+
+class _without_lora_layers:
+    """Temporarily put each PEFT-wrapped layer's ``base_layer`` back in its place (nothing is merged)."""
+
+    def __init__(self, model):
+        self.model, self.swapped = model, []
+
+    def __enter__(self):
+        for name, module in list(self.model.named_modules()):
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, module.base_layer)
+                self.swapped.append((parent, child, module))
+        return self.model
+
+    def __exit__(self, *exc):
+        for parent, child, module in reversed(self.swapped):
+            setattr(parent, child, module)
+        return False
+
+
+@hookimpl
+def gptopt_resolve_model(spec, options):
+    """A directory saved by ``save`` after an unmerged ``lora``: load the base, then its ``adapter/``."""
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if not (path / "adapter" / "adapter_config.json").is_file() or not (path / "config.json").is_file():
+        return None
+    from gptopt_core.models import load_local_dir
+
+    loaded = load_local_dir(path, options)
+    try:
+        import peft
+
+        loaded.model = peft.PeftModel.from_pretrained(loaded.model, str(path / "adapter"))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        from gptopt_core import SourceError
+
+        raise SourceError(f"cannot load the LoRA adapter in {path / 'adapter'}: {exc}"[:300]) from None
+    loaded.model.eval()
+    loaded.facts = set(loaded.facts) | {"adapter"}
+    return loaded
+
+
+__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets", "AUTO_TARGETS",
+           "PlanError"]
