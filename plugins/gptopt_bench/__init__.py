@@ -38,11 +38,15 @@ class BenchParams(Params):
     device: Literal["auto", "cpu", "cuda"] = pydantic.Field(
         "auto", description="auto: benchmark where the model is; cpu/cuda: insist the model is there")
 
-    @pydantic.model_validator(mode="after")
-    def _repeats_order(self):
-        if self.max_repeats < self.repeats:
-            raise ValueError(f"max-repeats ({self.max_repeats}) must be at least repeats ({self.repeats})")
-        return self
+    @pydantic.field_validator("max_repeats")
+    @classmethod
+    def _at_least_repeats(cls, value, info):
+        from pydantic_core import PydanticCustomError
+
+        repeats = info.data.get("repeats")
+        if repeats is not None and value < repeats:
+            raise PydanticCustomError("repeats_order", f"must be at least --repeats ({repeats})")
+        return value
 
 
 class BenchStep(Step):

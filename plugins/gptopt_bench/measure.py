@@ -194,9 +194,7 @@ def meters_for(device) -> tuple:
     """The (timer, memory meter) pair for a device: CUDA events + allocator stats on ``cuda``, else
     ``perf_counter`` + peak RSS."""
     device = torch.device(device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":  # nothing touches the GPU until a meter is used
         return CudaEventTimer(device), CudaMemoryMeter(device)
     return PerfCounterTimer(), RssMemoryMeter()
 
@@ -368,11 +366,12 @@ def summarize(result: BenchResult, target_cv: float) -> dict:
 
 
 def dtype_summary(model) -> dict:
-    """Parameter elements per storage dtype, e.g. ``{"float32": 30000, "uint8": 120000}`` (tied weights once)."""
+    """Parameter elements per storage dtype, e.g. ``{"float32": 30000, "uint8": 120000}`` (tied weights once;
+    packed 4-bit weights count as their stored uint8 elements)."""
     counts, seen = {}, set()
-    for p in list(model.parameters()) + list(model.buffers()):
+    for p in model.parameters():
         key = (p.data_ptr(), p.numel())
-        if key in seen or not p.is_floating_point() and p.dtype not in (torch.uint8, torch.int8):
+        if key in seen:
             continue
         seen.add(key)
         name = str(p.dtype).replace("torch.", "")
