@@ -82,9 +82,26 @@ class SaveStep(Step):
     def apply(self, ctx):
         from .report import save_model_dir
 
+        if not ctx.is_main_process:  # data-parallel run (accelerate launch): only the main process writes
+            from pathlib import Path
+
+            _barrier()
+            target = Path(self.params.to).expanduser()
+            return {"saved_to": str(target), "files": sorted(p.name for p in target.iterdir())}
         target = self.check_target()
-        files = save_model_dir(ctx, target, overwrite=self.params.overwrite)
+        try:
+            files = save_model_dir(ctx, target, overwrite=self.params.overwrite)
+        finally:
+            _barrier()
         return {"saved_to": str(target), "files": files}
+
+
+def _barrier() -> None:
+    """Wait for every process of a distributed run (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 @hookimpl
