@@ -1,0 +1,155 @@
+"""Take SmolLM2-135M through the standard chains (recipes/*.yaml) and write docs/results.md + docs/tradeoffs.png.
+
+    python benchmarks/tradeoffs.py            # full: the recipes as committed
+    python benchmarks/tradeoffs.py --quick    # shorter eval/bench/training (same chains), for a fast regeneration
+    python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50
+
+Each row is one `gptopt run --recipe recipes/<row>.yaml` in its own process (exactly the command shown in the
+table); figures are read back from that run's run.json. The ppl ratio is against the dense fp32 row, measured
+by the same `eval` on the same held-out tokens.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"eval": {"max_tokens": 2048}, "bench": {"repeats": 3, "max_repeats": 5, "new_tokens": 32},
+         "lora": {"steps": 10}, "finetune": {"steps": 10}, "quantize": {"calib_blocks": 2}}
+PRODUCE_SKIP = {"eval", "bench", "save"}
+
+
+def quick_recipe(recipe: dict) -> dict:
+    steps = []
+    for item in recipe["steps"]:
+        (name, params), = item.items()
+        params = dict(params or {})
+        for key, value in QUICK.get(name, {}).items():
+            if key == "steps" and "steps" in params:
+                params[key] = min(params[key], value)
+            elif key == "calib_blocks" and params.get("plan") != "auto":
+                continue
+            else:
+                params[key] = value
+        steps.append({name: params})
+    return {**recipe, "steps": steps}
+
+
+def run_row(recipe_path: Path, out: Path, quick: bool) -> dict:
+    recipe = yaml.safe_load(recipe_path.read_text())
+    if quick:
+        recipe = quick_recipe(recipe)
+    tmp = out / f"{recipe_path.stem}.yaml"
+    tmp.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir = out / recipe_path.stem
+    exe = Path(sys.executable).with_name("gptopt")
+    start = time.perf_counter()
+    proc = subprocess.run([str(exe), "run", "--recipe", str(tmp), "--out", str(run_dir), "--quiet"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"row": recipe_path.stem, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": wall}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    steps = manifest["steps"]
+    last = {s["name"]: s["metrics"] for s in steps}
+    return {
+        "row": recipe_path.stem,
+        "ppl": last["eval"]["perplexity"],
+        "bytes": last["eval"]["model_bytes"],
+        "sparsity": last["eval"]["sparsity"],
+        "decode": last.get("bench", {}).get("decode_tokens_per_s"),
+        "prefill": last.get("bench", {}).get("prefill_ms"),
+        "peak": last.get("bench", {}).get("peak_memory_bytes"),
+        "produce_s": sum(s["seconds"] for s in steps if s["name"] not in PRODUCE_SKIP),
+        "wall": wall,
+        "chain": " → ".join(list(s)[0] for s in recipe["steps"]),
+    }
+
+
+def fmt(v, spec, scale=1.0):
+    return "–" if v is None else format(v / scale, spec)
+
+
+def write_results(rows, quick: bool, commit: str, seconds: float):
+    dense = next((r for r in rows if r["row"].endswith("dense-fp32") and "ppl" in r), None)
+    lines = [f"# Trade-offs on SmolLM2-135M ({'quick' if quick else 'full'} run)", "",
+             f"Measured {date.today().isoformat()} on {platform.machine()} Linux, "
+             f"{__import__('os').cpu_count()} CPU cores, no GPU, commit `{commit}`, by "
+             f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min). "
+             "Held-out ppl on pydoc validation documents; ratio vs the dense fp32 row; bytes = parameters + "
+             "buffers in memory; decode/prefill/peak from `bench` (CPU: perf_counter, peak RSS growth).", "",
+             "| row | chain | ppl | ratio | MB | sparsity | decode tok/s | prefill ms | peak MB | produce s | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cmd = f"`gptopt run --recipe recipes/{r['row']}.yaml`"
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | | | {cmd} |")
+            continue
+        ratio = r["ppl"] / dense["ppl"] if dense else None
+        lines.append(f"| {r['row']} | {r['chain']} | {r['ppl']:.2f} | {fmt(ratio, '.3f')} | "
+                     f"{fmt(r['bytes'], '.1f', 1e6)} | {r['sparsity']:.1%} | {fmt(r['decode'], '.1f')} | "
+                     f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {r['produce_s']:.0f} | {cmd} |")
+    (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n\n![trade-offs](tradeoffs.png)\n")
+    plot(rows, dense)
+
+
+def plot(rows, dense):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "ppl" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, label in ((axes[0], "bytes", "model MB"), (axes[1], "decode", "decode tokens/s")):
+        for r in ok:
+            if r[key] is None:
+                continue
+            x = r[key] / 1e6 if key == "bytes" else r[key]
+            ax.scatter(x, r["ppl"])
+            ax.annotate(r["row"], (x, r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_yscale("log")
+        if dense:
+            ax.axhline(dense["ppl"], color="grey", lw=0.8, ls="--")
+    fig.suptitle("SmolLM2-135M: size and speed vs perplexity")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "tradeoffs.png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", action="append", default=[])
+    ap.add_argument("--out", default="runs/tradeoffs")
+    args = ap.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    if args.only:
+        recipes = [r for r in recipes if r.stem in args.only or r.stem.endswith("dense-fp32")]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    start = time.perf_counter()
+    rows = []
+    for recipe in recipes:
+        for old in (out / recipe.stem).glob("*"):
+            old.unlink()
+        if (out / recipe.stem).exists():
+            (out / recipe.stem).rmdir()
+        row = run_row(recipe, out, args.quick)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write_results(rows, args.quick, commit, time.perf_counter() - start)
+    print(f"wrote docs/results.md and docs/tradeoffs.png in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
