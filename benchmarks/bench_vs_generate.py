@@ -10,7 +10,7 @@ from other processes hits both alike; medians over rounds.
   (``time.perf_counter`` on CPU; on CUDA ``torch.cuda.Event`` pairs + ``synchronize``), decode tokens/s =
   (N - 1) / (T_N - T_1): the generation time beyond the first token, per token.
 
-Variants: fp32 (as loaded), nf4 (bitsandbytes 4-bit, bf16 compute, loaded with BitsAndBytesConfig), bf16,
+Variants: fp32 (as loaded), nf4 (bitsandbytes 4-bit, fp32 compute as gptopt_bnb's default, loaded with BitsAndBytesConfig), bf16,
 int8dyn (torch dynamic int8 on the Linear layers, CPU only). Writes the figures and the command into
 docs/bench.md between the bench_vs_generate markers.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bench.md"
-START, END = "<!-- bench_vs_generate:start -->", "<!-- bench_vs_generate:end -->"
+MARK = "<!-- bench_vs_generate:{}:{} -->"  # one block per --variants value, so runs with other settings coexist
 
 
 def load_variant(name: str, device):
@@ -45,7 +45,7 @@ def load_variant(name: str, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     elif name == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
+                                    bnb_4bit_compute_dtype=torch.float32)  # gptopt_bnb's default
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map=str(device)).eval()
     elif name == "int8dyn":
         if device.type != "cpu":
@@ -176,6 +176,7 @@ def main(argv=None):
                      f"{'n/a' if row['cv'] is None else format(row['cv'], '.1%')} |")
     print("\n".join(table))
     if not args.no_doc:
+        START, END = MARK.format(args.variants, "start"), MARK.format(args.variants, "end")
         block = "\n".join([START, "", f"Command: `{command.strip()}`", "",
                            f"Measured {time.strftime('%Y-%m-%d')} on {device} ({where}); SmolLM2-135M-Instruct, "
                            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch 1, "
@@ -186,6 +187,8 @@ def main(argv=None):
         text = DOC.read_text() if DOC.exists() else ""
         if START in text and END in text:
             text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+        elif "<!-- bench_vs_generate:results -->" in text:
+            text = text.replace("<!-- bench_vs_generate:results -->", block + "\n\n<!-- bench_vs_generate:results -->")
         else:
             text += "\n" + block + "\n"
         DOC.write_text(text)

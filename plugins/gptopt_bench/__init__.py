@@ -122,7 +122,7 @@ class BenchStep(Step):
             cv = metrics["bench_cv"]
             ctx.log(f"  [yellow]bench: decode tokens/s CV {'n/a' if cv is None else f'{cv:.1%}'} is above "
                     f"--target-cv {p.target_cv:.1%} after {metrics['bench_repeats']} runs[/]")
-        metrics.update(compare(metrics, model_bytes(ctx.model), ctx.records, self))
+        metrics.update(compare(metrics, model_bytes(ctx.model), ctx.records))
         return metrics
 
 
@@ -130,7 +130,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def compare(metrics: dict, bytes_now: int, records: list, step=None) -> dict:
+def compare(metrics: dict, bytes_now: int, records: list) -> dict:
     """Ratios of this bench against the first earlier ``bench`` record with the same workload and device.
 
     ``decode_speedup`` = tokens/s now / then; ``prefill_speedup`` and ``ttft_speedup`` = ms then / now;
