@@ -145,6 +145,8 @@ class Trainer:
         self.loss_history: list[float] = []  # mean training loss (CE + extra terms) of each optimizer step
         self.ce_history: list[float] = []  # the cross-entropy part alone
         self.eval_history: list[dict] = []  # {"step", "perplexity"}
+        #: extra text hooks may show next to the loss in the progress bar, e.g. {"zeros": "12.5%"}
+        self.progress_notes: dict[str, str] = {}
         self.tokens_seen = 0  # global tokens trained on
         self.train_seconds = 0.0  # time in forward/backward/optimizer (not eval)
         self.accelerator = None
@@ -395,7 +397,8 @@ class Trainer:
                     raise GptoptError(f"{self.name}: the training loss became {loss} at step {self.step}; "
                                       "lower --lr or use --precision fp32")
                 tps = self.tokens_seen / max(self.train_seconds, 1e-9)
-                self.ctx.progress_info(f"loss {loss:.3f}  {tps:,.0f} tok/s")
+                notes = "".join(f"  {k} {v}" for k, v in self.progress_notes.items())
+                self.ctx.progress_info(f"loss {loss:.3f}  {tps:,.0f} tok/s{notes}")
                 if p.eval_every and (self.step % p.eval_every == 0 or self.step == self.total_steps):
                     self.evaluate()
         finally:
