@@ -227,7 +227,8 @@ class Trainer:
             if not getattr(model, "supports_gradient_checkpointing", True) and not hasattr(
                     model, "gradient_checkpointing_enable"):
                 raise GptoptError(f"{self.name}: this model does not support --gradient-checkpointing")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         config = getattr(model, "config", None)
         self._use_cache = getattr(config, "use_cache", None)
         if config is not None and self._use_cache is not None:
@@ -412,8 +413,11 @@ class Trainer:
         if acc is None:
             return
         model = acc.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
-        if self.params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
+        if self.params.gradient_checkpointing:
+            disable = getattr(model, "activation_checkpointing_disable", None) or getattr(
+                model, "gradient_checkpointing_disable", None)
+            if disable is not None:
+                disable()
         config = getattr(model, "config", None)
         if config is not None and self._use_cache is not None:
             config.use_cache = self._use_cache
