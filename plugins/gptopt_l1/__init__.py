@@ -1,0 +1,198 @@
+"""gptopt plugin ``l1``: L1-sparsity regularization for the training step that follows it.
+
+``l1`` does not train by itself. It records its configuration in ``ctx.state["l1"]`` (fact ``l1``) and its
+hook implementations shape the *next* training step of the chain (``finetune``, ``lora``, or any step with
+``trains = True``), so that a later ``prune`` costs less::
+
+    gptopt run --model smollm2-135m eval l1 --weight 20 finetune --steps 60 prune --method magnitude \\
+        --sparsity 0.5 eval
+
+What it does (λ = ``--weight``, λ_t = λ times the ``--schedule`` factor at step t, lr_t = the learning rate
+the optimizer used at step t, S = the *selected* weights of the targeted layers, see ``--select``):
+
+* ``--mode proximal`` under ``finetune``: after every optimizer step, soft-thresholding of the selected weights,
+  w ← sign(w)·max(|w| − λ_t·lr_t, 0) (the proximal step of λ·Σ|w| with step size lr_t): exact zeros appear.
+* ``--mode penalty`` under ``finetune``: λ_t·Σ_S |w| is added to every micro-batch's loss (gradient λ_t·sign(w)).
+* under ``lora`` the base weights are frozen; the penalty acts on the *effective* weight W + scale·B·A of each
+  targeted, adapted layer: λ_t·Σ_S |W + scale·BA| is added to the loss and its gradient reaches only A and B.
+  A low-rank update cannot set chosen entries exactly to zero, so ``--mode proximal`` under ``lora`` uses this
+  same penalty (the step's metrics say ``l1_mode_used: penalty``).
+
+``--select``: ``all`` penalises every weight of the targets (plain L1); ``prunable`` penalises only the weights
+that the later ``prune`` would remove now (per layer the lowest-|w| fraction ``--sparsity``, by the later prune's
+rule: whole layer, per row for wanda, per group for N:M, or over all layers for --scope global), re-chosen
+every ``--reselect-every`` steps, so the large weights the pruned model keeps are not shrunk. ``auto`` (the
+default) is ``prunable`` when a ``prune`` follows the training step and ``all`` otherwise.
+
+Zero fractions (exact zeros, and |w| < 1e-3) of the targeted (effective) weights are shown in the progress
+bar and recorded in the training step's metrics: ``l1_zero_fraction``, ``l1_small_fraction``, ``l1_history``
+(one entry per eval point of ``--eval-every`` and at the end) and merged into its ``eval_history`` entries.
+
+Heavy imports (torch) happen in :mod:`gptopt_l1.regularizer`, loaded only when training runs.
+"""
+from __future__ import annotations
+
+from typing import List, Literal, Optional
+
+import pydantic
+
+from gptopt_core import GptoptError, Params, PlanError, Step, hookimpl
+
+#: |w| below this counts as "small" in the reported fractions
+SMALL = 1e-3
+
+
+class L1Params(Params):
+    weight: float = pydantic.Field(
+        ..., ge=0.0, le=1e6,
+        description="λ: strength of the L1 term λ·Σ|w| (proximal: threshold λ·lr per optimizer step)")
+    targets: List[str] = pydantic.Field(
+        default_factory=list,
+        description="glob on module names to regularize (repeatable; default: every linear layer but the head)")
+    mode: Literal["proximal", "penalty"] = pydantic.Field(
+        "proximal", description="proximal: soft-threshold after each optimizer step (exact zeros); "
+                                "penalty: add λ·Σ|w| to the loss")
+    schedule: Literal["constant", "linear-warmup"] = pydantic.Field(
+        "constant", description="λ over training: constant, or ramp linearly from 0 over --warmup-fraction")
+    warmup_fraction: float = pydantic.Field(
+        0.5, gt=0.0, le=1.0, description="linear-warmup: fraction of the training steps over which λ ramps up")
+    select: Literal["auto", "all", "prunable"] = pydantic.Field(
+        "auto", description="which weights: all, or only those the later prune would remove (re-chosen as "
+                            "training goes); auto = prunable when a prune follows")
+    sparsity: Optional[float] = pydantic.Field(
+        None, gt=0.0, lt=1.0,
+        description="fraction the later prune removes, for --select prunable (default: read from that prune)")
+    reselect_every: int = pydantic.Field(
+        10, ge=1, le=1_000_000, description="--select prunable: re-choose the penalised weights every N steps")
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _globs(cls, value):
+        value = [v.strip() for v in value]
+        if any(not v for v in value):
+            raise ValueError("empty glob pattern; give a module name pattern such as '*mlp*'")
+        return value
+
+
+def _trains(step) -> bool:
+    return bool(getattr(type(step), "trains", False))
+
+
+class L1Step(Step):
+    """L1-sparsity regularization (proximal or penalty) of the next training step, to make a later prune cheap.
+
+    Optionally only on the weights a later prune removes. Records its configuration (``ctx.state["l1"]``); the hooks act during the following ``finetune``/``lora``.
+    """
+
+    name = "l1"
+    Params = L1Params
+    provides = frozenset({"l1"})
+    forbids = {"quantized": "L1 regularization needs float weights being trained; put l1 and its training step "
+                            "before quantize (or use lora after quantize without l1)"}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.plan: dict = {}
+
+    def check_plan(self, before, after, facts):
+        p = self.params
+        train_at = next((i for i, s in enumerate(after) if _trains(s)), None)
+        if train_at is None:
+            raise PlanError("l1 does not train by itself: put a training step after it, e.g. "
+                            "`l1 --weight 5 finetune --steps 60` or `l1 --weight 5 lora --merge`")
+        trainer = after[train_at]
+        prune = next((s for s in after[train_at + 1:] if s.name == "prune"), None)
+        rule, sparsity = "layer", p.sparsity
+        if prune is not None:
+            pp = prune.params
+            nm = getattr(pp, "nm", None)
+            if nm:
+                rule = f"nm:{nm[0]}:{nm[1]}"
+            elif getattr(pp, "scope", "layer") == "global":
+                rule = "global"
+            elif getattr(pp, "method", "magnitude") == "wanda":
+                rule = "row"
+            if sparsity is None:
+                sparsity = getattr(pp, "target_sparsity", None)
+        select = p.select
+        if select == "auto":
+            select = "prunable" if prune is not None and sparsity else "all"
+        if select == "prunable" and not sparsity:
+            raise PlanError("l1 --select prunable needs to know how much will be pruned: give --sparsity, or put "
+                            "`prune --sparsity S` after the training step")
+        if rule.startswith("nm:") and p.sparsity is not None:
+            n, m = (int(x) for x in rule.split(":")[1:])
+            if abs(p.sparsity - (1 - n / m)) > 1e-9:
+                raise PlanError(f"l1 --sparsity {p.sparsity} contradicts the later prune's N:M pattern {n}:{m}; "
+                                "leave --sparsity out")
+        self.plan = {"select": select, "sparsity": sparsity if select == "prunable" else None, "rule": rule,
+                     "train_step": trainer.name, "prune_method": getattr(getattr(prune, "params", None),
+                                                                         "method", None)}
+
+    def preflight(self, ctx):
+        from .regularizer import find_targets
+
+        find_targets(ctx.model, self.params.targets)  # targets matching nothing: fails before any step runs
+
+    def apply(self, ctx):
+        from .regularizer import find_targets
+
+        p = self.params
+        if not self.plan:  # Step used outside a validated Pipeline
+            self.check_plan([], [], set(ctx.facts))
+        names = [n for n, _ in find_targets(ctx.model, p.targets)]
+        cfg = {**p.model_dump(mode="json"), **self.plan, "target_names": names}
+        ctx.state["l1"] = cfg
+        what = "the weights the later prune removes" if self.plan["select"] == "prunable" else "all weights"
+        ctx.log(f"  l1: λ={p.weight} {p.mode} ({p.schedule}) on {what} of {len(names)} layers, "
+                f"during the next {self.plan['train_step']}")
+        return {"l1_weight": p.weight, "l1_select": self.plan["select"], "l1_target_layers": len(names),
+                "l1_sparsity_target": self.plan["sparsity"]}
+
+
+# -- hooks ------------------------------------------------------------------------------------------------
+@hookimpl
+def gptopt_register_steps(register):
+    register(L1Step)
+
+
+@hookimpl
+def gptopt_step_started(ctx, step):
+    cfg = ctx.state.get("l1")
+    if cfg is not None and _trains(step) and not cfg.get("active"):
+        cfg["active"] = step.name
+
+
+@hookimpl
+def gptopt_training_loss(ctx, model, batch, outputs):
+    cfg = ctx.state.get("l1")
+    if not cfg or not cfg.get("active"):
+        return None
+    from .regularizer import runtime
+
+    return runtime(ctx, model).penalty()
+
+
+@hookimpl
+def gptopt_after_optimizer_step(ctx, model, step):
+    cfg = ctx.state.get("l1")
+    if not cfg or not cfg.get("active"):
+        return
+    from .regularizer import runtime
+
+    runtime(ctx, model).after_step(step)
+
+
+@hookimpl
+def gptopt_step_finished(ctx, step, record):
+    cfg = ctx.state.get("l1")
+    if not cfg or cfg.get("active") != step.name or not _trains(step):
+        return
+    rt = ctx.state.pop("l1_runtime", None)
+    ctx.state.pop("l1", None)
+    if rt is None:
+        return
+    record.setdefault("metrics", {}).update(rt.final_metrics(record.get("metrics", {})))
+
+
+__all__ = ["L1Params", "L1Step", "SMALL", "GptoptError"]
