@@ -227,8 +227,11 @@ class Trainer:
             if not getattr(model, "supports_gradient_checkpointing", True) and not hasattr(
                     model, "gradient_checkpointing_enable"):
                 raise GptoptError(f"{self.name}: this model does not support --gradient-checkpointing")
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         config = getattr(model, "config", None)
         self._use_cache = getattr(config, "use_cache", None)
         if config is not None and self._use_cache is not None:
