@@ -101,30 +101,39 @@ def keep_nm(score, n: int, m: int, name: str):
 
 
 def keep_rows(score, sparsity: float):
-    """Per output row: drop the lowest scores; the layer total is exactly round(sparsity * numel)."""
+    """Per output row: drop the lowest scores; the layer total is exactly round(sparsity * numel) (the first
+    ``remainder`` rows drop one more)."""
     import torch
 
     rows, cols = score.shape
     k_total = round(sparsity * rows * cols)
     base, extra = divmod(k_total, rows)
-    counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
-    counts[:extra] += 1
-    order = torch.sort(score, dim=1, stable=True).indices
-    dropped = torch.arange(cols, device=score.device)[None, :] < counts[:, None]
-    keep = torch.empty((rows, cols), dtype=torch.bool, device=score.device)
-    keep.scatter_(1, order, ~dropped)
+    keep = torch.ones((rows, cols), dtype=torch.bool, device=score.device)
+    if base:  # topk per row is several times faster than sorting rows on CPU
+        keep.scatter_(1, score.topk(base, dim=1, largest=False, sorted=False).indices, False)
+    if extra:
+        nxt = score[:extra].masked_fill(~keep[:extra], float("inf")).argmin(dim=1)
+        keep[torch.arange(extra, device=score.device), nxt] = False
     return keep
+
+
+def _drop_lowest(flat, k: int):
+    """Bool mask of exactly ``k`` lowest entries of a 1-D tensor (ties at the threshold broken by position)."""
+    import torch
+
+    drop = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k:
+        threshold = flat.kthvalue(k).values
+        drop = flat < threshold
+        need = k - int(drop.sum())
+        if need > 0:
+            drop[(flat == threshold).nonzero().squeeze(1)[:need]] = True
+    return drop
 
 
 def keep_layer(score, sparsity: float):
     """Drop exactly round(sparsity * numel) lowest scores of the whole layer."""
-    import torch
-
-    k = round(sparsity * score.numel())
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        keep[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = False
-    return keep.reshape(score.shape)
+    return ~_drop_lowest(score.flatten(), round(sparsity * score.numel())).reshape(score.shape)
 
 
 def keep_global(scores: list, sparsity: float) -> list:
@@ -132,14 +141,8 @@ def keep_global(scores: list, sparsity: float) -> list:
     import torch
 
     flat = torch.cat([s.flatten().float().cpu() for s in scores])
-    k = round(sparsity * flat.numel())
-    drop = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k:
-        threshold = flat.kthvalue(k).values
-        drop = flat < threshold
-        need = k - int(drop.sum())
-        if need > 0:
-            drop[(flat == threshold).nonzero().squeeze(1)[:need]] = True
+    drop = _drop_lowest(flat, round(sparsity * flat.numel()))
+    del flat
     out, start = [], 0
     for s in scores:
         out.append((~drop[start:start + s.numel()]).reshape(s.shape).to(s.device))
