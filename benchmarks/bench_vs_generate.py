@@ -128,6 +128,7 @@ def main(argv=None):
                   f"{os.cpu_count()} cores visible")
     print(f"device {device} ({where}); prompt {args.prompt_tokens} + {args.new_tokens} new tokens; "
           f"{args.rounds} rounds x {args.repeats} runs per contender", flush=True)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for variant in args.variants.split(","):
         ctx.model = load_variant(variant, device)
@@ -175,13 +176,16 @@ def main(argv=None):
                      f"{row['bench_e2e']:.2f} | {row['hand_e2e']:.2f} | "
                      f"{'n/a' if row['cv'] is None else format(row['cv'], '.1%')} |")
     print("\n".join(table))
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if not args.no_doc:
         START, END = MARK.format(args.variants, "start"), MARK.format(args.variants, "end")
         block = "\n".join([START, "", f"Command: `{command.strip()}`", "",
                            f"Measured {time.strftime('%Y-%m-%d')} on {device} ({where}); SmolLM2-135M-Instruct, "
                            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch 1, "
                            f"{args.rounds} interleaved rounds x {args.repeats} runs, medians. The machine was "
-                           "shared with other developers' jobs, so absolute figures move; the two columns were "
+                           f"shared with other developers' jobs (1-minute load average {load_before:.1f} at the "
+                           f"start, {load_after:.1f} at the end, on {os.cpu_count()} cores), so absolute figures "
+                           "move; the two columns were "
                            "measured alternately in one process, and the difference is the median over rounds of "
                            "bench / hand within the same round (both saw the same background load).", "", *table, "", END])
         text = DOC.read_text() if DOC.exists() else ""

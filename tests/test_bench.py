@@ -305,8 +305,8 @@ def test_smollm2_bench_agrees_with_a_hand_written_generate_loop():
 
 def _agreement_on_smollm2():
     ctx = make_context(model="smollm2-135m")
-    n = 24
-    ids = ctx.data.valid_ids[:64].unsqueeze(0)
+    n = 16
+    ids = ctx.data.valid_ids[:32].unsqueeze(0)
     pad = ctx.tokenizer.eos_token_id
 
     def hand():
@@ -319,8 +319,8 @@ def _agreement_on_smollm2():
             times[k] = time.perf_counter() - t0
         return (n - 1) / (times[n] - times[1])
 
-    step = BenchStep(prompt_tokens=64, new_tokens=n, warmup=0, repeats=2, max_repeats=2)
-    BenchStep(prompt_tokens=64, new_tokens=n, warmup=1, repeats=1, max_repeats=1).apply(ctx)
+    step = BenchStep(prompt_tokens=32, new_tokens=n, warmup=0, repeats=2, max_repeats=2)
+    BenchStep(prompt_tokens=32, new_tokens=n, warmup=1, repeats=1, max_repeats=1).apply(ctx)
     bench_rates, hand_rates = [], []
     for i in range(4):
         if i % 2:
