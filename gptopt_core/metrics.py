@@ -21,7 +21,27 @@ def model_bytes(model) -> int:
         scb = getattr(getattr(module, "weight", None), "SCB", None)
         if scb is not None and (scb.data_ptr(), scb.numel()) not in seen:
             total += scb.numel() * scb.element_size()
+    for weight, bias in _packed_linears(model):  # torch dynamic int8: weights live outside parameters/buffers
+        total += weight.numel() * weight.element_size() + _qparams_bytes(weight)
+        if bias is not None:
+            total += bias.numel() * bias.element_size()
     return int(total)
+
+
+def _packed_linears(model):
+    """``(weight, bias)`` of torch's quantized linear layers (``quantize_dynamic``): their packed weights are
+    neither parameters nor buffers."""
+    for module in model.modules():
+        if type(module).__name__ == "LinearPackedParams" and hasattr(module, "_weight_bias"):
+            yield module._weight_bias()
+
+
+def _qparams_bytes(weight) -> int:
+    import torch
+
+    if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return 8 + 8  # scale (double) + zero point (int64)
+    return weight.q_per_channel_scales().numel() * 16
 
 
 def _quant_state_tensors(state):
@@ -50,6 +70,8 @@ def num_params(model) -> int:
             for d in shape:
                 n *= int(d)
         total += n if shape is not None else p.numel()
+    for weight, bias in _packed_linears(model):
+        total += weight.numel() + (bias.numel() if bias is not None else 0)
     return int(total)
 
 
