@@ -57,8 +57,19 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true",
                     help="with --json: keep the results already in that file (same script, same dense model) and "
                          "measure only the missing configs")
+    ap.add_argument("--table-only", action="store_true",
+                    help="with --json: write docs/prune.md from the results recorded there (no model, no measuring)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.table_only:
+        rows = [json.loads(line) for line in Path(args.json).read_text().splitlines()]
+        order = {n: i for i, n in enumerate(CONFIGS)}
+        rows.sort(key=lambda r: order.get(r["name"], len(order)))
+        print(table(rows, rows[0]["dense_ppl"]))
+        if not args.no_write:
+            write_doc(rows, rows[0]["dense_ppl"], " ".join(["python", "benchmarks/prune_quality.py"]
+                                                          + (argv or sys.argv[1:])))
+        return
     import torch
 
     from gptopt_core.evaluate import perplexity
@@ -131,8 +142,9 @@ def write_doc(rows, dense_ppl, command):
     text = DOC.read_text() if DOC.exists() else f"# prune\n\n{START}\n{END}\n"
     if START not in text:
         text += f"\n{START}\n{END}\n"
-    block = (f"{START}\nMeasured with `HF_HUB_OFFLINE=1 {command}` ({time.strftime('%Y-%m-%d')}, CPU, "
-             f"shared 2-core machine: times are indicative):\n\n{table(rows, dense_ppl)}\n{END}")
+    block = (f"{START}\nWritten by `HF_HUB_OFFLINE=1 {command}` ({time.strftime('%Y-%m-%d')}, CPU; prune times "
+             f"were taken on a 2-core machine shared with up to 8 other jobs and are indicative only, see the cost "
+             f"table below):\n\n{table(rows, dense_ppl)}\n{END}")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     DOC.write_text(head + block + tail)

@@ -432,7 +432,11 @@ def run_prune(ctx, params) -> dict:
     try:
         if params.method == "magnitude":
             with torch.no_grad():
-                pruner.prune(targets, [magnitude_score(t) for t in targets])
+                if params.scope == "global":
+                    pruner.prune(targets, [magnitude_score(t) for t in targets])
+                else:  # one layer's scores at a time
+                    for t in targets:
+                        pruner.prune([t], [magnitude_score(t)])
         else:
             batches = calibration_batches(ctx, params)
             calib_tokens = sum(b.numel() for b in batches)
