@@ -8,11 +8,11 @@ def model_bytes(model) -> int:
     """Bytes held by parameters and buffers in memory (packed low-bit storage counts as stored)."""
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.data_ptr(), tensor.numel())
+        key = _storage_key(tensor)
         if key in seen:
             continue  # tied weights count once
         seen.add(key)
-        total += tensor.numel() * tensor.element_size()
+        total += _stored_bytes(tensor)
     for module in model.modules():  # bitsandbytes keeps 4-bit absmax etc. in quant_state, not in buffers
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
@@ -26,6 +26,29 @@ def model_bytes(model) -> int:
         if bias is not None:
             total += bias.numel() * bias.element_size()
     return int(total)
+
+
+def _inner_tensors(tensor) -> list:
+    """The tensors a wrapper tensor subclass (e.g. torchao's ``Int8Tensor``) stores; ``[]`` for plain tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return []
+    names, _ = flatten()
+    return [inner for inner in (getattr(tensor, n, None) for n in names) if inner is not None]
+
+
+def _stored_bytes(tensor) -> int:
+    inner = _inner_tensors(tensor)
+    if inner:  # a wrapper's element_size() is its logical dtype's; count what it really holds
+        return sum(_stored_bytes(t) for t in inner)
+    return tensor.numel() * tensor.element_size()
+
+
+def _storage_key(tensor):
+    inner = _inner_tensors(tensor)
+    if inner:  # wrappers report data_ptr() 0: identify them by their first inner tensor
+        return _storage_key(inner[0])
+    return (tensor.data_ptr(), tensor.numel())
 
 
 def _packed_linears(model):
@@ -60,7 +83,7 @@ def num_params(model) -> int:
     """Logical parameter count (4-bit packed weights counted as unpacked elements)."""
     seen, total = set(), 0
     for p in model.parameters():
-        key = (p.data_ptr(), p.numel())
+        key = _storage_key(p)
         if key in seen:
             continue
         seen.add(key)
@@ -86,6 +109,8 @@ def sparsity(model) -> float:
             shape = w.quant_state.shape
             total += int(shape[0]) * int(shape[1])
             continue
+        if _inner_tensors(w) and hasattr(w, "dequantize"):  # e.g. torchao int8: compare the stored values
+            w = w.dequantize()
         total += w.numel()
         zeros += int((w == 0).sum())
     return float(zeros / total) if total else 0.0
