@@ -1,0 +1,192 @@
+"""What ``cpu-fast`` does when it runs: one format (with the guard), or ``auto``'s measured choice."""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import torch
+
+from gptopt_core import GptoptError
+from gptopt_core.evaluate import perplexity
+from gptopt_core.metrics import model_bytes
+
+from .convert import INT8_FORMATS, convert_model, torchao_problem
+from .guard import guard_plan
+from .step import AUTO_CANDIDATES
+from .timing import interleaved
+
+
+def convert_with_guard(ctx, model, fmt: str, params, guard: bool, blocks=None) -> tuple[dict, dict]:
+    """Convert ``model`` in place to ``fmt``; returns (conversion record, metrics)."""
+    keep = list(params.keep)
+    metrics = {}
+    if fmt in INT8_FORMATS and guard:
+        if blocks is None:
+            blocks = ctx.calibration_blocks(params.calib_blocks, params.calib_seq_len)
+        info = guard_plan(model, fmt, blocks, params.max_ppl_increase, keep=keep, progress=ctx.progress,
+                          log=ctx.log)
+        keep += info["keep"]
+        metrics.update(guard_kept_layers=len(info["keep"]), calib_ppl_ratio=info["calib_ppl_ratio"],
+                       plain_calib_ppl_ratio=info["plain_calib_ppl_ratio"])
+        if info.get("sensitivity"):
+            metrics["guard_most_sensitive"] = list(info["sensitivity"])[:5]
+    converted = convert_model(model, fmt, keep=keep if fmt in INT8_FORMATS else ())
+    record = {"format": fmt, "converted": sorted(converted), "keep": sorted(set(keep)) if fmt in INT8_FORMATS else []}
+    model.gptopt_cpu = record
+    metrics.update(format=fmt, converted_layers=len(converted), kept_layers=record["keep"])
+    return record, metrics
+
+
+def run_cpu_fast(ctx, step) -> dict:
+    p = step.params
+    model = ctx.model
+    if any(t.dtype != torch.float32 for t in model.parameters()):
+        model.float()
+    model.eval()
+    if p.format != "auto":
+        _, metrics = convert_with_guard(ctx, model, p.format, p, p.guard)
+        step.result_format = p.format
+        _note(ctx, p.format, metrics)
+        return metrics
+    return run_auto(ctx, step)
+
+
+def _note(ctx, fmt, metrics):
+    if "calib_ppl_ratio" in metrics:
+        ctx.log(f"  {fmt}: {metrics['converted_layers']} layers converted, {metrics['guard_kept_layers']} kept in "
+                f"float32 by the guard; calibration ppl x{metrics['calib_ppl_ratio']:.3f} "
+                f"(all converted: x{metrics['plain_calib_ppl_ratio']:.3f})")
+
+
+def candidate_list(params, log) -> list[str]:
+    wanted = list(params.candidates) or list(AUTO_CANDIDATES)
+    problem = torchao_problem() if any(c.startswith("ao-") for c in wanted) else None
+    out = []
+    for c in wanted:
+        if c.startswith("ao-") and problem:
+            if params.candidates:
+                raise GptoptError(f"cpu-fast: candidate {c}: {problem}")
+            log(f"  auto: skipping {c}: {problem}")
+            continue
+        out.append(c)
+    return out
+
+
+def run_auto(ctx, step) -> dict:
+    p = step.params
+    base = ctx.model
+    ids = ctx.data.valid_ids if p.select_on == "valid" else ctx.data.train_ids
+    if ids.numel() < p.block_size + 1:
+        raise GptoptError(f"cpu-fast auto: the {p.select_on} split has {ids.numel()} tokens, fewer than one block of "
+                          f"{p.block_size}+1; give more text or a smaller --block-size")
+    prompt = _prompt(ctx, p)
+    blocks = ctx.calibration_blocks(p.calib_blocks, p.calib_seq_len)
+    names = candidate_list(p, ctx.log)
+
+    models, info = {"fp32": base}, {"fp32": {"format": "fp32", "kept": 0, "record": None}}
+    for fmt in names:
+        variants = [(fmt, p.guard)]
+        for label, guard in variants:
+            ctx.log(f"  auto: converting a copy to {label}")
+            m = copy.deepcopy(base)
+            record, metrics = convert_with_guard(ctx, m, fmt, p, guard, blocks)
+            models[label], info[label] = m, {"format": fmt, "kept": len(record["keep"]), "record": record,
+                                             "metrics": metrics}
+            if fmt == "int8-dynamic" and guard and record["keep"] and not p.keep:
+                # the seed's plain conversion, shown next to the guarded one (and a candidate like any other)
+                plain = copy.deepcopy(base)
+                record2, metrics2 = convert_with_guard(ctx, plain, fmt, p, False)
+                models["int8-dynamic-plain"] = plain
+                info["int8-dynamic-plain"] = {"format": fmt, "kept": 0, "record": record2, "metrics": metrics2}
+
+    rows = {}
+    for label, m in ctx.progress(list(models.items()), "auto: perplexity"):
+        r = perplexity(m, ids, p.block_size, p.block_size, p.eval_tokens)
+        rows[label] = {"format": label, "kept_layers": info[label]["kept"], "perplexity": r["perplexity"],
+                       "model_bytes": model_bytes(m)}
+    speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=1, pad_token_id=_pad(ctx),
+                        progress=ctx.progress)
+    ref = rows["fp32"]
+    budget = 1.0 + p.max_ppl_increase
+    for label, row in rows.items():
+        row["ppl_ratio"] = row["perplexity"] / ref["perplexity"]
+        row["decode_tokens_per_s"] = speed[label]["decode_tokens_per_s"]
+        row["decode_speedup"] = speed[label]["decode_tokens_per_s"] / speed["fp32"]["decode_tokens_per_s"]
+        row["prefill_ms"] = speed[label]["prefill_ms"]
+        row["within_budget"] = row["ppl_ratio"] <= budget
+    eligible = [r for label, r in rows.items() if label != "fp32" and r["within_budget"]]
+    table = list(rows.values())
+    chosen = max(eligible, key=lambda r: r["decode_tokens_per_s"]) if eligible else None
+    for r in table:
+        r["chosen"] = chosen is not None and r is chosen
+    _print_table(ctx, table, p)
+    if chosen is None:
+        best = min((r for r in table if r["format"] != "fp32"), key=lambda r: r["ppl_ratio"])
+        raise GptoptError(f"cpu-fast auto: no format stays within --max-ppl-increase {p.max_ppl_increase:.1%} "
+                          f"(closest: {best['format']} at ppl x{best['ppl_ratio']:.3f}); raise the budget or keep the "
+                          f"model as it is")
+    label = chosen["format"]
+    ctx.model = models[label]
+    step.result_format = info[label]["format"]
+    for other in list(models):
+        if other != label:
+            models.pop(other)
+    gc.collect()
+    metrics = dict(info[label]["metrics"])
+    metrics.update(auto_choice=label, auto_table=[{k: v for k, v in r.items()} for r in table],
+                   auto_decode_speedup=chosen["decode_speedup"], auto_ppl_ratio=chosen["ppl_ratio"],
+                   auto_decode_tokens_per_s=chosen["decode_tokens_per_s"], auto_split=p.select_on)
+    if p.select_on == "valid":
+        metrics["perplexity"] = chosen["perplexity"]
+    ctx.log(f"  auto: chose {label}: decode x{chosen['decode_speedup']:.2f} at ppl x{chosen['ppl_ratio']:.3f} "
+            f"(budget x{budget:.3f})")
+    return metrics
+
+
+def _pad(ctx):
+    tok = ctx.tokenizer
+    pad = getattr(tok, "pad_token_id", None)
+    return pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+
+
+def _prompt(ctx, p):
+    ids = ctx.data.valid_ids.reshape(-1)
+    if ids.numel() < p.prompt_tokens:
+        ids = ids.repeat(p.prompt_tokens // max(ids.numel(), 1) + 1)
+    return ids[:p.prompt_tokens].unsqueeze(0).to(ctx.device)
+
+
+def table_markdown(table: list[dict], budget: float, split: str) -> str:
+    lines = [f"cpu-fast auto (ppl on the {split} split; budget ppl x{1 + budget:.3f}; decode speed interleaved, "
+             "medians)", "",
+             "| format | kept fp32 layers | ppl | ppl ratio | decode tok/s | speedup | prefill ms | MB | within | chosen |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in table:
+        lines.append(f"| {r['format']} | {r['kept_layers']} | {r['perplexity']:.3f} | x{r['ppl_ratio']:.3f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | x{r['decode_speedup']:.2f} | {r['prefill_ms']:.0f} | "
+                     f"{r['model_bytes'] / 1e6:.1f} | {'yes' if r['within_budget'] else 'no'} | "
+                     f"{'**yes**' if r['chosen'] else ''} |")
+    return "\n".join(lines)
+
+
+def table_lines(table: list[dict]) -> list[str]:
+    """The auto table as fixed-width text lines (fits 100 columns; no markup)."""
+    head = f"{'format':<19} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} {'prefill':>8} " \
+           f"{'MB':>7}  within"
+    lines = [head]
+    for r in table:
+        lines.append(f"{r['format']:<19} {r['kept_layers']:>4} {r['perplexity']:>9.3f} {r['ppl_ratio']:>6.3f}x "
+                     f"{r['decode_tokens_per_s']:>7.1f} {r['decode_speedup']:>6.2f}x {r['prefill_ms']:>6.0f}ms "
+                     f"{r['model_bytes'] / 1e6:>7.1f}  {'yes' if r['within_budget'] else 'no '}"
+                     + ("  <- chosen" if r["chosen"] else ""))
+    return lines
+
+
+def _print_table(ctx, table, p) -> None:
+    ctx.log(f"  cpu-fast auto: ppl on the {p.select_on} split, budget x{1 + p.max_ppl_increase:.3f}; decode speed "
+            f"interleaved over {p.rounds} rounds (medians)")
+    if ctx.quiet or ctx.console is None or not ctx.is_main_process:
+        return
+    for line in table_lines(table):
+        ctx.console.print("    " + line, soft_wrap=True, markup=False, highlight=False)

@@ -1,0 +1,147 @@
+"""The ``cpu-fast`` step: parameters, plan-time checks, facts; ``auto`` mode's table and choice."""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import pydantic
+
+from gptopt_core import GptoptError, Params, Step
+
+FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+#: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
+AUTO_CANDIDATES = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+
+
+def parse_percent(value):
+    """``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            pass
+    raise ValueError("give a relative increase like 10% or 0.1")
+
+
+class CpuFastParams(Params):
+    format: Literal[FORMAT_CHOICES] = pydantic.Field(
+        "auto", description="auto: measure the candidates and take the fastest within --max-ppl-increase; or one "
+                            "of bf16, int8-dynamic (torch quantize_dynamic), ao-int8-weight, ao-int8-dynamic "
+                            "(torchao)")
+    max_ppl_increase: float = pydantic.Field(
+        0.10, gt=0.0, le=10.0,
+        description="perplexity budget relative to the model before this step, e.g. 10%: auto's limit on "
+                    "measured perplexity, and the guard's limit on calibration perplexity")
+    guard: bool = pydantic.Field(
+        True, description="int8 formats: keep the layers the conversion hurts most in float32 until the "
+                          "calibration ppl is within budget (--no-guard: convert every linear layer, the seed's "
+                          "plain quantize_dynamic)")
+    keep: list[str] = pydantic.Field(
+        default_factory=list, description="int8 formats: always keep layers matching this glob in float32 (repeatable)")
+    candidates: list[Literal[AUTO_CANDIDATES]] = pydantic.Field(
+        default_factory=list, description="auto: formats to consider (repeatable) [default: all that run here]")
+    select_on: Literal["valid", "train"] = pydantic.Field(
+        "valid", description="auto: split whose perplexity decides: valid (what eval reports) or train (keeps "
+                             "the held-out split untouched by the choice)")
+    eval_tokens: int = pydantic.Field(4096, ge=64, le=1_000_000,
+                                      description="auto: tokens scored per candidate (eval's block size 512)")
+    block_size: int = pydantic.Field(512, ge=8, le=8192, description="auto: perplexity window (as eval)")
+    prompt_tokens: int = pydantic.Field(64, ge=1, le=8192, description="auto: prompt length for the speed test")
+    new_tokens: int = pydantic.Field(32, ge=3, le=4096, description="auto: tokens generated per speed run")
+    rounds: int = pydantic.Field(5, ge=1, le=100, description="auto: interleaved speed rounds (median taken)")
+    calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="guard: calibration blocks (train split)")
+    calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="guard: tokens per calibration block")
+
+    @pydantic.field_validator("max_ppl_increase", mode="before")
+    @classmethod
+    def _percent(cls, v):
+        return parse_percent(v)
+
+    @pydantic.model_validator(mode="after")
+    def _combination(self):
+        if self.format == "bf16" and self.keep:
+            raise ValueError("--keep applies to the int8 formats; bf16 converts every weight")
+        if self.format != "auto":
+            for field in ("candidates",):
+                if getattr(self, field):
+                    raise ValueError(f"--{field} applies to --format auto only; drop it or use --format auto")
+        return self
+
+
+class CpuFastStep(Step):
+    """Convert the model for fast CPU inference: bf16, torch dynamic int8 or torchao int8; auto picks the fastest
+    within a perplexity budget.
+
+    ``--format auto`` (default) converts copies of the model to every candidate format (int8 ones with the
+    quality guard), measures perplexity with the core's eval and decode tokens/s interleaved in one process,
+    prints the table, and keeps the fastest candidate within ``--max-ppl-increase`` of the unconverted model.
+    The result runs on CPU only; ``save`` writes it so ``gptopt run --model DIR`` loads it converted (see
+    docs/cpu.md for the files).
+    """
+
+    name = "cpu-fast"
+    Params = CpuFastParams
+    forbids = {
+        "quantized": "it is already quantized; cpu-fast converts a float model (drop the quantize step, or use "
+                     "one of them)",
+        "adapter": "the model carries an unmerged LoRA adapter; give lora --merge first",
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.result_format: Optional[str] = None
+
+    def planned_facts(self) -> set:
+        fmt = self.result_format or self.params.format
+        if fmt == "fp32":
+            return set()
+        if fmt == "bf16":
+            return {"cpu-bf16"}
+        if fmt == "auto":
+            return {"quantized:cpu-int8", "cpu-bf16"}  # not known before running: assume either
+        return {"quantized:cpu-int8"}
+
+    def next_facts(self, facts):
+        return set(facts) | self.planned_facts() | {"cpu-only"}
+
+    def check_plan(self, before, after, facts):
+        p = self.params
+        if p.format.startswith("ao-") or any(c.startswith("ao-") for c in p.candidates):
+            from .convert import torchao_problem
+
+            problem = torchao_problem()
+            if problem:
+                raise GptoptError(f"cpu-fast --format {p.format}: {problem}")
+        trains = [s.name for s in after if getattr(s, "trains", False)]
+        if trains:
+            raise GptoptError(f"cpu-fast converts for inference; '{trains[0]}' after it cannot train the converted "
+                              f"model: put cpu-fast after the training steps")
+
+    def preflight(self, ctx):
+        import torch
+
+        if torch.device(ctx.device).type != "cpu":
+            raise GptoptError(f"cpu-fast converts for CPU inference but the model is on {ctx.device}; run the "
+                              f"chain with --device cpu")
+        from .convert import linear_names
+
+        dtypes = {str(p.dtype).replace("torch.", "") for p in ctx.model.parameters()}
+        if not dtypes <= {"float32", "bfloat16", "float16"}:
+            raise GptoptError(f"cpu-fast needs a float model, but its weights are stored as {', '.join(sorted(dtypes))}"
+                              f" (already quantized?); start from the float model")
+        if not linear_names(ctx.model):
+            raise GptoptError("cpu-fast: the model has no linear layers to convert")
+        if self.params.keep:
+            from .convert import matches
+
+            if not any(matches(n, self.params.keep) for n in linear_names(ctx.model)):
+                raise GptoptError(f"cpu-fast --keep {' '.join(self.params.keep)} matches no linear layer (names look "
+                                  f"like {linear_names(ctx.model)[0]})")
+
+    def apply(self, ctx):
+        from .run import run_cpu_fast
+
+        return run_cpu_fast(ctx, self)

@@ -1,0 +1,64 @@
+"""Decode speed of several model variants, measured interleaved in one process.
+
+The ``bench`` step measures one model state per step; choosing between formats needs them side by side on a
+machine whose load changes from second to second, so every round times each variant once, in turn, and the
+comparison uses per-variant medians over rounds (load from other processes hits every variant alike).
+The workload is the ``bench`` step's: greedy ``generate`` of exactly ``new_tokens`` tokens after a prompt of
+``prompt_tokens`` real held-out tokens; decode tokens/s = (new_tokens - 1) / (time of last token - time of
+first token), token times taken by a streamer as ``generate`` hands each token over.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+class _Marks:
+    def __init__(self):
+        self.marks = []
+
+    def put(self, value) -> None:
+        self.marks.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_decode(model, input_ids, new_tokens: int, pad_token_id=0) -> dict:
+    """One greedy generate; returns ``{"decode_tokens_per_s", "prefill_ms"}`` (prefill = call → first token)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=pad_token_id,
+                              eos_token_id=getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    streamer = _Marks()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                       streamer=streamer)
+    marks = streamer.marks  # [prompt, token 1, ..., token n]
+    return {"decode_tokens_per_s": (len(marks) - 2) / (marks[-1] - marks[1]),
+            "prefill_ms": (marks[1] - start) * 1000.0}
+
+
+def interleaved(models: dict, input_ids, new_tokens: int, rounds: int, warmup: int = 1, pad_token_id=0,
+                progress=None) -> dict:
+    """Time every model in ``models`` once per round, in turn; returns per-name medians and raw samples:
+    ``{name: {"decode_tokens_per_s": median, "prefill_ms": median, "samples": [tok/s per round]}}``."""
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            time_decode(model, input_ids, new_tokens, pad_token_id)
+    samples = {name: [] for name in models}
+    prefill = {name: [] for name in models}
+    iterator = progress(range(rounds), "speed") if progress else range(rounds)
+    for r in iterator:
+        names = list(models) if r % 2 == 0 else list(reversed(models))  # alternate order: no position bias
+        for name in names:
+            t = time_decode(models[name], input_ids, new_tokens, pad_token_id)
+            samples[name].append(t["decode_tokens_per_s"])
+            prefill[name].append(t["prefill_ms"])
+    return {name: {"decode_tokens_per_s": statistics.median(samples[name]),
+                   "prefill_ms": statistics.median(prefill[name]), "samples": samples[name]}
+            for name in models}
