@@ -17,6 +17,10 @@ def model_bytes(model) -> int:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             for t in _quant_state_tensors(state):
+                key = (t.data_ptr(), t.numel())
+                if key in seen:
+                    continue  # a head tied to a 4-bit embedding shares its block scales
+                seen.add(key)
                 total += t.numel() * t.element_size()
         scb = getattr(getattr(module, "weight", None), "SCB", None)
         if scb is not None and (scb.data_ptr(), scb.numel()) not in seen:
