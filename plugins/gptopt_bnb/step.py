@@ -1,0 +1,210 @@
+"""The ``quantize`` step: parameters, plan-time checks, facts. The work is in :mod:`.convert` / :mod:`.planner`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import pydantic
+
+from gptopt_core import GptoptError, Params, Step
+
+PRECISIONS = ("int8", "nf4", "fp4", "keep")
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
+
+
+def _int_or_same(value):
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def parse_percent(value):
+    """``"5%"`` → 0.05, ``"0.05"`` / ``0.05`` → 0.05."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            pass
+    raise ValueError("give a relative increase like 5% or 0.05")
+
+
+def check_plan_mapping(plan: dict, where: str) -> dict:
+    if not plan:
+        raise ValueError(f"{where} is empty; it maps module names to int8, nf4, fp4 or keep")
+    out = {}
+    for name, prec in plan.items():
+        prec = str(prec).lower()
+        if prec in ("8", "8bit"):
+            prec = "int8"
+        if prec not in PRECISIONS:
+            raise ValueError(f"{where}: module '{name}' has precision '{prec}'; use one of {', '.join(PRECISIONS)}")
+        out[str(name)] = prec
+    if {"nf4", "fp4"} <= set(out.values()):
+        raise ValueError(f"{where} mixes nf4 and fp4; one model uses one 4-bit type")
+    return out
+
+
+def read_plan_file(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"plan file {path} does not exist (give --plan auto, a JSON/YAML file, or a mapping)")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as exc:  # json / yaml errors
+        raise ValueError(f"plan file {path} is not valid JSON/YAML ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("plan"), dict):
+        doc = doc["plan"]
+    if not isinstance(doc, dict):
+        raise ValueError(f"plan file {path} must hold a mapping of module name to int8/nf4/fp4/keep")
+    return check_plan_mapping(doc, f"plan file {path}")
+
+
+class QuantizeParams(Params):
+    bits: Optional[Literal[8, 4]] = pydantic.Field(
+        None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan")
+    quant_type: Optional[Literal["nf4", "fp4"]] = pydantic.Field(
+        None, description="4-bit data type (4-bit only) [default: nf4]")
+    double_quant: Optional[bool] = pydantic.Field(
+        None, description="quantize the 4-bit block scales too (4-bit only) [default: on]")
+    compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = pydantic.Field(
+        None, description="dtype of 4-bit matmuls (4-bit only) [default: float32]")
+    block_size: Optional[int] = pydantic.Field(
+        None, description="4-bit block size, 64..4096, a power of two (4-bit only) [default: 64]")
+    include: list[str] = pydantic.Field(
+        default_factory=list, description="only layers whose qualified name matches this glob (repeatable)")
+    exclude: list[str] = pydantic.Field(
+        default_factory=list, description="leave layers matching this glob unquantized (repeatable)")
+    embeddings: Literal["keep", "8", "4"] = pydantic.Field(
+        "keep", description="also quantize the embeddings and the output head to 8 or 4 bits (full quantization)")
+    int8_threshold: float = pydantic.Field(
+        6.0, ge=0.0, description="LLM.int8 outlier threshold for 8-bit layers (0: pure int8)")
+    plan: Optional[Union[dict[str, str], str]] = pydantic.Field(
+        None, description="per-module precision: 'auto' (measure sensitivity, pick within --max-ppl-increase), "
+                          "a JSON/YAML file, or (in recipes) a mapping module -> int8|nf4|fp4|keep")
+    max_ppl_increase: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
+    calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="--plan auto: calibration blocks (train split)")
+    calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="--plan auto: tokens per calibration block")
+
+    @pydantic.field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, v):
+        v = _int_or_same(v)
+        if v is not None and v not in (8, 4):
+            raise ValueError(f"bitsandbytes quantizes to 8 or 4 bits, not {v}; use --bits 8 or --bits 4")
+        return v
+
+    @pydantic.field_validator("embeddings", mode="before")
+    @classmethod
+    def _embeddings(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @pydantic.field_validator("max_ppl_increase", mode="before")
+    @classmethod
+    def _percent(cls, v):
+        return parse_percent(v)
+
+    @pydantic.field_validator("block_size", mode="before")
+    @classmethod
+    def _block(cls, v):
+        v = _int_or_same(v)
+        if v is not None and v not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {v}")
+        return v
+
+    @pydantic.field_validator("plan", mode="before")
+    @classmethod
+    def _plan(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            return check_plan_mapping(v, "plan")
+        if isinstance(v, str):
+            if v.strip().lower() == "auto":
+                return "auto"
+            return read_plan_file(v)  # read now: a replayed recipe carries the mapping, not the path
+        raise ValueError("plan must be 'auto', a file path, or a mapping module -> precision")
+
+    @pydantic.model_validator(mode="after")
+    def _combination(self):
+        if self.plan is None and self.bits is None:
+            raise ValueError("give --bits 8 or --bits 4 (or --plan auto / --plan FILE)")
+        if self.plan is not None and self.bits is not None:
+            raise ValueError("give either --bits or --plan, not both (a plan sets each module's precision)")
+        if self.bits == 8:
+            given = [o for o in FOUR_BIT_OPTIONS if getattr(self, o) is not None]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{flag} applies to 4-bit quantization only; drop it or use --bits 4")
+        if self.max_ppl_increase is not None and self.plan != "auto":
+            raise ValueError("--max-ppl-increase is the budget of --plan auto; add --plan auto or drop it")
+        if isinstance(self.plan, dict) and (self.embeddings != "keep" or self.include or self.exclude):
+            raise ValueError("a plan mapping names every module's precision; drop --embeddings/--include/--exclude")
+        if isinstance(self.plan, dict) and self.quant_type is not None:
+            four = {p for p in self.plan.values() if p in ("nf4", "fp4")}
+            if four and four != {self.quant_type}:
+                raise ValueError(f"--quant-type {self.quant_type} contradicts the plan's {four.pop()} modules")
+        return self
+
+
+class QuantizeStep(Step):
+    """Quantize weights with bitsandbytes: int8 or nf4/fp4; full, partial (--include/--exclude) or planned.
+
+    Works on the model as it stands in the chain (after prune or fine-tune), on GPT-2 Conv1D and nn.Linear
+    layers, on CPU and CUDA. ``--embeddings 8|4`` also quantizes the token embeddings and the output head
+    (a tied head shares the embedding's quantized storage). ``--plan auto --max-ppl-increase 5%`` measures each
+    layer's sensitivity on the calibration (train) split and picks 4-bit / 8-bit / kept per layer to minimise
+    bytes within the budget; the chosen plan is written into the recipe, so a replay does not measure again.
+    """
+
+    name = "quantize"
+    Params = QuantizeParams
+    forbids = {"quantized": "it is already quantized; quantize once, with every option in one quantize step"}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.result_precisions: set | None = None
+
+    def settings(self) -> dict:
+        """4-bit/8-bit settings with defaults filled in."""
+        p = self.params
+        quant_type = p.quant_type
+        if quant_type is None and isinstance(p.plan, dict):
+            quant_type = next((v for v in p.plan.values() if v in ("nf4", "fp4")), None)
+        return {"quant_type": quant_type or "nf4", "double_quant": True if p.double_quant is None else p.double_quant,
+                "compute_dtype": p.compute_dtype or "float32", "block_size": p.block_size or 64,
+                "int8_threshold": p.int8_threshold}
+
+    def planned_precisions(self) -> set:
+        """The precisions this step will produce, as far as known before running."""
+        if self.result_precisions is not None:
+            return self.result_precisions
+        p = self.params
+        if p.plan == "auto":
+            return {"4bit", "8bit"}
+        if isinstance(p.plan, dict):
+            out = {"8bit" if v == "int8" else "4bit" for v in p.plan.values() if v != "keep"}
+        else:
+            out = {"8bit" if p.bits == 8 else "4bit"}
+        if p.embeddings != "keep":
+            out.add("8bit" if p.embeddings == "8" else "4bit")
+        return out
+
+    def next_facts(self, facts):
+        return set(facts) | {f"quantized:{b}" for b in self.planned_precisions()}
+
+    def apply(self, ctx):
+        from .convert import quantize_model
+
+        return quantize_model(ctx, self)
