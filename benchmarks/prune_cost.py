@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        command = " ".join(["python", "benchmarks/prune_cost.py"] + (argv or sys.argv[1:]))
+        command = shlex.join(["python", "benchmarks/prune_cost.py"] + (argv or sys.argv[1:]))
         doc = DOC.read_text()
         if START not in doc:
             doc += f"\n{START}\n{END}\n"
