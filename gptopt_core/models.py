@@ -268,11 +268,35 @@ def content_hash(model) -> str:
     import torch
 
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items(), key=lambda kv: kv[0]):
         h.update(name.encode())
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_value(h, tensor, torch)
     return h.hexdigest()
+
+
+def _hash_value(h, value, torch) -> None:
+    """Plain tensors: dtype, shape, bytes. Also what quantized layers keep in their state dict: tuples of
+    tensors (torch dynamic int8 packed params), quantized tensors (int values + scales), wrapper tensor
+    subclasses such as torchao's (their inner tensors)."""
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _hash_value(h, item, torch)
+        return
+    if not isinstance(value, torch.Tensor):
+        return
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is not None:
+        for inner in flatten()[0]:
+            _hash_value(h, getattr(value, inner, None), torch)
+        return
+    t = value.detach().cpu()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            h.update(f"{t.q_scale()}/{t.q_zero_point()}".encode())
+        else:
+            _hash_value(h, t.q_per_channel_scales(), torch)
+            _hash_value(h, t.q_per_channel_zero_points(), torch)
+        t = t.int_repr()
+    t = t.contiguous().reshape(-1)  # 0-dim tensors (scales) cannot be viewed as bytes directly
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
