@@ -54,7 +54,7 @@ def gptopt_resolve_model(spec, options):
     except Exception as exc:  # safetensors / transformers / torch raise many types for broken files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the cpu-fast model in {spec}: {first}") from None
-    facts = {"cpu-only", "cpu-bf16" if record["format"] == "bf16" else "quantized:cpu-int8"}
+    facts = {"cpu-only", "quantized:cpu-bf16" if record["format"] == "bf16" else "quantized:cpu-int8"}
     return LoadedModel(model, tokenizer, "gptopt-cpu", facts)
 
 

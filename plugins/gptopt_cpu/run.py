@@ -13,7 +13,7 @@ from gptopt_core.metrics import model_bytes
 
 from .convert import INT8_FORMATS, convert_model, torchao_problem
 from .guard import guard_plan
-from .step import AUTO_CANDIDATES
+from .step import AUTO_DEFAULT
 from .timing import interleaved
 
 
@@ -24,7 +24,7 @@ def convert_with_guard(ctx, model, fmt: str, params, guard: bool, blocks=None) -
     if fmt in INT8_FORMATS and guard:
         if blocks is None:
             blocks = ctx.calibration_blocks(params.calib_blocks, params.calib_seq_len)
-        info = guard_plan(model, fmt, blocks, params.max_ppl_increase, keep=keep, progress=ctx.progress,
+        info = guard_plan(model, fmt, blocks, params.guard_budget, keep=keep, progress=ctx.progress,
                           log=ctx.log)
         keep += info["keep"]
         metrics.update(guard_kept_layers=len(info["keep"]), calib_ppl_ratio=info["calib_ppl_ratio"],
@@ -48,8 +48,15 @@ def run_cpu_fast(ctx, step) -> dict:
         _, metrics = convert_with_guard(ctx, model, p.format, p, p.guard)
         step.result_format = p.format
         _note(ctx, p.format, metrics)
+        _record_state(ctx)
         return metrics
     return run_auto(ctx, step)
+
+
+def _record_state(ctx) -> None:
+    """``ctx.state["quantized"]``: {module name: format} of the converted layers (the cross-plugin key)."""
+    record = ctx.model.gptopt_cpu
+    ctx.state.setdefault("quantized", {}).update({name: record["format"] for name in record["converted"]})
 
 
 def _note(ctx, fmt, metrics):
@@ -60,7 +67,7 @@ def _note(ctx, fmt, metrics):
 
 
 def candidate_list(params, log) -> list[str]:
-    wanted = list(params.candidates) or list(AUTO_CANDIDATES)
+    wanted = list(params.candidates) or list(AUTO_DEFAULT)
     problem = torchao_problem() if any(c.startswith("ao-") for c in wanted) else None
     out = []
     for c in wanted:
@@ -86,19 +93,17 @@ def run_auto(ctx, step) -> dict:
 
     models, info = {"fp32": base}, {"fp32": {"format": "fp32", "kept": 0, "record": None}}
     for fmt in names:
-        variants = [(fmt, p.guard)]
-        for label, guard in variants:
-            ctx.log(f"  auto: converting a copy to {label}")
-            m = copy.deepcopy(base)
-            record, metrics = convert_with_guard(ctx, m, fmt, p, guard, blocks)
-            models[label], info[label] = m, {"format": fmt, "kept": len(record["keep"]), "record": record,
-                                             "metrics": metrics}
-            if fmt == "int8-dynamic" and guard and record["keep"] and not p.keep:
-                # the seed's plain conversion, shown next to the guarded one (and a candidate like any other)
-                plain = copy.deepcopy(base)
-                record2, metrics2 = convert_with_guard(ctx, plain, fmt, p, False)
-                models["int8-dynamic-plain"] = plain
-                info["int8-dynamic-plain"] = {"format": fmt, "kept": 0, "record": record2, "metrics": metrics2}
+        ctx.log(f"  auto: converting a copy to {fmt}")
+        m = copy.deepcopy(base)
+        record, metrics = convert_with_guard(ctx, m, fmt, p, p.guard, blocks)
+        models[fmt], info[fmt] = m, {"format": fmt, "kept": len(record["keep"]), "record": record,
+                                     "metrics": metrics}
+        if fmt == "int8-dynamic" and p.guard and record["keep"] and not p.keep:
+            # the seed's plain conversion, shown next to the guarded one (and a candidate like any other)
+            plain = copy.deepcopy(base)
+            record2, metrics2 = convert_with_guard(ctx, plain, fmt, p, False)
+            models["int8-dynamic-plain"] = plain
+            info["int8-dynamic-plain"] = {"format": fmt, "kept": 0, "record": record2, "metrics": metrics2}
 
     rows = {}
     for label, m in ctx.progress(list(models.items()), "auto: perplexity"):
@@ -133,6 +138,7 @@ def run_auto(ctx, step) -> dict:
         if other != label:
             models.pop(other)
     gc.collect()
+    _record_state(ctx)
     metrics = dict(info[label]["metrics"])
     metrics.update(auto_choice=label, auto_table=[{k: v for k, v in r.items()} for r in table],
                    auto_decode_speedup=chosen["decode_speedup"], auto_ppl_ratio=chosen["ppl_ratio"],

@@ -11,10 +11,10 @@ format, converted and kept layers, torch version). The weights:
   weight, no pickle. The loader builds the model from ``config.json``, applies the same conversion, and puts
   the stored int8 weights into the ``quantized.dynamic.Linear`` layers: the result computes bit for bit what
   the saved model computed.
-* ``ao-int8-weight`` / ``ao-int8-dynamic``: ``gptopt_cpu.safetensors`` with float32 weights, the converted
-  layers' weights stored de-quantized (int8 value x scale); the loader re-applies the torchao config, which
-  maps them back to the same int8 values. (float32-sized on disk; torchao's tensor subclasses have no
-  safetensors form here.)
+* ``ao-int8-weight`` / ``ao-int8-dynamic``: ``gptopt_cpu.safetensors`` with the float tensors of everything
+  not converted and, per converted weight, the tensors torchao's ``Int8Tensor`` holds
+  (``<name>.weight.qdata`` int8, ``.scale``, ``.zero_point``); the loader applies the torchao config to a fresh
+  model and copies them in: bit for bit the saved weights.
 
 Load with ``gptopt run --model DIR ...`` (this plugin's model source recognises ``gptopt_cpu.json``) or in
 Python with :func:`gptopt_cpu.load_converted`.
@@ -80,11 +80,18 @@ def save_converted(model, path: Path) -> list[str]:
                 tensors[f"{name}.weight_axis"] = torch.tensor([weight.q_per_channel_axis()], dtype=torch.int64)
             if bias is not None:
                 tensors[f"{name}.bias"] = bias
-    else:  # torchao: de-quantized float weights, re-quantized on load
+    else:  # torchao: the tensors its int8 weights hold (int8 values, scales, zero points), exactly
+        wrapped = {}
         for key, value in model.state_dict().items():
-            if hasattr(value, "dequantize") and type(value) is not torch.Tensor:
-                value = value.dequantize().float()
-            tensors[key] = value
+            flatten = getattr(value, "__tensor_flatten__", None)
+            if flatten is None:
+                tensors[key] = value
+                continue
+            names = list(flatten()[0])
+            wrapped[key] = names
+            for inner in names:
+                tensors[f"{key}.{inner}"] = getattr(value, inner)
+        record["wrapped"] = wrapped
     tensors, aliases = _dedupe(tensors)
     record["aliases"] = aliases
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "gptopt-cpu", "conversion": fmt})
@@ -134,18 +141,33 @@ def _load_converted(path: Path, trust_remote_code: bool):
             convert_model(model, fmt, keep=record.get("keep", []))
             _fill_dynamic(model, tensors, record["converted"])
         else:
-            _load_float(model, tensors)
+            wrapped = record.get("wrapped", {})
+            inner_keys = {f"{k}.{i}" for k, names in wrapped.items() for i in names}
+            _copy_tensors(model, {k: v for k, v in tensors.items() if k not in inner_keys})
             convert_model(model, fmt, keep=record.get("keep", []))
+            with torch.no_grad():  # the re-quantized random weights get the saved int8 values and scales
+                for key, names in wrapped.items():
+                    owner, _, leaf = key.rpartition(".")
+                    weight = getattr(model.get_submodule(owner), leaf)
+                    for inner in names:
+                        getattr(weight, inner).copy_(tensors[f"{key}.{inner}"])
     model.eval()
     model.gptopt_cpu = {k: v for k, v in record.items() if k not in ("torch", "aliases")}
     return model, tokenizer, record
 
 
-def _load_float(model, tensors: dict) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not _tied_ok(model, k)]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+def _copy_tensors(model, tensors: dict) -> None:
+    """Copy float tensors into the model by qualified name (every one must exist)."""
+    import torch
+
+    with torch.no_grad():
+        for key, value in tensors.items():
+            owner, _, leaf = key.rpartition(".")
+            try:
+                target = getattr(model.get_submodule(owner) if owner else model, leaf)
+            except AttributeError:
+                raise ValueError(f"checkpoint does not match the model: unexpected {key}") from None
+            target.copy_(value)
 
 
 def _tied_ok(model, key: str) -> bool:

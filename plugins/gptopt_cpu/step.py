@@ -11,6 +11,9 @@ from gptopt_core import GptoptError, Params, Step
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
 AUTO_CANDIDATES = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+#: auto's default: ao-int8-dynamic is left out, its prefill ran 16x slower than fp32 on the AVX2 CPU here
+#: (docs/cpu.md); ask for it with --candidates ao-int8-dynamic
+AUTO_DEFAULT = ("bf16", "int8-dynamic", "ao-int8-weight")
 
 
 def parse_percent(value):
@@ -35,6 +38,10 @@ class CpuFastParams(Params):
         0.10, gt=0.0, le=10.0,
         description="perplexity budget relative to the model before this step, e.g. 10%: auto's limit on "
                     "measured perplexity, and the guard's limit on calibration perplexity")
+    guard_ppl_increase: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=10.0,
+        description="the guard's limit on calibration (train split) perplexity [default: half of "
+                    "--max-ppl-increase, headroom for the held-out split]")
     guard: bool = pydantic.Field(
         True, description="int8 formats: keep the layers the conversion hurts most in float32 until the "
                           "calibration ppl is within budget (--no-guard: convert every linear layer, the seed's "
@@ -42,7 +49,8 @@ class CpuFastParams(Params):
     keep: list[str] = pydantic.Field(
         default_factory=list, description="int8 formats: always keep layers matching this glob in float32 (repeatable)")
     candidates: list[Literal[AUTO_CANDIDATES]] = pydantic.Field(
-        default_factory=list, description="auto: formats to consider (repeatable) [default: all that run here]")
+        default_factory=list, description="auto: formats to consider (repeatable) [default: bf16, int8-dynamic, ao-int8-weight where "
+                    "torchao runs]")
     select_on: Literal["valid", "train"] = pydantic.Field(
         "valid", description="auto: split whose perplexity decides: valid (what eval reports) or train (keeps "
                              "the held-out split untouched by the choice)")
@@ -55,13 +63,19 @@ class CpuFastParams(Params):
     calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="guard: calibration blocks (train split)")
     calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="guard: tokens per calibration block")
 
-    @pydantic.field_validator("max_ppl_increase", mode="before")
+    @pydantic.field_validator("max_ppl_increase", "guard_ppl_increase", mode="before")
     @classmethod
     def _percent(cls, v):
         return parse_percent(v)
 
+    @property
+    def guard_budget(self) -> float:
+        return self.guard_ppl_increase if self.guard_ppl_increase is not None else self.max_ppl_increase / 2
+
     @pydantic.model_validator(mode="after")
     def _combination(self):
+        if self.guard_ppl_increase is not None and not self.guard:
+            raise ValueError("--guard-ppl-increase is the guard's budget; drop it or drop --no-guard")
         if self.format == "bf16" and self.keep:
             raise ValueError("--keep applies to the int8 formats; bf16 converts every weight")
         if self.format != "auto":
@@ -99,9 +113,9 @@ class CpuFastStep(Step):
         if fmt == "fp32":
             return set()
         if fmt == "bf16":
-            return {"cpu-bf16"}
+            return {"quantized:cpu-bf16"}
         if fmt == "auto":
-            return {"quantized:cpu-int8", "cpu-bf16"}  # not known before running: assume either
+            return {"quantized:cpu-int8", "quantized:cpu-bf16"}  # not known before running: assume either
         return {"quantized:cpu-int8"}
 
     def next_facts(self, facts):
