@@ -37,7 +37,7 @@ class CpuFastParams(Params):
     max_ppl_increase: float = pydantic.Field(
         0.10, gt=0.0, le=10.0,
         description="perplexity budget relative to the model before this step, e.g. 10%: auto's limit on "
-                    "measured perplexity, and the guard's limit on calibration perplexity")
+                    "measured perplexity (the guard's default budget is half of it)")
     guard_ppl_increase: Optional[float] = pydantic.Field(
         None, gt=0.0, le=10.0,
         description="the guard's limit on calibration (train split) perplexity [default: half of "
