@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--budget", default="10%")
     ap.add_argument("--json", default=None, help="also write the records here")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--from-json", default=None,
+                    help="write docs/cpu.md from the records of an earlier run (its --json) instead of measuring")
+    ap.add_argument("--command", default=None, help="with --from-json: the command that measured them")
     args = ap.parse_args()
 
     import torch
@@ -37,33 +40,38 @@ def main() -> None:
     from gptopt_cpu.run import table_lines, table_markdown
 
     started = time.time()
-    pipe = (Pipeline(model="smollm2-135m", data="builtin:pydoc", quiet=False)
-            .add("cpu-fast", max_ppl_increase=args.budget, eval_tokens=args.eval_tokens, rounds=args.rounds,
-                 new_tokens=args.new_tokens, calib_blocks=args.calib_blocks)
-            .add("eval", max_tokens=args.eval_tokens))
-    result = pipe.run()
-    step = result.records[0]["metrics"]
-    held_out = result.records[1]["metrics"]["perplexity"]
+    if args.from_json:
+        records = json.loads(Path(args.from_json).read_text())
+        minutes = float("nan")
+    else:
+        pipe = (Pipeline(model="smollm2-135m", data="builtin:pydoc", quiet=False)
+                .add("cpu-fast", max_ppl_increase=args.budget, eval_tokens=args.eval_tokens, rounds=args.rounds,
+                     new_tokens=args.new_tokens, calib_blocks=args.calib_blocks)
+                .add("eval", max_tokens=args.eval_tokens))
+        records = pipe.run().records
+        minutes = (time.time() - started) / 60
+    step = records[0]["metrics"]
+    held_out = records[1]["metrics"]["perplexity"]
     table = step["auto_table"]
     fp32 = next(r for r in table if r["format"] == "fp32")
     chosen = next(r for r in table if r["chosen"])
-    minutes = (time.time() - started) / 60
     print("\n".join(table_lines(table)))
     verdict = (f"auto chose **{chosen['format']}**: decode x{chosen['decode_speedup']:.2f} vs fp32 "
                f"(target >= 2), held-out ppl {held_out:.3f} = x{held_out / fp32['perplexity']:.3f} of fp32 "
                f"(target <= 1.10; eval after the step, same {args.eval_tokens} tokens)")
     print(verdict)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.records, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(records, indent=2, default=str))
     if args.no_doc:
         return
-    command = "HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py " + " ".join(sys.argv[1:])
+    command = args.command or "HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py " + " ".join(sys.argv[1:])
     block = "\n".join([
         "<!-- BENCH:cpu_fast -->",
         f"Measured with `{command.strip()}` ({args.threads} threads, torch {torch.__version__}, "
-        f"{minutes:.0f} min on a 2-core machine shared with other jobs; speed interleaved per round, medians).",
+        (f"{minutes:.0f} min " if minutes == minutes else "") +
+        "on a 2-core machine shared with other jobs; speed interleaved per round, medians).",
         "",
-        table_markdown(table, float(result.records[0]["params"]["max_ppl_increase"]), "valid"),
+        table_markdown(table, float(records[0]["params"]["max_ppl_increase"]), "valid"),
         "",
         f"kept layers (guarded int8-dynamic): {', '.join(step.get('kept_layers', [])) or 'none'}" if
         chosen["format"] == "int8-dynamic" else "",
