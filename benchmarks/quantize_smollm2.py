@@ -96,6 +96,8 @@ def main():
     ap.add_argument("--calib-blocks", type=int, default=4)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--budget", default="5%")
+    ap.add_argument("--configs", nargs="*", help="only these row labels (default: all)")
+    ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--json", default="docs/quantize_results.json")
     args = ap.parse_args()
     try:
@@ -104,8 +106,11 @@ def main():
         results = {}
     results.setdefault("rows", {})
     if not args.only_auto:
-        results["timing"] = timing()
+        if not args.skip_timing:
+            results["timing"] = timing()
         for label, params in CONFIGS:
+            if args.configs and label not in args.configs:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 row = run_chain(params, save_to=f"{tmp}/m")
                 row["reload_ppl"], row["reload_bytes"] = reload_ppl(f"{tmp}/m")
