@@ -13,11 +13,11 @@ from gptopt_cpu.convert import convert_model, is_dynamic_int8
 def test_smollm2_plain_int8_costs_quality_and_reloads_bit_for_bit(tmp_path):
     ctx = make_context(model="smollm2-135m")
     ids = ctx.data.valid_ids
-    ref = perplexity(ctx.model, ids, 512, 512, 512)["perplexity"]
+    ref = perplexity(ctx.model, ids, 512, 512, 1025)["perplexity"]
     int8 = ctx.model
     convert_model(int8, "int8-dynamic")
     assert sum(is_dynamic_int8(m) for m in int8.modules()) == 30 * 7 + 1  # every linear layer and the head
-    plain = perplexity(int8, ids, 512, 512, 512)["perplexity"]
+    plain = perplexity(int8, ids, 512, 512, 1025)["perplexity"]
     assert plain / ref > 1.5  # the article's plain call: activation outliers cost a lot (x3 measured)
 
     from gptopt_cpu.serialize import save_converted
