@@ -115,6 +115,8 @@ def cli():
 @click.option("--seed", type=str, help="random seed [default: 0]")
 @click.option("--out", help="directory for run.json, report.md and plots (must not exist or be empty)")
 @click.option("--recipe", help="replay a recipe YAML or a run.json manifest")
+@click.option("--resume", is_flag=True, help="continue an interrupted run in --out from its training checkpoints "
+              "(the same command again, plus --resume)")
 @click.option("--allow-pickle", is_flag=True, help="allow .bin/.pt pickle weights (loaded with weights_only=True)")
 @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub (off by default)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or summary")
@@ -136,7 +138,7 @@ def run_chain(steps, **options):
     common = {"model": options.get("model"), "data": options.get("data"), "eval_data": options.get("eval_data"),
               "seed": seed, "device": options.get("device"), "out": options.get("out"),
               "allow_pickle": options["allow_pickle"], "trust_remote_code": options["trust_remote_code"],
-              "quiet": options["quiet"]}
+              "quiet": options["quiet"], "resume": options["resume"]}
     if options.get("recipe"):
         if steps:
             raise GptoptError("give steps either on the command line or in --recipe, not both")
@@ -198,6 +200,15 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"Warning: {message}", file=sys.stderr)
 
 
+def _quiet_import_noise() -> None:
+    """transformers imports torchao when it is installed (the `cpu` extra); torchao 0.18 then logs warnings
+    about its CUDA-only kernels and torch about its Enum registrations on every command. Neither is actionable."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None):
     """Console entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     import warnings
@@ -206,6 +217,8 @@ def main(argv=None):
 
     warnings.showwarning = _one_line_warning
     debug = os.environ.get("GPTOPT_DEBUG") == "1"
+    if not debug:
+        _quiet_import_noise()
     try:
         cli.main(args=argv, prog_name="gptopt", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -38,6 +38,7 @@ class RunContext:
     eval_data: Any = None
     step_index: int = 0
     quiet: bool = False
+    resume: bool = False  # continue training steps from their checkpoints under out_dir (``--resume``)
     _original_state: Any = field(default=None, repr=False)
 
     @property

@@ -32,7 +32,7 @@ class Pipeline:
     def __init__(self, model: str = "smollm2-135m", data: str = "builtin:pydoc", seed: int = 0,
                  device: str = "auto", out: str | Path | None = None, eval_data: str | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False, quiet: bool = False,
-                 plugins=None):
+                 resume: bool = False, plugins=None):
         from .plugins import get_plugins
 
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
@@ -43,6 +43,7 @@ class Pipeline:
         self.eval_data_spec = eval_data
         self.out = Path(out) if out else None
         self.allow_pickle, self.trust_remote_code, self.quiet = allow_pickle, trust_remote_code, quiet
+        self.resume = bool(resume)
         self.plugins = plugins or get_plugins()
         self.steps: list = []
         self.expect: dict = {}  # hashes recorded by a replayed run.json
@@ -107,6 +108,9 @@ class Pipeline:
                     raise PlanError(f"{where} needs {pattern}: {hint}")
             step.check_plan(self.steps[:i], self.steps[i + 1:], facts)
             facts = step.next_facts(facts)
+            if getattr(step.params, "checkpoint_every", 0) and self.out is None:
+                raise PlanError(f"{where}: --checkpoint-every needs `gptopt run --out DIR` (checkpoints go to "
+                                "DIR/checkpoints)")
 
     def resolve_device(self):
         import torch
@@ -118,6 +122,11 @@ class Pipeline:
         return torch.device(self.device)
 
     def check_out_dir(self) -> None:
+        if self.resume:
+            from .checkpoints import check_resumable
+
+            check_resumable(self.out, self.recipe())
+            return
         if self.out is not None and self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise GptoptError(f"--out {self.out} exists and is not empty; choose a new directory or remove it")
 
@@ -160,6 +169,12 @@ class Pipeline:
         self.warn_on_changed_inputs(ctx)
         for step in self.steps:
             step.preflight(ctx)
+        ctx.resume = self.resume
+        if self.out is not None and not self.resume and any(getattr(s.params, "checkpoint_every", 0)
+                                                            for s in self.steps):
+            from .checkpoints import write_chain
+
+            write_chain(self.out, self.recipe())
         ctx.log(f"[bold]gptopt[/] {self.model_spec} on {device}: {len(self.steps)} step(s)")
         error = None
         try:

@@ -18,7 +18,9 @@ that cares about training (pruning masks, L1 penalties, distillation) hooks into
   each process takes its own slice of every global batch, so a run with 2 processes × batch 2 sees exactly
   the blocks a single process with batch 4 sees. Only the main process logs and evaluates.
 * **Checkpointing**: :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything needed to
-  continue a run (step, optimizer, scheduler, RNG, histories); the data order needs only the step.
+  continue a run (step, optimizer, scheduler, RNG, histories); the data order needs only the step. With
+  ``checkpoint_every`` the loop writes them with the trainable weights to ``--out`` (see
+  :mod:`gptopt_core.checkpoints`), and ``gptopt run --resume`` continues from the latest one.
 
 Plugin-facing API::
 
@@ -65,6 +67,9 @@ class TrainParams(Params):
     max_grad_norm: float = pydantic.Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
     eval_every: int = pydantic.Field(0, ge=0, description="held-out perplexity every N steps and at the end (0: off)")
     eval_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens scored by --eval-every")
+    checkpoint_every: int = pydantic.Field(
+        0, ge=0, description="write a resumable checkpoint to --out every N optimizer steps and at the end (0: off); "
+                             "continue an interrupted run with `gptopt run --resume`")
     gradient_checkpointing: bool = pydantic.Field(False, description="recompute activations to save memory")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = pydantic.Field(
         "auto", description="autocast: auto = bf16/fp16 on a GPU, fp32 on CPU")
@@ -382,6 +387,7 @@ class Trainer:
     def run(self) -> dict:
         """Train up to :attr:`total_steps`; returns the step's metrics."""
         if self.accelerator is None:
+            self._resume_from_checkpoint()
             pending = getattr(self, "_pending_state", None)
             self.setup()
             if pending is not None:
@@ -405,10 +411,35 @@ class Trainer:
                 self.ctx.progress_info(f"loss {loss:.3f}  {tps:,.0f} tok/s{notes}")
                 if p.eval_every and (self.step % p.eval_every == 0 or self.step == self.total_steps):
                     self.evaluate()
+                if p.checkpoint_every and (self.step % p.checkpoint_every == 0 or self.step == self.total_steps):
+                    self.save_checkpoint()
         finally:
             self.ctx.state.pop("trainer", None)
             self.finish()
         return self.metrics()
+
+    def save_checkpoint(self) -> None:
+        """Write the run's state and trainable weights to ``--out`` (main process; the others wait)."""
+        from . import checkpoints
+
+        if self.ctx.out_dir is None:
+            raise GptoptError(f"{self.name}: --checkpoint-every needs --out DIR")
+        if self.accelerator.is_main_process:
+            checkpoints.save(self, self.accelerator.unwrap_model(self.wrapped))
+        self.accelerator.wait_for_everyone()
+
+    def _resume_from_checkpoint(self) -> None:
+        """Under ``--resume``: load this step's latest checkpoint (weights now, state after setup)."""
+        from . import checkpoints
+
+        if not getattr(self.ctx, "resume", False) or self.ctx.out_dir is None:
+            return
+        path = checkpoints.latest(self.ctx.out_dir, self.ctx.step_index, self.name)
+        if path is None:
+            self.ctx.log(f"  {self.name}: no checkpoint of this step yet; training from the start")
+            return
+        checkpoints.load(self, self.model, path)
+        self.ctx.log(f"  {self.name}: resumed at step {self.step} from {path}")
 
     def finish(self) -> None:
         """Drop the accelerate wrappers and restore the model's inference settings."""

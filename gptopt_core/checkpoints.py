@@ -1,0 +1,118 @@
+"""Resumable training checkpoints under ``--out``.
+
+A training step with ``--checkpoint-every N`` writes, every N optimizer steps and at its end::
+
+    OUT/checkpoints/chain.json                      the chain (model, data, seed, steps) the run was started with
+    OUT/checkpoints/step02-lora/00000040/           one complete checkpoint (older ones are removed)
+        trainable.safetensors                       the parameters being trained (LoRA adapters, or all weights)
+        trainer.pt                                  optimizer, schedule, RNG, histories (loaded weights_only=True)
+        meta.json                                   step, total steps, step name
+
+Each checkpoint is written to a hidden temporary directory and renamed into place, so a kill at any moment
+leaves the previous checkpoint intact. ``gptopt run --resume --out OUT`` (the same chain) replays the steps
+before training (deterministic for a seed) and continues each training step from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import GptoptError
+
+DIRNAME = "checkpoints"
+CHAIN = "chain.json"
+
+
+def chain_of(recipe: dict) -> dict:
+    """The part of a resolved recipe a resumed run must repeat exactly (not the gptopt version or device)."""
+    return {k: recipe.get(k) for k in ("model", "data", "eval_data", "seed", "steps")}
+
+
+def write_chain(out_dir: Path, recipe: dict) -> None:
+    root = Path(out_dir) / DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{CHAIN}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(chain_of(recipe), indent=2, sort_keys=True))
+    os.replace(tmp, root / CHAIN)
+
+
+def check_resumable(out_dir, recipe: dict) -> None:
+    """Raise a one-line error unless ``out_dir`` holds checkpoints written by this same chain."""
+    if out_dir is None:
+        raise GptoptError("--resume needs --out DIR: the directory the interrupted run wrote its checkpoints to")
+    path = Path(out_dir) / DIRNAME / CHAIN
+    if not path.is_file():
+        raise GptoptError(f"--resume: {out_dir} holds no training checkpoints (a training step writes them with "
+                          "--checkpoint-every N); run without --resume")
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise GptoptError(f"--resume: {path} is unreadable; run again without --resume into a new --out") from None
+    now = json.loads(json.dumps(chain_of(recipe)))  # same normalisation as the written file
+    if recorded != now:
+        diff = next((k for k in now if recorded.get(k) != now[k]), "steps")
+        raise GptoptError(f"--resume: {out_dir} was written by a different chain ({diff} differs); repeat the "
+                          "interrupted command exactly, or start a new run without --resume")
+
+
+def step_dir(out_dir, step_index: int, name: str) -> Path:
+    return Path(out_dir) / DIRNAME / f"step{step_index + 1:02d}-{name}"
+
+
+def latest(out_dir, step_index: int, name: str) -> Path | None:
+    """The newest complete checkpoint of a step, or ``None``."""
+    root = step_dir(out_dir, step_index, name)
+    if not root.is_dir():
+        return None
+    done = [d for d in root.iterdir() if d.name.isdigit() and (d / "meta.json").is_file()]
+    return max(done, key=lambda d: int(d.name)) if done else None
+
+
+def save(trainer, model) -> Path:
+    """Write ``trainer``'s state and ``model``'s trainable parameters as the step's newest checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    ctx = trainer.ctx
+    root = step_dir(ctx.out_dir, ctx.step_index, trainer.name)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{trainer.step:08d}"
+    tmp = root / f".tmp-{trainer.step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {n: q.detach().to("cpu").contiguous() for n, q in model.named_parameters() if q.requires_grad}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(trainer.state_dict(), tmp / "trainer.pt")
+    meta = {"step": trainer.step, "total_steps": trainer.total_steps, "name": trainer.name,
+            "step_index": ctx.step_index, "trainable_tensors": len(weights)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in root.iterdir():
+        if old != final and (old.name.isdigit() or old.name.startswith(".tmp-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(trainer, model, path: Path) -> None:
+    """Copy a checkpoint's trainable parameters into ``model`` and hand its state to ``trainer``."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: safetensors / torch raise assorted types
+        raise GptoptError(f"--resume: checkpoint {path} is damaged ({type(exc).__name__}); remove it to fall back "
+                          "to the one before, or start a new run") from None
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad}
+    if set(params) != set(weights) or any(params[n].shape != weights[n].shape for n in params):
+        raise GptoptError(f"--resume: checkpoint {path} does not match the model being trained (different "
+                          "trainable parameters); repeat the interrupted command exactly")
+    with torch.no_grad():
+        for n, q in params.items():
+            q.copy_(weights[n].to(device=q.device, dtype=q.dtype))
+    trainer.load_state_dict(state)
