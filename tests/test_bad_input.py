@@ -1,4 +1,5 @@
-"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
+"""Bad input across the core and every plugin, run as a user runs it: one clear line on stderr, exit code 2,
+no traceback, nothing written (the --out dir and every other file unchanged)."""
 import pytest
 from conftest import error_lines, run_gptopt
 
@@ -52,7 +53,36 @@ CASES = {
     "unknown built-in data": (lambda p: ["--model", "tiny-random-gpt2", "--data", "builtin:wiki", "eval"],
                               "unknown built-in data"),
     "missing required option": (lambda p: ["--model", "tiny-random-gpt2", "save"], "save: to: Field required"),
+    "resume without checkpoints": (lambda p: ["--model", "tiny-random-gpt2", "--out", p / "full", "--resume",
+                                              "eval"], "holds no training checkpoints"),
 }
+
+G2 = ["--model", "tiny-random-gpt2"]
+PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/finetune), l1, bench, cpu-fast
+    "quantize: 3 bits": (G2 + ["quantize", "--bits", "3"], "not 3; use --bits 8 or --bits 4"),
+    "quantize: block size not a power of two": (G2 + ["quantize", "--bits", "4", "--block-size", "100"],
+                                                "block size must be one of 64"),
+    "quantize: missing plan file": (G2 + ["quantize", "--plan", "./no-plan.json"], "plan file ./no-plan.json does"),
+    "prune after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "prune", "--sparsity", "0.5"],
+                                   "put prune before quantize"),
+    "prune: sparsity 1.5": (G2 + ["prune", "--sparsity", "1.5"], "sparsity: Input should be less than 1"),
+    "prune: pattern 5:4": (G2 + ["prune", "--pattern", "5:4"], "'5:4' is not a valid N:M pattern"),
+    "finetune after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "finetune", "--steps", "2"],
+                                      "or use lora (QLoRA) on the quantized model"),
+    "lora: rank 0": (G2 + ["lora", "--r", "0"], "r: Input should be greater than or equal to 1"),
+    "lora: steps and epochs": (G2 + ["lora", "--steps", "5", "--epochs", "1"], "give --steps or --epochs, not both"),
+    "lora: targets matching nothing": (G2 + ["lora", "--target-modules", "*nomatch*", "--steps", "2"],
+                                       "matched no linear layer of this model"),
+    "checkpoints without --out": (["--model", "tiny-random-gpt2", "finetune", "--steps", "2", "--checkpoint-every",
+                                   "1"], "--checkpoint-every needs `gptopt run --out DIR`"),
+    "l1 with no training after it": (G2 + ["l1", "--weight", "1e-4", "eval"], "l1 does not train by itself"),
+    "l1: negative weight": (G2 + ["l1", "--weight", "-1", "finetune", "--steps", "2"],
+                            "weight: Input should be greater than or equal to 0"),
+    "bench: 0 new tokens": (G2 + ["bench", "--new-tokens", "0"], "new_tokens: Input should be greater than or equal"),
+    "cpu-fast: unknown format": (G2 + ["cpu-fast", "--format", "bogus"], "format: Input should be 'auto'"),
+    "cpu-fast after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "cpu-fast"], "it is already quantized"),
+}
+CASES.update({name: (lambda p, _args=args: _args, expected) for name, (args, expected) in PLUGIN_CASES.items()})
 
 
 @pytest.fixture
@@ -81,7 +111,8 @@ def test_bad_input_is_one_line_exit_2(case, workdir):
     make_args, expected = CASES[case]
     args = make_args(workdir)
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
-    out = [] if "--out" in map(str, args) else ["--out", workdir / "out"]
+    no_out = "--out" in map(str, args) or "checkpoints without --out" in case
+    out = [] if no_out else ["--out", workdir / "out"]
     proc = run_gptopt("run", *out, *args, cwd=workdir)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2, (case, proc.stderr)
@@ -90,3 +121,12 @@ def test_bad_input_is_one_line_exit_2(case, workdir):
     assert expected in lines[0], lines[0]
     after = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     assert after == before, "something was written"
+
+
+def test_the_table_covers_the_core_and_every_plugin():
+    from gptopt_core.plugins import get_plugins
+
+    steps = {a for args, _ in PLUGIN_CASES.values() for a in args if not str(a).startswith(("-", "*", "."))}
+    plugins = {get_plugins().steps[s].plugin for s in steps if s in get_plugins().steps}
+    assert {"gptopt-bnb", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu"} <= plugins
+    assert len(CASES) >= 45
