@@ -51,3 +51,14 @@ def test_guide_example_installs_and_runs_verbatim(tmp_path):
                             str(tmp_path / "gptopt-hello" / "tests")], env={**__import__("os").environ, **env},
                            capture_output=True, text=True, cwd=tmp_path)
     assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr
+
+
+def test_every_committed_recipe_validates():
+    from pathlib import Path
+
+    from gptopt_core import Pipeline
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 12
+    for path in recipes:
+        Pipeline.from_recipe(path).validate()  # raises a one-line GptoptError on any bad key, value or order
