@@ -1,7 +1,7 @@
 """Take SmolLM2-135M through the standard chains (recipes/*.yaml) and write docs/results.md + docs/tradeoffs.png.
 
     python benchmarks/tradeoffs.py            # full: the recipes as committed
-    python benchmarks/tradeoffs.py --quick    # shorter eval/bench/training (same chains), for a fast regeneration
+    python benchmarks/tradeoffs.py --quick    # shorter eval/bench/training (same chains): docs/results-quick.md
     python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50
 
 Each row is one `gptopt run --recipe recipes/<row>.yaml` in its own process (exactly the command shown in the
@@ -95,11 +95,12 @@ def write_results(rows, quick: bool, commit: str, seconds: float):
         lines.append(f"| {r['row']} | {r['chain']} | {r['ppl']:.2f} | {fmt(ratio, '.3f')} | "
                      f"{fmt(r['bytes'], '.1f', 1e6)} | {r['sparsity']:.1%} | {fmt(r['decode'], '.1f')} | "
                      f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {r['produce_s']:.0f} | {cmd} |")
-    (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n\n![trade-offs](tradeoffs.png)\n")
-    plot(rows, dense)
+    suffix = "-quick" if quick else ""  # the quick run never overwrites the full run's figures
+    (ROOT / "docs" / f"results{suffix}.md").write_text("\n".join(lines) + f"\n\n![trade-offs](tradeoffs{suffix}.png)\n")
+    plot(rows, dense, ROOT / "docs" / f"tradeoffs{suffix}.png")
 
 
-def plot(rows, dense):
+def plot(rows, dense, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +122,7 @@ def plot(rows, dense):
             ax.axhline(dense["ppl"], color="grey", lw=0.8, ls="--")
     fig.suptitle("SmolLM2-135M: size and speed vs perplexity")
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "tradeoffs.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main():
@@ -148,7 +149,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_results(rows, args.quick, commit, time.perf_counter() - start)
-    print(f"wrote docs/results.md and docs/tradeoffs.png in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"wrote docs/results{'-quick' if args.quick else ''}.md and the plot in {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":
