@@ -1,4 +1,5 @@
-"""Wall time of gptopt's `eval` vs a plain transformers loop scoring the same 4096 held-out tokens.
+"""Wall time of gptopt's `eval` vs a plain transformers loop scoring the same held-out tokens (the first 4096;
+pydoc's validation split has 2,636).
 
     python benchmarks/eval_vs_plain.py [--model smollm2-135m] [--repeats 5]
 
