@@ -1,6 +1,7 @@
 """quantize (gptopt-bnb) on the tiny GPT-2 (Conv1D) and tiny Llama (nn.Linear) models: every option, tied heads,
 chain position, save → plain from_pretrained, plan auto / file / replay, bad input through the real CLI."""
 import json
+import math
 
 import pytest
 import torch
@@ -169,10 +170,18 @@ def test_save_loads_back_with_plain_from_pretrained(arch, params, tmp_path):
 def test_plan_auto_records_and_replays(tmp_path, cli):
     out = tmp_path / "run"
     res = run("tiny-random-llama", ("quantize", {"plan": "auto", "max_ppl_increase": "1%", "embeddings": "4",
-                                                 "calib_blocks": 2, "calib_seq_len": 64}),
+                                                 "calib_blocks": 2, "calib_seq_len": 64, "check_blocks": 3}),
               out=str(out))
     rec = res.records[0]
     report = rec["metrics"]["plan"]
+    assert report["calib_tokens"] == 2 * 64 and report["check_tokens"] == 3 * 64
+    # the reported ratio of the chosen plan is the one measured on the check blocks, against the dense model
+    from gptopt_core.sensitivity import calibration_nll
+
+    check = res.ctx.calibration_blocks(3, 64)
+    dense = make_context(model="tiny-random-llama").model
+    measured = math.exp(calibration_nll(res.ctx.model, check) - calibration_nll(dense, check))
+    assert measured == pytest.approx(report["calib_ppl_ratio"], abs=2e-5)
     plan = rec["params"]["plan"]
     assert isinstance(plan, dict) and set(plan.values()) <= {"int8", "nf4", "keep"}
     assert report["budget"] == 0.01 and report["trials"]

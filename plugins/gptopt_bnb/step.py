@@ -96,6 +96,9 @@ class QuantizeParams(Params):
         None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
     calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="--plan auto: calibration blocks (train split)")
     calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="--plan auto: tokens per calibration block")
+    check_blocks: int = pydantic.Field(
+        16, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
+                                       "(one forward per block and check, so more costs little)")
 
     @pydantic.field_validator("bits", mode="before")
     @classmethod
