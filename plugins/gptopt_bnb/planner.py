@@ -163,6 +163,7 @@ def auto_plan(ctx, step, layers, layout, emb_prec):
               "base_calib_ppl": round(math.exp(base), 4),
               "calib_ppl_ratio": final["calib_ppl_ratio"] if final else None,
               "trials": trials,
+              "order": order,  # plan(k) = these units' first k in int8, the rest 4-bit
               "modules": {u: {"precision": chosen[u], "nf4_ppl_ratio" if q4 == "nf4" else "fp4_ppl_ratio":
                               round(math.exp(delta[u]), 6), "bytes": int(size[u][chosen[u]])} for u in units}}
     print_plan(ctx, report, units)
