@@ -67,7 +67,7 @@ def main() -> None:
     command = args.command or "HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py " + " ".join(sys.argv[1:])
     block = "\n".join([
         "<!-- BENCH:cpu_fast -->",
-        f"Measured with `{command.strip()}` ({args.threads} threads, torch {torch.__version__}, "
+        f"Measured with `{command.strip()}` ({args.threads} threads, torch {torch.__version__}, " +
         (f"{minutes:.0f} min " if minutes == minutes else "") +
         "on a 2-core machine shared with other jobs; speed interleaved per round, medians).",
         "",
