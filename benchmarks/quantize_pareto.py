@@ -64,14 +64,26 @@ def plot(points, auto, plain, path):
     fig.savefig(path, dpi=120)
 
 
+def plain_points() -> dict:
+    rows = json.loads((ROOT / "docs" / "quantize_results.json").read_text())["rows"]
+    names = {"int8": "int8", "nf4": "nf4 (emb fp32)", "fp4": "fp4 (emb fp32)",
+             "nf4 + int8 embeddings/head (full)": "nf4 + int8 emb (full)"}
+    return {short: rows[k] for k, short in names.items() if k in rows}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", default="5%")
     ap.add_argument("--points", default="0,30,60,90,106,130,170,211")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-doc", action="store_true", help="print only; write nothing under docs/")
+    ap.add_argument("--plot-only", action="store_true", help="redraw docs/quantize_pareto.png from its JSON")
     args = ap.parse_args()
     started = time.time()
+    if args.plot_only:
+        saved = json.loads((ROOT / "docs" / "quantize_pareto.json").read_text())
+        plot(saved["points"], saved["auto"], plain_points(), ROOT / "docs" / "quantize_pareto.png")
+        return
 
     res, auto = chain(args.model, {"plan": "auto", "max_ppl_increase": args.budget, "embeddings": "8"})
     report = res.records[1]["metrics"]["plan"]
@@ -90,13 +102,10 @@ def main():
         points.append(row)
         print("point", json.dumps(row), flush=True)
 
-    plain_all = json.loads((ROOT / "docs" / "quantize_results.json").read_text())["rows"]
-    names = {"int8": "int8", "nf4 (double quant, embeddings fp32)": "nf4", "fp4 (double quant, embeddings fp32)":
-             "fp4", "nf4 + int8 embeddings/head (full)": "nf4 + int8 emb (full)"}
-    plain = {short: plain_all[k] for k, short in names.items() if k in plain_all}
+    plain = plain_points()
     minutes = (time.time() - started) / 60
     out = {"command": "HF_HUB_OFFLINE=1 python benchmarks/quantize_pareto.py " + " ".join(sys.argv[1:]),
-           "minutes": round(minutes, 1), "auto": auto, "points": points}
+           "minutes": round(minutes, 1), "auto": auto, "points": points, "order": order, "auto_plan": chosen}
     if args.no_doc:
         return
     (ROOT / "docs" / "quantize_pareto.json").write_text(json.dumps(out, indent=1))
