@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from docblock import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bench.md"
@@ -188,15 +189,7 @@ def main(argv=None):
                            "move; the two columns were "
                            "measured alternately in one process, and the difference is the median over rounds of "
                            "bench / hand within the same round (both saw the same background load).", "", *table, "", END])
-        text = DOC.read_text() if DOC.exists() else ""
-        if START in text and END in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        elif "<!-- bench_vs_generate:results -->" in text:
-            text = text.replace("<!-- bench_vs_generate:results -->", block + "\n\n<!-- bench_vs_generate:results -->")
-        else:
-            text += "\n" + block + "\n"
-        DOC.write_text(text)
-        print(f"wrote {DOC}")
+        write_block(DOC, START, END, block, before="<!-- bench_vs_generate:results -->")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
+
+from docblock import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "cpu.md"
@@ -79,13 +80,7 @@ def main() -> None:
         verdict,
         "<!-- /BENCH:cpu_fast -->",
     ])
-    text = DOC.read_text() if DOC.exists() else ""
-    if "<!-- BENCH:cpu_fast -->" in text:
-        text = re.sub(r"<!-- BENCH:cpu_fast -->.*?<!-- /BENCH:cpu_fast -->", lambda m: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_block(DOC, "<!-- BENCH:cpu_fast -->", "<!-- /BENCH:cpu_fast -->", block)
 
 
 if __name__ == "__main__":

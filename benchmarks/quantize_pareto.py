@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
+
+from docblock import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "quantize.md"
@@ -124,13 +125,7 @@ def main():
                      f"{r['bytes_ratio']:.4f} | {'yes' if ok else 'no'} |")
     lines += ["", "![pareto](quantize_pareto.png)", "<!-- /PARETO -->"]
     block = "\n".join(lines)
-    text = DOC.read_text()
-    if "<!-- PARETO -->" in text:
-        text = re.sub(r"<!-- PARETO -->.*?<!-- /PARETO -->", lambda m: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC} in {minutes:.1f} min")
+    write_block(DOC, "<!-- PARETO -->", "<!-- /PARETO -->", block)
 
 
 if __name__ == "__main__":
