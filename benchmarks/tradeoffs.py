@@ -2,7 +2,8 @@
 
     python benchmarks/tradeoffs.py            # full: the recipes as committed
     python benchmarks/tradeoffs.py --quick    # shorter eval/bench/training (same chains): docs/results-quick.md
-    python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50
+    python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50   # re-measure rows; the others are read
+                                                                      # back from runs/tradeoffs/<row>.row.json
 
 Each row is one `gptopt run --recipe recipes/<row>.yaml` in its own process (exactly the command shown in the
 table); figures are read back from that run's run.json. The ppl ratio is against the dense fp32 row, measured
@@ -78,10 +79,16 @@ def fmt(v, spec, scale=1.0):
 
 def write_results(rows, quick: bool, commit: str, seconds: float):
     dense = next((r for r in rows if r["row"].endswith("dense-fp32") and "ppl" in r), None)
+    again = [r["row"] for r in rows if r.get("remeasured")]
+    redo = (f" Row(s) {', '.join(again)} re-measured afterwards, alone, by `--only` at commit `{commit}`; "
+            "the minutes are the sum of every row's wall time." if again else "")
+    if again:
+        seconds = sum(r["wall"] for r in rows)
+    commit = next((r["commit"] for r in rows if not r.get("remeasured") and r.get("commit")), commit)
     lines = [f"# Trade-offs on SmolLM2-135M ({'quick' if quick else 'full'} run)", "",
              f"Measured {date.today().isoformat()} on {platform.machine()} Linux, "
              f"{__import__('os').cpu_count()} CPU cores, no GPU, commit `{commit}`, by "
-             f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min). "
+             f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min).{redo} "
              "Held-out ppl on pydoc validation documents; ratio vs the dense fp32 row; bytes = parameters + "
              "buffers in memory; decode/prefill/peak from `bench` (CPU: perf_counter, peak RSS growth).", "",
              "| row | chain | ppl | ratio | MB | sparsity | decode tok/s | prefill ms | peak MB | produce s | command |",
@@ -140,12 +147,19 @@ def main():
                             cwd=ROOT).stdout.strip()
     start = time.perf_counter()
     rows = []
-    for recipe in recipes:
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        saved = out / f"{recipe.stem}.row.json"
+        if recipe not in recipes:
+            if saved.exists():  # a row of an earlier invocation, kept in the table
+                rows.append(json.loads(saved.read_text()))
+            continue
         for old in (out / recipe.stem).glob("*"):
             old.unlink()
         if (out / recipe.stem).exists():
             (out / recipe.stem).rmdir()
         row = run_row(recipe, out, args.quick)
+        row.update(commit=commit, remeasured=bool(args.only))
+        saved.write_text(json.dumps({**row, "remeasured": False}))
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_results(rows, args.quick, commit, time.perf_counter() - start)
