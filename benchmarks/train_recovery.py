@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def run(prune: bool, args, eval_data: str, tmp: Path) -> dict:
     if prune:
         pipe.add("prune", method="wanda", sparsity=0.5).add("eval", **ev).add("eval", split="eval-data", **ev)
     out = tmp / ("sparse" if prune else "dense")
-    pipe.add("lora", r=16, alpha=32, steps=args.steps, batch_size=4, seq_len=256, lr=args.lr, merge=True)
+    pipe.add("lora", r=16, alpha=32, steps=args.steps, batch_size=4, seq_len=256, lr=args.lr, merge=True,
+             dropout=args.dropout, masked_update=not args.dense_update)
     pipe.add("eval", **ev).add("eval", split="eval-data", **ev).add("save", to=str(out))
     start = time.perf_counter()
     result = pipe.run()
@@ -61,7 +63,8 @@ def run(prune: bool, args, eval_data: str, tmp: Path) -> dict:
         "reloaded_ppl": perplexity(plain, data.valid_ids, 512, 512, args.eval_tokens)["perplexity"],
         "reloaded_ppl_eval_data": perplexity(plain, other.valid_ids, 512, 512, args.eval_tokens)["perplexity"],
         "reloaded_sparsity": sparsity(plain),
-        "n_records": len(recs),
+        "lora_masked_layers": lora["metrics"].get("lora_masked_layers"),
+        "n_records": len(recs), "load_avg": os.getloadavg()[0],
     }
 
 
@@ -70,6 +73,9 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (both runs)")
+    ap.add_argument("--dense-update", action="store_true",
+                    help="train PEFT's dense update on the pruned model (lora --no-masked-update), for comparison")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--from-log", help="render the doc table from the 'dense:'/'sparse:' lines of an earlier run's "
@@ -94,10 +100,13 @@ def main():
           f"{sparse['lora_train_seconds']:.0f} s on 2 shared cores")
     if args.no_doc:
         return
-    cmd = f"HF_HUB_OFFLINE=1 python benchmarks/train_recovery.py --steps {args.steps} --lr {args.lr}"
+    cmd = (f"HF_HUB_OFFLINE=1 python benchmarks/train_recovery.py --steps {args.steps} --lr {args.lr} "
+           f"--dropout {args.dropout}" + (" --dense-update" if args.dense_update else ""))
+    update = ("PEFT's dense update (--no-masked-update), masked only at the merge" if args.dense_update else
+              f"masked update M*s*BA on the pruned model ({sparse['lora_masked_layers']} layers)")
     table = [
         f"Command: `{cmd}` (model {args.model}, LoRA r16 alpha32 auto targets, {args.steps} steps x 4 x 256 "
-        f"tokens, lr {args.lr}, merge; second text: 8 licences from /usr/share/common-licenses).", "",
+        f"tokens, lr {args.lr}, dropout {args.dropout}, merge; {update}; second text: 8 licences from /usr/share/common-licenses).", "",
         "| | dense | Wanda 50% |", "|---|---|---|",
         f"| held-out ppl as loaded | {dense['ppl_loaded']:.3f} | {sparse['ppl_loaded']:.3f} |",
         f"| held-out ppl after prune | | {sparse['ppl_pruned']:.3f} |",
@@ -111,9 +120,10 @@ def main():
         f"| sparsity of the reloaded model | {dense['reloaded_sparsity']:.6f} | {sparse['reloaded_sparsity']:.6f} |",
         f"| LoRA training seconds (tokens/s) | {dense['lora_train_seconds']:.0f} ({dense['lora_tokens_per_s']:.0f}) | "
         f"{sparse['lora_train_seconds']:.0f} ({sparse['lora_tokens_per_s']:.0f}) |", "",
-        "Training seconds are wall time on 2 cores shared with other jobs (load 8-19 during this run), so they "
-        "overstate the CPU time needed: 40 x 4 x 256 = 40,960 tokens at the ~100 tokens/s that train_vs_peft.py "
-        "measured on the idle machine are about 410 s on 2 cores, i.e. ~14 CPU-minutes (budget: 20).", "",
+        f"Training seconds are wall time on this 2-core machine (1-minute load average at the end of the dense "
+        f"/ sparse run: {dense['load_avg']:.1f} / {sparse['load_avg']:.1f}); the sparse run's LoRA training took "
+        f"{sparse['lora_train_seconds'] * os.cpu_count() / 60:.1f} CPU-minutes ({os.cpu_count()} cores x "
+        f"{sparse['lora_train_seconds']:.0f} s; budget: 20).", "",
         f"Sparse / dense held-out ppl at the same LoRA budget: **{ratio:.3f}** (target <= 1.33); on the second "
         f"text: {ratio_other:.3f}.",
     ]

@@ -79,6 +79,32 @@ def test_prune_then_finetune_and_lora_merge_keep_sparsity_exact(tmp_path, model)
     assert changed > 0
 
 
+@pytest.mark.parametrize("model", ["tiny-random-gpt2", "tiny-random-llama"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_merge_on_pruned_model_saves_the_model_it_trained(tmp_path, model, dropout):
+    """With masks, the adapters train the masked update (M * s*B@A): the merged, re-masked model is the one the
+    training step evaluated last. PEFT's dense update would be cut by the merge's mask (checked: it differs)."""
+    def chain(masked):
+        return (Pipeline(model=model, quiet=True, device="cpu", seed=0)
+                .add("prune", method="magnitude", sparsity=0.5)
+                .add("lora", merge=True, dropout=dropout, lr=5e-2, masked_update=masked, eval_every=3,
+                     eval_tokens=300, **FAST)
+                .add("eval", max_tokens=300, block_size=299).run())
+
+    for masked in (True, False):
+        r = chain(masked)
+        lora, ev = r.records[1], r.records[2]
+        trained = lora["metrics"]["eval_history"][-1]["perplexity"]
+        merged = ev["metrics"]["perplexity"]
+        assert lora["metrics"]["masked_sparsity_kept"]
+        if masked:
+            assert lora["metrics"]["lora_masked_layers"] == lora["metrics"]["lora_targets"]
+            assert merged == pytest.approx(trained, rel=1e-4)
+        else:
+            assert lora["metrics"]["lora_masked_layers"] == 0
+            assert abs(merged / trained - 1) > 1e-3
+
+
 def test_qlora_on_4bit_base_saves_and_reloads_same_ppl(cli, tmp_path):
     out = tmp_path / "q"
     r = cli("run", "-q", "--model", "tiny-random-llama", "--out", tmp_path / "run", "quantize", "--bits", "4",

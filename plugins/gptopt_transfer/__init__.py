@@ -45,6 +45,9 @@ class LoraParams(TrainParams):
         default_factory=lambda: ["auto"],
         description="'auto' (per architecture) or glob patterns on module names, e.g. '*q_proj' (repeatable)")
     merge: bool = pydantic.Field(False, description="merge the adapter into the weights (a plain model)")
+    masked_update: bool = pydantic.Field(
+        True, description="with --merge on a pruned model: train the update the merge keeps (mask * B@A), so the "
+                          "merged model is the trained one")
 
     @pydantic.field_validator("target_modules")
     @classmethod
@@ -156,16 +159,23 @@ class LoraStep(_TrainingStep):
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             model = peft.get_peft_model(model, config)
+        masks = ctx.state.get("masks")
+        masked = []
+        if p.merge and p.masked_update and masks and not k_bit:
+            from .masked import mask_lora_updates
+
+            masked = mask_lora_updates(model, masks)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
             model, metrics = self._train(ctx, model)
         metrics["lora_targets"] = len(targets)
         metrics["qlora"] = bool(k_bit)
+        if masks:
+            metrics["lora_masked_layers"] = len(masked)
         if p.merge:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
                 model = model.merge_and_unload()
-            masks = ctx.state.get("masks")
             if masks:
                 from gptopt_core.metrics import sparsity
                 from gptopt_core.modules import apply_masks
@@ -185,7 +195,7 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
     Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
     """
-    from gptopt_core.modules import is_conv1d, matches, weight_modules
+    from gptopt_core.modules import is_conv1d, weight_modules
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = weight_modules(base)
