@@ -154,6 +154,7 @@ class Trainer:
         self.progress_notes: dict[str, str] = {}
         self.tokens_seen = 0  # global tokens trained on
         self.train_seconds = 0.0  # time in forward/backward/optimizer (not eval)
+        self.train_cpu_seconds = 0.0  # CPU time of this process (all threads) in the same spans
         self.accelerator = None
         self.optimizer = None
         self.scheduler = None
@@ -274,7 +275,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None, "rng": self._get_rng(),
                 "loss_history": list(self.loss_history), "ce_history": list(self.ce_history),
                 "eval_history": list(self.eval_history), "tokens_seen": self.tokens_seen,
-                "train_seconds": self.train_seconds, "params": self.params.model_dump(mode="json")}
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "params": self.params.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (call after :meth:`setup`, or before: it is applied by setup)."""
@@ -284,6 +286,7 @@ class Trainer:
         self.eval_history = list(state.get("eval_history", []))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
         if self.optimizer is None:
             self._pending_state = state
             return
@@ -399,9 +402,10 @@ class Trainer:
         try:
             remaining = range(self.step, self.total_steps)
             for _ in self.ctx.progress(remaining, self.name, total=len(remaining)):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 loss = self.train_step()
                 self.train_seconds += time.perf_counter() - start
+                self.train_cpu_seconds += time.process_time() - cpu_start
                 self.tokens_seen += tokens_per_step
                 if not math.isfinite(loss):
                     raise GptoptError(f"{self.name}: the training loss became {loss} at step {self.step}; "
@@ -464,6 +468,7 @@ class Trainer:
         out: dict[str, Any] = {
             "train_steps": self.step, "train_tokens": self.tokens_seen,
             "train_seconds": round(self.train_seconds, 3),
+            "train_cpu_seconds": round(self.train_cpu_seconds, 3),
             "train_tokens_per_s": round(self.tokens_seen / self.train_seconds, 2) if self.train_seconds else None,
             "trainable_params": int(self.trainable_params),
             "trainable_percent": round(100.0 * self.trainable_params / max(self.total_params, 1), 4),

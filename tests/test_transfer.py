@@ -35,6 +35,7 @@ def test_lora_adapter_save_and_plain_peft_reload(cli, tmp_path, model):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     lora, ev = run["steps"][0], run["steps"][1]
     assert "adapter" in lora["facts"] and lora["metrics"]["train_steps"] == 2
+    assert 0 < lora["metrics"]["train_cpu_seconds"] and 0 < lora["metrics"]["train_seconds"]
     assert 0 < lora["metrics"]["trainable_percent"] < 50 and len(lora["metrics"]["eval_history"]) == 2
     assert lora["metrics"]["lora_targets"] == (8 if model.endswith("gpt2") else 14)
     from peft import PeftModel
