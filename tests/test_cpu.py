@@ -328,3 +328,51 @@ def test_cli_refuses_a_cuda_model():
     r = run_gptopt("run", "--model", "tiny-random-gpt2", "--device", "cuda", "cpu-fast", "--format", "bf16")
     lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1 and "--device cpu" in lines[0], r.stderr
+
+
+# -- ao-int8-weight-bf16 and --compile -----------------------------------------------------------------------
+def test_ao_int8_weight_bf16_saves_and_reloads_bit_for_bit(tmp_path):
+    target = tmp_path / "aob"
+    pipe = Pipeline(model="tiny-random-llama", quiet=True).add("cpu-fast", format="ao-int8-weight-bf16") \
+        .add("save", to=str(target))
+    if torchao_problem() is not None:
+        with pytest.raises(GptoptError, match="torchao"):
+            pipe.run()
+        return
+    result = pipe.run()
+    linear = result.model.model.layers[0].mlp.up_proj
+    assert linear.weight.qdata.dtype == torch.int8 and linear.weight.dtype == torch.bfloat16  # int8 values
+    assert result.model.model.norm.weight.dtype == torch.bfloat16  # the float part is bf16
+    model, _, record = load_converted(target)
+    assert record["format"] == "ao-int8-weight-bf16" and record["wrapped"]
+    ids = result.ctx.data.valid_ids[:48].unsqueeze(0)
+    assert torch.equal(logits(model, ids), logits(result.model, ids))
+
+
+def test_compile_runs_the_same_model_faster_path_and_reloads_compiled(tmp_path):
+    """--compile wraps the converted model's forward in torch.compile; the weights, eval and save are the
+    model's own, and the saved record makes the loader compile again."""
+    target = tmp_path / "c"
+    result = (Pipeline(model="tiny-random-llama", quiet=True)
+              .add("cpu-fast", format="bf16", compile=True).add("eval", block_size=64, max_tokens=256)
+              .add("save", to=str(target)).run())
+    model = result.model
+    assert model._gptopt_compiled and result.records[0]["metrics"]["compiled"]
+    eager = copy.deepcopy(Pipeline(model="tiny-random-llama", quiet=True).add("cpu-fast", format="bf16").run().model)
+    ids = result.ctx.data.valid_ids[:64].unsqueeze(0)
+    torch.testing.assert_close(logits(model, ids), logits(eager, ids), atol=0.05, rtol=0.05)
+    out = model.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 20)
+    again, _, record = load_converted(target)
+    assert record["compile"] is True and again._gptopt_compiled
+    ppl = perplexity(again, result.ctx.data.valid_ids, 64, 64, 256)["perplexity"]
+    assert ppl == pytest.approx(result.records[1]["metrics"]["perplexity"], rel=1e-3)
+
+
+def test_compile_without_a_cxx_compiler_is_refused_before_the_model_loads(monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(GptoptError, match="needs a C\\+\\+ compiler"):
+        Pipeline(model="tiny-random-llama", quiet=True).add("cpu-fast", format="bf16", compile=True).validate()

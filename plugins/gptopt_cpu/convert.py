@@ -19,8 +19,16 @@ import torch.nn as nn
 from gptopt_core.modules import is_conv1d
 
 #: formats a user can ask for; ``fp32`` is the unconverted reference the ``auto`` table starts from
-FORMATS = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
-INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+FORMATS = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
+INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
+AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
+#: formats whose float parts (unconverted weights, kept layers, activations) are bfloat16
+BF16_BASED = ("bf16", "ao-int8-weight-bf16")
+
+
+def float_dtype(fmt: str):
+    """The dtype of everything a format leaves in float (weights not converted, activations)."""
+    return torch.bfloat16 if fmt in BF16_BASED else torch.float32
 
 
 @contextlib.contextmanager
@@ -64,7 +72,8 @@ def torchao_problem() -> str | None:
 def _ao_configs() -> dict:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
-    return {"ao-int8-weight": Int8WeightOnlyConfig(), "ao-int8-dynamic": Int8DynamicActivationInt8WeightConfig()}
+    return {"ao-int8-weight": Int8WeightOnlyConfig(), "ao-int8-weight-bf16": Int8WeightOnlyConfig(),
+            "ao-int8-dynamic": Int8DynamicActivationInt8WeightConfig()}
 
 
 def _ao_quantize(model, config, filter_fn=None) -> None:
@@ -113,11 +122,11 @@ def convert_module(module, fmt: str):
 
 
 def _convert_module(module, fmt: str):
-    lin = as_linear(copy.deepcopy(module)).float()
+    lin = as_linear(copy.deepcopy(module)).to(float_dtype(fmt))
     if fmt == "int8-dynamic":
         lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
         return torch.ao.nn.quantized.dynamic.Linear.from_float(lin)
-    if fmt in ("ao-int8-weight", "ao-int8-dynamic"):
+    if fmt in AO_FORMATS:
         holder = nn.Sequential(lin)
         _ao_quantize(holder, _ao_configs()[fmt])
         return holder[0]
@@ -128,7 +137,8 @@ def _convert_module(module, fmt: str):
 def convert_model(model, fmt: str, keep=()) -> dict:
     """Convert ``model`` in place to ``fmt``; returns ``{module name: fmt}`` of the converted linear layers.
 
-    ``keep``: qualified names (or globs) of linear layers that stay float32 (int8 formats only).
+    ``keep``: qualified names (or globs) of linear layers that stay float (int8 formats only): float32, or
+    bfloat16 for ``ao-int8-weight-bf16`` (whose whole float part is bfloat16).
     """
     with quiet():
         return _convert_model(model, fmt, keep)
@@ -142,6 +152,7 @@ def _convert_model(model, fmt: str, keep=()) -> dict:
         return {name: "bf16" for name in linear_names(model)}
     if fmt not in INT8_FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
+    model.to(float_dtype(fmt))
     keep = list(keep)
     chosen = [n for n in linear_names(model) if not matches(n, keep)]
     if fmt == "int8-dynamic":
@@ -161,6 +172,30 @@ def seed_dynamic_int8(model):
     """The article's own call, verbatim: ``torch.quantization.quantize_dynamic(model, {nn.Linear})``
     (a converted copy; on GPT-2 this touches only the output head, as its blocks use ``Conv1D``)."""
     return torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def compile_model(model) -> None:
+    """``torch.compile`` the model's forward in place (inductor, ``freezing``: weights become constants and
+    linear layers use packed CPU kernels; shapes dynamic, so prompt and cache lengths do not recompile).
+    Compilation happens at the first call; the model's weights and ``save`` are unchanged."""
+    import torch
+
+    if getattr(model, "_gptopt_compiled", False):
+        return
+    model.forward = torch.compile(model.forward, dynamic=True, options={"freezing": True})
+    model._gptopt_compiled = True
+
+
+def compiler_problem() -> str | None:
+    """``None`` when torch.compile's CPU backend can build code here; else why not (it needs a C++ compiler)."""
+    import os
+    import shutil
+
+    cxx = os.environ.get("CXX")
+    if cxx and shutil.which(cxx) or any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return None
+    return "torch.compile on CPU needs a C++ compiler (g++ or clang++) and none was found; install one " \
+           "(e.g. apt-get install g++) or drop --compile"
 
 
 def is_dynamic_int8(module) -> bool:

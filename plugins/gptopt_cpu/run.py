@@ -11,9 +11,9 @@ from gptopt_core import GptoptError
 from gptopt_core.evaluate import perplexity
 from gptopt_core.metrics import model_bytes
 
-from .convert import INT8_FORMATS, convert_model, torchao_problem
+from .convert import BF16_BASED, INT8_FORMATS, compile_model, convert_model, float_dtype, torchao_problem
 from .guard import guard_plan
-from .step import AUTO_DEFAULT
+from .step import AUTO_DEFAULT, AUTO_DEFAULT_COMPILED
 from .timing import interleaved
 
 
@@ -21,6 +21,8 @@ def convert_with_guard(ctx, model, fmt: str, params, guard: bool, blocks=None) -
     """Convert ``model`` in place to ``fmt``; returns (conversion record, metrics)."""
     keep = list(params.keep)
     metrics = {}
+    if fmt in BF16_BASED:
+        model.to(float_dtype(fmt))  # the guard measures (and kept layers stay) in the format's float dtype
     if fmt in INT8_FORMATS and guard:
         if blocks is None:
             blocks = ctx.calibration_blocks(params.calib_blocks, params.calib_seq_len)
@@ -48,9 +50,22 @@ def run_cpu_fast(ctx, step) -> dict:
         _, metrics = convert_with_guard(ctx, model, p.format, p, p.guard)
         step.result_format = p.format
         _note(ctx, p.format, metrics)
+        if p.compile and compiles(p.format):
+            _compile(model, metrics)
         _record_state(ctx)
         return metrics
     return run_auto(ctx, step)
+
+
+def compiles(fmt: str) -> bool:
+    """``--compile`` applies to every format but ``int8-dynamic`` (its quantized modules run eager)."""
+    return fmt != "int8-dynamic"
+
+
+def _compile(model, metrics) -> None:
+    compile_model(model)
+    model.gptopt_cpu["compile"] = True
+    metrics["compiled"] = True
 
 
 def _record_state(ctx) -> None:
@@ -67,7 +82,7 @@ def _note(ctx, fmt, metrics):
 
 
 def candidate_list(params, log) -> list[str]:
-    wanted = list(params.candidates) or list(AUTO_DEFAULT)
+    wanted = list(params.candidates) or list(AUTO_DEFAULT_COMPILED if params.compile else AUTO_DEFAULT)
     problem = torchao_problem() if any(c.startswith("ao-") for c in wanted) else None
     out = []
     for c in wanted:
@@ -106,11 +121,21 @@ def run_auto(ctx, step) -> dict:
             info["int8-dynamic-plain"] = {"format": fmt, "kept": 0, "record": record2, "metrics": metrics2}
 
     rows = {}
+    # perplexity is measured eagerly (torch.compile fuses ops, it does not change the weights); with --compile
+    # the speed test runs on compiled models (compilation happens in the speed test's warm-up run)
     for label, m in ctx.progress(list(models.items()), "auto: perplexity"):
         r = perplexity(m, ids, p.block_size, p.block_size, p.eval_tokens)
         rows[label] = {"format": label, "kept_layers": info[label]["kept"], "perplexity": r["perplexity"],
                        "model_bytes": model_bytes(m)}
-    speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=1, pad_token_id=_pad(ctx),
+    for label in rows:
+        rows[label]["compiled"] = bool(p.compile and label != "fp32" and compiles(info[label]["format"]))
+    if p.compile:
+        for label, m in models.items():
+            if label != "fp32" and compiles(info[label]["format"]):
+                _compile(m, info[label]["metrics"])
+                info[label]["compiled"] = True
+        ctx.log("  auto: compiling (torch.compile, inductor) in the speed test's warm-up")
+    speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=2 if p.compile else 1, pad_token_id=_pad(ctx),
                         progress=ctx.progress)
     ref = rows["fp32"]
     budget = 1.0 + p.max_ppl_increase
@@ -166,10 +191,11 @@ def _prompt(ctx, p):
 def table_markdown(table: list[dict], budget: float, split: str) -> str:
     lines = [f"cpu-fast auto (ppl on the {split} split; budget ppl x{1 + budget:.3f}; decode speed interleaved, "
              "medians)", "",
-             "| format | kept fp32 layers | ppl | ppl ratio | decode tok/s | speedup | prefill ms | MB | within | chosen |",
+             "| format | kept float layers | ppl | ppl ratio | decode tok/s | speedup | prefill ms | MB | within | chosen |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in table:
-        lines.append(f"| {r['format']} | {r['kept_layers']} | {r['perplexity']:.3f} | x{r['ppl_ratio']:.3f} | "
+        name = r["format"] + (" (compiled)" if r.get("compiled") else "")
+        lines.append(f"| {name} | {r['kept_layers']} | {r['perplexity']:.3f} | x{r['ppl_ratio']:.3f} | "
                      f"{r['decode_tokens_per_s']:.1f} | x{r['decode_speedup']:.2f} | {r['prefill_ms']:.0f} | "
                      f"{r['model_bytes'] / 1e6:.1f} | {'yes' if r['within_budget'] else 'no'} | "
                      f"{'**yes**' if r['chosen'] else ''} |")
@@ -178,11 +204,12 @@ def table_markdown(table: list[dict], budget: float, split: str) -> str:
 
 def table_lines(table: list[dict]) -> list[str]:
     """The auto table as fixed-width text lines (fits 100 columns; no markup)."""
-    head = f"{'format':<19} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} {'prefill':>8} " \
+    head = f"{'format (+c: compiled)':<21} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} {'prefill':>8} " \
            f"{'MB':>7}  within"
     lines = [head]
     for r in table:
-        lines.append(f"{r['format']:<19} {r['kept_layers']:>4} {r['perplexity']:>9.3f} {r['ppl_ratio']:>6.3f}x "
+        name = r["format"] + ("+c" if r.get("compiled") else "")
+        lines.append(f"{name:<21} {r['kept_layers']:>4} {r['perplexity']:>9.3f} {r['ppl_ratio']:>6.3f}x "
                      f"{r['decode_tokens_per_s']:>7.1f} {r['decode_speedup']:>6.2f}x {r['prefill_ms']:>6.0f}ms "
                      f"{r['model_bytes'] / 1e6:>7.1f}  {'yes' if r['within_budget'] else 'no '}"
                      + ("  <- chosen" if r["chosen"] else ""))

@@ -14,7 +14,11 @@ format, converted and kept layers, torch version). The weights:
 * ``ao-int8-weight`` / ``ao-int8-dynamic``: ``gptopt_cpu.safetensors`` with the float tensors of everything
   not converted and, per converted weight, the tensors torchao's ``Int8Tensor`` holds
   (``<name>.weight.qdata`` int8, ``.scale``, ``.zero_point``); the loader applies the torchao config to a fresh
-  model and copies them in: bit for bit the saved weights.
+  model and copies them in: bit for bit the saved weights. ``ao-int8-weight-bf16`` is stored the same way,
+  its float tensors in bfloat16.
+
+With ``--compile`` the record says ``"compile": true`` and the loader compiles the loaded model again (the
+compiled code itself is not saved; torch's inductor cache makes the second compilation faster).
 
 Load with ``gptopt run --model DIR ...`` (this plugin's model source recognises ``gptopt_cpu.json``) or in
 Python with :func:`gptopt_cpu.load_converted`.
@@ -153,6 +157,10 @@ def _load_converted(path: Path, trust_remote_code: bool):
                         getattr(weight, inner).copy_(tensors[f"{key}.{inner}"])
     model.eval()
     model.gptopt_cpu = {k: v for k, v in record.items() if k not in ("torch", "aliases")}
+    if record.get("compile"):
+        from .convert import compile_model
+
+        compile_model(model)  # as saved: compiled again (at the first call)
     return model, tokenizer, record
 
 

@@ -8,12 +8,14 @@ import pydantic
 
 from gptopt_core import GptoptError, Params, Step
 
-FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
-AUTO_CANDIDATES = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-dynamic")
+AUTO_CANDIDATES = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: auto's default: ao-int8-dynamic is left out, its prefill ran 16x slower than fp32 on the AVX2 CPU here
 #: (docs/cpu.md); ask for it with --candidates ao-int8-dynamic
 AUTO_DEFAULT = ("bf16", "int8-dynamic", "ao-int8-weight")
+#: auto's default with --compile: torchao's int8 weights pay off compiled, with bf16 activations (docs/cpu.md)
+AUTO_DEFAULT_COMPILED = ("bf16", "int8-dynamic", "ao-int8-weight-bf16")
 
 
 def parse_percent(value):
@@ -49,8 +51,13 @@ class CpuFastParams(Params):
     keep: list[str] = pydantic.Field(
         default_factory=list, description="int8 formats: always keep layers matching this glob in float32 (repeatable)")
     candidates: list[Literal[AUTO_CANDIDATES]] = pydantic.Field(
-        default_factory=list, description="auto: formats to consider (repeatable) [default: bf16, int8-dynamic, ao-int8-weight where "
-                    "torchao runs]")
+        default_factory=list, description="auto: formats to consider (repeatable) [default: bf16, int8-dynamic, "
+                                          "ao-int8-weight where torchao runs; with --compile ao-int8-weight-bf16 "
+                                          "instead of ao-int8-weight]")
+    compile: bool = pydantic.Field(
+        False, description="torch.compile the converted model (inductor with freezing; every format but "
+                           "int8-dynamic): much less per-token overhead, minutes of compilation at the first call "
+                           "(needs a C++ compiler)")
     select_on: Literal["valid", "train"] = pydantic.Field(
         "valid", description="auto: split whose perplexity decides: valid (what eval reports) or train (keeps "
                              "the held-out split untouched by the choice)")
@@ -123,6 +130,12 @@ class CpuFastStep(Step):
 
     def check_plan(self, before, after, facts):
         p = self.params
+        if p.compile:
+            from .convert import compiler_problem
+
+            problem = compiler_problem()
+            if problem:
+                raise GptoptError(f"cpu-fast --compile: {problem}")
         if p.format.startswith("ao-") or any(c.startswith("ao-") for c in p.candidates):
             from .convert import torchao_problem
 
