@@ -1,7 +1,8 @@
 """cpu-fast on SmolLM2-135M: auto's table (fp32, bf16, the seed's plain dynamic int8, guarded dynamic int8,
-torchao int8 weight-only where torchao runs), all measured in one process, speed interleaved.
+torchao int8 weight-only where torchao runs; with --compile the compiled candidates), all measured in one
+process, speed interleaved.
 
-    HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py [--threads 2] [--eval-tokens 2048] [--rounds 3] [--no-doc]
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py [--compile] [--threads 2] [--eval-tokens 2048] [--rounds 3]
 
 Prints the table and writes it with the command into docs/cpu.md (between the BENCH markers).
 """
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--calib-blocks", type=int, default=2)
     ap.add_argument("--budget", default="10%")
+    ap.add_argument("--compile", action="store_true", help="cpu-fast --compile (auto's compiled candidates)")
     ap.add_argument("--json", default=None, help="also write the records here")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--from-json", default=None,
@@ -47,7 +49,7 @@ def main() -> None:
     else:
         pipe = (Pipeline(model="smollm2-135m", data="builtin:pydoc", quiet=False)
                 .add("cpu-fast", max_ppl_increase=args.budget, eval_tokens=args.eval_tokens, rounds=args.rounds,
-                     new_tokens=args.new_tokens, calib_blocks=args.calib_blocks)
+                     new_tokens=args.new_tokens, calib_blocks=args.calib_blocks, compile=args.compile)
                 .add("eval", max_tokens=args.eval_tokens))
         records = pipe.run().records
         minutes = (time.time() - started) / 60
@@ -66,8 +68,10 @@ def main() -> None:
     if args.no_doc:
         return
     command = args.command or "HF_HUB_OFFLINE=1 python benchmarks/cpu_fast.py " + " ".join(sys.argv[1:])
+    begin, end = ("<!-- BENCH:cpu_fast_compiled -->", "<!-- /BENCH:cpu_fast_compiled -->") if args.compile else \
+        ("<!-- BENCH:cpu_fast -->", "<!-- /BENCH:cpu_fast -->")
     block = "\n".join([
-        "<!-- BENCH:cpu_fast -->",
+        begin,
         f"Measured with `{command.strip()}` ({args.threads} threads, torch {torch.__version__}, " +
         (f"{minutes:.0f} min " if minutes == minutes else "") +
         "on a 2-core machine shared with other jobs; speed interleaved per round, medians).",
@@ -78,9 +82,9 @@ def main() -> None:
         chosen["format"] == "int8-dynamic" else "",
         "",
         verdict,
-        "<!-- /BENCH:cpu_fast -->",
+        end,
     ])
-    write_block(DOC, "<!-- BENCH:cpu_fast -->", "<!-- /BENCH:cpu_fast -->", block)
+    write_block(DOC, begin, end, block)
 
 
 if __name__ == "__main__":

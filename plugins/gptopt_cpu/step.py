@@ -1,7 +1,6 @@
 """The ``cpu-fast`` step: parameters, plan-time checks, facts; ``auto`` mode's table and choice."""
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import pydantic
