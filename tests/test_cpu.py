@@ -376,3 +376,17 @@ def test_compile_without_a_cxx_compiler_is_refused_before_the_model_loads(monkey
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GptoptError, match="needs a C\\+\\+ compiler"):
         Pipeline(model="tiny-random-llama", quiet=True).add("cpu-fast", format="bf16", compile=True).validate()
+
+
+def test_auto_with_compile_times_compiled_candidates_and_keeps_the_chosen_one_compiled():
+    ctx = make_context(model="tiny-random-llama")
+    step = CpuFastStep(candidates=["bf16", "int8-dynamic"], compile=True, eval_tokens=512, block_size=256,
+                       prompt_tokens=16, new_tokens=8, rounds=1, calib_blocks=2, calib_seq_len=64)
+    metrics = step.apply(ctx)
+    table = {r["format"]: r for r in metrics["auto_table"]}
+    assert table["bf16"]["compiled"] and not table["int8-dynamic"]["compiled"] and not table["fp32"]["compiled"]
+    chosen = metrics["auto_choice"]
+    assert bool(getattr(ctx.model, "_gptopt_compiled", False)) == table[chosen]["compiled"]
+    assert ctx.model.gptopt_cpu.get("compile", False) == table[chosen]["compiled"]
+    again = perplexity(ctx.model, ctx.data.valid_ids, 256, 256, 512)["perplexity"]
+    assert again == pytest.approx(table[chosen]["perplexity"], rel=1e-3)  # compiled or not: the same model

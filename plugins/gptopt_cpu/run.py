@@ -126,16 +126,14 @@ def run_auto(ctx, step) -> dict:
         r = perplexity(m, ids, p.block_size, p.block_size, p.eval_tokens)
         rows[label] = {"format": label, "kept_layers": info[label]["kept"], "perplexity": r["perplexity"],
                        "model_bytes": model_bytes(m)}
-    for label in rows:
+    for label, m in models.items():
         rows[label]["compiled"] = bool(p.compile and label != "fp32" and compiles(info[label]["format"]))
+        if rows[label]["compiled"]:
+            _compile(m, info[label]["metrics"])
     if p.compile:
-        for label, m in models.items():
-            if label != "fp32" and compiles(info[label]["format"]):
-                _compile(m, info[label]["metrics"])
-                info[label]["compiled"] = True
         ctx.log("  auto: compiling (torch.compile, inductor) in the speed test's warm-up")
-    speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=2 if p.compile else 1, pad_token_id=_pad(ctx),
-                        progress=ctx.progress)
+    speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=2 if p.compile else 1,
+                        pad_token_id=_pad(ctx), progress=ctx.progress)
     ref = rows["fp32"]
     budget = 1.0 + p.max_ppl_increase
     for label, row in rows.items():
@@ -203,8 +201,8 @@ def table_markdown(table: list[dict], budget: float, split: str) -> str:
 
 def table_lines(table: list[dict]) -> list[str]:
     """The auto table as fixed-width text lines (fits 100 columns; no markup)."""
-    head = f"{'format (+c: compiled)':<21} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} {'prefill':>8} " \
-           f"{'MB':>7}  within"
+    head = f"{'format (+c: compiled)':<21} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} " \
+           f"{'prefill':>8} {'MB':>7}  within"
     lines = [head]
     for r in table:
         name = r["format"] + ("+c" if r.get("compiled") else "")
