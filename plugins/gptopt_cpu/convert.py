@@ -178,8 +178,6 @@ def compile_model(model) -> None:
     """``torch.compile`` the model's forward in place (inductor, ``freezing``: weights become constants and
     linear layers use packed CPU kernels; shapes dynamic, so prompt and cache lengths do not recompile).
     Compilation happens at the first call; the model's weights and ``save`` are unchanged."""
-    import torch
-
     if getattr(model, "_gptopt_compiled", False):
         return
     model.forward = torch.compile(model.forward, dynamic=True, options={"freezing": True})
