@@ -48,7 +48,8 @@ class CpuFastParams(Params):
                           "calibration ppl is within budget (--no-guard: convert every linear layer, the seed's "
                           "plain quantize_dynamic)")
     keep: list[str] = pydantic.Field(
-        default_factory=list, description="int8 formats: always keep layers matching this glob in float32 (repeatable)")
+        default_factory=list, description="int8 formats: always keep layers matching this glob in float (float32; "
+                                          "bfloat16 under ao-int8-weight-bf16) (repeatable)")
     candidates: list[Literal[AUTO_CANDIDATES]] = pydantic.Field(
         default_factory=list, description="auto: formats to consider (repeatable) [default: bf16, int8-dynamic, "
                                           "ao-int8-weight where torchao runs; with --compile ao-int8-weight-bf16 "
