@@ -5,14 +5,24 @@ from .modules import weight_modules
 
 
 def model_bytes(model) -> int:
-    """Bytes held by parameters and buffers in memory (packed low-bit storage counts as stored)."""
+    """Bytes held by parameters and buffers in memory (packed low-bit storage counts as stored).
+
+    A layer on an integer grid (:mod:`gptopt_core.grids`) counts its weight as the packed codes and scales that
+    savers and exporters write, not as the de-quantized copy it computes with."""
+    from .grids import grid_layers
+    from .modules import weight_matrix
+
+    gridded = {}
+    for _, module, grid in grid_layers(model):
+        out_features, in_features = weight_matrix(module).shape
+        gridded[_storage_key(module.weight)] = grid.stored_bytes(out_features, in_features)
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         key = _storage_key(tensor)
         if key in seen:
             continue  # tied weights count once
         seen.add(key)
-        total += _stored_bytes(tensor)
+        total += gridded[key] if key in gridded else _stored_bytes(tensor)
     for module in model.modules():  # bitsandbytes keeps 4-bit absmax etc. in quant_state, not in buffers
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:

@@ -1,0 +1,176 @@
+"""Integer weight grids: the one description of "this layer's weights are b-bit integers times a scale".
+
+A quantizer that puts a layer's weights on an integer grid (round-to-nearest, GPTQ, SparseGPT's joint
+quantization) keeps the layer a plain ``nn.Linear`` / ``Conv1D`` whose weight holds the *de-quantized* values
+exactly, and attaches a :class:`WeightGrid` with :func:`attach_grid`. Everything that writes or measures the
+model reads the grid back with :func:`grid_of` / :func:`grid_codes`, so the integers are never re-rounded:
+
+* ``eval`` / ``bench`` run the de-quantized weights (same numbers a packed kernel would compute with);
+* :func:`gptopt_core.metrics.model_bytes` counts a grid layer's weight as its packed storage
+  (:meth:`WeightGrid.stored_bytes`), which is what a serving format writes;
+* savers and exporters (compressed-tensors, GGUF) write :func:`grid_codes` and the grid's scales.
+
+Conventions (all tensors in the ``(out_features, in_features)`` orientation of ``nn.Linear``; GPT-2's
+``Conv1D`` weight is transposed to it):
+
+* ``group_size``: consecutive input columns sharing one scale; ``None`` = one group per output row
+  (per-channel). It must divide ``in_features``.
+* symmetric: codes are signed, ``q in [-2**(bits-1), 2**(bits-1) - 1]``, ``w = q * scale``.
+* asymmetric: codes are unsigned, ``q in [0, 2**bits - 1]``, ``w = (q - zero) * scale`` with integer ``zero``
+  in the same range.
+* ``scale`` is float32 holding float16-representable values (formats store fp16 scales, so writing them is
+  exact); shape ``(out_features, n_groups)``; ``zero`` is int32 of the same shape, or ``None`` when symmetric.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+GRID_ATTR = "gptopt_grid"
+
+
+@dataclass
+class WeightGrid:
+    """One layer's integer grid; see the module docstring for the conventions."""
+
+    bits: int
+    group_size: Optional[int]
+    symmetric: bool
+    scale: Any  # torch.Tensor float32 [out, n_groups]
+    zero: Any = None  # torch.Tensor int32 [out, n_groups] (asymmetric) or None
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def describe(self) -> str:
+        """Short name such as ``int4-g64-asym`` or ``int8-channel-sym``."""
+        group = f"g{self.group_size}" if self.group_size else "channel"
+        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+
+    def _expand(self, t, in_features: int):
+        size = self.group_size or in_features
+        return t.repeat_interleave(size, dim=1)
+
+    def codes(self, weight):
+        """Integer codes (int32, ``(out, in)``) of ``weight`` (``(out, in)``) on this grid, round-to-nearest."""
+        import torch
+
+        w = weight.detach().float()
+        scale = self._expand(self.scale.to(w.device), w.shape[1])
+        q = torch.round(w / scale)
+        if not self.symmetric:
+            q = q + self._expand(self.zero.to(w.device), w.shape[1])
+        return q.clamp_(self.qmin, self.qmax).to(torch.int32)
+
+    def dequantize(self, codes):
+        """float32 ``(out, in)`` weights of integer ``codes``."""
+        q = codes.float()
+        if not self.symmetric:
+            q = q - self._expand(self.zero.to(q.device), q.shape[1]).float()
+        return q * self._expand(self.scale.to(q.device), q.shape[1])
+
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the packed codes plus fp16 scales (and packed zero points) for an ``out x in`` weight."""
+        groups = self.scale.numel()
+        total = (out_features * in_features * self.bits + 7) // 8 + groups * 2
+        if not self.symmetric:
+            total += (groups * self.bits + 7) // 8
+        return int(total)
+
+
+def check_group_size(in_features: int, group_size: Optional[int], name: str = "layer") -> None:
+    """Raise ``ValueError`` naming the width when ``group_size`` does not divide ``in_features``."""
+    if group_size and in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide {name}'s input width {in_features}")
+
+
+def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: bool = True) -> WeightGrid:
+    """Min-max scales for ``weight`` (``(out, in)``): the round-to-nearest grid.
+
+    Symmetric: ``scale = max|w| / ((2**bits - 1) / 2)`` per group (as GPTQ and compressed-tensors do).
+    Asymmetric: the group's range, widened to include 0, split into ``2**bits - 1`` steps.
+    """
+    import torch
+
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    check_group_size(in_features, group_size)
+    size = group_size or in_features
+    g = w.reshape(out_features, in_features // size, size)
+    if symmetric:
+        scale = g.abs().amax(dim=2) / ((2 ** bits - 1) / 2)
+        zero = None
+    else:
+        lo = g.amin(dim=2).clamp(max=0)
+        hi = g.amax(dim=2).clamp(min=0)
+        scale = (hi - lo) / (2 ** bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.half().float()  # fp16-representable: formats store fp16 scales exactly
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0 ** -24))  # fp16 underflow
+    if not symmetric:
+        zero = torch.round(-lo / scale).clamp(0, 2 ** bits - 1).to(torch.int32)
+    return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
+
+
+def attach_grid(module, grid: WeightGrid, check: bool = True) -> None:
+    """Mark ``module`` as holding ``grid``; its weight must already hold the de-quantized values.
+
+    With ``check``, raise ``ValueError`` when the weight is not exactly on the grid.
+    """
+    if check and not on_grid(module, grid):
+        raise ValueError("the layer's weight is not on the grid it is attached to")
+    setattr(module, GRID_ATTR, grid)
+
+
+def grid_of(module) -> Optional[WeightGrid]:
+    """The :class:`WeightGrid` attached to ``module``, or ``None``."""
+    return getattr(module, GRID_ATTR, None)
+
+
+def detach_grid(module) -> None:
+    """Forget ``module``'s grid (e.g. after a merge changed its weight)."""
+    if hasattr(module, GRID_ATTR):
+        delattr(module, GRID_ATTR)
+
+
+def grid_codes(module):
+    """The integer codes of a grid layer's weight, ``(out, in)`` int32 (``Conv1D`` transposed)."""
+    from .modules import weight_matrix
+
+    grid = grid_of(module)
+    if grid is None:
+        raise ValueError("the layer has no integer grid")
+    return grid.codes(weight_matrix(module))
+
+
+def on_grid(module, grid: Optional[WeightGrid] = None) -> bool:
+    """Whether the layer's weight equals the de-quantization of its codes (it was not changed since)."""
+    from .modules import weight_matrix
+
+    grid = grid or grid_of(module)
+    if grid is None:
+        return False
+    w = weight_matrix(module).detach().float()
+    return bool((grid.dequantize(grid.codes(w)) == w).all())
+
+
+def grid_layers(model):
+    """``[(qualified_name, module, grid)]`` of every layer carrying a grid, in model order."""
+    return [(name, m, grid_of(m)) for name, m in model.named_modules() if grid_of(m) is not None]
+
+
+def round_to_grid(module, grid: WeightGrid) -> None:
+    """Round ``module``'s weight to ``grid`` in place (round-to-nearest) and attach the grid."""
+    import torch
+
+    from .modules import weight_matrix
+
+    with torch.no_grad():
+        view = weight_matrix(module)
+        view.copy_(grid.dequantize(grid.codes(view)).to(view.dtype))
+    attach_grid(module, grid, check=False)

@@ -1,0 +1,57 @@
+"""Integer weight grids (gptopt_core.grids): codes, de-quantization, attachment and their size."""
+import pytest
+import torch
+
+from gptopt_core.grids import (WeightGrid, attach_grid, fit_grid, grid_codes, grid_layers, grid_of, on_grid,
+                               round_to_grid)
+from gptopt_core.metrics import model_bytes
+from gptopt_core.modules import weight_matrix, weight_modules
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (8, None, True), (4, None, False)])
+def test_round_trip_codes_and_ranges(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    grid = fit_grid(w, bits, group, sym)
+    q = grid.codes(w)
+    assert int(q.min()) >= grid.qmin and int(q.max()) <= grid.qmax
+    deq = grid.dequantize(q)
+    assert torch.equal(grid.codes(deq), q)  # de-quantized values are exactly on the grid
+    step = grid.scale.repeat_interleave(group or 128, dim=1)
+    # round to nearest; a symmetric grid clips its positive extreme (+7.5 steps -> 7) by half a step
+    assert float(((deq - w).abs() / step).max()) <= (0.5 + 1e-3 if not sym else 0.55)
+    assert torch.equal(grid.scale.half().float(), grid.scale)  # fp16-exact scales
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="576"):
+        fit_grid(torch.randn(4, 576), 4, 128)
+
+
+@pytest.mark.parametrize("spec", ["tiny-random-gpt2", "tiny-random-llama"])
+def test_attach_checks_and_bytes_on_conv1d_and_linear(spec):
+    from gptopt_core.models import tiny_model
+
+    model, _ = tiny_model(spec)
+    before = model_bytes(model)
+    name, layer = weight_modules(model)[0]
+    grid = fit_grid(weight_matrix(layer), 4, 32, False)
+    with pytest.raises(ValueError):
+        attach_grid(layer, grid)  # the weight is not on the grid yet
+    round_to_grid(layer, grid)
+    assert on_grid(layer) and grid_of(layer) is grid
+    assert [n for n, _, _ in grid_layers(model)] == [name]
+    out_features, in_features = weight_matrix(layer).shape
+    assert grid_codes(layer).shape == (out_features, in_features)
+    saved = layer.weight.numel() * 4 - grid.stored_bytes(out_features, in_features)
+    assert model_bytes(model) == before - saved
+    with torch.no_grad():
+        layer.weight.add_(1e-3)
+    assert not on_grid(layer)
+
+
+def test_stored_bytes():
+    grid = WeightGrid(bits=4, group_size=64, symmetric=False, scale=torch.ones(8, 2),
+                      zero=torch.zeros(8, 2, dtype=torch.int32))
+    assert grid.stored_bytes(8, 128) == 8 * 128 // 2 + 16 * 2 + 8
+    assert grid.describe() == "int4-g64-asym"
