@@ -15,13 +15,30 @@ def model_device(model):
         return torch.device("cpu")
 
 
-def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096, progress=None) -> dict:
-    """Perplexity of ``model`` on the first ``max_tokens`` of ``ids`` (1-D LongTensor).
+def eval_windows(n_tokens: int, block_size: int = 512, stride: int = 512) -> list:
+    """``[(begin, end, scored_from)]``: the windows :func:`perplexity` scores over ``n_tokens`` tokens.
 
-    Windows of ``block_size`` tokens start every ``stride`` tokens; each window scores only the tokens not
-    scored by an earlier window (the Hugging Face sliding-window method), so ``stride == block_size`` means
-    disjoint blocks. Returns ``{"perplexity", "nll", "tokens"}``.
-    """
+    Windows of ``block_size`` tokens start every ``stride`` tokens; each window scores its targets (positions
+    ``begin + 1 .. end - 1``) from index ``scored_from`` on, leaving out the ones an earlier window scored (the
+    Hugging Face sliding-window method), so ``stride == block_size`` means disjoint blocks."""
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + block_size, n_tokens)
+        if end - begin < 2:
+            break
+        windows.append((begin, end, max(prev_end - begin - 1, 0)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def perplexity_of(window_logits, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096,
+                  progress=None) -> dict:
+    """Perplexity of any model given as ``window_logits(input_ids) -> logits`` (``[len, vocab]`` for a 1-D
+    window of token ids) on the first ``max_tokens`` of ``ids``: the one perplexity computation, shared by
+    torch models (:func:`perplexity`) and other runtimes (e.g. llama.cpp's logits). Returns
+    ``{"perplexity", "nll", "tokens"}``."""
     import torch
 
     ids = ids[:max_tokens]
@@ -30,30 +47,41 @@ def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens:
             f"validation split has {ids.numel()} tokens, fewer than one eval block of {block_size}+1; give more "
             "data or a smaller --block-size"
         )
+    total_nll, total_tokens = 0.0, 0
+    windows = eval_windows(ids.numel(), block_size, stride)
+    iterator = progress(windows, "eval") if progress else windows
+    for begin, end, scored_from in iterator:
+        input_ids = ids[begin:end]
+        logits = torch.as_tensor(window_logits(input_ids))[:-1].float()
+        targets = input_ids[1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[scored_from:], targets[scored_from:], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int(targets.numel() - scored_from)
+    mean = total_nll / max(total_tokens, 1)
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+
+def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096, progress=None) -> dict:
+    """Perplexity of ``model`` on the first ``max_tokens`` of ``ids`` (1-D LongTensor).
+
+    Windows of ``block_size`` tokens start every ``stride`` tokens; each window scores only the tokens not
+    scored by an earlier window (the Hugging Face sliding-window method), so ``stride == block_size`` means
+    disjoint blocks (see :func:`eval_windows`). Returns ``{"perplexity", "nll", "tokens"}``.
+    """
+    import torch
+
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens, prev_end = 0.0, 0, 0
-    starts = list(range(0, ids.numel() - 1, stride))
-    iterator = progress(starts, "eval") if progress else starts
-    with torch.inference_mode():
-        for begin in iterator:
-            end = min(begin + block_size, ids.numel())
-            if end - begin < 2:
-                break
-            input_ids = ids[begin:end].unsqueeze(0).to(device)
-            logits = model(input_ids=input_ids).logits[0, :-1].float()
-            targets = input_ids[0, 1:]
-            scored_from = max(prev_end - begin - 1, 0)  # tokens already scored by an earlier window
-            nll = torch.nn.functional.cross_entropy(logits[scored_from:], targets[scored_from:], reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int(targets.numel() - scored_from)
-            prev_end = end
-            if end == ids.numel():
-                break
-    model.train(was_training)
-    mean = total_nll / max(total_tokens, 1)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+    def window_logits(input_ids):
+        return model(input_ids=input_ids.unsqueeze(0).to(device)).logits[0]
+
+    try:
+        with torch.inference_mode():
+            return perplexity_of(window_logits, ids, block_size, stride, max_tokens, progress)
+    finally:
+        model.train(was_training)
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
