@@ -129,12 +129,14 @@ def run_chain(steps, **options):
     from .errors import GptoptError
     from .pipeline import Pipeline
 
+    from .errors import shorten
+
     seed = options.get("seed")
     if seed is not None:
         try:
             seed = int(seed)
         except ValueError:
-            raise GptoptError(f"--seed must be an integer, got '{seed}'") from None
+            raise GptoptError(f"--seed must be an integer, got '{shorten(seed, 40)}'") from None
     common = {"model": options.get("model"), "data": options.get("data"), "eval_data": options.get("eval_data"),
               "seed": seed, "device": options.get("device"), "out": options.get("out"),
               "allow_pickle": options["allow_pickle"], "trust_remote_code": options["trust_remote_code"],
@@ -190,6 +192,8 @@ def plugins(as_json):
         click.echo(head)
         if i.error:
             click.echo(f"    ERROR: {i.error}")
+        if i.warning:
+            click.echo(f"    WARNING: {i.warning}")
         if i.steps:
             click.echo(f"    steps: {', '.join(i.steps)}")
         if i.hooks:
@@ -209,13 +213,32 @@ def _quiet_import_noise() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM unwinds like Ctrl-C: temporary directories are removed, run.json says "interrupted" and one line
+    is printed. A second SIGTERM during that cleanup kills at once."""
+    import signal
+
+    from .errors import Terminated
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave the default
+        pass
+
+
 def main(argv=None):
     """Console entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     import warnings
 
-    from .errors import GptoptError, StepFailed
+    from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, shorten, user_error
+    from .plugins import PluginHookError
 
     warnings.showwarning = _one_line_warning
+    _terminate_like_ctrl_c()
     debug = os.environ.get("GPTOPT_DEBUG") == "1"
     if not debug:
         _quiet_import_noise()
@@ -227,24 +250,31 @@ def main(argv=None):
         print("Error: aborted", file=sys.stderr)
         sys.exit(130)
     except click.UsageError as exc:
-        print(f"Error: {exc.format_message()}", file=sys.stderr)
+        print(f"Error: {shorten(exc.format_message(), MAX_MESSAGE)}", file=sys.stderr)
         sys.exit(2)
     except GptoptError as exc:
         if debug:
             raise
         print(f"Error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except StepFailed as exc:
+    except (StepFailed, PluginHookError) as exc:
         if debug:
             raise
         print(f"Error: {exc} (GPTOPT_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print("Error: terminated (SIGTERM); partial output was removed", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         if debug:
             raise
-        print(f"Error: internal error: {type(exc).__name__}: {exc} (GPTOPT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        mapped = user_error(exc)  # the one place a user-caused fault (long name, read-only disk...) becomes exit 2
+        if mapped is not None:
+            print(f"Error: {mapped}", file=sys.stderr)
+            sys.exit(2)
+        print(f"Error: internal error: {type(exc).__name__}: {shorten(exc, MAX_MESSAGE)} (GPTOPT_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
         sys.exit(1)

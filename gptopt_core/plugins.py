@@ -1,8 +1,44 @@
-"""Plugin manager: entry points, block/load lists, per-plugin error isolation, step registry."""
+"""Plugin manager: entry points, block/load lists, per-plugin isolation and blame, step registry.
+
+Loading one plugin is a transaction (after tox 4's plugin manager: validate, warn, unregister):
+
+1. import its entry point (``ImportError``, ``SystemExit`` or anything else raised at import is caught);
+2. register its hook implementations with pluggy (pluggy checks their arguments against the hookspecs);
+3. validate them: a ``@hookimpl`` for a hook that does not exist (e.g. a misspelled name) is an error, and so is a
+   function named like a known hook but not marked ``@hookimpl`` (pluggy would silently skip it);
+4. register its steps: a step class that is not a :class:`gptopt_core.Step`, has no ``name``, or whose name the
+   core or another plugin already registered (e.g. ``eval``) is an error naming both plugins.
+
+If any part fails, the plugin is unregistered completely (its hooks and any steps it gave) and kept in
+:attr:`Plugins.info` with a one-line ``error``; a warning names it and every other plugin keeps working. A module
+that provides no hooks and no steps gets a ``warning``. With ``GPTOPT_STRICT_PLUGINS=1`` each of these is an
+error instead (one line, exit code 2).
+
+Environment:
+
+* ``GPTOPT_LOAD_PLUGINS=a,b``: comma-separated allow-list of entry-point names; only these load (the core,
+  ``gptopt-core``, always loads). Set but empty: no entry-point plugin loads.
+* ``GPTOPT_BLOCK_PLUGINS=a,b``: comma-separated names that never load (pluggy's ``set_blocked``; the module is
+  not even imported). Applied after the allow-list.
+* Names in either list that no installed plugin has are warned about. Whitespace around names is ignored.
+* ``GPTOPT_STRICT_PLUGINS=1``: a plugin that fails to load, or provides nothing, is an error.
+* ``GPTOPT_TRACE_PLUGINS=1``: one stderr line per hook implementation call: plugin, hook, milliseconds (and what
+  it raised).
+
+Every hook implementation is wrapped so that an unexpected exception it raises becomes a
+:class:`PluginHookError` naming the plugin and the hook (a :class:`gptopt_core.GptoptError` a plugin raises on
+purpose passes through unchanged). ``gptopt_run_finished`` implementations are isolated further: one that fails
+is warned about and turned into a report section saying so, and the other plugins' sections are kept.
+"""
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.metadata
+import inspect
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -12,97 +48,193 @@ from . import hookspecs
 from .errors import GptoptError
 
 GROUP = "gptopt"
+CORE = "gptopt-core"
 
 
 class PluginLoadWarning(UserWarning):
-    pass
+    """A plugin was not loaded (or loaded but provides nothing); the message names it and says why."""
+
+
+class PluginHookError(Exception):
+    """A hook implementation raised something unexpected: a bug in the plugin named by ``plugin``."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException):
+        self.plugin, self.hook, self.error = plugin, hook, error
+        detail = " ".join(str(error).split())
+        super().__init__(f"plugin {plugin} failed in {hook}: {type(error).__name__}: {detail}")
+
+
+class _Rejected(Exception):
+    """Internal: why a plugin cannot be registered (one line)."""
 
 
 @dataclass
 class PluginInfo:
+    """What ``gptopt plugins`` shows for one plugin."""
+
     name: str
     distribution: str | None = None
     version: str | None = None
     steps: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
-    error: str | None = None
+    error: str | None = None  # set when the plugin was rejected; it is then not registered at all
+    warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
     builtin: bool = False
 
 
 class Plugins:
-    """The loaded plugins: a pluggy manager plus what each plugin gave and what failed."""
+    """The loaded plugins: a pluggy manager plus what each plugin gave and what failed.
 
-    def __init__(self):
+    :param strict: ``True`` makes a rejected plugin raise :class:`GptoptError`; default: ``GPTOPT_STRICT_PLUGINS``.
+    """
+
+    def __init__(self, strict: bool | None = None):
         self.pm = pluggy.PluginManager("gptopt")
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.steps: dict[str, type] = {}
+        self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
+        self.trace = os.environ.get("GPTOPT_TRACE_PLUGINS") == "1"
 
     @property
     def hook(self):
         return self.pm.hook
 
-    def register(self, module, name: str, distribution=None, version=None, builtin=False) -> None:
-        self.pm.register(module, name=name)
-        self.info[name] = PluginInfo(name, distribution, version, builtin=builtin)
+    # -- registering ----------------------------------------------------------------------------------
+    def register(self, module, name: str, distribution=None, version=None, builtin=False) -> PluginInfo:
+        """Register ``module`` (or any object with ``@hookimpl`` methods) as plugin ``name``, all or nothing.
+
+        Returns its :class:`PluginInfo`; when the plugin was rejected, ``info.error`` says why and nothing of it is
+        registered. Raises :class:`GptoptError` instead under strict mode.
+        """
+        info = PluginInfo(name, distribution, version, builtin=builtin)
+        try:
+            if name in self.info:
+                raise _Rejected(f"a plugin named {name} is already loaded"
+                                + (f" (from {self.info[name].distribution})" if self.info[name].distribution else ""))
+            self._register(module, info)
+        except _Rejected as exc:
+            self._drop(name, module)
+            info.steps, info.hooks, info.error = [], [], _one_line(str(exc))
+            self.info.setdefault(name, info)
+            self._complain(info, info.error)
+            return info
+        self.info[name] = info
+        if not info.hooks and not info.steps:
+            info.warning = "provides no hooks and no steps (does the entry point name the right module?)"
+            self._complain(info, info.warning)
+        return info
+
+    def _register(self, module, info: PluginInfo) -> None:
+        name = info.name
+        _check_unmarked(module)
+        try:
+            self.pm.register(module, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise _Rejected(_one_line(str(exc))) from None
+        except ValueError as exc:  # the same object registered under another name, or a name clash in pluggy
+            raise _Rejected(str(exc)) from None
+        callers = self.pm.get_hookcallers(module) or []
+        for caller in callers:
+            if caller.spec is None:
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is module and not impl.optionalhook:
+                        raise _Rejected(f"implements unknown hook {caller.name}{_did_you_mean(caller.name)}")
+        info.hooks = sorted(c.name for c in callers)
+        info.steps = self._register_steps(module, name)
+        self._wrap(module, name, callers)
+
+    def _register_steps(self, module, name: str) -> list[str]:
+        from .steps import Step
+
+        new: dict[str, type] = {}
+
+        def register(step_cls):
+            if not (isinstance(step_cls, type) and issubclass(step_cls, Step)):
+                raise _Rejected(f"registered {step_cls!r}, which is not a gptopt_core.Step subclass")
+            step_name = getattr(step_cls, "name", "")
+            if not step_name or not isinstance(step_name, str):
+                raise _Rejected(f"registered step class {step_cls.__name__} without a name")
+            if step_name in self.steps:
+                raise _Rejected(f"step '{step_name}' is already registered by plugin {self.steps[step_name].plugin}")
+            if step_name in new:
+                raise _Rejected(f"registers step '{step_name}' twice")
+            new[step_name] = step_cls
+
+        for impl in self.pm.hook.gptopt_register_steps.get_hookimpls():
+            if impl.plugin is not module:
+                continue
+            try:
+                impl.function(*[{"register": register}[a] for a in impl.argnames])
+            except _Rejected:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise _Rejected(f"gptopt_register_steps raised {type(exc).__name__}: {exc}") from None
+        for step_name, step_cls in new.items():  # only now: a rejected plugin leaves no step behind
+            step_cls.plugin = name
+            self.steps[step_name] = step_cls
+        return list(new)
+
+    def _wrap(self, module, name: str, callers) -> None:
+        """Blame and trace: every hook implementation of this plugin names it when it raises."""
+        for caller in callers:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is module and not (impl.hookwrapper or getattr(impl, "wrapper", False)):
+                    impl.function = _blamed(impl.function, name, caller.name, self.trace)
+
+    def _complain(self, info: PluginInfo, reason: str) -> None:
+        where = f" ({info.distribution})" if info.distribution and info.distribution != info.name else ""
+        message = f"plugin {info.name}{where}: {reason}"
+        if self.strict:
+            raise GptoptError(message + " (GPTOPT_STRICT_PLUGINS=1)")
+        warnings.warn(message, PluginLoadWarning, stacklevel=3)
+
+    def _drop(self, name: str, module=None) -> None:
+        """Remove everything plugin ``name`` registered (hooks and steps)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None and (module is None or plugin is module):
+            self.pm.unregister(plugin)
+        for step_name, cls in list(self.steps.items()):
+            if cls.plugin == name and (module is None or plugin is module):
+                del self.steps[step_name]
 
     def unregister(self, name: str) -> None:
-        plugin = self.pm.get_plugin(name)
-        if plugin is not None:
-            self.pm.unregister(plugin)
+        """Remove plugin ``name`` entirely: its hooks, its steps and its listing."""
+        if name in self.info and self.info[name].error is None:
+            self._drop(name)
         self.info.pop(name, None)
-        self.collect_steps()
 
+    # -- entry points ---------------------------------------------------------------------------------
     def load_entry_points(self) -> None:
-        strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1"
+        """Load every ``gptopt`` entry point not excluded by ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS``."""
         only = _env_list("GPTOPT_LOAD_PLUGINS")
-        blocked = _env_list("GPTOPT_BLOCK_PLUGINS")
-        for ep in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
-            if ep.name in self.info or (only is not None and ep.name not in only) or ep.name in blocked:
+        blocked = _env_list("GPTOPT_BLOCK_PLUGINS") or set()
+        eps = sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name)
+        known = {ep.name for ep in eps}
+        for var, names in (("GPTOPT_LOAD_PLUGINS", only or set()), ("GPTOPT_BLOCK_PLUGINS", blocked)):
+            for unknown in sorted(names - known):
+                why = ("is the core and always loads" if unknown == CORE else
+                       f"is not an installed plugin (installed: {', '.join(sorted(known)) or 'none'})")
+                warnings.warn(f"{var}: '{unknown}' {why}", PluginLoadWarning, stacklevel=2)
+        for ep_name in known:
+            if ep_name in blocked or (only is not None and ep_name not in only):
+                self.pm.set_blocked(ep_name)
+        for ep in eps:
+            if self.pm.is_blocked(ep.name) or ep.name == CORE:
+                continue
+            if ep.name in self.info:  # the same name from a second distribution on the path: first one wins
                 continue
             dist = getattr(ep, "dist", None)
             dist_name, version = (dist.name, dist.version) if dist else (None, None)
             try:
                 module = ep.load()
-                self.register(module, ep.name, dist_name, version)
-            except Exception as exc:  # any import-time fault of a plugin is isolated
-                message = f"plugin {ep.name} failed to load: {type(exc).__name__}: {exc}"
-                if strict:
-                    raise GptoptError(message + " (GPTOPT_STRICT_PLUGINS=1)") from None
-                self.info[ep.name] = PluginInfo(ep.name, dist_name, version, error=f"{type(exc).__name__}: {exc}")
-                warnings.warn(message, PluginLoadWarning, stacklevel=2)
-        self.pm.check_pending()
-
-    def collect_steps(self) -> None:
-        """Ask every plugin for its steps, remembering who registered what."""
-        self.steps = {}
-        for info in self.info.values():
-            info.steps = []
-        for impl in reversed(self.pm.hook.gptopt_register_steps.get_hookimpls()):
-            name = impl.plugin_name
-            info = self.info.setdefault(name, PluginInfo(name))
-
-            def register(step_cls, _plugin=name, _info=info):
-                if not getattr(step_cls, "name", ""):
-                    raise GptoptError(f"plugin {_plugin} registered a step without a name")
-                if step_cls.name in self.steps and self.steps[step_cls.name].plugin != _plugin:
-                    _info.error = (f"step '{step_cls.name}' already registered by plugin "
-                                   f"{self.steps[step_cls.name].plugin}")
-                    return
-                step_cls.plugin = _plugin
-                self.steps[step_cls.name] = step_cls
-                _info.steps.append(step_cls.name)
-
-            try:
-                impl.function(register=register)
-            except GptoptError:
-                raise
-            except Exception as exc:
-                info.error = f"gptopt_register_steps raised {type(exc).__name__}: {exc}"
-                warnings.warn(f"plugin {name}: {info.error}", PluginLoadWarning, stacklevel=2)
-        for info in self.info.values():
-            plugin = self.pm.get_plugin(info.name)
-            info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or []) if plugin else []
+            except (Exception, SystemExit) as exc:  # any import-time fault of a plugin is isolated
+                what = "called sys.exit" if isinstance(exc, SystemExit) else type(exc).__name__
+                info = PluginInfo(ep.name, dist_name, version, error=_one_line(f"failed to load: {what}: {exc}"))
+                self.info[ep.name] = info
+                self._complain(info, info.error)
+                continue
+            self.register(module, ep.name, dist_name, version)
 
     def step_class(self, name: str):
         if name not in self.steps:
@@ -111,10 +243,72 @@ class Plugins:
         return self.steps[name]
 
 
+def _blamed(function, plugin: str, hook: str, trace: bool):
+    @functools.wraps(function)
+    def call(*args):
+        start = time.perf_counter()
+        outcome = ""
+        try:
+            return function(*args)
+        except GptoptError as exc:
+            outcome = f" raised {type(exc).__name__}"
+            if hook in _ISOLATED:
+                return _ISOLATED[hook](plugin, exc)
+            raise
+        except Exception as exc:
+            outcome = f" raised {type(exc).__name__}"
+            if isinstance(exc, PluginHookError):
+                raise
+            if hook in _ISOLATED:
+                return _ISOLATED[hook](plugin, exc)
+            raise PluginHookError(plugin, hook, exc) from exc
+        finally:
+            if trace:
+                ms = (time.perf_counter() - start) * 1000
+                print(f"gptopt trace: {plugin} {hook} {ms:.2f} ms{outcome}", file=sys.stderr)
+
+    return call
+
+
+def _report_hook_failed(plugin: str, error: BaseException) -> list[str]:
+    message = _one_line(f"plugin {plugin} failed in gptopt_run_finished: {type(error).__name__}: {error}")
+    warnings.warn(message, PluginLoadWarning, stacklevel=2)
+    return [f"> {message}"]
+
+
+#: hooks where one plugin's failure must not stop the others: failure → the returned value
+_ISOLATED = {"gptopt_run_finished": _report_hook_failed}
+
+
+def _check_unmarked(module) -> None:
+    """A function named like a known hook but not marked ``@hookimpl`` would be skipped silently by pluggy."""
+    specs = set(hook_names())
+    for attr in dir(module):
+        if attr in specs:
+            value = getattr(module, attr, None)
+            if callable(value) and not hasattr(value, "gptopt_impl"):
+                raise _Rejected(f"{attr} is not marked @hookimpl (from gptopt_core import hookimpl)")
+
+
+def hook_names() -> list[str]:
+    """Every hook in the contract (:mod:`gptopt_core.hookspecs`)."""
+    return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("gptopt_")]
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, hook_names(), n=1)
+    return f" (did you mean {close[0]}?)" if close else " (see docs/hooks.md for the hooks that exist)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _env_list(var: str):
+    """Names in a comma-separated environment variable; ``None`` when it is not set."""
     value = os.environ.get(var)
     if value is None:
-        return None if var == "GPTOPT_LOAD_PLUGINS" else set()
+        return None
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
@@ -128,16 +322,10 @@ def get_plugins() -> Plugins:
         from . import builtin
 
         plugins = Plugins()
-        plugins.register(builtin, "gptopt-core", "gptopt", _version(), builtin=True)
+        plugins.register(builtin, CORE, "gptopt", _version(), builtin=True)
         plugins.load_entry_points()
-        plugins.collect_steps()
         _plugins = plugins
     return _plugins
-
-
-def reset_plugins() -> None:
-    global _plugins
-    _plugins = None
 
 
 def _version() -> str:

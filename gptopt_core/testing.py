@@ -12,16 +12,28 @@ block (or a pytest fixture body) and unregisters it in ``finally``::
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from .plugins import get_plugins
 
 
 @contextlib.contextmanager
 def register_plugin(module, name: str):
-    """Register ``module`` as plugin ``name`` in the process-wide plugin set; unregister afterwards."""
+    """Register ``module`` as plugin ``name`` in the process-wide plugin set; unregister afterwards.
+
+    Registration is checked as for an installed plugin (hooks against the hookspecs, step names unique); a plugin
+    the core would reject raises :class:`gptopt_core.GptoptError` with the reason here, so a test sees it at once.
+    """
+    from .errors import GptoptError
+
     plugins = get_plugins()
-    plugins.register(module, name)
-    plugins.collect_steps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = plugins.register(module, name)
+    if info.error:
+        if plugins.info.get(name) is info:
+            plugins.info.pop(name)
+        raise GptoptError(f"plugin {name}: {info.error}")
     try:
         yield plugins
     finally:

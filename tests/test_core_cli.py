@@ -57,7 +57,7 @@ def test_third_party_plugin_adds_a_step_and_broken_one_is_isolated(example_plugi
     env = {"PYTHONPATH": str(example_plugins)}
     steps = run_gptopt("steps", env=env)
     assert steps.returncode == 0 and "hello" in steps.stdout
-    assert "plugin gptopt-broken failed to load" in steps.stderr
+    assert "plugin gptopt-broken: failed to load" in steps.stderr
     plugins = json.loads(run_gptopt("plugins", "--json", env=env).stdout)
     by_name = {p["name"]: p for p in plugins}
     assert by_name["gptopt-hello"]["steps"] == ["hello"] and by_name["gptopt-hello"]["distribution"] == "gptopt-hello"
