@@ -25,6 +25,7 @@ class EvalStep(Step):
 
     name = "eval"
     Params = EvalParams
+    position_params = ("block_size",)
 
     def check_plan(self, before, after, facts):
         if self.params.stride and self.params.stride > self.params.block_size:
@@ -39,6 +40,14 @@ class EvalStep(Step):
             raise GptoptError(
                 f"eval: the held-out split of '{data.spec}' has {int(data.valid_ids.numel())} tokens, fewer than one "
                 f"block of {self.params.block_size}+1; give more text or a smaller --block-size")
+        if self.params.sample:
+            from .pipeline import max_positions
+
+            limit = max_positions(ctx.model)
+            prompt = len(ctx.tokenizer(self.params.sample, add_special_tokens=False)["input_ids"])
+            if limit is not None and prompt + self.params.sample_tokens > limit:
+                raise GptoptError(f"eval: --sample is {prompt} tokens; with --sample-tokens {self.params.sample_tokens} "
+                                  f"that is longer than the model's {limit} positions")
 
     def apply(self, ctx):
         from .evaluate import generate_sample, perplexity
@@ -72,7 +81,8 @@ class SaveStep(Step):
         from pathlib import Path
 
         target = Path(self.params.to).expanduser()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not self.params.overwrite:
+        replace = self.params.overwrite or getattr(self, "replace_on_resume", False)  # set by the pipeline
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not replace:
             raise GptoptError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
         return target
 
@@ -90,7 +100,8 @@ class SaveStep(Step):
             return {"saved_to": str(target), "files": sorted(p.name for p in target.iterdir())}
         target = self.check_target()
         try:
-            files = save_model_dir(ctx, target, overwrite=self.params.overwrite)
+            files = save_model_dir(ctx, target, overwrite=self.params.overwrite or getattr(self, "replace_on_resume",
+                                                                                          False))
         finally:
             _barrier()
         return {"saved_to": str(target), "files": files}

@@ -246,7 +246,10 @@ def main(argv=None):
         cli.main(args=argv, prog_name="gptopt", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, Terminated):  # click wraps KeyboardInterrupt (and so SIGTERM) in Abort
+            print("Error: terminated (SIGTERM); partial output was removed", file=sys.stderr)
+            sys.exit(143)
         print("Error: aborted", file=sys.stderr)
         sys.exit(130)
     except click.UsageError as exc:

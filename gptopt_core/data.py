@@ -5,55 +5,186 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SourceError
+from .errors import SourceError, shorten
 
 VALID_EVERY = 10  # every 10th document (by position) is held out for validation
 
 
+#: local file kinds read by the core itself (no `datasets` cache is written for them); suffixes compare lower-case
+LOCAL_KINDS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
 def load_documents(spec: str) -> list[str]:
-    """Documents (strings) of a data spec: ``builtin:pydoc``, a local .txt/.jsonl/.csv/.parquet, or a hub id."""
+    """Documents (strings) of a data spec: ``builtin:pydoc``, a local .txt/.jsonl/.json/.csv/.parquet (any case
+    of the suffix), or a hub dataset id (read with `datasets`, cached under ``GPTOPT_CACHE``)."""
     if spec == "builtin:pydoc":
         import pydoc_data.topics
 
         topics = pydoc_data.topics.topics
         return [topics[k] for k in sorted(topics)]
     if spec.startswith("builtin:"):
-        raise SourceError(f"unknown built-in data '{spec}'; the built-in corpus is builtin:pydoc")
+        raise SourceError(f"unknown built-in data '{shorten(spec, 60)}'; the built-in corpus is builtin:pydoc")
     path = Path(spec).expanduser()
-    if path.suffix == ".txt" or (path.is_file() and path.suffix not in (".jsonl", ".json", ".csv", ".parquet")):
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_KINDS or path.is_file():
         if not path.is_file():
-            raise SourceError(f"data file {spec} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"data file {spec} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
-        docs = [d.strip() for d in text.split("\n\n\n") if d.strip()]
-        return docs
-    if path.suffix in (".jsonl", ".json", ".csv", ".parquet"):
-        if not path.is_file():
-            raise SourceError(f"data file {spec} does not exist")
-        return _datasets_documents(str(path), path.suffix.lstrip("."))
+            raise SourceError(f"data file {shorten(spec, 200)} does not exist")
+        reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix)
+        if reader is None:
+            return [d.strip() for d in _read_utf8(path, spec).split("\n\n\n") if d.strip()]
+        return _text_column(reader(path, spec), spec)
     if spec.count("/") == 1 and not path.exists():
-        return _datasets_documents(spec, None)
-    raise SourceError(f"data '{spec}' not found: give builtin:pydoc, a .txt/.jsonl/.csv/.parquet file or a hub dataset id")
+        return _hub_documents(spec)
+    raise SourceError(f"data '{shorten(spec, 200)}' not found: give builtin:pydoc, a .txt/.jsonl/.csv/.parquet file "
+                      "or a hub dataset id")
 
 
-def _datasets_documents(spec: str, kind: str | None) -> list[str]:
+def _read_utf8(path: Path, spec: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SourceError(f"data file {shorten(spec, 200)} is not UTF-8 text (line {line}, byte {exc.start}); "
+                          "re-encode it as UTF-8") from None
+
+
+def _jsonl_rows(path: Path, spec: str):
+    import json
+
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"data file {shorten(spec, 200)} is not UTF-8 text (line {n}, byte {exc.start} "
+                                  "of the line); re-encode it as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise SourceError(f"data file {shorten(spec, 200)}: line {n} is not valid JSON "
+                                  f"({shorten(exc, 80)})") from None
+            yield n, row
+
+
+def _json_rows(path: Path, spec: str):
+    import json
+
+    text = _read_utf8(path, spec)
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        if "Extra data" in str(exc):  # JSON lines under a .json name
+            yield from _jsonl_rows(path, spec)
+            return
+        raise SourceError(f"data file {shorten(spec, 200)} is not valid JSON ({shorten(exc, 80)})") from None
+    except RecursionError:
+        raise SourceError(f"data file {shorten(spec, 200)} is nested too deeply") from None
+    if isinstance(doc, dict) and isinstance(doc.get("text"), list):
+        doc = [{"text": t} for t in doc["text"]]
+    if not isinstance(doc, list):
+        raise SourceError(f"data file {shorten(spec, 200)}: give a list of {{\"text\": ...}} objects or JSON lines")
+    yield from enumerate(doc, 1)
+
+
+def _csv_rows(path: Path, spec: str):
+    import csv
+    import sys
+
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    text = _read_utf8(path, spec)
+    try:
+        for n, row in enumerate(csv.DictReader(text.splitlines(keepends=True)), 2):
+            yield n, row
+    except csv.Error as exc:
+        raise SourceError(f"data file {shorten(spec, 200)} is not valid CSV ({shorten(exc, 80)})") from None
+
+
+def _parquet_rows(path: Path, spec: str):
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(str(path))
+    except Exception as exc:  # pyarrow raises its own error types on damaged files
+        raise SourceError(f"cannot read data '{shorten(spec, 200)}': {shorten(exc, 120)}") from None
+    if "text" not in table.column_names:
+        raise SourceError(f"data '{shorten(spec, 200)}' has no 'text' column (columns: "
+                          f"{shorten(', '.join(table.column_names), 120)})")
+    yield from enumerate(({"text": t} for t in table.column("text").to_pylist()), 1)
+
+
+def _text_column(rows, spec: str) -> list[str]:
+    """The non-empty ``text`` of every row; rows whose ``text`` is missing or not a string are an error that
+    counts them (they were dropped without a word before), never skipped silently."""
+    docs, bad, total, first, keys, has_text = [], 0, 0, None, None, False
+    for n, row in rows:
+        total += 1
+        if keys is None and isinstance(row, dict):
+            keys = list(row)
+        has_text = has_text or (isinstance(row, dict) and "text" in row)
+        text = row.get("text") if isinstance(row, dict) else None
+        if isinstance(text, str):
+            if text.strip():
+                docs.append(text)
+            continue
+        bad += 1
+        if first is None:
+            first = (n, "no 'text' key" if not isinstance(row, dict) or "text" not in row else type(text).__name__)
+    if total and not has_text:
+        raise SourceError(f"data '{shorten(spec, 200)}' has no 'text' column (columns: "
+                          f"{shorten(', '.join(map(str, keys or [])), 120)})")
+    if bad:
+        raise SourceError(f"data '{shorten(spec, 200)}': {bad} of {total} rows have no string 'text' (first: row "
+                          f"{first[0]}, {first[1]}); fix or remove them")
+    return docs
+
+
+def _hub_documents(spec: str) -> list[str]:
+    """A hub dataset through `datasets`, its download cache under ``GPTOPT_CACHE`` (not ~/.cache/huggingface)."""
     import datasets
+
+    from .models import cache_dir
 
     datasets.disable_progress_bars()
     try:
-        if kind is None:
-            ds = datasets.load_dataset(spec, split="train")
-        else:
-            builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[kind]
-            ds = datasets.load_dataset(builder, data_files=spec, split="train")
+        ds = datasets.load_dataset(spec, split="train", cache_dir=str(cache_dir() / "datasets"))
     except Exception as exc:  # datasets raises many types on bad files / unreachable hub
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SourceError(f"cannot read data '{spec}': {first}"[:300]) from None
+        raise SourceError(f"cannot read data '{shorten(spec, 200)}': {shorten(first, 200)}") from None
     if "text" not in ds.column_names:
-        raise SourceError(f"data '{spec}' has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+        raise SourceError(f"data '{spec}' has no 'text' column (columns: {shorten(', '.join(ds.column_names), 120)})")
+    return _text_column(enumerate(ds, 1), spec)
+
+
+#: texts longer than this are tokenized in pieces of :data:`TOKENIZE_PIECE` characters cut at line breaks or
+#: spaces: a fast tokenizer keeps ~100-200 bytes per token while it works, so one 20 MB line took 3.8 GB
+TOKENIZE_WHOLE = 4_000_000
+TOKENIZE_PIECE = 256_000
+
+
+def tokenize_bounded(tokenizer, text: str):
+    """1-D LongTensor of ``text``'s token ids, in memory bounded by the result plus one piece's working set.
+    Texts up to :data:`TOKENIZE_WHOLE` characters are tokenized whole (exactly as before)."""
+    import torch
+
+    def ids_of(piece):
+        ids = tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    if len(text) <= TOKENIZE_WHOLE:
+        return ids_of(text)
+    parts, start = [], 0
+    while start < len(text):
+        end = min(start + TOKENIZE_PIECE, len(text))
+        if end < len(text):  # cut before a newline or a space so words are not split across pieces
+            half = start + TOKENIZE_PIECE // 2
+            cut = max(text.rfind("\n", half, end), text.rfind(" ", half, end))
+            end = cut if cut > start else end
+        parts.append(ids_of(text[start:end]))
+        start = end
+    return torch.cat(parts)
 
 
 def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
@@ -104,9 +235,7 @@ class TextData:
         if split not in self._cache:
             docs = self.train_docs if split == "train" else self.valid_docs
             eos = self.tokenizer.eos_token or ""
-            text = eos.join(docs)
-            ids = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            self._cache[split] = torch.tensor(ids, dtype=torch.long)
+            self._cache[split] = tokenize_bounded(self.tokenizer, eos.join(docs))
         return self._cache[split]
 
     @property

@@ -1,4 +1,14 @@
 """User-facing errors: each becomes one line on stderr and exit code 2."""
+import errno
+
+#: longest message a user error prints: input echoed back (a value, a path, a YAML snippet) is cut to fit
+MAX_MESSAGE = 600
+
+
+def shorten(text, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters with a marker saying how much was left out (never echo unbounded input)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
 
 
 class GptoptError(Exception):
@@ -8,7 +18,7 @@ class GptoptError(Exception):
 
     def __init__(self, message=""):
         # always one line: user-supplied names may carry newlines
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+        super().__init__(shorten(str(message).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE))
 
 
 class ParamsError(GptoptError):
@@ -31,3 +41,35 @@ class StepFailed(Exception):
         super().__init__(
             f"step '{step_name}' (plugin {plugin}) failed: {type(error).__name__}: {error}"
         )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (partial output removed, run.json
+    records the run as interrupted)."""
+
+
+#: OS errors a user causes and can fix (a path too long, a read-only or full disk, a file where a directory goes)
+USER_ERRNOS = {errno.ENAMETOOLONG: "a path component is longer than the file system allows",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+               errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.ELOOP: "symlink loop", errno.ENOTDIR: "a path component is not a directory",
+               errno.EISDIR: "is a directory", errno.EMLINK: "too many links"}
+
+
+def user_error(exc: BaseException) -> "GptoptError | None":
+    """The one place that decides whether an unexpected exception was caused by the user's input or machine
+    (a path too long, a read-only disk, undecodable text, input nested too deeply) and words it as one line;
+    ``None`` for anything else (a bug: exit 1)."""
+    if isinstance(exc, GptoptError):
+        return exc
+    if isinstance(exc, StepFailed):
+        return user_error(exc.error)
+    if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
+        where = f": {shorten(exc.filename, 120)}" if exc.filename else ""
+        return GptoptError(f"{USER_ERRNOS[exc.errno]}{where}")
+    if isinstance(exc, UnicodeDecodeError):
+        return GptoptError(f"input is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                           "re-encode it as UTF-8")
+    if isinstance(exc, RecursionError):
+        return GptoptError("input is nested too deeply")
+    return None

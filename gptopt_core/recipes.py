@@ -3,46 +3,164 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import GptoptError
+from .errors import GptoptError, shorten
 
 TOP_KEYS = {"gptopt", "model", "data", "eval_data", "seed", "device", "steps"}
 
 
-def parse_recipe(path) -> dict:
-    """Read a recipe YAML or a run.json; return ``{model, data, seed, ..., steps: [(name, params)]}``."""
+#: a recipe or run.json larger than this is refused before it is parsed
+MAX_RECIPE_BYTES = 4 * 1024 * 1024
+#: deepest nesting of lists/mappings a recipe may have (a real one has 4: top, steps, step, params)
+MAX_DEPTH = 32
+#: most YAML/JSON nodes (scalars, lists, mappings) in one recipe
+MAX_NODES = 100_000
+
+
+def _recipe_loader():
+    """A yaml SafeLoader that builds plain data only: str, int, float, bool, null, lists and mappings.
+
+    Refused: every explicit tag (``!!binary``, ``!!python/...``, ``!!set``, even ``!!str``), anchors and aliases
+    (no expansion bombs), duplicate keys (no silent "last one wins"), nesting deeper than :data:`MAX_DEPTH` and
+    more than :data:`MAX_NODES` nodes. Dates stay strings (no implicit timestamps), and ``<<`` merge keys are
+    plain keys.
+    """
+    import yaml
+    from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent
+
+    plain = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+    class RecipeLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag in plain]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        yaml_constructors = {tag: fn for tag, fn in yaml.SafeLoader.yaml_constructors.items() if tag in plain}
+
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth = 0
+            self._nodes = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            mark = getattr(event, "start_mark", None)
+            if isinstance(event, AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
+            if isinstance(event, NodeEvent) and event.anchor is not None:
+                raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
+            if isinstance(event, NodeEvent) and event.tag is not None:
+                raise yaml.composer.ComposerError(
+                    None, None, f"tags such as {shorten(event.tag.replace('tag:yaml.org,2002:', '!!'), 40)!r} are not allowed in a recipe: plain "
+                    "strings, numbers, booleans, null, lists and mappings only", mark)
+            self._nodes += 1
+            if self._nodes > MAX_NODES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values", mark)
+            nested = isinstance(event, CollectionStartEvent)
+            if nested:
+                self._depth += 1
+                if self._depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                if nested:
+                    self._depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                            key_node.start_mark) from None
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shorten(key, 40)!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return RecipeLoader
+
+
+def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe"):
+    """Parse recipe text (``kind`` YAML or JSON) into plain data with the limits of :func:`_recipe_loader`;
+    raises a one-line :class:`GptoptError` that never echoes more than a few characters of the input."""
     import json
 
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise GptoptError(f"recipe {path} does not exist")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise GptoptError(f"{where} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
     try:
+        if kind == "JSON":
+            def no_duplicates(pairs):
+                keys = [k for k, _ in pairs]
+                if len(set(keys)) != len(keys):
+                    dup = next(k for k in keys if keys.count(k) > 1)
+                    raise ValueError(f"duplicate key {shorten(dup, 40)!r}")
+                return dict(pairs)
+
+            doc = json.loads(text, object_pairs_hook=no_duplicates)
+            _check_shape(doc)
+        else:
+            doc = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 -- the loader only builds plain types
+    except RecursionError:
+        raise GptoptError(f"{where} is not valid {kind}: nested deeper than {MAX_DEPTH} levels") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        where_mark = getattr(exc, "problem_mark", None)
+        at = f" at line {where_mark.line + 1}" if where_mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise GptoptError(f"{where} is not valid {kind}{at}: {shorten(problem, 240)}") from None
+    return doc
+
+
+def _check_shape(doc) -> None:
+    """JSON counterpart of the YAML loader's limits: depth and node count."""
+    stack, nodes = [(doc, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ValueError(f"more than {MAX_NODES} values")
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def parse_recipe(path) -> dict:
+    """Read a recipe YAML or a run.json; return ``{model, data, seed, ..., steps: [(name, params)]}``."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise GptoptError(f"recipe {shorten(path, 200)} does not exist")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise GptoptError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
         text = path.read_text(encoding="utf-8")
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except UnicodeDecodeError:
         raise GptoptError(f"recipe {path} is not UTF-8 text") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise GptoptError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}{at}: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
+    except OSError as exc:
+        raise GptoptError(f"recipe {shorten(path, 200)} cannot be read: {exc.strerror}") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    doc = load_recipe_text(text, kind, f"recipe {path}")
     expect = {}
     if isinstance(doc, dict) and isinstance(doc.get("recipe"), dict) and "steps" in doc:
         # a run.json manifest replays its resolved recipe; its recorded hashes are checked after loading
         expect = {k: (doc.get(k) or {}).get("hash") for k in ("model", "data") if isinstance(doc.get(k), dict)}
         doc = doc["recipe"]
     recipe = normalize_recipe(doc, str(path))
-    recipe["expect"] = {k: v for k, v in expect.items() if v}
+    recipe["expect"] = {k: v for k, v in expect.items() if isinstance(v, str) and v}
     return recipe
 
 
 def check_recipe_path(value, where: str) -> None:
-    """Recipes may only write below the directory they are run from (no absolute paths, no '..')."""
+    """Recipes may only write below the directory they are run from (no absolute paths, no '..'); the value is
+    checked again, resolved, by :func:`gptopt_core.paths.check_output_path` before anything runs."""
     p = Path(str(value))
-    if p.is_absolute() or ".." in p.parts or str(value).startswith("~"):
-        raise GptoptError(f"{where}: '{value}' escapes the working directory; a recipe may only write to relative "
-                          "paths below it (give absolute paths on the command line instead)")
+    if not isinstance(value, str) or p.is_absolute() or ".." in p.parts or str(value).startswith("~"):
+        raise GptoptError(f"{where}: '{shorten(value)}' escapes the working directory; a recipe may only write to "
+                          "relative paths below it (give absolute paths on the command line instead)")
 
 
 def normalize_recipe(doc, where: str = "recipe") -> dict:
@@ -50,7 +168,8 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
         raise GptoptError(f"{where}: a recipe is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     unknown = set(map(str, doc)) - TOP_KEYS
     if unknown:
-        raise GptoptError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_KEYS))}")
+        raise GptoptError(f"{where}: unknown key {shorten(sorted(unknown)[0], 40)!r}; "
+                          f"allowed: {', '.join(sorted(TOP_KEYS))}")
     check_version(doc.get("gptopt"), where)
     steps_in = doc.get("steps") or []
     if not isinstance(steps_in, list):
@@ -59,13 +178,18 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
     for i, item in enumerate(steps_in, 1):
         if isinstance(item, str):
             steps.append((item, {}))
+        elif isinstance(item, dict) and len(item) == 1 and not isinstance(next(iter(item)), str):
+            raise GptoptError(f"{where}: step {i}: step names are strings")
         elif isinstance(item, dict) and len(item) == 1:
             (name, params), = item.items()
             if params is None:
                 params = {}
             if not isinstance(params, dict):
-                raise GptoptError(f"{where}: step {i} '{name}' params must be a mapping, got {type(params).__name__}")
-            steps.append((str(name), {str(k): v for k, v in params.items()}))
+                raise GptoptError(f"{where}: step {i} '{shorten(name, 40)}' params must be a mapping, got "
+                                  f"{type(params).__name__}")
+            if not isinstance(name, str) or not all(isinstance(k, str) for k in params):
+                raise GptoptError(f"{where}: step {i}: step names and option names are strings")
+            steps.append((name, dict(params)))
         else:
             raise GptoptError(f"{where}: step {i} must be a step name or a one-key mapping {{name: {{params}}}}")
     out = {"steps": steps}
@@ -73,9 +197,9 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
         if key in doc and doc[key] is not None:
             value = doc[key]
             if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise GptoptError(f"{where}: '{key}' must be an integer, got {value!r}")
+                raise GptoptError(f"{where}: '{key}' must be an integer, got {shorten(repr(value), 40)}")
             if typ is str and not isinstance(value, str):
-                raise GptoptError(f"{where}: '{key}' must be a string, got {value!r}")
+                raise GptoptError(f"{where}: '{key}' must be a string, got {shorten(repr(value), 40)}")
             out[key] = value
     return out
 

@@ -123,8 +123,11 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False) -> list[str]:
     """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename."""
     import yaml
 
+    from .paths import clean_stale_partials
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(target)  # left by a save that was killed (-9) in an earlier run
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

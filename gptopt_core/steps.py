@@ -5,7 +5,7 @@ from typing import Any, ClassVar
 
 import pydantic
 
-from .errors import ParamsError
+from .errors import ParamsError, shorten
 
 
 class Params(pydantic.BaseModel):
@@ -16,6 +16,28 @@ class Params(pydantic.BaseModel):
     """
 
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        """``steps: true`` is not 1: a boolean given for an int or float option is an error (pydantic's lax
+        mode would take it), while text such as ``"5"`` from the command line still converts."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            if _numeric_only(cls.model_fields[info.field_name].annotation):
+                raise ValueError("Input should be a number, not a boolean")
+        return value
+
+
+def _numeric_only(annotation) -> bool:
+    """True for ``int``, ``float`` and ``Optional``/unions of them (and of ``None``)."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_numeric_only(a) for a in kinds)
+    return annotation in (int, float)
 
 
 def fact_matches(pattern: str, fact: str) -> bool:
@@ -50,8 +72,12 @@ class Step:
     provides: ClassVar[frozenset[str]] = frozenset()
     removes: ClassVar[frozenset[str]] = frozenset()
     trains: ClassVar[bool] = False
-    #: params that name output paths: a recipe may only point them below the working directory
+    #: params that name output paths: the pipeline checks each one, resolved, before anything loads
+    #: (:func:`gptopt_core.paths.check_output_path`); a recipe may only point them below the working directory
     path_params: ClassVar[tuple[str, ...]] = ()
+    #: params that are a number of tokens fed to the model at once: checked against the model's positions
+    #: once it is loaded, before the first step runs (params a step does not have are ignored)
+    position_params: ClassVar[tuple[str, ...]] = ("seq_len", "calib_seq_len", "prompt_tokens")
     #: set by the core: the plugin that registered this step
     plugin: ClassVar[str] = "?"
 
@@ -89,6 +115,11 @@ class Step:
         """Checks that need the loaded model or tokenized data, run for every step before the first one runs
         (e.g. enough held-out tokens for one eval block); raise :class:`gptopt_core.GptoptError`."""
 
+    def wants_original_model(self) -> bool:
+        """True when :meth:`apply` will call ``ctx.original_model()`` (e.g. to distill from the model as loaded): the
+        pipeline then keeps a copy of the loaded model, which costs its memory once."""
+        return False
+
     # -- running --------------------------------------------------------------------------------------
     def apply(self, ctx) -> dict[str, Any]:
         """Run the step on ``ctx.model``; return metrics (JSON-serialisable dict)."""
@@ -110,6 +141,6 @@ def format_validation_error(step: str, exc: pydantic.ValidationError) -> str:
             continue
         msg = err["msg"]
         if "input" in err and err["type"] != "missing":
-            msg += f" (got {err['input']!r})"
+            msg += f" (got {shorten(repr(err['input']), 60)})"
         parts.append(f"{loc}: {msg}")
     return f"{step}: " + "; ".join(parts)
