@@ -174,3 +174,43 @@ def round_to_grid(module, grid: WeightGrid) -> None:
         view = weight_matrix(module)
         view.copy_(grid.dequantize(grid.codes(view)).to(view.dtype))
     attach_grid(module, grid, check=False)
+
+
+# -- helpers for quantizers that fit a grid group by group (GPTQ, SparseGPT's joint quantization) -----------------
+def fit_group(columns, bits: int, symmetric: bool = True):
+    """Min-max ``(scale, zero)`` of one group: ``columns`` is ``(out, k)``, the group's input columns.
+
+    The same numbers :func:`fit_grid` gives that group (``scale`` float32, fp16-exact; ``zero`` int32 or ``None``),
+    each shaped ``(out,)``; assemble a layer's groups with :func:`grid_from_groups`.
+    """
+    g = fit_grid(columns, bits, None, symmetric)
+    return g.scale[:, 0], (g.zero[:, 0] if g.zero is not None else None)
+
+
+def fake_quantize(w, scale, zero, bits: int, symmetric: bool = True):
+    """Round ``w`` (``(out,)`` or ``(out, k)``) to the grid of one group (``scale`` / ``zero`` shaped ``(out,)``) and
+    return the de-quantized values in ``w``'s dtype: exactly what :meth:`WeightGrid.dequantize` of
+    :meth:`WeightGrid.codes` gives for those weights."""
+    import torch
+
+    s = scale.to(w.device, w.dtype)
+    if w.dim() == 2:
+        s = s[:, None]
+    q = torch.round(w / s)
+    if symmetric:
+        q = q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    else:
+        z = zero.to(w.device, w.dtype)
+        if w.dim() == 2:
+            z = z[:, None]
+        q = (q + z).clamp(0, 2 ** bits - 1) - z
+    return q * s
+
+
+def grid_from_groups(bits: int, group_size: Optional[int], symmetric: bool, scales, zeros=None) -> WeightGrid:
+    """A :class:`WeightGrid` from per-group ``(out,)`` scales (and zero points), in input-column order."""
+    import torch
+
+    scale = torch.stack([s.float() for s in scales], dim=1)
+    zero = None if symmetric else torch.stack([z.to(torch.int32) for z in zeros], dim=1)
+    return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)

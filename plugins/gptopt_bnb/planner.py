@@ -40,8 +40,10 @@ def auto_plan(ctx, step, layers, layout, emb_prec):
     q4 = s["quant_type"]
     model, device = ctx.model, ctx.device
     budget = p.max_ppl_increase if p.max_ppl_increase is not None else 0.05
-    blocks = ctx.calibration_blocks(p.calib_blocks, p.calib_seq_len)
-    check = ctx.calibration_blocks(p.check_blocks, p.calib_seq_len)
+    calib_blocks, calib_seq_len = p.calibration()
+    check_blocks = p.check_blocks or 16
+    blocks = ctx.calibration_blocks(calib_blocks, calib_seq_len)
+    check = ctx.calibration_blocks(check_blocks, calib_seq_len)
 
     # units: name -> member modules; allowed precisions
     units, allowed = {}, {}
@@ -77,7 +79,7 @@ def auto_plan(ctx, step, layers, layout, emb_prec):
     # 1. single-unit 4-bit sensitivity (members of a unit measured one by one, summed)
     to_measure = [m for u, members in units.items() if q4 in allowed[u] for m in members]
     ctx.log(f"  plan auto: measuring 4-bit sensitivity of {len(to_measure)} modules on "
-            f"{p.calib_blocks}x{p.calib_seq_len} calibration tokens (train split)")
+            f"{calib_blocks}x{calib_seq_len} calibration tokens (train split)")
     sens = module_sensitivity(model, blocks, {n: (lambda m, n=n: quantized(n, q4)) for n in to_measure},
                               progress=ctx.progress)
     base = calibration_nll(model, check)  # the checks' reference: the model as it stands, on the check blocks
@@ -158,8 +160,8 @@ def auto_plan(ctx, step, layers, layout, emb_prec):
     plan = expand(chosen)
     final = next((t for t in reversed(trials) if t["int8"] == sum(v == "int8" for v in chosen.values())
                   and t["keep"] == sum(v == "keep" for v in chosen.values())), None)
-    report = {"budget": budget, "met": met, "calib_tokens": p.calib_blocks * p.calib_seq_len,
-              "check_tokens": p.check_blocks * p.calib_seq_len,
+    report = {"budget": budget, "met": met, "calib_tokens": calib_blocks * calib_seq_len,
+              "check_tokens": check_blocks * calib_seq_len,
               "base_calib_ppl": round(math.exp(base), 4),
               "calib_ppl_ratio": final["calib_ppl_ratio"] if final else None,
               "trials": trials,

@@ -10,6 +10,14 @@ import pydantic
 from gptopt_core import GptoptError, Params, Step
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
+METHODS = ("bnb", "rtn", "gptq")
+#: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
+BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
+            "check_blocks")
+GRID_ONLY = ("group_size", "symmetric")
+GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
+#: calibration defaults: --plan auto (bnb) and gptq
+CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (128, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
 
@@ -70,7 +78,32 @@ def read_plan_file(path: str) -> dict:
     return check_plan_mapping(doc, f"plan file {path}")
 
 
+def _group_size(value):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("channel", "per-channel", "none"):
+            return "channel"
+        if text.isdigit():
+            value = int(text)
+        else:
+            raise ValueError(f"group size must be a number of input columns (32, 64, 128, ...) or 'channel', "
+                             f"not {value!r}")
+    if isinstance(value, int) and value >= 2:
+        return value
+    raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 class QuantizeParams(Params):
+    method: Literal["bnb", "rtn", "gptq"] = pydantic.Field(
+        "bnb", description="bnb: bitsandbytes int8/nf4/fp4 modules; rtn: round-to-nearest integer grid; gptq: GPTQ "
+                           "integer grid (layer by layer on calibration text); rtn/gptq weights stay exactly on "
+                           "their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + scales)")
     bits: Optional[Literal[8, 4]] = pydantic.Field(
         None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan")
     quant_type: Optional[Literal["nf4", "fp4"]] = pydantic.Field(
@@ -87,18 +120,40 @@ class QuantizeParams(Params):
         default_factory=list, description="leave layers matching this glob unquantized (repeatable)")
     embeddings: Literal["keep", "8", "4"] = pydantic.Field(
         "keep", description="also quantize the embeddings and the output head to 8 or 4 bits (full quantization)")
-    int8_threshold: float = pydantic.Field(
-        6.0, ge=0.0, description="LLM.int8 outlier threshold for 8-bit layers (0: pure int8)")
+    int8_threshold: Optional[float] = pydantic.Field(
+        None, ge=0.0, description="LLM.int8 outlier threshold for 8-bit layers (0: pure int8) [default: 6.0]")
     plan: Optional[Union[dict[str, str], str]] = pydantic.Field(
         None, description="per-module precision: 'auto' (measure sensitivity, pick within --max-ppl-increase), "
                           "a JSON/YAML file, or (in recipes) a mapping module -> int8|nf4|fp4|keep")
     max_ppl_increase: Optional[float] = pydantic.Field(
         None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
-    calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="--plan auto: calibration blocks (train split)")
-    calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="--plan auto: tokens per calibration block")
-    check_blocks: int = pydantic.Field(
-        16, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
-                                       "(one forward per block and check, so more costs little)")
+    calib_blocks: Optional[int] = pydantic.Field(
+        None, ge=1, le=4096, description="--plan auto / gptq: calibration blocks (train split) [default: 4 for "
+                                         "--plan auto, 128 for gptq]")
+    calib_seq_len: Optional[int] = pydantic.Field(
+        None, ge=16, le=8192, description="--plan auto / gptq: tokens per calibration block [default: 256 for "
+                                          "--plan auto, 128 for gptq]")
+    check_blocks: Optional[int] = pydantic.Field(
+        None, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
+                                         "(one forward per block and check, so more costs little) [default: 16]")
+    group_size: Optional[Union[int, Literal["channel"]]] = pydantic.Field(
+        None, description="rtn/gptq: input columns sharing one scale (32, 64, 128, ...; must divide every layer's "
+                          "input width) or 'channel' (one scale per output row) [default: 64]")
+    symmetric: Optional[bool] = pydantic.Field(
+        None, description="rtn/gptq: signed codes around zero (q4_0/q8_0-style), or unsigned codes with an integer "
+                          "zero point per group (q4_1-style) [default: symmetric]")
+    act_order: Optional[bool] = pydantic.Field(
+        None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
+                          "their scales are fitted before the updates) [default: off]")
+    dampening: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=1.0, description="gptq: added to the Hessian diagonal, as a fraction of its mean "
+                                          "[default: 0.01]")
+    offload: Optional[Literal["none", "cpu", "disk"]] = pydantic.Field(
+        None, description="gptq: keep only the block being quantized on the compute device (cpu) or in memory "
+                          "(disk: the others wait in safetensors files) [default: none]")
+    sequential: Optional[bool] = pydantic.Field(
+        None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
+                          "block with the earlier ones already quantized [default: on]")
 
     @pydantic.field_validator("bits", mode="before")
     @classmethod
@@ -107,6 +162,11 @@ class QuantizeParams(Params):
         if v is not None and v not in (8, 4):
             raise ValueError(f"bitsandbytes quantizes to 8 or 4 bits, not {v}; use --bits 8 or --bits 4")
         return v
+
+    @pydantic.field_validator("group_size", mode="before")
+    @classmethod
+    def _group(cls, v):
+        return _group_size(v)
 
     @pydantic.field_validator("embeddings", mode="before")
     @classmethod
@@ -141,6 +201,12 @@ class QuantizeParams(Params):
 
     @pydantic.model_validator(mode="after")
     def _combination(self):
+        if self.method != "bnb":
+            return self._grid_combination()
+        given = [o for o in GRID_ONLY + GPTQ_ONLY if getattr(self, o) is not None]
+        if given:
+            raise ValueError(f"{_flag(given[0])} applies to --method rtn/gptq, not bitsandbytes; add --method gptq "
+                             "(or rtn) or drop it")
         if self.plan is None and self.bits is None:
             raise ValueError("give --bits 8 or --bits 4 (or --plan auto / --plan FILE)")
         if self.plan is not None and self.bits is not None:
@@ -159,6 +225,33 @@ class QuantizeParams(Params):
             if four and four != {self.quant_type}:
                 raise ValueError(f"--quant-type {self.quant_type} contradicts the plan's {four.pop()} modules")
         return self
+
+    def _grid_combination(self):
+        m = self.method
+        if self.bits is None:
+            raise ValueError(f"give --bits 4 or --bits 8 with --method {m}")
+        given = [o for o in BNB_ONLY if getattr(self, o) is not None]
+        if self.embeddings != "keep":
+            given.append("embeddings")
+        if given:
+            raise ValueError(f"{_flag(given[0])} applies to --method bnb (bitsandbytes) only; drop it with --method {m}")
+        if m == "rtn":
+            given = [o for o in GPTQ_ONLY + ("calib_blocks", "calib_seq_len") if getattr(self, o) is not None]
+            if given:
+                raise ValueError(f"{_flag(given[0])} applies to --method gptq only; round-to-nearest needs no "
+                                 "calibration")
+        return self
+
+    @property
+    def grid_group_size(self) -> Optional[int]:
+        """rtn/gptq group size: an int, or ``None`` for per-channel."""
+        g = 64 if self.group_size is None else self.group_size
+        return None if g == "channel" else int(g)
+
+    def calibration(self) -> tuple[int, int]:
+        """(calibration blocks, tokens per block) with the method's defaults filled in."""
+        blocks, seq_len = CALIB_DEFAULTS["gptq" if self.method == "gptq" else "bnb"]
+        return (self.calib_blocks or blocks, self.calib_seq_len or seq_len)
 
 
 class QuantizeStep(Step):
@@ -187,7 +280,7 @@ class QuantizeStep(Step):
             quant_type = next((v for v in p.plan.values() if v in ("nf4", "fp4")), None)
         return {"quant_type": quant_type or "nf4", "double_quant": True if p.double_quant is None else p.double_quant,
                 "compute_dtype": p.compute_dtype or "float32", "block_size": p.block_size or 64,
-                "int8_threshold": p.int8_threshold}
+                "int8_threshold": 6.0 if p.int8_threshold is None else p.int8_threshold}
 
     def planned_precisions(self) -> set:
         """The precisions this step will produce, as far as known before running."""
@@ -205,9 +298,21 @@ class QuantizeStep(Step):
         return out
 
     def next_facts(self, facts):
+        if self.params.method != "bnb":
+            return set(facts) | {"quantized:grid"}
         return set(facts) | {f"quantized:{b}" for b in self.planned_precisions()}
 
+    def preflight(self, ctx):
+        if self.params.method != "bnb":
+            from .grid import preflight
+
+            preflight(ctx, self)
+
     def apply(self, ctx):
+        if self.params.method != "bnb":
+            from .grid import quantize_grid
+
+            return quantize_grid(ctx, self)
         from .convert import quantize_model
 
         return quantize_model(ctx, self)

@@ -10,11 +10,13 @@ Heavy imports (torch) happen inside :mod:`gptopt_prune.pruning`, loaded only whe
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import pydantic
 
 from gptopt_core import GptoptError, Params, Step, hookimpl
+
+from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
 NM_RE = re.compile(r"^(\d+):(\d+)$")
 
@@ -37,8 +39,9 @@ class PruneParams(Params):
     sparsity: Optional[float] = pydantic.Field(
         None, ge=0.0, lt=1.0,
         description="fraction of weights to zero, in [0, 1) (unstructured; an N:M pattern implies 1 - N/M)")
-    method: Literal["magnitude", "wanda", "taylor"] = pydantic.Field(
-        "wanda", description="importance: |w|, |w|·‖x‖ (Wanda), or |w·∂L/∂w| over calibration batches (Taylor)")
+    method: Literal["magnitude", "wanda", "taylor", "sparsegpt"] = pydantic.Field(
+        "wanda", description="importance: |w|, |w|·‖x‖ (Wanda), |w·∂L/∂w| over calibration batches (Taylor), or "
+                             "SparseGPT (second-order updates of the kept weights, layer by layer on calibration text)")
     pattern: str = pydantic.Field(
         "unstructured", description="unstructured, or N:M: keep N of every M consecutive input weights (e.g. 2:4)")
     scope: Literal["layer", "global"] = pydantic.Field(
@@ -53,6 +56,20 @@ class PruneParams(Params):
     include: list[str] = pydantic.Field(
         [], description="glob on module names to prune (repeatable); the only way to prune lm_head / embeddings")
     exclude: list[str] = pydantic.Field([], description="glob on module names to leave dense (repeatable)")
+    dampening: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=1.0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean "
+                                          "[default: 0.01]")
+    quantize_bits: Optional[Literal[4, 8]] = pydantic.Field(
+        None, description="sparsegpt: also put the kept weights on a 4- or 8-bit integer grid (joint "
+                          "sparsification and quantization; facts as quantize --method gptq)")
+    group_size: Optional[Union[int, Literal["channel"]]] = pydantic.Field(
+        None, description="sparsegpt --quantize-bits: input columns sharing one scale, or 'channel' [default: 64]")
+    symmetric: Optional[bool] = pydantic.Field(
+        None, description="sparsegpt --quantize-bits: signed codes, or unsigned codes with a zero point "
+                          "[default: symmetric]")
+    offload: Optional[Literal["none", "cpu", "disk"]] = pydantic.Field(
+        None, description="sparsegpt: keep only the block being pruned on the compute device (cpu) or in memory "
+                          "(disk) [default: none]")
 
     @pydantic.field_validator("pattern")
     @classmethod
@@ -67,8 +84,45 @@ class PruneParams(Params):
             raise ValueError("empty glob pattern")
         return value
 
+    @pydantic.field_validator("quantize_bits", mode="before")
+    @classmethod
+    def _check_bits(cls, value):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value is not None and value not in (4, 8):
+            raise ValueError(f"sparsegpt quantizes to 4 or 8 bits, not {value}")
+        return value
+
+    @pydantic.field_validator("group_size", mode="before")
+    @classmethod
+    def _check_group(cls, value):
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "channel":
+                return text
+            if not text.isdigit():
+                raise ValueError(f"group size must be a number of input columns or 'channel', not {value!r}")
+            value = int(text)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value}")
+        return value
+
     @pydantic.model_validator(mode="after")
     def _check_combination(self):
+        only = [f for f in ("dampening", "quantize_bits", "group_size", "symmetric", "offload")
+                if getattr(self, f) is not None]
+        if self.method != "sparsegpt" and only:
+            raise ValueError(f"--{only[0].replace('_', '-')} applies to --method sparsegpt only")
+        if self.method == "sparsegpt":
+            if self.quantize_bits is None and (self.group_size is not None or self.symmetric is not None):
+                raise ValueError("--group-size/--symmetric set the grid of --quantize-bits; add --quantize-bits 4 "
+                                 "(or 8) or drop them")
+            if self.scope == "global":
+                raise ValueError("--scope global does not apply to --method sparsegpt (it prunes each layer to the "
+                                 "target with its own Hessian); use --scope layer")
+            if self.sequential:
+                raise ValueError("--sequential is how sparsegpt always runs (block by block on the pruned blocks' "
+                                 "outputs); drop it")
         nm = parse_pattern(self.pattern)
         if nm is None:
             if self.sparsity is None:
@@ -82,6 +136,11 @@ class PruneParams(Params):
                 raise ValueError(f"--scope global does not apply to --pattern {self.pattern} (N:M is exact per "
                                  "group of M weights); use --scope layer")
         return self
+
+    @property
+    def grid_group_size(self) -> Optional[int]:
+        g = 64 if self.group_size is None else self.group_size
+        return None if g == "channel" else int(g)
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
@@ -105,6 +164,12 @@ class PruneStep(Step):
     Params = PruneParams
     forbids = {"quantized": "pruning needs float weights; put prune before quantize"}
     provides = frozenset({"masks"})
+
+    def next_facts(self, facts):
+        out = super().next_facts(facts)
+        if self.params.quantize_bits:  # sparsegpt's joint quantization puts the kept weights on integer grids
+            out.add("quantized:grid")
+        return out
 
     def preflight(self, ctx):
         from .pruning import preflight

@@ -14,7 +14,7 @@ from gptopt_core import GptoptError, SourceError
 from gptopt_core.modules import is_conv1d, is_weight_layer, matches, weight_modules
 
 #: magnitude and taylor compare weights across the whole layer, wanda within each output row (Wanda paper)
-ROW_WISE = {"magnitude": False, "wanda": True, "taylor": False}
+ROW_WISE = {"magnitude": False, "wanda": True, "taylor": False, "sparsegpt": False}
 #: calibration blocks per forward pass
 MICRO_BATCH = 8
 
@@ -398,15 +398,21 @@ def check_targets(targets: list[Target], params) -> None:
         if nm and cols % nm[1]:
             raise GptoptError(f"prune: {t.name} has {cols} input features, not a multiple of M={nm[1]}; choose "
                               f"another N:M pattern or --exclude '{t.name}'")
-        if params.method == "wanda" and t.embedding:
-            raise GptoptError(f"prune --method wanda cannot score embedding '{t.name}' (it has no input "
+        if params.method in ("wanda", "sparsegpt") and t.embedding:
+            raise GptoptError(f"prune --method {params.method} cannot score embedding '{t.name}' (it has no input "
                               "activations); use --method magnitude or taylor, or --exclude it")
+
 
 
 def preflight(ctx, params) -> None:
     """Everything that can fail on the loaded model or the data, checked before the chain's first step."""
-    check_targets(find_targets(ctx.model, params.include, params.exclude), params)
-    if params.method in ("wanda", "taylor"):
+    targets = find_targets(ctx.model, params.include, params.exclude)
+    check_targets(targets, params)
+    if params.method == "sparsegpt":
+        from .sparsegpt_step import check_sparsegpt_targets
+
+        check_sparsegpt_targets(ctx.model, targets, params)
+    if params.method in ("wanda", "taylor", "sparsegpt"):
         data = getattr(ctx, "data", None)
         have = int(data.train_ids.numel()) if data is not None else 0
         if have < params.calib_seq_len + 1:
@@ -440,7 +446,11 @@ def run_prune(ctx, params) -> dict:
         else:
             batches = calibration_batches(ctx, params)
             calib_tokens = sum(b.numel() for b in batches)
-            if params.method == "taylor":
+            if params.method == "sparsegpt":
+                from .sparsegpt_step import run_sparsegpt
+
+                extra = run_sparsegpt(ctx, model, targets, batches, params)
+            elif params.method == "taylor":
                 pruner.prune(targets, taylor_scores(ctx, model, targets, batches))
             else:
                 sequential = params.sequential and params.scope == "layer"

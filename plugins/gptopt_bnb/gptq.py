@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al., 2022, arXiv 2210.17323) for one weight matrix, blocked as in the reference code
+(IST-DASLab/gptq ``gptq.py``: Cholesky form of the inverse Hessian, lazy batch updates of 128 columns).
+
+Differences from the reference, each chosen so that the result is the textbook column-by-column algorithm
+(``tests/test_gptq.py`` checks equality with one) and lands on a :class:`gptopt_core.grids.WeightGrid`:
+
+* groups are contiguous input columns; without act-order a group's scale is fitted when its first column is
+  reached, on the weights *as updated so far* (the reference fits on a copy that lacks the updates from earlier
+  columns of the same 128-column block); the lazy block size is a multiple of the group size so a group never
+  straddles two blocks;
+* with act-order the scales are fitted on the weights before any update ("static groups" in the reference), so
+  the groups stay contiguous in the stored order and need no index table;
+* scales are fp16-exact (``gptopt_core.grids.fit_group``), as every storage format keeps them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from gptopt_core.grids import fake_quantize, fit_group, grid_from_groups
+
+
+def inverse_hessian_cholesky(H, dampening: float):
+    """Upper Cholesky factor ``U`` of ``(H + d·mean(diag H)·I)^-1`` (rows of U drive the OBS updates).
+
+    Raises the dampening tenfold (up to 1.0) while the damped Hessian is not positive definite; returns
+    ``(U, dampening used)``.
+    """
+    import torch
+
+    diag = torch.arange(H.shape[0], device=H.device)
+    mean = torch.mean(torch.diag(H))
+    damp = dampening
+    while True:
+        Hd = H.clone()
+        Hd[diag, diag] += damp * mean
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, damp
+        if damp >= 1.0:
+            raise ValueError("the calibration Hessian is not positive definite even with dampening 1.0")
+        damp = min(damp * 10, 1.0)
+
+
+def prepare(W, H):
+    """Copies of ``W`` (out, in) and ``H`` (in, in) with dead inputs (``H_jj == 0``) handled as in the reference:
+    their weights are zeroed and their diagonal set to 1."""
+    import torch
+
+    W = W.clone()
+    H = H.to(W.dtype).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, block_size: int = 128) -> int:
+    """Columns per lazy batch: ``block_size``, or a multiple of the group size when groups are fitted on the fly."""
+    if group_size is None or act_order:
+        return min(block_size, columns)
+    return group_size * max(1, block_size // group_size)
+
+
+def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
+                  act_order: bool = False, dampening: float = 0.01, block_size: int = 128):
+    """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
+
+    Computes in ``W``'s dtype (float32 for models; the tests use float64).
+    :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
+        :class:`~gptopt_core.grids.WeightGrid`, and ``{"loss": sum of (w - q)^2 / [H^-1]_jj / 2, "dampening"}``.
+    """
+    import torch
+
+    W, H = prepare(W, H)
+    rows, columns = W.shape
+    gs = group_size or columns
+    if columns % gs:
+        raise ValueError(f"group size {group_size} does not divide the input width {columns}")
+    n_groups = columns // gs
+    scales, zeros = [None] * n_groups, [None] * n_groups
+    perm = None
+    if act_order or group_size is None:  # static scales, fitted before any update
+        for g in range(n_groups):
+            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        group_of = (perm // gs).tolist()
+    else:
+        group_of = [c // gs for c in range(columns)]
+    U, damp = inverse_hessian_cholesky(H, dampening)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
+    B = lazy_block_size(columns, group_size, act_order, block_size)
+    dynamic = group_size is not None and not act_order
+    for i1 in range(0, columns, B):
+        i2 = min(i1 + B, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_of[col]
+            if dynamic and col % gs == 0:
+                scales[g], zeros[g] = fit_group(W1[:, i:i + gs], bits, symmetric)
+            w = W1[:, i]
+            d = U1[i, i]
+            q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)
+            Q1[:, i] = q
+            err = (w - q) / d
+            loss += (err * err).sum() / 2
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        if i2 < columns:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    grid = grid_from_groups(bits, group_size, symmetric, scales, zeros)
+    return Q, grid, {"loss": float(loss), "dampening": damp}

@@ -1,0 +1,150 @@
+"""``quantize --method rtn|gptq``: integer grids (:mod:`gptopt_core.grids`) on the linear / ``Conv1D`` layers.
+
+Each quantized layer stays a plain ``nn.Linear`` / ``Conv1D`` holding the de-quantized weights exactly, with a
+:class:`~gptopt_core.grids.WeightGrid` attached, so ``eval`` / ``bench`` run the same numbers a packed kernel
+would, and the GGUF / compressed-tensors writers read the integer codes back without re-rounding.
+
+* ``rtn``: round-to-nearest on min-max scales (:func:`gptopt_core.grids.fit_grid`), no calibration;
+* ``gptq``: :func:`.gptq.gptq_quantize` per layer, block by block on calibration text from the train split with
+  :func:`gptopt_core.calibration.run_blockwise` (compressed blocks feed the next; optional offloading).
+
+The output head and the embeddings are never put on a grid here (a head tied to the embedding would change the
+embedding too); a selected layer outside the transformer blocks (an untied head named by ``--include``) is
+rounded to nearest even under gptq, and the metrics say so.
+"""
+from __future__ import annotations
+
+import time
+
+from gptopt_core import GptoptError
+from gptopt_core.grids import attach_grid, fit_grid, grid_of, grid_layers, round_to_grid
+from gptopt_core.modules import weight_matrix, weight_modules
+
+
+def targets(model, p):
+    """``[(name, module)]`` of the layers to put on a grid (output head only if named by --include, never tied)."""
+    found = weight_modules(model, p.include or None, p.exclude or None)
+    if p.include and not found:
+        raise GptoptError(f"quantize: --include {' '.join(p.include)} matches no linear/Conv1D layer; layer names "
+                          f"look like '{weight_modules(model)[0][0]}'")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = []
+    for name, module in found:
+        if emb is not None and module.weight.data_ptr() == emb.weight.data_ptr():
+            raise GptoptError(f"quantize --method {p.method}: {name} is tied to the input embedding, which integer "
+                              "grids leave in full precision; --exclude it")
+        out.append((name, module))
+    if not out:
+        raise GptoptError("quantize: no linear/Conv1D layer is left to quantize (check --include/--exclude)")
+    return out
+
+
+def check_layers(model, p, layers) -> None:
+    """Refuse what cannot land on the grid: a group size that does not divide an input width, non-float32
+    weights (fp16/bf16 cannot hold every de-quantized value exactly), layers already quantized."""
+    if grid_layers(model) or getattr(model, "gptopt_bnb", None) is not None:
+        raise GptoptError("quantize: the model is already quantized; quantize once, with every option in one step")
+    gs = p.grid_group_size
+    bad = {}
+    for name, module in layers:
+        w = module.weight
+        if getattr(w, "quant_state", None) is not None or not w.dtype.is_floating_point:
+            raise GptoptError(f"quantize: {name} already holds quantized weights; quantize once")
+        if w.dtype != __import__("torch").float32:
+            raise GptoptError(f"quantize --method {p.method} needs float32 weights to hold the de-quantized values "
+                              f"exactly; {name} is {str(w.dtype).replace('torch.', '')} (load the model in float32)")
+        width = weight_matrix(module).shape[1]
+        if gs and width % gs:
+            bad.setdefault(width, name)
+    if bad:
+        widths = sorted({weight_matrix(m).shape[1] for _, m in layers})
+        fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+        width, name = next(iter(sorted(bad.items())))
+        raise GptoptError(f"quantize: --group-size {gs} does not divide the input width {width} of {name} (input "
+                          f"widths: {', '.join(map(str, widths))}); use --group-size "
+                          + (f"{' or '.join(map(str, fits))} or " if fits else "") + "channel")
+
+
+def preflight(ctx, step) -> None:
+    p = step.params
+    check_layers(ctx.model, p, targets(ctx.model, p))
+    if p.method == "gptq":
+        blocks, seq_len = p.calibration()
+        data = getattr(ctx, "data", None)
+        have = int(data.train_ids.numel()) if data is not None else 0
+        if have < seq_len + 1:
+            raise GptoptError(f"quantize --method gptq needs calibration text: the train split of "
+                              f"'{getattr(data, 'spec', '')}' has {have} tokens, fewer than one block of "
+                              f"--calib-seq-len {seq_len}+1; give more --data or a smaller --calib-seq-len")
+
+
+def rtn(module, bits: int, group_size, symmetric: bool):
+    grid = fit_grid(weight_matrix(module), bits, group_size, symmetric)
+    round_to_grid(module, grid)
+    return grid
+
+
+def quantize_grid(ctx, step) -> dict:
+    import torch
+
+    from gptopt_core.calibration import calibration_batches, run_blockwise, split_by_block
+
+    p = step.params
+    model = ctx.model
+    layers = targets(model, p)
+    check_layers(model, p, layers)
+    bits, gs = int(p.bits), p.grid_group_size
+    symmetric = True if p.symmetric is None else bool(p.symmetric)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs or "channel", "symmetric": symmetric}
+    fallback = []
+    with torch.no_grad():
+        if p.method == "rtn":
+            for _, module in layers:
+                rtn(module, bits, gs, symmetric)
+        else:
+            from .gptq import gptq_quantize
+
+            act_order = bool(p.act_order)
+            damp = 0.01 if p.dampening is None else p.dampening
+            n_blocks, seq_len = p.calibration()
+            by_block, outside = split_by_block(model, [n for n, _ in layers])
+            losses, damps = {}, {}
+
+            def compress(block, stats):
+                for name, st in stats.items():
+                    view = st.weight()
+                    q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
+                                                  act_order, damp)
+                    view.copy_(q.to(view.dtype))
+                    attach_grid(st.module, grid)
+                    st.hessian = None
+                    losses[name] = info["loss"]
+                    if info["dampening"] != damp:
+                        damps[name] = info["dampening"]
+
+            batches = calibration_batches(ctx, n_blocks, seq_len)
+            report = run_blockwise(model, batches, compress, layers=[n for b in by_block.values() for n in b],
+                                   stats=("hessian",), sequential=p.sequential is not False,
+                                   offload=p.offload or "none", device=ctx.device, progress=ctx.progress)
+            modules = dict(layers)
+            for name in outside:
+                rtn(modules[name], bits, gs, symmetric)
+                fallback.append(name)
+            metrics.update({"act_order": act_order, "dampening": damp, "calib_tokens": report["calib_tokens"],
+                            "sequential": p.sequential is not False, "offload": report["offload"],
+                            "engine": report, "gptq_loss": round(sum(losses.values()), 6),
+                            "raised_dampening": damps, "rtn_layers": fallback})
+    seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
+    described = {}
+    for name, module in layers:
+        grid = grid_of(module)
+        described[name] = grid.describe()
+    ctx.state.setdefault("quantized", {}).update(described)
+    kind = next(iter(described.values()))
+    metrics.update({"quantized_modules": len(described), "grid": kind, "quantize_seconds": round(seconds, 3),
+                    "quantize_cpu_seconds": round(cpu, 3)})
+    ctx.log(f"  quantize {p.method}: {len(described)} layers on {kind} grids ({seconds:.1f}s, {cpu:.1f} CPU-s)"
+            + (f"; round-to-nearest outside the blocks: {', '.join(fallback)}" if fallback else ""))
+    return metrics
