@@ -1,0 +1,25 @@
+"""gptopt-export: ``export --format gguf`` (a GGUF file llama.cpp loads, integer grids written without
+re-rounding) and ``llamacpp`` (the file measured in llama.cpp: perplexity on eval's tokens, prefill and decode
+speed on bench's workload). See docs/export.md.
+
+Heavy imports (torch, gguf, numpy, llama_cpp) happen inside the steps only.
+"""
+from gptopt_core import hookimpl
+
+from .step import ExportStep, LlamacppStep
+
+__all__ = ["ExportStep", "LlamacppStep"]
+
+
+@hookimpl
+def gptopt_register_steps(register):
+    register(ExportStep)
+    register(LlamacppStep)
+
+
+@hookimpl
+def gptopt_run_finished(ctx, records, out_dir):
+    from .measure import report_section
+
+    section = report_section(records)
+    return [section] if section else None

@@ -1,0 +1,110 @@
+"""GGML tensor types for each weight, and their bytes.
+
+A weight whose integer grid is exactly a GGUF block type is written from its codes and fp16 scales, without
+re-rounding (ggml's block layouts, ``ggml-common.h``):
+
+* ``q8_0``: 32 weights per block, ``d`` fp16 then 32 int8 codes; ``w = q * d`` (8-bit symmetric, group 32);
+* ``q4_0``: ``d`` fp16 then 16 bytes, byte ``j`` holds ``q[j] + 8`` (low nibble) and ``q[j + 16] + 8`` (high);
+  ``w = (nibble - 8) * d`` (4-bit symmetric, group 32);
+* ``q4_1``: ``d`` fp16, ``m`` fp16, 16 bytes of unsigned nibbles as above; ``w = nibble * d + m`` (4-bit
+  asymmetric, group 32, with ``m = -zero * scale``; exact only when ``m`` is an fp16 value).
+
+Everything else is quantized from its float values by gguf-py (``gguf.quants``, ggml's reference rounding).
+"""
+from __future__ import annotations
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+TYPES = FLOAT_TYPES + QUANT_TYPES
+BLOCK = 32  # every type above quantizes 32-weight blocks along the row
+
+
+def ggml_type(name: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name.upper())
+
+
+def exact_type(grid, codes) -> tuple[str | None, str]:
+    """The GGUF type holding ``grid`` exactly, or ``None``, and why not."""
+    if grid.group_size != BLOCK:
+        return None, f"{grid.describe()}: GGUF blocks are 32 weights"
+    if grid.bits == 8 and grid.symmetric:
+        return "q8_0", ""
+    if grid.bits == 4 and grid.symmetric:
+        return "q4_0", ""
+    if grid.bits == 4 and not grid.symmetric:
+        if _q4_1_min_exact(grid):
+            return "q4_1", ""
+        return None, f"{grid.describe()}: -zero*scale is not an fp16 value in every block"
+    return None, f"{grid.describe()}: no GGUF block type with these codes"
+
+
+def nearest_type(grid) -> str:
+    """The type a grid that has no exact GGUF form is re-rounded to."""
+    if grid.bits >= 8:
+        return "q8_0"
+    if grid.bits == 5:
+        return "q5_0" if grid.symmetric else "q5_1"
+    return "q4_0" if grid.symmetric else "q4_1"
+
+
+def _q4_1_min_exact(grid) -> bool:
+    import torch
+
+    m = -(grid.zero.float() * grid.scale.float())
+    return bool((m.half().float() == m).all() and torch.isfinite(m.half()).all())
+
+
+def _fp16_bytes(t, n_rows, n_blocks):
+    import numpy as np
+
+    return t.detach().cpu().float().numpy().astype(np.float16).reshape(n_rows, n_blocks, 1).view(np.uint8)
+
+
+def _nibbles(codes):
+    """uint8 ``(rows, blocks, 16)``: byte j = codes[j] | codes[j + 16] << 4 within each block of 32."""
+    import numpy as np
+
+    rows, cols = codes.shape
+    q = codes.detach().cpu().numpy().astype(np.uint8).reshape(rows, cols // BLOCK, BLOCK)
+    return q[:, :, :16] | (q[:, :, 16:] << 4)
+
+
+def pack_exact(type_name: str, grid, codes):
+    """uint8 ``(rows, bytes per row)`` of ``codes`` on ``grid`` in the block layout of ``type_name``."""
+    import numpy as np
+
+    rows, cols = codes.shape
+    n_blocks = cols // BLOCK
+    d = _fp16_bytes(grid.scale, rows, n_blocks)
+    if type_name == "q8_0":
+        qs = codes.detach().cpu().numpy().astype(np.int8).reshape(rows, n_blocks, BLOCK).view(np.uint8)
+        parts = [d, qs]
+    elif type_name == "q4_0":
+        parts = [d, _nibbles(codes + 8)]
+    elif type_name == "q4_1":
+        m = _fp16_bytes(-(grid.zero.float() * grid.scale.float()), rows, n_blocks)
+        parts = [d, m, _nibbles(codes)]
+    else:
+        raise ValueError(type_name)
+    return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(rows, -1))
+
+
+def encode(values, type_name: str):
+    """numpy array for the writer: float32/float16 values, or uint8 block bytes (bf16 and q types)."""
+    import numpy as np
+
+    data = values.detach().cpu().float().numpy()
+    if type_name == "f32":
+        return data.astype(np.float32)
+    if type_name == "f16":
+        return data.astype(np.float16)
+    import gguf
+
+    return gguf.quants.quantize(data, ggml_type(type_name))
+
+
+def fits(type_name: str, row_len: int) -> bool:
+    """Whether a row of ``row_len`` weights can be stored as ``type_name`` (whole 32-weight blocks)."""
+    return type_name in FLOAT_TYPES or row_len % BLOCK == 0

@@ -1,0 +1,153 @@
+"""The ``export`` step (GGUF for llama.cpp) and the ``llamacpp`` step (measure a GGUF in llama.cpp)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import pydantic
+
+from gptopt_core import GptoptError, Params, Step
+
+from .blocks import TYPES
+
+TYPE_CHOICES = ("auto",) + TYPES
+
+
+class ExportParams(Params):
+    format: Literal["gguf"] = pydantic.Field("gguf", description="file format (gguf: llama.cpp)")
+    to: str = pydantic.Field(..., min_length=1, description="file to write, FILE.gguf (written to a temporary name "
+                                                            "next to it, then renamed)")
+    type: Literal[TYPE_CHOICES] = pydantic.Field(
+        "auto", description="tensor type of the weight matrices: auto follows the chain (integer grids exactly as "
+                            "q8_0/q4_0/q4_1 where they fit, bitsandbytes int8 -> q8_0, nf4/fp4 -> q4_1, float layers "
+                            "keep their dtype), or one type for all: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
+    embeddings: Optional[Literal[TYPE_CHOICES]] = pydantic.Field(
+        None, description="type of the token embeddings and the output head [default: as --type]")
+    overwrite: bool = pydantic.Field(False, description="replace an existing file")
+
+    @pydantic.field_validator("to")
+    @classmethod
+    def _suffix(cls, value):
+        if not value.endswith(".gguf"):
+            raise ValueError("give a file name ending in .gguf")
+        return value
+
+
+class ExportStep(Step):
+    """Export the model as a GGUF file for llama.cpp (Llama-family, GPT-2), integer grids written exactly.
+
+    ``--type auto`` follows the model as the chain left it: layers on a 32-weight integer grid are written as
+    their codes and fp16 scales (q8_0 / q4_0 / q4_1, no re-rounding), bitsandbytes int8 layers as q8_0, NF4/FP4
+    as q4_1, float layers keep their dtype; norms and biases are f32. Tokenizer, chat template and special tokens
+    go with it. See docs/export.md.
+    """
+
+    name = "export"
+    Params = ExportParams
+    path_params = ("to",)
+    provides = frozenset({"gguf"})
+    forbids = {
+        "adapter": "the model carries an unmerged LoRA adapter; give lora --merge so the adapter is folded into the "
+                   "weights, then export",
+        "quantized:cpu-int8": "cpu-fast's int8 kernels have no GGUF form; put export before cpu-fast",
+        "quantized:cpu-bf16": "cpu-fast converted the model; put export before cpu-fast",
+    }
+
+    def target(self) -> Path:
+        return Path(self.params.to).expanduser()
+
+    def check_target(self) -> Path:
+        target = self.target()
+        if target.is_dir():
+            raise GptoptError(f"export: {target} is a directory; give a file name ending in .gguf")
+        if target.exists() and not self.params.overwrite:
+            raise GptoptError(f"export: {target} exists; pass --overwrite or choose another --to")
+        return target
+
+    def check_plan(self, before, after, facts):
+        self.check_target()
+
+    def preflight(self, ctx):
+        from .gguf_writer import check_model
+
+        check_model(ctx.model)
+
+    def apply(self, ctx):
+        import time
+
+        from .gguf_writer import write_gguf
+
+        target = self.check_target()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
+                             name=ctx.model_spec)
+        metrics["export_seconds"] = round(time.perf_counter() - started, 3)
+        ctx.state["gguf"] = str(target)
+        ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
+                f"{metrics['gguf_exact_grid_tensors']} grids written exactly)")
+        return metrics
+
+
+class LlamacppParams(Params):
+    file: Optional[str] = pydantic.Field(None, description="GGUF file to measure [default: the one the last "
+                                                           "export wrote]")
+    eval: bool = pydantic.Field(True, description="held-out perplexity from llama.cpp's logits, on eval's windows")
+    bench: bool = pydantic.Field(True, description="prefill latency and decode tokens/s, bench's workload")
+    block_size: int = pydantic.Field(512, ge=8, le=8192, description="eval window (as eval)")
+    stride: Optional[int] = pydantic.Field(None, ge=1, description="eval window step (default: block size)")
+    max_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens to score (as eval)")
+    prompt_tokens: int = pydantic.Field(128, ge=1, le=32768, description="prompt length (as bench)")
+    new_tokens: int = pydantic.Field(64, ge=2, le=32768, description="tokens generated per run (as bench)")
+    warmup: int = pydantic.Field(2, ge=0, le=100, description="untimed runs first")
+    repeats: int = pydantic.Field(5, ge=1, le=1000, description="timed runs (median taken)")
+    threads: Optional[int] = pydantic.Field(None, ge=1, le=1024,
+                                            description="llama.cpp threads [default: the cores available]")
+
+    @pydantic.model_validator(mode="after")
+    def _something(self):
+        if not (self.eval or self.bench):
+            raise ValueError("nothing to measure: drop --no-eval or --no-bench")
+        if self.stride and self.stride > self.block_size:
+            raise ValueError("stride must not exceed block-size (tokens would go unscored)")
+        if self.file is not None and not self.file.endswith(".gguf"):
+            raise ValueError("give a file name ending in .gguf")
+        return self
+
+
+class LlamacppStep(Step):
+    """Measure a GGUF file in llama.cpp: held-out perplexity on eval's tokens, prefill and decode speed on bench's
+    workload, next to the torch figures of the same run."""
+
+    name = "llamacpp"
+    Params = LlamacppParams
+
+    def required_facts(self):
+        if self.params.file:
+            return {}
+        return {"gguf": "put export --format gguf --to FILE.gguf before it, or give llamacpp --file FILE.gguf"}
+
+    def check_plan(self, before, after, facts):
+        from .llamacpp import missing
+
+        problem = missing()
+        if problem:
+            raise GptoptError(f"llamacpp: {problem}")
+        if self.params.file:
+            written = {str(Path(s.params.to).expanduser()) for s in before if s.name == "export"}
+            path = Path(self.params.file).expanduser()
+            if str(path) not in written and not path.is_file():
+                raise GptoptError(f"llamacpp --file {path}: no such file")
+
+    def preflight(self, ctx):
+        if self.params.eval:
+            have = min(int(ctx.data.valid_ids.numel()), self.params.max_tokens)
+            if have < self.params.block_size + 1:
+                raise GptoptError(f"llamacpp: the held-out split has {int(ctx.data.valid_ids.numel())} tokens, fewer "
+                                  f"than one block of {self.params.block_size}+1; give more text or a smaller "
+                                  f"--block-size")
+
+    def apply(self, ctx):
+        from .measure import measure
+
+        return measure(ctx, self.params)
