@@ -84,6 +84,80 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
 }
 CASES.update({name: (lambda p, _args=args: _args, expected) for name, (args, expected) in PLUGIN_CASES.items()})
 
+LONG = "x" * 300  # one path component longer than the file system allows (255 bytes)
+ROUND2_CASES = {  # issue 20: untrusted recipes, output locations, user mistakes that were internal errors
+    "recipe: !!binary path": (["--recipe", "binary.yaml"], "'!!binary' are not allowed"),
+    "recipe: !!python tag": (["--recipe", "python.yaml"], "'!!python/object/apply"),
+    "recipe: !!set tag": (["--recipe", "set.yaml"], "'!!set' are not allowed"),
+    "recipe: alias bomb": (["--recipe", "bomb.yaml"], "anchors (&name) are not allowed"),
+    "recipe: alias": (["--recipe", "alias.yaml"], "aliases (*name) are not allowed"),
+    "recipe: duplicate top key": (["--recipe", "dupkey.yaml"], "duplicate key 'model'"),
+    "recipe: duplicate option key": (["--recipe", "dupopt.yaml"], "duplicate key 'max_tokens'"),
+    "recipe: nested 200 deep": (["--recipe", "deep.yaml"], "nested deeper than 32 levels"),
+    "recipe: larger than 4 MiB": (["--recipe", "huge.yaml"], "larger than 4 MiB"),
+    "recipe: steps: true for an int": (["--recipe", "booltrue.yaml"], "steps: Value error, Input should be a number"),
+    "recipe: seed beyond 2**32-1": (["--recipe", "bigseed.yaml"], "--seed must be an integer from 0 to 4294967295"),
+    "recipe: float seed": (["--recipe", "floatseed.yaml"], "'seed' must be an integer"),
+    "recipe: absolute save path": (["--recipe", "abs.yaml"], "escapes the working directory"),
+    "recipe: save through a symlink out": (["--recipe", "symlinked.yaml"], "escapes the working directory"),
+    "recipe: not UTF-8": (["--recipe", "latin1.yaml"], "is not UTF-8 text"),
+    "recipe: missing file": (["--recipe", "nope.yaml"], "does not exist"),
+    "recipe: step is a number": (["--recipe", "numstep.yaml"], "must be a step name or a one-key mapping"),
+    "recipe: params are a list": (["--recipe", "listparams.yaml"], "params must be a mapping, got list"),
+    "recipe: steps is a mapping": (["--recipe", "mapsteps.yaml"], "'steps' must be a list"),
+    "recipe: list as a mapping key": (["--recipe", "listkey.yaml"], "a mapping key must be a plain value"),
+    "recipe: empty file": (["--recipe", "blank.yaml"], "a recipe is a mapping"),
+    "recipe: and steps on the command line": (["--recipe", "bad.yaml", "eval"], "not both"),
+    "run.json: duplicate keys": (["--recipe", "dup.json"], "duplicate key 'steps'"),
+    "run.json: nested 40 deep": (["--recipe", "deep.json"], "nested deeper than 32 levels"),
+    "run.json: save outside": (["--recipe", "outside.json"], "escapes the working directory"),
+    "seed 2**32": (["--seed", str(2**32), "--model", "tiny-random-gpt2", "eval"], "from 0 to 4294967295"),
+    "seed -1": (["--seed", "-1", "--model", "tiny-random-gpt2", "eval"], "from 0 to 4294967295"),
+    "--out under a regular file": (["--out", "afile/run", "--model", "tiny-random-gpt2", "eval"],
+                                   "which is a file, not a directory"),
+    "--out is a file": (["--out", "afile", "--model", "tiny-random-gpt2", "eval"], "is a file, not a directory"),
+    "--out dangling symlink": (["--out", "dangling", "--model", "tiny-random-gpt2", "eval"], "dangling symlink"),
+    "--out symlink loop": (["--out", "loop", "--model", "tiny-random-gpt2", "eval"], "is a symlink loop"),
+    "--out on a read-only file system": (["--out", "/proc/sys/gptopt-run", "--model", "tiny-random-gpt2", "eval"],
+                                         "cannot be written"),
+    "--out name too long": (["--out", LONG, "--model", "tiny-random-gpt2", "eval"], "longer than the file system"),
+    "save --to under a regular file": (G2 + ["save", "--to", "afile/m"], "which is a file, not a directory"),
+    "save --to dangling symlink": (G2 + ["save", "--to", "dangling"], "dangling symlink"),
+    "save --to symlink loop": (G2 + ["save", "--to", "loop/m"], "is a symlink loop"),
+    "save --to on a read-only file system": (G2 + ["save", "--to", "/proc/sys/gptopt-m"], "cannot be written"),
+    "save --to name too long": (G2 + ["save", "--to", LONG], "longer than the file system allows"),
+    "save --to . --overwrite": (G2 + ["save", "--to", ".", "--overwrite"], "the working directory"),
+    "save --to blank": (G2 + ["save", "--to", "  "], "the path is empty"),
+    "save --to the --out dir": (["--out", "run"] + G2 + ["save", "--to", "run"], "which this run also writes"),
+    "two saves to one path": (G2 + ["save", "--to", "m", "save", "--to", "./m"], "as step 1 'save' --to does"),
+    "--model name too long": (["--model", LONG, "eval"], "--model: path component"),
+    "--data name too long": (G2 + ["--data", LONG + ".txt", "eval"], "--data: path component"),
+    "--eval-data name too long": (G2 + ["--eval-data", LONG, "eval"], "--eval-data: path component"),
+    "data: jsonl not UTF-8": (G2 + ["--data", "b.jsonl", "eval"], "not UTF-8 text (line 2"),
+    "data: non-string rows": (G2 + ["--data", "mixed.jsonl", "eval"], "2 of 4 rows have no string 'text'"),
+    "data: .JSONL upper case": (G2 + ["--data", "MIXED.JSONL", "eval"], "2 of 4 rows have no string 'text'"),
+    "data: jsonl bad line": (G2 + ["--data", "badline.jsonl", "eval"], "line 2 is not valid JSON"),
+    "data: jsonl without text": (G2 + ["--data", "notext.jsonl", "eval"], "has no 'text' column"),
+    "data: csv not UTF-8": (G2 + ["--data", "latin1.csv", "eval"], "not UTF-8 text"),
+    "data: json that is a number": (G2 + ["--data", "number.json", "eval"], "give a list of"),
+    "data: corrupt parquet": (G2 + ["--data", "corrupt.parquet", "eval"], "cannot read data"),
+    "config.json is a list": (["--model", "cfglist", "eval"], "is a JSON list, not an object"),
+    "config.json string quantization_config": (["--model", "cfgqc", "eval"], "'quantization_config' must be a mapping"),
+    "pickle adapter without --allow-pickle": (["--model", "peft", "eval"], "pickle adapter (adapter_model.bin)"),
+    "lora: steps true": (G2 + ["lora", "--steps", "true"], "steps: Input should be a valid integer"),
+    "finetune: 0 steps": (G2 + ["finetune", "--steps", "0"], "steps: Input should be greater than or equal to 1"),
+    "finetune: seq len 4": (G2 + ["finetune", "--seq-len", "4"], "seq_len: Input should be greater than or equal"),
+    "lora: negative lr": (G2 + ["lora", "--lr", "-1"], "lr: Input should be greater than 0"),
+    "prune: sparsity nan": (G2 + ["prune", "--sparsity", "nan"], "sparsity: Input should be less than 1"),
+    "prune: unknown method": (G2 + ["prune", "--method", "foo"], "method: Input should be 'magnitude'"),
+    "quantize: unknown quant type": (G2 + ["quantize", "--bits", "4", "--quant-type", "xx"],
+                                     "quant_type: Input should be 'nf4' or 'fp4'"),
+    "bench: batch size 0": (G2 + ["bench", "--batch-size", "0"], "batch_size: Input should be greater than or equal"),
+    "eval: stride over block size": (G2 + ["eval", "--stride", "600"], "stride must not exceed block-size"),
+    "eval: unknown split": (G2 + ["eval", "--split", "test"], "split: String should match pattern"),
+}
+CASES.update({name: (lambda p, _args=args: _args, expected) for name, (args, expected) in ROUND2_CASES.items()})
+
 
 @pytest.fixture
 def workdir(tmp_path):
@@ -103,7 +177,70 @@ def workdir(tmp_path):
     (tmp_path / "list.yaml").write_text("- eval\n- save\n")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
+    make_round2_files(tmp_path)
     return tmp_path
+
+
+def make_round2_files(d):
+    import base64
+    import json
+
+    import yaml
+
+    def recipe(name, text):
+        (d / name).write_text("model: tiny-random-gpt2\n" + text)
+
+    recipe("binary.yaml", "steps:\n  - save: {to: !!binary %s, overwrite: true}\n"
+           % base64.b64encode(str(d / "full").encode()).decode())
+    recipe("python.yaml", "seed: !!python/object/apply:os.getpid []\nsteps: [eval]\n")
+    recipe("set.yaml", "steps: !!set {eval: null}\n")
+    (d / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + chr(ord(c) - 1)] * 9)}]\n" for c in "bcdefgh") + "steps: [eval]\n")
+    recipe("alias.yaml", "steps: *x\n")
+    recipe("dupkey.yaml", "model: tiny-random-llama\nsteps: [eval]\n")
+    recipe("dupopt.yaml", "steps:\n  - eval: {max_tokens: 600, max_tokens: 700}\n")
+    recipe("deep.yaml", "steps: " + "[" * 200 + "]" * 200 + "\n")
+    recipe("huge.yaml", "steps: [eval]\n#" + "x" * (4 * 2**20) + "\n")
+    recipe("booltrue.yaml", "steps:\n  - lora: {steps: true}\n")
+    recipe("bigseed.yaml", f"seed: {2**32}\nsteps: [eval]\n")
+    recipe("floatseed.yaml", "seed: 1.5\nsteps: [eval]\n")
+    recipe("abs.yaml", f"steps:\n  - save: {{to: {d / 'elsewhere'}}}\n")
+    (d / "sub").mkdir()
+    (d / "outlink").symlink_to(d.parent)
+    recipe("symlinked.yaml", "steps:\n  - save: {to: outlink/escaped}\n")
+    (d / "latin1.yaml").write_bytes("model: caf\xe9\nsteps: [eval]\n".encode("latin-1"))
+    recipe("numstep.yaml", "steps: [5]\n")
+    recipe("listparams.yaml", "steps:\n  - eval: [1, 2]\n")
+    recipe("mapsteps.yaml", "steps: {eval: {}}\n")
+    (d / "listkey.yaml").write_text("? [a, b]\n: 1\n")
+    (d / "blank.yaml").write_text("")
+    (d / "dup.json").write_text('{"recipe": {"model": "tiny-random-gpt2", "steps": ["eval"]}, "steps": [], "steps": []}')
+    (d / "deep.json").write_text('{"recipe": ' * 40 + "{}" + "}" * 40)
+    (d / "outside.json").write_text(json.dumps({"recipe": {"model": "tiny-random-gpt2", "steps": [
+        {"save": {"to": str(d.parent / "outside")}}]}, "steps": []}))
+    (d / "afile").write_text("a regular file")
+    (d / "dangling").symlink_to(d / "nowhere")
+    (d / "loop").symlink_to(d / "loop2")
+    (d / "loop2").symlink_to(d / "loop")
+    (d / "b.jsonl").write_bytes(b'{"text":"a"}\n{"text":"b \xff"}\n')
+    rows = "\n".join(json.dumps({"text": t}) for t in ["one " * 50, 7, "two " * 50, None])
+    (d / "mixed.jsonl").write_text(rows)
+    (d / "MIXED.JSONL").write_text(rows)
+    (d / "badline.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (d / "notext.jsonl").write_text('{"body": "x"}\n')
+    (d / "latin1.csv").write_bytes("text\ncaf\xe9\n".encode("latin-1"))
+    (d / "number.json").write_text("42")
+    (d / "corrupt.parquet").write_bytes(b"PAR1" + bytes(100))
+    for name, cfg in (("cfglist", [1, 2]), ("cfgqc", {"model_type": "gpt2", "quantization_config": "4bit"})):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps(cfg))
+        (d / name / "model.safetensors").write_bytes(b"")
+    (d / "peft" / "adapter").mkdir(parents=True)
+    (d / "peft" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (d / "peft" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    (d / "peft" / "model.safetensors").write_bytes(b"")
+    (d / "peft" / "adapter" / "adapter_config.json").write_text(yaml.safe_dump({"peft_type": "LORA"}))
+    (d / "peft" / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -129,4 +266,4 @@ def test_the_table_covers_the_core_and_every_plugin():
     steps = {a for args, _ in PLUGIN_CASES.values() for a in args if not str(a).startswith(("-", "*", "."))}
     plugins = {get_plugins().steps[s].plugin for s in steps if s in get_plugins().steps}
     assert {"gptopt-bnb", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu"} <= plugins
-    assert len(CASES) >= 45
+    assert len(CASES) >= 100
