@@ -245,11 +245,11 @@ class Plugins:
 
 def _blamed(function, plugin: str, hook: str, trace: bool):
     @functools.wraps(function)
-    def call(*args):
+    def call(*args, **kwargs):
         start = time.perf_counter()
         outcome = ""
         try:
-            return function(*args)
+            return function(*args, **kwargs)
         except GptoptError as exc:
             outcome = f" raised {type(exc).__name__}"
             if hook in _ISOLATED:

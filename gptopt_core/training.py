@@ -7,9 +7,9 @@ that cares about training (pruning masks, L1 penalties, distillation) hooks into
   held-out split), plus the extra terms returned by the ``gptopt_training_loss`` hook for every micro-batch.
 * **Optimizer**: AdamW on the parameters with ``requires_grad`` (weight decay on matrices only), linear
   warmup then cosine decay to zero, gradient accumulation, gradient clipping (``max_grad_norm``).
-* **After every optimizer step**: the pruning masks in ``ctx.state["masks"]`` are re-applied to the weights
-  being trained (pruned weights stay exactly zero; PEFT-wrapped names are resolved), then the
-  ``gptopt_after_optimizer_step`` hook runs.
+* **After every optimizer step**: the ``gptopt_after_optimizer_step`` hook runs (the prune plugin's
+  implementation keeps pruned weights exactly zero, l1's applies its proximal update). The loop itself knows
+  nothing of masks or penalties.
 * **Precision**: ``auto`` is bf16 autocast on a CUDA GPU that supports it, fp16 on other GPUs, fp32 on CPU;
   ``bf16`` also works on CPU.
 * **Multi-process**: under ``accelerate launch`` the same command runs data-parallel (gloo on CPU, NCCL on
@@ -36,6 +36,7 @@ While a loop runs, ``ctx.state["trainer"]`` is the running :class:`Trainer` (hoo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Literal, Optional
@@ -73,19 +74,11 @@ class TrainParams(Params):
     gradient_checkpointing: bool = pydantic.Field(False, description="recompute activations to save memory")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = pydantic.Field(
         "auto", description="autocast: auto = bf16/fp16 on a GPU, fp32 on CPU")
-    distill_from: Optional[Literal["original"]] = pydantic.Field(
-        None, description="add a KL term against the model as it was loaded (before lossy steps)")
-    distill_weight: Optional[float] = pydantic.Field(None, gt=0, le=1000,
-                                                     description="weight of the KL term [default: 1.0]")
-    temperature: Optional[float] = pydantic.Field(None, gt=0, le=100,
-                                                  description="distillation temperature [default: 2.0]")
 
     @pydantic.model_validator(mode="after")
     def _check(self):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
-        if self.distill_from is None and (self.distill_weight is not None or self.temperature is not None):
-            raise ValueError("--distill-weight/--temperature need --distill-from original")
         return self
 
 
@@ -158,7 +151,6 @@ class Trainer:
         self.accelerator = None
         self.optimizer = None
         self.scheduler = None
-        self._rng_to_restore = None
 
     # -- data order: a pure function of (seed, step) ------------------------------------------------------
     @property
@@ -261,12 +253,6 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             self.wrapped, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self._masks = mask_targets(self.accelerator.unwrap_model(self.wrapped), self.ctx.state.get("masks"))
-        if self._masks:
-            self.apply_masks()
-        if self._rng_to_restore is not None:
-            self._set_rng(self._rng_to_restore)
-            self._rng_to_restore = None
 
     # -- checkpoint state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -320,14 +306,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def apply_masks(self) -> None:
-        """Zero the pruned entries of the weights being trained (``ctx.state["masks"]``)."""
-        import torch
-
-        with torch.no_grad():
-            for weight, keep in self._masks:
-                weight.mul_(keep.to(weight.dtype))
-
     def extra_loss(self, model, batch, outputs):
         terms = self.ctx.hook.gptopt_training_loss(ctx=self.ctx, model=model, batch=batch, outputs=outputs)
         terms = [t for t in terms if t is not None]
@@ -347,7 +325,7 @@ class Trainer:
             ids = self.blocks[self.block_indices(self.step, micro)].to(acc.device)
             batch = {"input_ids": ids, "labels": ids}
             sync = micro == p.grad_accum - 1 or self.num_processes == 1
-            ctx_mgr = acc.no_sync(model) if not sync else _nullcontext()
+            ctx_mgr = acc.no_sync(model) if not sync else contextlib.nullcontext()
             with ctx_mgr:
                 outputs = model(**batch)
                 loss = outputs.loss
@@ -362,8 +340,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self._masks:
-            self.apply_masks()
         self.ctx.hook.gptopt_after_optimizer_step(ctx=self.ctx, model=plain, step=self.step)
         if self.num_processes > 1:
             both = acc.reduce(torch.stack([total, total_ce]), reduction="mean")
@@ -483,14 +459,6 @@ class Trainer:
             out["eval_history"] = self.eval_history
             out["train_eval_perplexity"] = self.eval_history[-1]["perplexity"]
         return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(ctx, model, params: TrainParams, name: str = "train") -> tuple[Any, dict]:

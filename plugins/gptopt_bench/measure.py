@@ -379,10 +379,6 @@ def dtype_summary(model) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def cpu_threads() -> int:
-    return torch.get_num_threads()
-
-
 def environment(device) -> dict:
     device = torch.device(device)
     env = {"device": str(device)}

@@ -18,8 +18,6 @@ import torch.nn as nn
 
 from gptopt_core.modules import is_conv1d
 
-#: formats a user can ask for; ``fp32`` is the unconverted reference the ``auto`` table starts from
-FORMATS = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: formats whose float parts (unconverted weights, kept layers, activations) are bfloat16

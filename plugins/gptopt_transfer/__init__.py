@@ -9,7 +9,7 @@ Heavy imports (torch, peft) happen inside the step bodies only.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Literal, Optional
 
 import pydantic
 
@@ -32,11 +32,28 @@ AUTO_TARGETS = {
 DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0
 
 
-class FinetuneParams(TrainParams):
+class DistillParams(TrainParams):
+    """The core's training options plus distillation, which this plugin implements (``gptopt_training_loss``)."""
+
+    distill_from: Optional[Literal["original"]] = pydantic.Field(
+        None, description="add a KL term against the model as it was loaded (before lossy steps)")
+    distill_weight: Optional[float] = pydantic.Field(None, gt=0, le=1000,
+                                                     description=f"weight of the KL term [default: {DISTILL_WEIGHT}]")
+    temperature: Optional[float] = pydantic.Field(None, gt=0, le=100,
+                                                  description=f"distillation temperature [default: {TEMPERATURE}]")
+
+    @pydantic.model_validator(mode="after")
+    def _check_distill(self):
+        if self.distill_from is None and (self.distill_weight is not None or self.temperature is not None):
+            raise ValueError("--distill-weight/--temperature need --distill-from original")
+        return self
+
+
+class FinetuneParams(DistillParams):
     lr: float = pydantic.Field(5e-5, gt=0, le=1.0, description="peak learning rate (AdamW)")
 
 
-class LoraParams(TrainParams):
+class LoraParams(DistillParams):
     lr: float = pydantic.Field(5e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
     r: int = pydantic.Field(16, ge=1, le=4096, description="LoRA rank")
     alpha: float = pydantic.Field(32.0, gt=0, le=1e6, description="LoRA alpha (scale = alpha / r)")
@@ -64,6 +81,7 @@ class _TrainingStep(Step):
     trains = True
 
     def wants_original_model(self) -> bool:
+        """``--distill-from original``: the pipeline keeps a copy of the model as loaded (``ctx.original_model()``)."""
         return self.params.distill_from == "original"
 
     def preflight(self, ctx):
