@@ -16,6 +16,21 @@ def _corrupt_model_dir(tmp_path):
     return d
 
 
+def _other_arch_dir(tmp_path):
+    """A tiny GPT-NeoX saved as a model directory: an architecture export --format gguf does not write."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from gptopt_core.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64))
+    d = tmp_path / "neox"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 CASES = {
     "missing model path": (lambda p: ["--model", "./no/such/model", "eval"], "not found"),
     "dir without config.json": (lambda p: ["--model", p / "empty", "eval"], "no config.json"),
@@ -29,6 +44,8 @@ CASES = {
     "empty data file": (lambda p: ["--model", "tiny-random-gpt2", "--data", p / "empty.txt", "eval"], "is empty"),
     "data shorter than one block": (lambda p: ["--model", "tiny-random-gpt2", "--data", p / "short.txt", "eval"],
                                     "fewer than one block"),
+    "eval max-tokens below one block": (lambda p: ["--model", "tiny-random-gpt2", "eval", "--max-tokens", "256"],
+                                        "--max-tokens 256 is below one block of --block-size 512"),
     "non-UTF-8 data": (lambda p: ["--model", "tiny-random-gpt2", "--data", p / "latin1.txt", "eval"], "not UTF-8"),
     "recipe with unknown key": (lambda p: ["--recipe", p / "bad.yaml"], "unknown key 'modle'"),
     "recipe with bad YAML": (lambda p: ["--recipe", p / "broken.yaml"], "not valid YAML"),
@@ -67,6 +84,16 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
                                    "put prune before quantize"),
     "prune: sparsity 1.5": (G2 + ["prune", "--sparsity", "1.5"], "sparsity: Input should be less than 1"),
     "prune: pattern 5:4": (G2 + ["prune", "--pattern", "5:4"], "'5:4' is not a valid N:M pattern"),
+    "gptq: group size not dividing a width": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "--group-size",
+                                                 "48"], "--group-size 48 does not divide the input width 64"),
+    "gptq on a quantized model": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "quantize", "--method", "rtn",
+                                        "--bits", "8"], "it is already quantized"),
+    "gptq with a bitsandbytes option": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "--quant-type", "nf4"],
+                                        "--quant-type applies to --method bnb"),
+    "sparsegpt: N:M and --sparsity": (G2 + ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--sparsity",
+                                            "0.3"], "contradicts --pattern 2:4"),
+    "prune after gptq": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "prune", "--method", "sparsegpt",
+                               "--sparsity", "0.5"], "put prune before quantize"),
     "finetune after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "finetune", "--steps", "2"],
                                       "or use lora (QLoRA) on the quantized model"),
     "lora: rank 0": (G2 + ["lora", "--r", "0"], "r: Input should be greater than or equal to 1"),
@@ -81,8 +108,23 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
     "bench: 0 new tokens": (G2 + ["bench", "--new-tokens", "0"], "new_tokens: Input should be greater than or equal"),
     "cpu-fast: unknown format": (G2 + ["cpu-fast", "--format", "bogus"], "format: Input should be 'auto'"),
     "cpu-fast after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "cpu-fast"], "it is already quantized"),
+    "save: unknown format": (G2 + ["save", "--to", "./m", "--format", "onnx"],
+                             "unknown format 'onnx'; known formats: auto, compressed-tensors, safetensors"),
+    "save: nf4 as compressed-tensors": (G2 + ["quantize", "--bits", "4", "save", "--to", "./m", "--format",
+                                              "compressed-tensors"], "quantize with --method rtn or --method gptq"),
+    "save: integer grid as safetensors": (G2 + ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",
+                                                "save", "--to", "./m", "--format", "safetensors"],
+                                          "would be written de-quantized; use --format compressed-tensors"),
+    "export onto an existing file": (G2 + ["export", "--to", "fake.gguf"], "exists; pass --overwrite"),
+    "export: not a .gguf name": (G2 + ["export", "--to", "model.bin"], "give a file name ending in .gguf"),
+    "export: unknown type": (G2 + ["export", "--to", "m.gguf", "--type", "q3_k"], "type: Input should be 'auto'"),
+    "export of an unmerged adapter": (G2 + ["lora", "--steps", "1", "export", "--to", "m.gguf"],
+                                      "give lora --merge so the adapter is folded"),
+    "llamacpp with nothing exported": (G2 + ["llamacpp"], "put export --format gguf --to FILE.gguf before it"),
 }
 CASES.update({name: (lambda p, _args=args: _args, expected) for name, (args, expected) in PLUGIN_CASES.items()})
+CASES["export: unsupported architecture"] = (lambda p: ["--model", _other_arch_dir(p), "export", "--to", "m.gguf"],
+                                             "architecture 'gpt_neox' is not supported; supported: llama, gpt2")
 
 LONG = "x" * 300  # one path component longer than the file system allows (255 bytes)
 ROUND2_CASES = {  # issue 20: untrusted recipes, output locations, user mistakes that were internal errors
@@ -265,5 +307,6 @@ def test_the_table_covers_the_core_and_every_plugin():
 
     steps = {a for args, _ in PLUGIN_CASES.values() for a in args if not str(a).startswith(("-", "*", "."))}
     plugins = {get_plugins().steps[s].plugin for s in steps if s in get_plugins().steps}
-    assert {"gptopt-bnb", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu"} <= plugins
+    assert {"gptopt-bnb", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu",
+            "gptopt-export"} <= plugins
     assert len(CASES) >= 100
