@@ -68,10 +68,16 @@ class EvalStep(Step):
 class SaveParams(Params):
     to: str = pydantic.Field(..., min_length=1, description="directory to write (created atomically)")
     overwrite: bool = pydantic.Field(False, description="replace a non-empty target directory")
+    format: str = pydantic.Field("auto", min_length=1, description=(
+        "auto (integer grids -> compressed-tensors, else safetensors), safetensors, compressed-tensors, or a "
+        "format a plugin registers (docs/save-formats.md)"))
+    allow_dequantized: bool = pydantic.Field(False, description=(
+        "write quantized layers de-quantized where the format cannot hold them (otherwise refused)"))
 
 
 class SaveStep(Step):
-    """Save the model (safetensors), tokenizer, recipe and run.json; atomic: temp dir, then rename."""
+    """Save the model (--format: safetensors, compressed-tensors, ...), tokenizer, recipe and run.json; atomic:
+    temp dir, then rename. A format that cannot hold the model refuses it before anything is written."""
 
     name = "save"
     Params = SaveParams
@@ -87,7 +93,11 @@ class SaveStep(Step):
         return target
 
     def check_plan(self, before, after, facts):
+        from .plugins import get_plugins
+        from .saveformats import check_plan
+
         self.check_target()
+        check_plan(get_plugins(), self.params_dict(), facts)
 
     def apply(self, ctx):
         from .report import save_model_dir
@@ -99,12 +109,17 @@ class SaveStep(Step):
             target = Path(self.params.to).expanduser()
             return {"saved_to": str(target), "files": sorted(p.name for p in target.iterdir())}
         target = self.check_target()
+        from .saveformats import choose
+
+        options = self.params_dict()
+        fmt = choose(ctx, ctx.model, options)  # refuses (nothing written) where the format cannot hold the model
         try:
-            files = save_model_dir(ctx, target, overwrite=self.params.overwrite or getattr(self, "replace_on_resume",
+            files = save_model_dir(ctx, target, write=lambda path: fmt.write(ctx, ctx.model, path, options),
+                                   overwrite=self.params.overwrite or getattr(self, "replace_on_resume",
                                                                                           False))
         finally:
             _barrier()
-        return {"saved_to": str(target), "files": files}
+        return {"saved_to": str(target), "files": files, "format": fmt.name}
 
 
 def _barrier() -> None:
@@ -134,6 +149,13 @@ def gptopt_collect_metrics(ctx):
 
     return {"model_bytes": model_bytes(ctx.model), "num_params": num_params(ctx.model),
             "sparsity": sparsity(ctx.model)}
+
+
+@hookimpl
+def gptopt_register_save_formats(register):
+    from .saveformats import SafetensorsFormat
+
+    register(SafetensorsFormat)
 
 
 @hookimpl(trylast=True)

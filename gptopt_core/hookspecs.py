@@ -87,6 +87,20 @@ def gptopt_save_model(ctx, model, path):
 
 
 @hookspec
+def gptopt_register_save_formats(register):
+    """Register the formats ``save --format NAME`` can write.
+
+    :param register: callable taking a :class:`gptopt_core.saveformats.SaveFormat` subclass (its ``name`` is the
+        ``--format`` value). A name registered twice is reported as an error of the second plugin. ``--format
+        auto`` tries plugins' formats before the core's ``safetensors``, taking the first whose ``claims(ctx,
+        model)`` is true and whose ``refusal(ctx, model, options)`` is ``None``; a format that cannot hold a model
+        refuses it with one sentence naming a format or option that can, and nothing is written.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
 def gptopt_training_loss(ctx, model, batch, outputs):
     """Add extra loss terms to every training batch (L1 penalties, distillation, ...).
 

@@ -119,8 +119,10 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(ctx, target: Path, overwrite: bool = False) -> list[str]:
-    """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename."""
+def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> list[str]:
+    """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename.
+
+    ``write(path)`` writes the model (a save format's writer); by default the ``gptopt_save_model`` hooks do."""
     import yaml
 
     from .paths import clean_stale_partials
@@ -132,7 +134,10 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False) -> list[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        ctx.hook.gptopt_save_model(ctx=ctx, model=ctx.model, path=tmp)
+        if write is not None:
+            write(tmp)
+        else:
+            ctx.hook.gptopt_save_model(ctx=ctx, model=ctx.model, path=tmp)
         ctx.tokenizer.save_pretrained(str(tmp))
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
         write_json_atomic(tmp / "run.json", build_manifest(ctx))

@@ -1,0 +1,121 @@
+"""Load a compressed-tensors directory as a plain float model with its integer grids re-attached.
+
+transformers' own compressed-tensors quantizer (plain ``from_pretrained``) reads packed ``nn.Linear`` layers, but
+not GPT-2's ``Conv1D`` layers and - since compressed-tensors 0.15 dropped its sparse compressors - not the bitmask
+formats. This reader decodes every tensor the writer (:mod:`.writer`) produces, and what llm-compressor writes in
+the same formats, into the model's own layers; grid layers get their :class:`gptopt_core.grids.WeightGrid` back,
+so ``model_bytes`` counts them packed again.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def is_compressed_dir(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def _scheme_for(name, module, qconfig):
+    from compressed_tensors.utils.match import is_match
+
+    groups = list(qconfig.config_groups.values())
+    for scheme in groups:
+        if is_match(name, module, scheme.targets, qconfig.ignore or []):
+            return scheme
+    if len(groups) == 1:
+        return groups[0]
+    raise ValueError(f"no config group of quantization_config targets {name}")
+
+
+def _grid_from(tensors, name, args):
+    """(WeightGrid, codes (out, in) int32) of one packed layer, popping its tensors."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from gptopt_core.grids import WeightGrid
+
+    if args.type != "int" or args.strategy not in ("group", "channel"):
+        raise ValueError(f"{name}: only integer group / channel weights are read, not {args.type} {args.strategy}")
+    shape = torch.Size(tensors.pop(f"{name}.weight_shape").flatten().tolist())
+    q = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape).to(torch.int32)
+    scale = tensors.pop(f"{name}.weight_scale").float().reshape(shape[0], -1)
+    zp = tensors.pop(f"{name}.weight_zero_point", None)
+    group = args.group_size if args.strategy == "group" else None
+    if args.symmetric:
+        return WeightGrid(args.num_bits, group, True, scale, None), q
+    offset = 2 ** (args.num_bits - 1)
+    zp = unpack_from_int32(zp, args.num_bits, torch.Size((shape[0], scale.shape[1])), packed_dim=0)
+    return WeightGrid(args.num_bits, group, False, scale, zp.to(torch.int32) + offset), q + offset
+
+
+def _dense_from_bitmask(tensors, name):
+    import torch
+    from compressed_tensors.utils.helpers import unpack_bitmasks
+
+    shape = tensors.pop(f"{name}.shape").flatten().tolist()
+    values = tensors.pop(f"{name}.compressed").flatten()
+    mask = unpack_bitmasks(tensors.pop(f"{name}.bitmask"), shape)
+    tensors.pop(f"{name}.row_offsets", None)
+    dense = torch.zeros(shape, dtype=values.dtype)
+    dense[mask] = values
+    return dense
+
+
+def load(path, trust_remote_code: bool = False):
+    """``(model, tokenizer, info)`` from a compressed-tensors directory; ``info`` has ``grids`` (number of layers
+    on a grid), ``sparse`` (layers read from a bitmask) and the ``quantization_config`` dict."""
+    import torch
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gptopt_core.grids import attach_grid
+    from gptopt_core.modules import is_conv1d
+
+    path = Path(path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tensors: dict = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
+    modules = dict(model.named_modules())
+    grids, sparse = {}, []
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        name = key[: -len(".weight_packed")]
+        module = modules[name]
+        if qconfig is None:
+            raise ValueError(f"{key} is packed but quantization_config has no config_groups")
+        grid, codes = _grid_from(tensors, name, _scheme_for(name, module, qconfig).weights)
+        weight = grid.dequantize(codes)
+        tensors[f"{name}.weight"] = weight.t().contiguous() if is_conv1d(module) else weight
+        grids[name] = grid
+    for key in [k for k in tensors if k.endswith(".bitmask")]:
+        name = key[: -len(".bitmask")]
+        dense = _dense_from_bitmask(tensors, name).float()
+        tensors[f"{name}.weight"] = dense.t().contiguous() if is_conv1d(modules[name]) else dense
+        sparse.append(name)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"tensors the model has no place for: {', '.join(sorted(unexpected)[:3])}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    head = model.get_output_embeddings()
+    tied = {n for n, m in modules.items() if m is head and head.weight is model.get_input_embeddings().weight}
+    left = [k for k in missing if k.rsplit(".", 1)[0] not in tied and not k.endswith(("inv_freq", "masked_bias"))]
+    if left:
+        raise ValueError(f"missing tensors: {', '.join(sorted(left)[:3])}")
+    for name, grid in grids.items():
+        attach_grid(modules[name], grid)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "quantization_config": qc}

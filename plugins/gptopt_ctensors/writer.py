@@ -1,0 +1,129 @@
+"""Write a model's integer grids (packed, with fp16 scales) and pruning masks (bitmask / 2:4) as compressed-tensors.
+
+The integers come from :func:`gptopt_core.grids.grid_codes` (never re-rounded) and are packed by compressed-tensors'
+own ``pack_to_int32``; bitmasks by its ``pack_bitmasks``. Layers neither on a grid nor sparse are written as they
+are held (float32 for gptopt's models). See :mod:`.layout` for the conventions.
+"""
+from __future__ import annotations
+
+import json
+
+from gptopt_core import GptoptError
+
+from . import layout
+
+
+def sparse_masks(ctx, model, gridded: set) -> dict:
+    """``{name: bool mask (out, in)}`` of the pruned layers not on a grid (from ``ctx.state["masks"]``)."""
+    from gptopt_core.modules import is_conv1d
+
+    masks = (getattr(ctx, "state", None) or {}).get("masks") or {}
+    modules = dict(model.named_modules())
+    out = {}
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if module is None or name in gridded or getattr(module, "weight", None) is None:
+            continue
+        mask = mask.detach().to("cpu", dtype=__import__("torch").bool)
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            continue
+        out[name] = mask.t().contiguous() if is_conv1d(module) else mask
+    return out
+
+
+def packed_tensors(name, module, grid) -> dict:
+    """``weight_packed`` / ``weight_scale`` / ``weight_shape`` (/ ``weight_zero_point``) of one grid layer."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from gptopt_core.grids import grid_codes
+
+    codes = grid_codes(module).cpu()  # (out, in), int32
+    offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
+    q = (codes - offset).to(torch.int8)
+    out = {f"{name}.weight_packed": pack_to_int32(q, grid.bits),
+           f"{name}.weight_scale": grid.scale.detach().cpu().to(torch.float16).contiguous(),
+           f"{name}.weight_shape": torch.tensor(list(codes.shape))}
+    if not grid.symmetric:
+        zp = (grid.zero.detach().cpu() - offset).to(torch.int8)
+        out[f"{name}.weight_zero_point"] = pack_to_int32(zp, grid.bits, packed_dim=0).contiguous()
+    return out
+
+
+def bitmask_tensors(name, weight, mask, two_four: bool) -> dict:
+    """compressed-tensors' bitmask layout (``shape``, ``compressed``, ``bitmask``, and ``row_offsets`` for the
+    unstructured ``sparse-bitmask``; ``compressed`` is ``(out, in/2)`` for ``sparse-24-bitmask``)."""
+    import torch
+    from compressed_tensors.utils.helpers import pack_bitmasks
+
+    weight = weight.detach().cpu()
+    values = weight[mask]
+    if two_four:
+        return {f"{name}.shape": torch.tensor(list(weight.shape)).reshape(-1, 1),
+                f"{name}.compressed": values.reshape(weight.shape[0], weight.shape[1] // 2).contiguous(),
+                f"{name}.bitmask": pack_bitmasks(mask)}
+    counts = mask.sum(dim=1)
+    return {f"{name}.shape": torch.tensor(list(weight.shape)), f"{name}.compressed": values.contiguous(),
+            f"{name}.bitmask": pack_bitmasks(mask), f"{name}.row_offsets": torch.cumsum(counts, 0) - counts}
+
+
+def write(ctx, model, path) -> dict:
+    """Write ``model`` into ``path``: config.json (with ``quantization_config``), model.safetensors,
+    generation_config.json. Returns a summary (layers packed / sparse, formats)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gptopt_core.grids import grid_layers
+    from gptopt_core.modules import is_conv1d, weight_matrix
+
+    grids = grid_layers(model)
+    gridded = {n for n, _, _ in grids}
+    # with grids, zeros stay inside the packed codes (transformers reads it all) and the sparsity config only
+    # records the structure (format "dense"); without grids the pruned layers are written as bitmasks
+    compress_sparse = not grids
+    sparse = sparse_masks(ctx, model, set() if grids else gridded)
+    qconfig = layout.quantization_config(model, grids)
+    sconfig = layout.sparsity_config(model, sparse, compressed=compress_sparse)
+    if not compress_sparse:
+        sparse = {}
+    modules = dict(model.named_modules())
+
+    state = model.state_dict()
+    tensors: dict = {}
+    replaced = set()
+    for name, module, grid in grids:
+        tensors.update(packed_tensors(name, module, grid))
+        replaced.add(f"{name}.weight")
+    if compress_sparse:
+        two_four = sconfig.format == "sparse-24-bitmask"
+        for name, mask in sparse.items():
+            weight = weight_matrix(modules[name])
+            if bool((weight.detach().cpu()[~mask] != 0).any()):
+                raise GptoptError(f"save --format compressed-tensors: {name} has non-zero weights outside its pruning "
+                                  "mask (changed after prune); prune again or save --format safetensors")
+            tensors.update(bitmask_tensors(name, weight, mask, two_four))
+            replaced.add(f"{name}.weight")
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    seen: dict = {}
+    for key, value in state.items():
+        if key in replaced:
+            continue
+        ptr = (value.data_ptr(), value.numel())
+        if ptr in seen:
+            if tie:
+                continue  # a head tied to the embedding: transformers ties it again on load
+            value = value.clone()
+        seen[ptr] = key
+        tensors[key] = value.detach().cpu().contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    model.config.save_pretrained(str(path))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = layout.config_dict(qconfig, sconfig)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(path))
+    return {"packed_layers": len(grids), "sparse_layers": len(sparse),
+            "sparsity_format": sconfig.format if sconfig is not None else None,
+            "schemes": sorted({g.describe() for _, _, g in grids}),
+            "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids)}

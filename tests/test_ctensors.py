@@ -1,0 +1,194 @@
+"""save --format compressed-tensors (gptopt-ctensors) and the save-format registry, on the tiny GPT-2 (Conv1D) and
+tiny Llama (nn.Linear): packed integer grids, bitmask / 2:4 sparsity, reload through gptopt and plain
+transformers, the config against compressed-tensors' own schema and llm-compressor's layout, refusals."""
+import json
+
+import pytest
+import torch
+
+from gptopt_core import GptoptError, Pipeline, PlanError
+from gptopt_core.evaluate import perplexity
+from gptopt_core.grids import grid_layers
+from gptopt_core.metrics import model_bytes
+from gptopt_core.modules import weight_matrix, weight_modules
+
+EVAL = {"block_size": 128, "max_tokens": 512}
+PRUNE = {"calib_samples": 4, "calib_seq_len": 32}
+
+# the top-level keys compressed-tensors' ModelCompressor.update_config writes after an llm-compressor run
+LLMC_TOP = {"config_groups", "format", "ignore", "kv_cache_scheme", "quant_method", "quantization_status",
+            "sparsity_config", "transform_config", "version"}
+
+
+def llmc_group(bits, group_size, symmetric):
+    """The config group llm-compressor writes for `QuantizationModifier(scheme="W4A16" / "W4A16_ASYM" / W8A16)`:
+    compressed-tensors' preset scheme, its group size / strategy set as the modifier's args set them, format filled
+    in by ModelCompressor (pack-quantized for integer weight-only schemes)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    group = preset_name_to_scheme("W4A16" if symmetric else "W4A16_ASYM", ["Linear"]).model_dump()
+    group["weights"]["num_bits"] = bits
+    if group_size == "channel":
+        group["weights"].update(strategy="channel", group_size=None)
+    else:
+        group["weights"]["group_size"] = int(group_size)
+    group["format"] = "pack-quantized"
+    return group
+
+
+def run(model, *steps, **kw):
+    pipe = Pipeline(model=model, quiet=True, device="cpu", **kw)
+    for name, params in steps:
+        pipe.add(name, **params)
+    return pipe.run()
+
+
+def ppl(model, res):
+    return perplexity(model, res.ctx.data.valid_ids, 128, 128, 512)["perplexity"]
+
+
+def quant_config(path):
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("arch,quant", [
+    ("tiny-random-llama", {"bits": 4, "group_size": "32", "symmetric": True}),
+    ("tiny-random-gpt2", {"bits": 8, "group_size": "channel", "symmetric": False}),
+])
+def test_grid_model_saves_packed_and_reloads_the_same(arch, quant, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = tmp_path / "m"
+    res = run(arch, ("quantize", {"method": "rtn", **quant}), ("eval", EVAL), ("save", {"to": str(out)}))
+    held = res.records[1]["metrics"]["model_bytes"]
+    assert res.records[2]["metrics"]["format"] == "compressed-tensors"  # auto: grids -> compressed-tensors
+    on_disk = (out / "model.safetensors").stat().st_size
+    assert abs(on_disk / held - 1) < 0.05, (on_disk, held)
+    qc = quant_config(out)
+    QuantizationConfig.model_validate(qc)  # compressed-tensors' own schema
+    assert LLMC_TOP <= set(qc) and qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
+    group = qc["config_groups"]["group_0"]
+    expected = llmc_group(quant["bits"], quant["group_size"], quant["symmetric"])
+    if arch == "tiny-random-llama":  # targets Linear, head ignored: llm-compressor's layout exactly
+        assert group == expected and qc["ignore"] == ["lm_head"]
+    else:  # GPT-2's Conv1D layers are no nn.Linear: named one by one
+        assert {**group, "targets": ["Linear"]} == expected and len(group["targets"]) == 8
+
+    # gptopt reads it back: same weights (Conv1D transposed back), grids re-attached, same bytes and perplexity
+    again = run(str(out), ("eval", EVAL))
+    assert again.records[0]["metrics"]["perplexity"] == res.records[1]["metrics"]["perplexity"]
+    assert again.records[0]["metrics"]["model_bytes"] == held
+    assert "quantized:grid" in again.ctx.facts
+    before = dict(weight_modules(res.model))
+    for name, module in weight_modules(again.model):
+        assert torch.equal(module.weight, before[name].weight), name
+    assert len(grid_layers(again.model)) == len(grid_layers(res.model))
+
+    if arch == "tiny-random-llama" and quant["symmetric"]:  # plain transformers, its compressed-tensors quantizer
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(str(out))
+        assert abs(ppl(plain, res) / res.records[1]["metrics"]["perplexity"] - 1) < 1e-4
+
+
+@pytest.mark.parametrize("arch,pattern,fmt", [("tiny-random-llama", "2:4", "sparse-24-bitmask"),
+                                              ("tiny-random-gpt2", None, "sparse-bitmask")])
+def test_pruned_model_saves_sparse_and_reloads_exact_zeros(arch, pattern, fmt, tmp_path):
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    prune = {"method": "wanda", **PRUNE, **({"pattern": pattern} if pattern else {"sparsity": 0.5})}
+    res = run(arch, ("prune", prune), ("eval", EVAL), ("save", {"to": str(tmp_path / "ct"),
+                                                                 "format": "compressed-tensors"}),
+              ("save", {"to": str(tmp_path / "dense")}))
+    assert res.records[3]["metrics"]["format"] == "safetensors"  # auto keeps a pruned float model dense
+    sc = quant_config(tmp_path / "ct")["sparsity_config"]
+    SparsityCompressionConfig.load_from_registry(sc["format"], **sc)
+    assert sc["format"] == fmt and sc["global_sparsity"] == 0.5
+    assert (tmp_path / "ct" / "model.safetensors").stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
+    again = run(str(tmp_path / "ct"), ("eval", EVAL))
+    assert again.records[0]["metrics"]["perplexity"] == res.records[1]["metrics"]["perplexity"]
+    masks = res.ctx.state["masks"]
+    for name, module in weight_modules(again.model):
+        assert torch.equal(module.weight != 0, masks[name]), name
+
+
+def test_pruned_then_quantized_records_the_structure_and_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = run("tiny-random-llama", ("prune", {"method": "magnitude", "pattern": "2:4"}),
+              ("quantize", {"method": "rtn", "bits": 4, "group_size": "32"}), ("eval", EVAL),
+              ("save", {"to": str(tmp_path / "m")}))
+    qc = quant_config(tmp_path / "m")
+    assert qc["sparsity_config"]["sparsity_structure"] == "2:4" and qc["sparsity_config"]["format"] == "dense"
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert abs(ppl(plain, res) / res.records[2]["metrics"]["perplexity"] - 1) < 1e-4
+    for name, module in weight_modules(plain):
+        if name in res.ctx.state["masks"]:
+            assert not weight_matrix(module)[~res.ctx.state["masks"][name]].any(), name  # pruned stay zero
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
+    """Unsigned codes / zero points <-> compressed-tensors' signed ones, packed 8 per int32, both layouts."""
+    from gptopt_core.grids import fit_grid, grid_codes, grid_of, round_to_grid
+    from gptopt_core.testing import make_context
+    from gptopt_ctensors import load_model
+    from gptopt_ctensors.writer import write
+
+    ctx = make_context(model=arch)
+    for _, module in weight_modules(ctx.model):
+        round_to_grid(module, fit_grid(weight_matrix(module), 4, 32, symmetric=False))
+    write(ctx, ctx.model, tmp_path)
+    ctx.tokenizer.save_pretrained(str(tmp_path))
+    model, _, info = load_model(tmp_path)
+    assert info["grids"] == len(weight_modules(ctx.model))
+    loaded = dict(weight_modules(model))
+    for name, module in weight_modules(ctx.model):
+        assert torch.equal(grid_codes(loaded[name]), grid_codes(module)), name
+        assert torch.equal(grid_of(loaded[name]).zero, grid_of(module).zero), name
+        assert torch.equal(loaded[name].weight, module.weight), name
+
+
+def test_refusals_name_a_format_that_holds_the_model(tmp_path):
+    with pytest.raises(GptoptError, match="nothing to compress"):  # a float model: on the model, before writing
+        run("tiny-random-llama", ("save", {"to": str(tmp_path / "c"), "format": "compressed-tensors"}))
+    # nf4 + int8 embeddings: one BitsAndBytesConfig cannot hold it; refused unless --allow-dequantized
+    with pytest.raises(GptoptError, match="would write this model de-quantized"):
+        run("tiny-random-llama", ("quantize", {"bits": 4, "embeddings": "8"}), ("save", {"to": str(tmp_path / "d")}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no partial directories
+    # (--allow-dequantized writes it: tests/test_bnb.py saves such models that way)
+
+
+def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_path):
+    import types
+
+    from gptopt_core.saveformats import SaveFormat
+    from gptopt_core.testing import register_plugin
+
+    class StateDictFormat(SaveFormat):
+        name = "torch-state"
+        summary = "test: torch.save of the state dict"
+
+        def claims(self, ctx, model):
+            return False
+
+        def write(self, ctx, model, path, options):
+            torch.save(model.state_dict(), path / "state.pt")
+
+    plugin = types.SimpleNamespace(gptopt_register_save_formats=lambda register: register(StateDictFormat))
+    plugin.gptopt_register_save_formats = __import__("gptopt_core").hookimpl(plugin.gptopt_register_save_formats)
+    with register_plugin(plugin, "state-format"):
+        res = run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "s"), "format": "torch-state"}))
+        assert res.records[0]["metrics"]["format"] == "torch-state"
+        assert (tmp_path / "s" / "state.pt").is_file() and not (tmp_path / "s" / "model.safetensors").exists()
+        with pytest.raises(PlanError, match="known formats: auto, compressed-tensors, safetensors, torch-state"):
+            run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "x"), "format": "nope"}))
+
+    class Twice(StateDictFormat):
+        name = "safetensors"
+
+    dup = types.SimpleNamespace()
+    dup.gptopt_register_save_formats = __import__("gptopt_core").hookimpl(lambda register: register(Twice))
+    with register_plugin(dup, "dup-format"):
+        with pytest.raises(GptoptError, match="plugin dup-format: save format 'safetensors' is already registered"):
+            run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "y")}))
