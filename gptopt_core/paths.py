@@ -64,7 +64,7 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def check_output_path(value, where: str = "output", *, confine_to=None, overwrite: bool = False,
-                      protect=()) -> Path:
+                      protect=(), file: bool = False) -> Path:
     """Check one output location and return it resolved; raise a one-line :class:`GptoptError` otherwise.
 
     :param value: the path as the step will use it (a ``str`` or ``os.PathLike``; bytes are refused).
@@ -74,6 +74,8 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
     :param overwrite: the step will replace an existing directory here: refused for the working directory,
         its parents, the home directory, ``/`` and every path in ``protect`` or above it.
     :param protect: paths this output must neither be nor contain (e.g. the run's ``--out``).
+    :param file: the output is one file (e.g. ``export --to FILE.gguf``), not a directory: an existing directory
+        there is refused, an existing file is the step's to refuse or replace (its ``--overwrite``).
     :returns: the resolved :class:`~pathlib.Path` (symlinks followed).
 
     Refused: a non-text value, an empty path, NUL bytes, components longer than the file system allows, a
@@ -109,16 +111,18 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
                               "command line instead)")
     # the nearest existing ancestor is where the directory (or its temporary sibling) will be created
     existing = resolved if resolved.exists() else next((p for p in resolved.parents if p.exists()), Path("/"))
-    if existing == resolved and not resolved.is_dir():
+    if file and existing == resolved and resolved.is_dir():
+        raise GptoptError(f"{where}: {shown} is a directory; give a file name")
+    if not file and existing == resolved and not resolved.is_dir():
         raise GptoptError(f"{where}: {shown} is a file, not a directory")
     if existing != resolved and not existing.is_dir():
         raise GptoptError(f"{where}: {shown} is under {existing}, which is a file, not a directory")
     parent_existing = existing if existing != resolved else (
         next((p for p in resolved.parents if p.exists()), Path("/")))
-    for d in {existing, parent_existing}:
+    for d in ({parent_existing} if file else {existing, parent_existing}):  # a file is replaced in its directory
         if not os.access(d, os.W_OK | os.X_OK):
             raise GptoptError(f"{where}: {shown} cannot be written ({d} is read-only or not writable by you)")
-    if overwrite:
+    if overwrite and not file:
         cwd = Path.cwd().resolve()
         danger = [cwd, *cwd.parents, Path.home().resolve()]
         if any(resolved == d for d in danger):

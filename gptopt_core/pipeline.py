@@ -148,8 +148,11 @@ class Pipeline:
             overwrite = step is not None and bool(getattr(step.params, "overwrite", False)
                                                   or getattr(step, "replace_on_resume", False))
             protect = [self.out] if step is not None else []
+            # a step's ``file_params`` (a subset of its ``path_params``) name one file each, not a directory
+            is_file = step is not None and any(value == getattr(step.params, key, None)
+                                               for key in getattr(step, "file_params", ()))
             resolved = check_output_path(value, where, confine_to=self.confine_to if step is not None else None,
-                                         overwrite=overwrite, protect=protect)
+                                         overwrite=overwrite, protect=protect, file=is_file)
             if resolved in seen:
                 raise PlanError(f"{where} writes {resolved}, as {seen[resolved]} does; give each its own path")
             seen[resolved] = where

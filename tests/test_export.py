@@ -106,6 +106,22 @@ def test_grids_are_written_exactly(bits, symmetric, gguf_type, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # ggml multiplies with q8 activations
 
 
+def test_q4_1_grid_keeps_codes_when_its_min_is_not_fp16(tmp_path):
+    """An asymmetric grid whose -zero*scale is no fp16 value keeps codes and scales; only q4_1's min is rounded,
+    so each weight moves by at most half an fp16 step of that min."""
+    model, tok = tiny_model("tiny-random-llama")
+    on_grids(model, 4, False)
+    metrics = export(model, tok, tmp_path / "g.gguf")
+    assert metrics["gguf_grid_min_rounded_tensors"] == 14 and metrics["gguf_rerounded_grid_tensors"] == 0
+    up = model.model.layers[0].mlp.up_proj
+    kind, values = file_tensors(tmp_path / "g.gguf")["blk.0.ffn_up.weight"]
+    from gptopt_core.grids import grid_of
+
+    grid = grid_of(up)
+    m = (grid.zero * grid.scale).abs().max().item()
+    assert kind == "Q4_1" and np.abs(values - up.weight.detach().numpy()).max() <= m * 2 ** -11
+
+
 def test_grid_with_no_exact_form_is_rerounded_and_said(tmp_path):
     from gptopt_core.grids import fit_grid, round_to_grid
 

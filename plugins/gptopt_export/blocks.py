@@ -7,7 +7,8 @@ re-rounding (ggml's block layouts, ``ggml-common.h``):
 * ``q4_0``: ``d`` fp16 then 16 bytes, byte ``j`` holds ``q[j] + 8`` (low nibble) and ``q[j + 16] + 8`` (high);
   ``w = (nibble - 8) * d`` (4-bit symmetric, group 32);
 * ``q4_1``: ``d`` fp16, ``m`` fp16, 16 bytes of unsigned nibbles as above; ``w = nibble * d + m`` (4-bit
-  asymmetric, group 32, with ``m = -zero * scale``; exact only when ``m`` is an fp16 value).
+  asymmetric, group 32, with ``m = -zero * scale``; exact where ``m`` is an fp16 value, elsewhere the codes and
+  scale are kept and ``m`` is rounded to fp16).
 
 Everything else is quantized from its float values by gguf-py (``gguf.quants``, ggml's reference rounding).
 """
@@ -26,7 +27,8 @@ def ggml_type(name: str):
 
 
 def exact_type(grid, codes) -> tuple[str | None, str]:
-    """The GGUF type holding ``grid`` exactly, or ``None``, and why not."""
+    """The GGUF type holding ``grid``'s codes and scales, or ``None``, and a note: ``""`` when the block type
+    holds the grid exactly, else why not (for ``None``) or what is rounded (q4_1's min, see :func:`q4_1_min_inexact`)."""
     if grid.group_size != BLOCK:
         return None, f"{grid.describe()}: GGUF blocks are 32 weights"
     if grid.bits == 8 and grid.symmetric:
@@ -34,9 +36,8 @@ def exact_type(grid, codes) -> tuple[str | None, str]:
     if grid.bits == 4 and grid.symmetric:
         return "q4_0", ""
     if grid.bits == 4 and not grid.symmetric:
-        if _q4_1_min_exact(grid):
-            return "q4_1", ""
-        return None, f"{grid.describe()}: -zero*scale is not an fp16 value in every block"
+        inexact = q4_1_min_inexact(grid)
+        return "q4_1", (f"min -zero*scale rounded to fp16 in {inexact:.1%} of blocks" if inexact else "")
     return None, f"{grid.describe()}: no GGUF block type with these codes"
 
 
@@ -49,11 +50,12 @@ def nearest_type(grid) -> str:
     return "q4_0" if grid.symmetric else "q4_1"
 
 
-def _q4_1_min_exact(grid) -> bool:
-    import torch
-
+def q4_1_min_inexact(grid) -> float:
+    """Fraction of blocks whose q4_1 min ``m = -zero * scale`` is not an fp16 value. q4_1 stores ``m`` as fp16, so
+    such a block keeps its codes and scale and gets the nearest fp16 ``m``: every weight of the block moves by the
+    same offset, at most half an fp16 step of ``m`` (far less than re-rounding the block to a new grid)."""
     m = -(grid.zero.float() * grid.scale.float())
-    return bool((m.half().float() == m).all() and torch.isfinite(m.half()).all())
+    return float((m.half().float() != m).float().mean())
 
 
 def _fp16_bytes(t, n_rows, n_blocks):

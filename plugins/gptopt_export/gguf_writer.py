@@ -66,7 +66,7 @@ def add_hparams(writer, model, arch: str) -> None:
 
 def tensor_bytes(src, choice):
     """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16)."""
-    if choice.how == "exact grid":
+    if choice.how == "exact grid" or choice.how.startswith(types.GRID_CODES):
         return blocks.pack_exact(choice.type, src.grid, src.codes), blocks.ggml_type(choice.type)
     data = blocks.encode(src.values, choice.type)
     return data, (None if choice.type in ("f32", "f16") else blocks.ggml_type(choice.type))
@@ -117,6 +117,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         raise
     exact = sum(1 for _, c in chosen if c.how == "exact grid")
     rerounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith("re-rounded")]
+    min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
     changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
     return {
         "gguf_path": str(target),
@@ -126,6 +127,8 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_tensor_types": dict(sorted(Counter(c.type for _, c in chosen).items())),
         "gguf_tensors": len(chosen),
         "gguf_exact_grid_tensors": exact,
+        "gguf_grid_min_rounded_tensors": len(min_rounded),
+        "gguf_grid_min_rounded_examples": min_rounded[:3],
         "gguf_rerounded_grid_tensors": len(rerounded),
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],

@@ -45,6 +45,7 @@ class ExportStep(Step):
     name = "export"
     Params = ExportParams
     path_params = ("to",)
+    file_params = ("to",)  # one file, not a directory (the core's output-path check)
     provides = frozenset({"gguf"})
     forbids = {
         "adapter": "the model carries an unmerged LoRA adapter; give lora --merge so the adapter is folded into the "
@@ -85,7 +86,9 @@ class ExportStep(Step):
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         ctx.state["gguf"] = str(target)
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
-                f"{metrics['gguf_exact_grid_tensors']} grids written exactly)")
+                f"{metrics['gguf_exact_grid_tensors']} grids written exactly, {metrics['gguf_grid_min_rounded_tensors']} "
+                f"from their codes with q4_1's min rounded to fp16, {metrics['gguf_rerounded_grid_tensors']} "
+                f"re-rounded)")
         return metrics
 
 

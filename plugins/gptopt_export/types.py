@@ -10,13 +10,15 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q
 #: bitsandbytes layers under ``--type auto``: int8 -> q8_0; NF4/FP4 -> q4_1 (32-blocks with a min, the closest
 #: GGUF 4-bit type to their 64-block absmax codebooks; re-rounded from bitsandbytes' own de-quantization)
 BNB_AUTO = {"bnb-int8": "q8_0", "bnb-nf4": "q4_1", "bnb-fp4": "q4_1"}
+#: how a grid written from its codes with q4_1's min rounded to fp16 is described (see blocks.q4_1_min_inexact)
+GRID_CODES = "grid codes, "
 FLOAT_OF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 @dataclass
 class Choice:
     type: str
-    how: str  # "exact grid", "re-rounded", "float", "kept f32", ...
+    how: str  # "exact grid", "grid codes, min ... rounded", "re-rounded (...)", "float", "kept f32", ...
 
 
 def choose(src, requested: str, embeddings: str | None) -> Choice:
@@ -28,15 +30,18 @@ def choose(src, requested: str, embeddings: str | None) -> Choice:
     if target == "auto":
         if src.origin == "grid":
             exact, why = exact_type(src.grid, src.codes)
-            choice = Choice(exact, "exact grid") if exact else Choice(nearest_type(src.grid), f"re-rounded ({why})")
+            choice = (Choice(nearest_type(src.grid), f"re-rounded ({why})") if exact is None
+                      else Choice(exact, GRID_CODES + why if why else "exact grid"))
         elif src.origin in BNB_AUTO:
             choice = Choice(BNB_AUTO[src.origin], f"re-rounded from {src.origin}")
         else:
             choice = Choice(FLOAT_OF_DTYPE.get(src.float_dtype, "f32"), "float")
     elif src.origin == "grid" and target not in FLOAT_TYPES:
         exact, why = exact_type(src.grid, src.codes)
-        choice = Choice(target, "exact grid" if exact == target else
-                        f"re-rounded ({why or src.grid.describe() + ' is not ' + target})")
+        if exact == target:
+            choice = Choice(target, GRID_CODES + why if why else "exact grid")
+        else:
+            choice = Choice(target, f"re-rounded ({why if exact is None else src.grid.describe() + ' is not ' + target})")
     else:
         how = "float" if target in FLOAT_TYPES and src.origin == "float" else (
             "de-quantized" if target in FLOAT_TYPES else f"quantized from {src.origin}")
