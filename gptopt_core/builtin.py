@@ -30,6 +30,10 @@ class EvalStep(Step):
     def check_plan(self, before, after, facts):
         if self.params.stride and self.params.stride > self.params.block_size:
             raise GptoptError("eval: stride must not exceed block-size (tokens would go unscored)")
+        if self.params.max_tokens < self.params.block_size + 1:
+            raise GptoptError(f"eval: --max-tokens {self.params.max_tokens} is below one block of --block-size "
+                              f"{self.params.block_size} (+1 target token); give --max-tokens "
+                              f"{self.params.block_size + 1} or more, or a smaller --block-size")
 
     def preflight(self, ctx):
         data = ctx.data if self.params.split == "valid" else ctx.eval_data

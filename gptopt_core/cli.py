@@ -35,14 +35,18 @@ def option_specs(step_cls):
     for name, field in step_cls.Params.model_fields.items():
         is_bool, is_list, choices = _annotation_info(field.annotation)
         flag = "--" + name.replace("_", "-")
-        default = None if field.default is pydantic_core.PydanticUndefined else field.default
+        if field.default_factory is not None:
+            default = field.get_default(call_default_factory=True)
+        else:
+            default = None if field.default is pydantic_core.PydanticUndefined else field.default
         help_text = field.description or ""
         if choices:
             help_text += f" [{'|'.join(choices)}]"
         if field.is_required():
             help_text += " [required]"
         elif default not in (None, [], ()):
-            help_text += f" [default: {default}]"
+            shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text += f" [default: {shown}]"
         specs.append({"name": name, "flag": flag, "bool": is_bool, "multiple": is_list, "choices": choices,
                       "default": default, "required": field.is_required(), "help": help_text.strip()})
     return specs
@@ -53,9 +57,9 @@ def make_step_command(step_cls):
     for spec in option_specs(step_cls):
         if spec["bool"]:
             decl = f"{spec['flag']}/--no-{spec['flag'][2:]}"
-            params.append(click.Option([decl], spec["name"], default=None, help=spec["help"]))
+            params.append(click.Option([decl, spec["name"]], default=None, help=spec["help"]))
         else:
-            params.append(click.Option([spec["flag"]], spec["name"], multiple=spec["multiple"], default=None,
+            params.append(click.Option([spec["flag"], spec["name"]], multiple=spec["multiple"], default=None,
                                        help=spec["help"], metavar="VALUE" if not spec["choices"] else
                                        "[" + "|".join(spec["choices"]) + "]"))
 
@@ -137,6 +141,8 @@ def run_chain(steps, **options):
             seed = int(seed)
         except ValueError:
             raise GptoptError(f"--seed must be an integer, got '{shorten(seed, 40)}'") from None
+    if options["quiet"]:
+        _quiet_libraries()
     common = {"model": options.get("model"), "data": options.get("data"), "eval_data": options.get("eval_data"),
               "seed": seed, "device": options.get("device"), "out": options.get("out"),
               "allow_pickle": options["allow_pickle"], "trust_remote_code": options["trust_remote_code"],
@@ -211,6 +217,25 @@ def _quiet_import_noise() -> None:
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every int8 layer call (~100 lines for
+    # one eval of a reloaded int8 model): not actionable
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """``-q``: no library progress bars (transformers' "Loading weights", "Writing model shards") and only errors
+    from the libraries' loggers. Environment first (read when the libraries import), then the loaded ones."""
+    import logging
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -6,6 +6,43 @@ from pathlib import Path
 from typing import Any
 
 
+#: Every ``ctx.state`` key, in one place: key → (owner, meaning). A plugin that shares data with another plugin
+#: does it through one of these keys (add yours here); a test checks every ``ctx.state["..."]`` literal in
+#: ``plugins/`` against this table.
+STATE_KEYS: dict[str, tuple[str, str]] = {
+    "masks": ("gptopt-prune", "{qualified module name: bool tensor shaped like module.weight as stored, True = "
+                              "kept}; the prune plugin keeps these weights at zero while later steps train, lora "
+                              "--merge re-applies them, savers may store them sparse"),
+    "quantized": ("gptopt-bnb, gptopt-prune, gptopt-cpu", "{qualified module name: format, e.g. 'int8', 'nf4', "
+                                                          "'fp4', 'int4-g64', 'cpu-int8'}: which layers are quantized "
+                                                          "and how (bench, savers and exporters read it)"),
+    "trainer": ("core (training)", "the running gptopt_core.Trainer while a training loop runs (.step, "
+                                   ".total_steps, .params, .accelerator); removed afterwards"),
+    "original_model": ("core (RunContext.original_model)", "a frozen copy of the model as loaded, created on "
+                                                           "demand for steps whose wants_original_model() is true"),
+    "distill": ("gptopt-transfer", "{'weight', 'temperature'} of --distill-from while its training step runs"),
+    "l1": ("gptopt-l1", "the l1 step's configuration for the next training step (weight, mode, select, ...)"),
+    "l1_runtime": ("gptopt-l1", "l1's per-training-run state (targets, schedule), created on the first hook call"),
+    "gguf": ("gptopt-export", "path of the GGUF file the last export step wrote (llamacpp measures it)"),
+}
+
+#: Every fact family a model can carry: name → (owner, meaning). A fact is a string ``family`` or
+#: ``family:detail`` (``quantized:4bit``). Matching rule (:func:`gptopt_core.steps.fact_matches`): a pattern
+#: without a detail matches the family and every detail (``quantized`` matches ``quantized:8bit``); a pattern
+#: with a detail matches only itself (``quantized:4bit`` does not match ``quantized:8bit``).
+FACTS: dict[str, tuple[str, str]] = {
+    "quantized": ("gptopt-bnb, gptopt-prune, gptopt-cpu, model sources",
+                  "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes), quantized:grid "
+                  "(integer grids), quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning "
+                  "refuse it"),
+    "masks": ("gptopt-prune", "pruning masks exist in ctx.state['masks'] (kept through later training)"),
+    "adapter": ("gptopt-transfer", "the model carries an unmerged LoRA adapter (a PEFT model)"),
+    "l1": ("gptopt-l1", "an L1 regularizer is armed for the next training step"),
+    "cpu-only": ("gptopt-cpu", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)"),
+    "gguf": ("gptopt-export", "a GGUF file of the model was written (ctx.state['gguf'])"),
+}
+
+
 @dataclass
 class RunContext:
     """The state a chain of steps works on.
@@ -13,11 +50,8 @@ class RunContext:
     * ``model`` / ``tokenizer``: the current model (steps may replace ``ctx.model``).
     * ``device``: ``torch.device`` the model lives on.
     * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``).
-    * ``facts``: set of fact strings about the model (``quantized:4bit``, ``masks``, ...).
-    * ``state``: data shared between plugins, by documented key:
-        ``masks``: {qualified module name: bool tensor shaped like ``module.weight``, True = kept};
-        ``quantized``: {module name: "int8" | "nf4" | "fp4" | ...};
-        ``original_model``: a frozen copy of the model as loaded (created on demand by ``original_model()``).
+    * ``facts``: set of fact strings about the model (``quantized:4bit``, ``masks``, ...): see :data:`FACTS`.
+    * ``state``: data shared between plugins, by documented key: see :data:`STATE_KEYS`.
     * ``records``: the records of the steps run so far.
     * ``out_dir``: the run's output directory or ``None``.
     """

@@ -20,15 +20,23 @@ def hook_names() -> list[str]:
     return [n for n, f in vars(hookspecs).items() if n.startswith("gptopt_") and callable(f)]
 
 
+def _signature(fn) -> str:
+    """``name(arg: Type, ...) -> Type`` from the hookspec's annotations, as written (they are strings)."""
+    sig = inspect.signature(fn)
+    args = ", ".join(p.name if p.annotation is p.empty else f"{p.name}: {p.annotation}"
+                     for p in sig.parameters.values())
+    ret = "" if sig.return_annotation is sig.empty else f" -> {sig.return_annotation}"
+    return f"{fn.__name__}({args}){ret}"
+
+
 def hooks_markdown() -> str:
     lines = ["# Hook reference", "",
-             "Generated from `gptopt_core/hookspecs.py` by `python -m gptopt_core.docgen`; do not edit by hand.",
-             "Implement a hook with `@gptopt_core.hookimpl` in a module registered under the `gptopt` entry-point "
-             "group. Hooks are called with keyword arguments; an implementation may accept any subset of them.", ""]
+             "Generated from `gptopt_core/hookspecs.py` by `python -m gptopt_core.docgen`; do not edit by hand.", "",
+             inspect.cleandoc(hookspecs.__doc__ or ""), ""]
     for name in hook_names():
         fn = getattr(hookspecs, name)
         opts = getattr(fn, "gptopt_spec", {}) or {}
-        sig = f"{name}{inspect.signature(fn)}"
+        sig = _signature(fn)
         kind = " (firstresult)" if opts.get("firstresult") else ""
         lines += [f"## `{sig}`{kind}", "", inspect.cleandoc(fn.__doc__ or ""), ""]
     return "\n".join(lines)

@@ -1,29 +1,55 @@
 """The gptopt plugin contract.
 
 Every hook a plugin may implement is declared here; the docstrings are the plugin-author reference
-(``docs/hooks.md`` quotes them, nothing is written twice). Implement a hook with ``@gptopt_core.hookimpl``
-and register the module through an entry point in the ``gptopt`` group. Hooks are always called with
-keyword arguments and only ever gain arguments, so an implementation may accept any subset of them.
+(``docs/hooks.md`` is generated from them, nothing is written twice). Implement a hook with
+``@gptopt_core.hookimpl`` and register the module through an entry point in the ``gptopt`` group. Hooks are
+always called with keyword arguments and only ever gain arguments, so an implementation may accept any subset of
+them. The annotations are documentation (nothing imports torch here): ``RunContext`` is
+:class:`gptopt_core.RunContext`, ``Step`` :class:`gptopt_core.Step`, ``LoadedModel``
+:class:`gptopt_core.LoadedModel`, ``Model`` a ``torch.nn.Module`` (usually a transformers ``PreTrainedModel``),
+``Tensor`` a ``torch.Tensor``.
+
+Every ``ctx`` argument is the run's :class:`gptopt_core.RunContext`: the current model (``ctx.model``), tokenizer,
+device, data, seed, the model's facts (``ctx.facts``), data shared between plugins by documented key
+(``ctx.state``, see :data:`gptopt_core.context.STATE_KEYS`), the records so far and the output directory.
+
+An exception a hook raises is reported with the plugin's name and the hook's (``plugin X failed in HOOK: ...``);
+raise :class:`gptopt_core.GptoptError` for something the user can fix (one line, exit code 2).
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
 import pluggy
+
+if TYPE_CHECKING:  # names for the annotations only
+    from .context import RunContext
+    from .models import LoadedModel
+    from .steps import Step
+
+    Model = Any
+    Tensor = Any
 
 hookspec = pluggy.HookspecMarker("gptopt")
 hookimpl = pluggy.HookimplMarker("gptopt")
 
 
 @hookspec
-def gptopt_register_steps(register):
+def gptopt_register_steps(register: Callable[[type[Step]], None]) -> None:
     """Register the steps this plugin provides.
 
-    :param register: callable taking a :class:`gptopt_core.Step` subclass. The core remembers which plugin
-        registered which step; a step name registered twice is reported as an error of the second plugin.
+    :param register: callable taking a :class:`gptopt_core.Step` subclass with a ``name``. The core remembers which
+        plugin registered which step. A name the core or an earlier plugin already has (e.g. ``eval``), a class
+        without a name or not a ``Step`` rejects the whole plugin (it is listed by ``gptopt plugins`` with the
+        reason, and none of its hooks or steps load).
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec(firstresult=True)
-def gptopt_resolve_model(spec, options):
+def gptopt_resolve_model(spec: str, options: dict) -> Optional[LoadedModel]:
     """Turn a model spec (``--model``) into a loaded model and tokenizer.
 
     firstresult: the first implementation that returns something other than ``None`` wins, so return
@@ -32,7 +58,9 @@ def gptopt_resolve_model(spec, options):
 
     :param spec: the string the user gave, e.g. ``"smollm2-135m"`` or ``"./out/model"``.
     :param options: dict with ``device`` (str), ``allow_pickle`` (bool), ``trust_remote_code`` (bool).
-    :returns: a :class:`gptopt_core.models.LoadedModel` or ``None``.
+    :returns: a :class:`gptopt_core.LoadedModel` (``model``, ``tokenizer``, ``source``: a short name for the
+        manifest, ``facts``: what the model already is, e.g. ``{"quantized:4bit"}``, so the plan is checked against
+        it; a model with no facts is moved to the run's device by the core) or ``None``.
     :raises gptopt_core.SourceError: the spec is yours but cannot be loaded (one clear sentence).
 
     .. versionadded:: 0.1
@@ -40,31 +68,35 @@ def gptopt_resolve_model(spec, options):
 
 
 @hookspec
-def gptopt_step_started(ctx, step):
+def gptopt_step_started(ctx: RunContext, step: Step) -> None:
     """Observe a step about to run.
 
-    :param ctx: the :class:`gptopt_core.RunContext`.
-    :param step: the :class:`gptopt_core.Step` instance.
+    :param ctx: the run's :class:`gptopt_core.RunContext` (``ctx.model`` is the model the step will get).
+    :param step: the :class:`gptopt_core.Step` instance (``step.name``, ``step.params``, ``step.plugin``).
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def gptopt_step_finished(ctx, step, record):
+def gptopt_step_finished(ctx: RunContext, step: Step, record: dict) -> None:
     """Observe a step that has run.
 
+    :param ctx: the run's :class:`gptopt_core.RunContext` (``ctx.model`` is the step's result, ``ctx.facts`` its
+        facts after the step).
+    :param step: the :class:`gptopt_core.Step` instance.
     :param record: the step's record dict (``name``, ``plugin``, ``params``, ``seconds``, ``metrics``,
-        ``status``); implementations may add keys to ``record["metrics"]``.
+        ``facts``, ``status``); implementations may add keys to ``record["metrics"]``.
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def gptopt_collect_metrics(ctx):
-    """Contribute metrics measured after every step.
+def gptopt_collect_metrics(ctx: RunContext) -> Optional[dict]:
+    """Contribute metrics measured after every step (and once on the model as loaded).
 
+    :param ctx: the run's :class:`gptopt_core.RunContext`; measure ``ctx.model``.
     :returns: a dict of metric name to JSON-serialisable value, or ``None``. All results are merged into the
         step record's ``metrics``; the core contributes ``model_bytes``, ``num_params`` and ``sparsity``.
 
@@ -73,21 +105,24 @@ def gptopt_collect_metrics(ctx):
 
 
 @hookspec(firstresult=True)
-def gptopt_save_model(ctx, model, path):
+def gptopt_save_model(ctx: RunContext, model: Model, path: Path) -> Optional[bool]:
     """Write the model to ``path`` (a fresh temporary directory the ``save`` step later renames).
 
     firstresult: return ``True`` when you wrote the model (e.g. a PEFT adapter, a format without a standard
     Hugging Face representation); return ``None`` to let the next implementation, finally the core's
     ``save_pretrained`` with safetensors, do it. The tokenizer, recipe and run.json are written by the core.
 
+    :param ctx: the run's :class:`gptopt_core.RunContext` (``ctx.state`` says e.g. which layers are quantized).
+    :param model: the model to write (``ctx.model``, or a part of it when a plugin delegates, e.g. a PEFT base).
     :param path: a :class:`pathlib.Path` to an empty directory.
+    :returns: ``True`` when written, else ``None``.
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def gptopt_register_save_formats(register):
+def gptopt_register_save_formats(register: Callable[[type], None]) -> None:
     """Register the formats ``save --format NAME`` can write.
 
     :param register: callable taking a :class:`gptopt_core.saveformats.SaveFormat` subclass (its ``name`` is the
@@ -101,9 +136,11 @@ def gptopt_register_save_formats(register):
 
 
 @hookspec
-def gptopt_training_loss(ctx, model, batch, outputs):
+def gptopt_training_loss(ctx: RunContext, model: Model, batch: dict, outputs: Any) -> Optional[Tensor]:
     """Add extra loss terms to every training batch (L1 penalties, distillation, ...).
 
+    :param ctx: the run's :class:`gptopt_core.RunContext`; ``ctx.state["trainer"]`` is the running
+        :class:`gptopt_core.Trainer` (``.step``, ``.total_steps``, ``.params``).
     :param model: the model being trained (possibly wrapped by PEFT / Accelerate).
     :param batch: dict with ``input_ids`` and ``labels`` tensors.
     :param outputs: the model's forward outputs for ``batch`` (``outputs.loss``, ``outputs.logits``).
@@ -114,10 +151,13 @@ def gptopt_training_loss(ctx, model, batch, outputs):
 
 
 @hookspec
-def gptopt_after_optimizer_step(ctx, model, step):
-    """Called after every optimizer step of a training step (e.g. to keep pruned weights at zero).
+def gptopt_after_optimizer_step(ctx: RunContext, model: Model, step: int) -> None:
+    """Called after every optimizer step of a training step. The prune plugin's implementation keeps pruned
+    weights at zero (it runs first, ``tryfirst``); l1's applies its proximal update.
 
-    :param model: the model being trained.
+    :param ctx: the run's :class:`gptopt_core.RunContext`; ``ctx.state["trainer"]`` is the running
+        :class:`gptopt_core.Trainer`.
+    :param model: the model being trained (unwrapped from Accelerate; may be a PEFT model).
     :param step: the 1-based optimizer step number.
 
     .. versionadded:: 0.1
@@ -125,9 +165,13 @@ def gptopt_after_optimizer_step(ctx, model, step):
 
 
 @hookspec
-def gptopt_run_finished(ctx, records, out_dir):
+def gptopt_run_finished(ctx: RunContext, records: list, out_dir: Optional[Path]) -> Optional[list]:
     """Called once after the last step (also after a failed run), before run.json and report.md are written.
 
+    One implementation failing does not stop the others: its failure becomes a warning and a line in report.md,
+    and the other plugins' sections are kept.
+
+    :param ctx: the run's :class:`gptopt_core.RunContext`.
     :param records: the list of step records.
     :param out_dir: the run's ``--out`` directory (:class:`pathlib.Path`) or ``None``; write extra artifacts
         (plots, tables) there.

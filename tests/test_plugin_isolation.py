@@ -251,10 +251,14 @@ def test_installed_broken_plugins_are_listed_with_reasons_and_the_rest_work(brok
     assert by_name["gptopt-prune"]["steps"] == ["prune"] and by_name[CORE]["steps"] == ["eval", "save"]
     text = run_gptopt("plugins", env=env).stdout
     assert "gptopt-exits  (gptopt-exits 0.1)\n    ERROR: failed to load: called sys.exit: 3" in text
-    # a chain runs with the good plugin's step and observer; none of the rejected plugins' hooks fire
-    proc = run_gptopt("run", "--model", "tiny-random-gpt2", "--out", tmp_path / "o", "wave", "eval",
-                      "--max-tokens", "300", "--block-size", "64", env=env, cwd=tmp_path)
+    # a chain runs with the good plugin's step and observer; none of the rejected plugins' hooks fire. -q leaves
+    # only the plugin warnings on stderr (no progress bars, no "Writing model shards" from transformers)
+    proc = run_gptopt("run", "--model", "tiny-random-gpt2", "--out", tmp_path / "o", "-q", "wave", "eval",
+                      "--max-tokens", "300", "--block-size", "64", "save", "--to", tmp_path / "m", env=env,
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and all(line.startswith("Warning: plugin gptopt-") for line in proc.stderr.splitlines())
+    assert (tmp_path / "m" / "model.safetensors").exists()
     metrics = [s["metrics"] for s in json.loads((tmp_path / "o" / "run.json").read_text())["steps"]]
     assert all(m["seen_by_good"] for m in metrics) and metrics[0]["waved"] == 1
     assert not any(k.startswith("seen_by_") and k != "seen_by_good" for m in metrics for k in m)
