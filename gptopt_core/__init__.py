@@ -1,9 +1,60 @@
-"""gptopt core: the pipeline, the plugin contract and the CLI. Plugins import only from here."""
+"""gptopt core: the pipeline, the plugin contract and the CLI.
+
+``__all__`` is exactly what a plugin, a benchmark or a user script may use; everything else in ``gptopt_core``
+is private, whatever its name (a test fails when a plugin, benchmark or docs example imports anything else).
+The contract's core names import at once; the helpers (torch-backed) load on first use, so ``gptopt --help``
+stays fast. ``docs/python-api.md`` documents every public name with its signature (generated and checked).
+"""
 from .context import RunContext
 from .errors import GptoptError, ParamsError, PlanError, SourceError, StepFailed
 from .hookspecs import hookimpl
+from .paths import check_output_path
 from .pipeline import Pipeline, RunResult
 from .steps import Params, Step
 
-__all__ = ["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
-           "SourceError", "Step", "StepFailed", "hookimpl"]
+#: public name → submodule it lives in (imported on first attribute access)
+_LAZY = {
+    # plugin contract
+    "fact_matches": "steps", "find_fact": "steps", "STATE_KEYS": "context", "FACTS": "context",
+    "PluginHookError": "plugins", "get_plugins": "plugins",
+    # models and data
+    "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
+    "smollm2_dir": "models", "TextData": "data",
+    # measuring: one perplexity, one size, one sparsity for everyone
+    "perplexity": "evaluate", "perplexity_of": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
+    "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
+    # weight layers
+    "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
+    "matches": "modules", "apply_masks": "modules", "get_module": "sensitivity", "replace_module": "sensitivity",
+    # training
+    "TrainParams": "training", "Trainer": "training", "train": "training", "train_blocks": "training",
+    "resolve_precision": "training", "mask_targets": "training",
+    # calibration, sensitivity and integer grids
+    "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
+    "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
+    "resident_param_bytes": "calibration", "torch_threads": "calibration",
+    "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "fit_group": "grids",
+    "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
+    "round_to_grid": "grids",
+    # save formats
+    "SaveFormat": "saveformats",
+    # testing plugins
+    "make_context": "testing", "register_plugin": "testing",
+}
+
+__all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
+                  "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gptopt_core' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

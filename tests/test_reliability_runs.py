@@ -119,9 +119,12 @@ def test_resume_finishes_a_run_whose_save_had_completed(tmp_path, monkeypatch):
     finally:
         get_plugins().unregister("stop-at-3")
     assert (tmp_path / "m" / "run.json").is_file()  # the save had completed before the interruption
+    first_save = json.loads((tmp_path / "m" / "run.json").read_text())
     resumed = pipeline(resume=True).run()
     assert [r["status"] for r in resumed.records] == ["ok", "ok"]
-    assert "resumed" in json.dumps(resumed.records[1]["metrics"]) or resumed.records[1]["metrics"]
+    assert len(resumed.records[1]["metrics"]["loss_history"]) == 4
+    again = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert again["model"]["hash"] == first_save["model"]["hash"] and again["created"] >= first_save["created"]
     # a different chain still may not replace it
     other = Pipeline(model="tiny-random-gpt2", seed=2, device="cpu", out="out2", quiet=True).add("save", to="m")
     with pytest.raises(GptoptError, match="exists and is not empty"):
@@ -217,3 +220,18 @@ def test_any_run_level_values_construct_or_fail_in_one_line(seed, device):
         Pipeline(model="tiny-random-gpt2", seed=seed, device=device)
     except GptoptError as exc:
         assert "\n" not in str(exc) and len(str(exc)) <= MAX_MESSAGE
+
+
+@pytest.mark.parametrize("step, params, expected", [
+    ("eval", {"block_size": 2048}, "step 1 'eval': --block-size 2048 is longer than the model's 1024 positions"),
+    ("lora", {"seq_len": 1500, "steps": 1}, "step 1 'lora': --seq-len 1500 is longer than the model's 1024"),
+    ("eval", {"sample": "word " * 1000, "sample_tokens": 100, "max_tokens": 600, "block_size": 64},
+     "eval: --sample is 5000 tokens; with --sample-tokens 100 that is longer than the model's 1024 positions"),
+])
+def test_token_lengths_beyond_the_model_positions_fail_before_the_first_step(tmp_path, step, params, expected):
+    (tmp_path / "d.txt").write_text("Some text to score. " * 200)
+    pipe = Pipeline(model="tiny-random-gpt2", data=str(tmp_path / "d.txt"), quiet=True, out=tmp_path / "out")
+    with pytest.raises(GptoptError) as info:
+        pipe.add(step, **params).run()
+    assert expected in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
