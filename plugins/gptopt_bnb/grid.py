@@ -87,7 +87,7 @@ def rtn(module, bits: int, group_size, symmetric: bool):
 def quantize_grid(ctx, step) -> dict:
     import torch
 
-    from gptopt_core.calibration import calibration_batches, run_blockwise, split_by_block
+    from gptopt_core.calibration import calibration_batches, run_blockwise, split_by_block, torch_threads
 
     p = step.params
     model = ctx.model
@@ -114,8 +114,9 @@ def quantize_grid(ctx, step) -> dict:
             def compress(block, stats):
                 for name, st in stats.items():
                     view = st.weight()
-                    q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
-                                                  act_order, damp)
+                    with torch_threads(1):
+                        q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
+                                                      act_order, damp)
                     view.copy_(q.to(view.dtype))
                     attach_grid(st.module, grid)
                     st.hessian = None

@@ -17,7 +17,7 @@ BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_t
 GRID_ONLY = ("group_size", "symmetric")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 #: calibration defaults: --plan auto (bnb) and gptq
-CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (128, 128)}
+CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
 
@@ -129,7 +129,7 @@ class QuantizeParams(Params):
         None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
     calib_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=4096, description="--plan auto / gptq: calibration blocks (train split) [default: 4 for "
-                                         "--plan auto, 128 for gptq]")
+                                         "--plan auto, 64 for gptq]")
     calib_seq_len: Optional[int] = pydantic.Field(
         None, ge=16, le=8192, description="--plan auto / gptq: tokens per calibration block [default: 256 for "
                                           "--plan auto, 128 for gptq]")

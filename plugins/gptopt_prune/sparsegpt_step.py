@@ -36,7 +36,7 @@ def check_sparsegpt_targets(model, targets, params) -> None:
 def run_sparsegpt(ctx, model, targets, batches, params) -> dict:
     import torch
 
-    from gptopt_core.calibration import run_blockwise
+    from gptopt_core.calibration import run_blockwise, torch_threads
 
     from .sparsegpt import sparsegpt_prune
 
@@ -54,9 +54,10 @@ def run_sparsegpt(ctx, model, targets, batches, params) -> dict:
         for name, st in stats.items():
             t = by_name[name]
             view = t.view()
-            new, keep, grid, info = sparsegpt_prune(view.detach().float(), st.hessian,
-                                                    None if params.nm else params.target_sparsity, params.nm,
-                                                    bits, gs, symmetric, damp)
+            with torch_threads(1):
+                new, keep, grid, info = sparsegpt_prune(view.detach().float(), st.hessian,
+                                                        None if params.nm else params.target_sparsity, params.nm,
+                                                        bits, gs, symmetric, damp)
             st.hessian = None
             with torch.no_grad():
                 view.copy_(new.to(view.dtype))
