@@ -113,10 +113,10 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
             q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)
             Q1[:, i] = q
             err = (w - q) / d
-            loss += (err * err).sum() / 2
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
+        loss += (Err1 * Err1).sum() / 2
         if i2 < columns:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     if perm is not None:

@@ -122,11 +122,11 @@ def sparsegpt_prune(W, H, sparsity: Optional[float] = None, nm: Optional[tuple[i
                 q = fake_quantize(q, scales[col // gs], zeros[col // gs], bits, symmetric)
             Q1[:, i] = q
             err = (w - q) / d
-            loss += (err * err).sum() / 2
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = pruned1
+        loss += (Err1 * Err1).sum() / 2
         if i2 < columns:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     grid = grid_from_groups(bits, group_size, symmetric, scales, zeros) if bits else None
