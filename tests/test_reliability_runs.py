@@ -225,6 +225,7 @@ def test_any_run_level_values_construct_or_fail_in_one_line(seed, device):
 @pytest.mark.parametrize("step, params, expected", [
     ("eval", {"block_size": 2048}, "step 1 'eval': --block-size 2048 is longer than the model's 1024 positions"),
     ("lora", {"seq_len": 1500, "steps": 1}, "step 1 'lora': --seq-len 1500 is longer than the model's 1024"),
+    ("cpu-fast", {"block_size": 2048}, "step 1 'cpu-fast': --block-size 2048 is longer than the model's 1024"),
     ("eval", {"sample": "word " * 1000, "sample_tokens": 100, "max_tokens": 600, "block_size": 64},
      "eval: --sample is 5000 tokens; with --sample-tokens 100 that is longer than the model's 1024 positions"),
 ])

@@ -105,6 +105,7 @@ class CpuFastStep(Step):
 
     name = "cpu-fast"
     Params = CpuFastParams
+    position_params = Step.position_params + ("block_size",)  # auto's perplexity window: must fit the model
     forbids = {
         "quantized": "it is already quantized; cpu-fast converts a float model (drop the quantize step, or use "
                      "one of them)",
