@@ -10,6 +10,15 @@ from gptopt_core.models import tiny_model
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x ** 2  # 12345\n"
 
 
+def small_text(tmp_path):
+    """A short local text (tokenizing the built-in corpus would dominate these tests)."""
+    import pydoc_data.topics
+
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(pydoc_data.topics.topics.values())[:12000])
+    return str(path)
+
+
 def export(model, tok, path, type_name="auto", embeddings=None):
     from gptopt_export.gguf_writer import write_gguf
 
@@ -163,7 +172,7 @@ def test_bitsandbytes_int8_layers_become_q8_0(tmp_path):
     from gptopt_core.pipeline import Pipeline
 
     target = tmp_path / "b.gguf"
-    result = Pipeline(model="tiny-random-llama", quiet=True).add("quantize", bits=8).add(
+    result = Pipeline(model="tiny-random-llama", data=small_text(tmp_path), quiet=True).add("quantize", bits=8).add(
         "export", to=str(target)).run()
     metrics = result.records[-1]["metrics"]
     assert metrics["gguf_tensor_types"]["q8_0"] == 14  # every linear layer; embeddings and head stay f32
@@ -179,7 +188,7 @@ def test_export_and_llamacpp_in_a_chain(tmp_path):
     from gptopt_core.pipeline import Pipeline
 
     target = tmp_path / "m.gguf"
-    result = (Pipeline(model="tiny-random-llama", out=tmp_path / "run", quiet=True)
+    result = (Pipeline(model="tiny-random-llama", data=small_text(tmp_path), out=tmp_path / "run", quiet=True)
               .add("eval", block_size=128, max_tokens=512)
               .add("bench", warmup=0, repeats=1, max_repeats=1, new_tokens=4, prompt_tokens=16)
               .add("export", to=str(target), type="f32")
