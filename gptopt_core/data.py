@@ -28,7 +28,8 @@ def load_documents(spec: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in LOCAL_KINDS or path.is_file():
         if not path.is_file():
-            raise SourceError(f"data file {shorten(spec, 200)} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise SourceError(f"data file {shorten(spec, 200)} {what}")
         reader = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix)
         if reader is None:
             return [d.strip() for d in _read_utf8(path, spec).split("\n\n\n") if d.strip()]
@@ -155,7 +156,7 @@ def _hub_documents(spec: str) -> list[str]:
         raise SourceError(f"cannot read data '{shorten(spec, 200)}': {shorten(first, 200)}") from None
     if "text" not in ds.column_names:
         raise SourceError(f"data '{spec}' has no 'text' column (columns: {shorten(', '.join(ds.column_names), 120)})")
-    return _text_column(enumerate(ds, 1), spec)
+    return _text_column(enumerate(({"text": t} for t in ds["text"]), 1), spec)
 
 
 #: texts longer than this are tokenized in pieces of :data:`TOKENIZE_PIECE` characters cut at line breaks or

@@ -134,7 +134,8 @@ def parse_recipe(path) -> dict:
     path = Path(path)
     try:
         if not path.is_file():
-            raise GptoptError(f"recipe {shorten(path, 200)} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise GptoptError(f"recipe {shorten(path, 200)} {what}")
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise GptoptError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
         text = path.read_text(encoding="utf-8")
