@@ -37,24 +37,28 @@ _LAZY = {
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
     "round_to_grid": "grids",
     # save formats
-    "SaveFormat": "saveformats",
+    "SaveFormat": "saveformats", "save_formats": "saveformats",
     # testing plugins
     "make_context": "testing", "register_plugin": "testing",
 }
 
+#: public name → (submodule, name there), where the public name says more than the module's own
+_ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan")}
+
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
-                  "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY])
+                  "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY, *_ALIASES])
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _LAZY or name in _ALIASES:
         import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attr = _ALIASES.get(name, (_LAZY.get(name), name))
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gptopt_core' has no attribute '{name}'")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES))

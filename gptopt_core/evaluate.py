@@ -7,6 +7,7 @@ from .errors import GptoptError
 
 
 def model_device(model):
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     import torch
 
     try:
@@ -85,6 +86,7 @@ def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens:
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt`` (``max_new_tokens`` tokens), decoded to text without the prompt."""
     import torch
 
     device = model_device(model)

@@ -21,7 +21,16 @@ TINY = ("tiny-random-gpt2", "tiny-random-llama")
 
 @dataclass
 class LoadedModel:
-    """What a model source returns."""
+    """What a model source (``gptopt_resolve_model``) returns.
+
+    * ``model``: a causal LM (``torch.nn.Module``, usually a transformers ``PreTrainedModel``) in eval mode.
+    * ``tokenizer``: its tokenizer (a transformers tokenizer).
+    * ``source``: a short name recorded in run.json (``"local"``, ``"gguf"``, ``"hub"``, ``"my-zoo"``).
+    * ``facts``: what the model already is, checked against the plan before any step runs: set
+      ``quantized:4bit`` / ``quantized:8bit`` for a bitsandbytes model, ``adapter`` for a PEFT model, nothing for a
+      plain float model (see :data:`gptopt_core.FACTS`). A model with no facts is moved to the run's device by the
+      core; a source that sets facts places the model itself.
+    """
 
     model: Any
     tokenizer: Any
@@ -62,7 +71,11 @@ def byte_tokenizer():
 
 
 def tiny_model(name: str, seed: int = 0):
-    """Deterministic random tiny GPT-2 (Conv1D layers) or Llama (nn.Linear) with the byte tokenizer."""
+    """Deterministic random tiny GPT-2 (Conv1D layers) or Llama (nn.Linear) with the byte tokenizer.
+
+    :param name: ``"tiny-random-gpt2"`` or ``"tiny-random-llama"``.
+    :returns: ``(model, tokenizer)``: the float32 model in eval mode on the CPU, same weights for the same ``seed``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -158,6 +171,8 @@ def _slice_bytes(sl) -> int:
 
 
 def load_local_dir(path: Path, options: dict) -> LoadedModel:
+    """Load a ``save_pretrained`` directory (checked first by :func:`check_local_dir`); ``options`` as in
+    ``gptopt_resolve_model``. Facts come from its ``quantization_config``."""
     check_local_dir(path, options.get("allow_pickle", False))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

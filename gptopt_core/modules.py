@@ -10,6 +10,7 @@ def is_conv1d(module) -> bool:
 
 
 def is_weight_layer(module) -> bool:
+    """True for ``nn.Linear`` and transformers' ``Conv1D`` (the layers steps compress)."""
     import torch.nn as nn
 
     return isinstance(module, nn.Linear) or is_conv1d(module)

@@ -46,6 +46,7 @@ def fact_matches(pattern: str, fact: str) -> bool:
 
 
 def find_fact(pattern: str, facts) -> str | None:
+    """The first fact (sorted) that ``pattern`` matches (:func:`fact_matches`), or ``None``."""
     for fact in sorted(facts):
         if fact_matches(pattern, fact):
             return fact

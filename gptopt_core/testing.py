@@ -42,7 +42,17 @@ def register_plugin(module, name: str):
 
 def make_context(model: str = "tiny-random-llama", data: str = "builtin:pydoc", seed: int = 0,
                  device: str = "cpu", **kwargs):
-    """A ready :class:`gptopt_core.RunContext` on a loaded model, as a step sees it (no steps run)."""
+    """A ready :class:`gptopt_core.RunContext` on a loaded model, as a step sees it (no steps run).
+
+    Build a step as the CLI would (its params validated) and call it directly::
+
+        ctx = make_context("tiny-random-gpt2")
+        step = MyStep(sparsity=0.5)          # or get_plugins().step_class("prune")(sparsity=0.5)
+        metrics = step.apply(ctx)            # ctx.model, ctx.state, ctx.facts as the pipeline leaves them
+
+    ``kwargs`` go to :class:`gptopt_core.Pipeline` (e.g. ``out=``). Facts a step adds are not applied by
+    ``apply``; use ``ctx.facts = step.next_facts(ctx.facts)`` to follow it with another step.
+    """
     from rich.console import Console
 
     from .context import RunContext
