@@ -1,8 +1,7 @@
 """An example gptopt plugin: the `hello` step counts the model's weight layers and greets."""
 import pydantic
 
-from gptopt_core import Params, Step, hookimpl
-from gptopt_core.modules import weight_modules
+from gptopt_core import Params, Step, hookimpl, weight_modules
 
 
 class HelloParams(Params):
