@@ -18,8 +18,6 @@ from gptopt_core import GptoptError, Params, Step, hookimpl
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
-from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
-
 NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
