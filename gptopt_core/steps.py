@@ -121,11 +121,6 @@ class Step:
         pipeline then keeps a copy of the loaded model, which costs its memory once."""
         return False
 
-    def wants_original_model(self) -> bool:
-        """True when :meth:`apply` will call ``ctx.original_model()`` (e.g. to distill from the model as loaded): the
-        pipeline then keeps a copy of the loaded model, which costs its memory once."""
-        return False
-
     # -- running --------------------------------------------------------------------------------------
     def apply(self, ctx) -> dict[str, Any]:
         """Run the step on ``ctx.model``; return metrics (JSON-serialisable dict)."""
