@@ -107,9 +107,11 @@ class StopAt:
 
 def test_resume_finishes_a_run_whose_save_had_completed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.txt").write_text("A few words of training text. " * 100)
 
     def pipeline(resume=False):
-        return (Pipeline(model="tiny-random-gpt2", seed=1, device="cpu", out="out", quiet=True, resume=resume)
+        return (Pipeline(model="tiny-random-gpt2", data="d.txt", seed=1, device="cpu", out="out", quiet=True,
+                         resume=resume)
                 .add("save", to="m").add("finetune", steps=4, batch_size=1, seq_len=16, checkpoint_every=2))
 
     get_plugins().register(StopAt(3), "stop-at-3")
@@ -126,7 +128,8 @@ def test_resume_finishes_a_run_whose_save_had_completed(tmp_path, monkeypatch):
     again = json.loads((tmp_path / "m" / "run.json").read_text())
     assert again["model"]["hash"] == first_save["model"]["hash"] and again["created"] >= first_save["created"]
     # a different chain still may not replace it
-    other = Pipeline(model="tiny-random-gpt2", seed=2, device="cpu", out="out2", quiet=True).add("save", to="m")
+    other = Pipeline(model="tiny-random-gpt2", data="d.txt", seed=2, device="cpu", out="out2", quiet=True).add(
+        "save", to="m")
     with pytest.raises(GptoptError, match="exists and is not empty"):
         other.run()
 
