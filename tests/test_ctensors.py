@@ -131,6 +131,7 @@ def test_pruned_then_quantized_records_the_structure_and_loads_in_transformers(t
 def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
     """Unsigned codes / zero points <-> compressed-tensors' signed ones, packed 8 per int32, both layouts."""
     from gptopt_core.grids import fit_grid, grid_codes, grid_of, round_to_grid
+    from gptopt_core.saveformats import tensor_bytes
     from gptopt_core.testing import make_context
     from gptopt_ctensors import load_model
     from gptopt_ctensors.writer import write
@@ -138,10 +139,17 @@ def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
     ctx = make_context(model=arch)
     for _, module in weight_modules(ctx.model):
         round_to_grid(module, fit_grid(weight_matrix(module), 4, 32, symmetric=False))
+    emb = ctx.model.get_input_embeddings()  # GPT-2's head is tied to it: written once, tied again on load
+    round_to_grid(emb, fit_grid(emb.weight, 8, None, symmetric=True))
     write(ctx, ctx.model, tmp_path)
     ctx.tokenizer.save_pretrained(str(tmp_path))
     model, _, info = load_model(tmp_path)
-    assert info["grids"] == len(weight_modules(ctx.model))
+    assert info["grids"] == len(weight_modules(ctx.model)) + 1
+    assert model_bytes(model) == model_bytes(ctx.model)
+    assert abs(tensor_bytes(tmp_path) / model_bytes(ctx.model) - 1) < 0.01  # (headers dominate tiny files)
+    assert torch.equal(model.get_input_embeddings().weight, emb.weight)
+    if arch == "tiny-random-gpt2":
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     loaded = dict(weight_modules(model))
     for name, module in weight_modules(ctx.model):
         assert torch.equal(grid_codes(loaded[name]), grid_codes(module)), name
@@ -192,3 +200,17 @@ def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_p
     with register_plugin(dup, "dup-format"):
         with pytest.raises(GptoptError, match="plugin dup-format: save format 'safetensors' is already registered"):
             run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "y")}))
+
+
+@pytest.mark.slow
+def test_smollm2_int4_g64_saves_packed_and_plain_transformers_reloads_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ev = {"max_tokens": 1024}
+    res = run("smollm2-135m", ("quantize", {"method": "rtn", "bits": 4, "group_size": "64"}), ("eval", ev),
+              ("save", {"to": str(tmp_path / "m")}))
+    held = res.records[1]["metrics"]["model_bytes"]
+    assert abs((tmp_path / "m" / "model.safetensors").stat().st_size / held - 1) < 0.05
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    again = perplexity(plain, res.ctx.data.valid_ids, 512, 512, 1024)["perplexity"]
+    assert abs(again / res.records[1]["metrics"]["perplexity"] - 1) < 0.001

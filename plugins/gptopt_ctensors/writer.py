@@ -103,7 +103,7 @@ def write(ctx, model, path) -> dict:
             tensors.update(bitmask_tensors(name, weight, mask, two_four))
             replaced.add(f"{name}.weight")
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: dict = {}
+    seen: dict = {(state[k].data_ptr(), state[k].numel()): k for k in replaced if k in state}
     for key, value in state.items():
         if key in replaced:
             continue
