@@ -35,7 +35,9 @@ FACTS: dict[str, tuple[str, str]] = {
                   "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes), quantized:grid "
                   "(integer grids), quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning "
                   "refuse it"),
-    "masks": ("gptopt-prune", "pruning masks exist in ctx.state['masks'] (kept through later training)"),
+    "masks": ("gptopt-prune", "pruning masks exist in ctx.state['masks'] (kept through later training); before it "
+                              "runs, a pruning step's plan_facts()['masks'] says {sparsity, rule, method} (l1 reads "
+                              "it)"),
     "adapter": ("gptopt-transfer", "the model carries an unmerged LoRA adapter (a PEFT model)"),
     "l1": ("gptopt-l1", "an L1 regularizer is armed for the next training step"),
     "cpu-only": ("gptopt-cpu", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)"),

@@ -116,6 +116,13 @@ class Step:
         """Checks that need the loaded model or tokenized data, run for every step before the first one runs
         (e.g. enough held-out tokens for one eval block); raise :class:`gptopt_core.GptoptError`."""
 
+    def plan_facts(self) -> dict[str, Any]:
+        """What this step will do, for other steps' plan checks (``check_plan`` gets the steps before and after):
+        ``{fact family: details}``. Keys are fact families of :data:`gptopt_core.FACTS`; e.g. a pruning step
+        returns ``{"masks": {"sparsity": 0.5, "rule": "row", "method": "wanda"}}`` (rule: ``layer`` | ``row`` |
+        ``global`` | ``nm:N:M``, how the weights to zero are chosen). Default: nothing promised."""
+        return {}
+
     def wants_original_model(self) -> bool:
         """True when :meth:`apply` will call ``ctx.original_model()`` (e.g. to distill from the model as loaded): the
         pipeline then keeps a copy of the loaded model, which costs its memory once."""

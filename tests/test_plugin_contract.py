@@ -88,3 +88,29 @@ def test_distillation_options_belong_to_the_transfer_plugin():
         MyTraining(distill_from="original")
     assert get_plugins().steps["lora"](distill_from="original").wants_original_model()
     assert not MyTraining().wants_original_model()
+
+
+def test_l1_reads_a_later_pruning_steps_plan_facts_whoever_provides_it():
+    from gptopt_core import Pipeline, Step
+    from gptopt_core.testing import register_plugin
+
+    class MyPrune(Step):
+        """A third-party pruner: promises masks, chosen per layer, 30%."""
+
+        name = "my-prune"
+        provides = frozenset({"masks"})
+
+        def plan_facts(self):
+            return {"masks": {"sparsity": 0.3, "rule": "layer", "method": "mine"}}
+
+    plugin = type("P", (), {"gptopt_register_steps": staticmethod(
+        __import__("gptopt_core").hookimpl(lambda register: register(MyPrune)))})()
+    with register_plugin(plugin, "test-my-prune"):
+        pipe = Pipeline(model="tiny-random-gpt2").add("l1", weight=5).add("finetune", steps=1).add("my-prune")
+        pipe.validate()
+    assert {k: pipe.steps[0].plan[k] for k in ("select", "sparsity", "rule", "prune_method")} == {
+        "select": "prunable", "sparsity": 0.3, "rule": "layer", "prune_method": "mine"}
+    builtin = Pipeline(model="tiny-random-gpt2").add("l1", weight=5).add("finetune", steps=1).add(
+        "prune", method="wanda", sparsity=0.5)
+    builtin.validate()
+    assert builtin.steps[0].plan["rule"] == "row" and builtin.steps[0].plan["sparsity"] == 0.5

@@ -101,19 +101,12 @@ class L1Step(Step):
             raise PlanError("l1 does not train by itself: put a training step after it, e.g. "
                             "`l1 --weight 5 finetune --steps 60` or `l1 --weight 5 lora --merge`")
         trainer = after[train_at]
-        prune = next((s for s in after[train_at + 1:] if s.name == "prune"), None)
-        rule, sparsity = "layer", p.sparsity
-        if prune is not None:
-            pp = prune.params
-            nm = getattr(pp, "nm", None)
-            if nm:
-                rule = f"nm:{nm[0]}:{nm[1]}"
-            elif getattr(pp, "scope", "layer") == "global":
-                rule = "global"
-            elif getattr(pp, "method", "magnitude") == "wanda":
-                rule = "row"
-            if sparsity is None:
-                sparsity = getattr(pp, "target_sparsity", None)
+        # the first later step that promises masks (prune, or any plugin's pruning step) says how it will choose
+        prune = next((s for s in after[train_at + 1:] if "masks" in s.plan_facts()), None)
+        planned = prune.plan_facts()["masks"] if prune is not None else {}
+        rule, sparsity = planned.get("rule", "layer"), p.sparsity
+        if sparsity is None:
+            sparsity = planned.get("sparsity")
         select = p.select
         if select == "auto":
             select = "prunable" if prune is not None and sparsity else "all"
@@ -126,8 +119,7 @@ class L1Step(Step):
                 raise PlanError(f"l1 --sparsity {p.sparsity} contradicts the later prune's N:M pattern {n}:{m}; "
                                 "leave --sparsity out")
         self.plan = {"select": select, "sparsity": sparsity if select == "prunable" else None, "rule": rule,
-                     "train_step": trainer.name, "prune_method": getattr(getattr(prune, "params", None),
-                                                                         "method", None)}
+                     "train_step": trainer.name, "prune_method": planned.get("method")}
 
     def preflight(self, ctx):
         from .regularizer import find_targets

@@ -171,6 +171,14 @@ class PruneStep(Step):
             out.add("quantized:grid")
         return out
 
+    def plan_facts(self):
+        """``{"masks": {sparsity, rule, method}}``: what a step planned before this prune (l1) may read."""
+        p = self.params
+        nm = p.nm
+        rule = f"nm:{nm[0]}:{nm[1]}" if nm else "global" if p.scope == "global" else "row" if p.method == "wanda" \
+            else "layer"
+        return {"masks": {"sparsity": p.target_sparsity, "rule": rule, "method": p.method}}
+
     def preflight(self, ctx):
         from .pruning import preflight
 
