@@ -288,7 +288,8 @@ def main(argv=None):
     except (StepFailed, PluginHookError) as exc:
         if debug:
             raise
-        print(f"Error: {exc} (GPTOPT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        text = shorten(str(exc).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE)  # a plugin's text: one line
+        print(f"Error: {text} (GPTOPT_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     except Terminated:
         print("Error: terminated (SIGTERM); partial output was removed", file=sys.stderr)
@@ -303,6 +304,7 @@ def main(argv=None):
         if mapped is not None:
             print(f"Error: {mapped}", file=sys.stderr)
             sys.exit(2)
-        print(f"Error: internal error: {type(exc).__name__}: {shorten(exc, MAX_MESSAGE)} (GPTOPT_DEBUG=1 shows the "
-              "traceback)", file=sys.stderr)
+        text = shorten(str(exc).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE)
+        print(f"Error: internal error: {type(exc).__name__}: {text} (GPTOPT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         sys.exit(1)

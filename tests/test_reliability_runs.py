@@ -13,7 +13,7 @@ from conftest import error_lines, gptopt_exe, run_gptopt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptopt_core import GptoptError, Pipeline, hookimpl
+from gptopt_core import GptoptError, Pipeline, Step, hookimpl
 from gptopt_core.data import TextData, tokenize_bounded
 from gptopt_core.errors import MAX_MESSAGE
 from gptopt_core.paths import LOCK_NAME, RunLock, clean_stale_partials
@@ -239,3 +239,39 @@ def test_token_lengths_beyond_the_model_positions_fail_before_the_first_step(tmp
         pipe.add(step, **params).run()
     assert expected in str(info.value)
     assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+class Verbose(Step):
+    """Raise an exception whose text is long and spans lines (a plugin bug)."""
+
+    name = "verbose-failure"
+
+    def apply(self, ctx):
+        raise ValueError("first line\nsecond line " + "x" * 5000)
+
+
+@hookimpl
+def gptopt_register_steps(register):
+    register(Verbose)
+
+
+def test_a_plugin_error_is_one_bounded_line(tmp_path, capsys, monkeypatch):
+    import types
+    import warnings
+
+    from gptopt_core.cli import main
+    from gptopt_core.testing import register_plugin
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.txt").write_text("Some text. " * 50)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own: undone after
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        with register_plugin(types.SimpleNamespace(gptopt_register_steps=gptopt_register_steps), "verbose"):
+            with pytest.raises(SystemExit) as info:
+                main(["run", "--model", "tiny-random-gpt2", "--data", "d.txt", "--quiet", "verbose-failure"])
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    lines = error_lines(capsys.readouterr().err)
+    assert info.value.code == 1 and len(lines) == 1, lines
+    assert "ValueError: first line\\nsecond line xxx" in lines[0] and len(lines[0]) < MAX_MESSAGE + 100
