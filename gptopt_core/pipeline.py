@@ -265,7 +265,7 @@ class Pipeline:
             for i, step in enumerate(self.steps):
                 ctx.step_index = i
                 record = self.run_step(ctx, step)
-                ctx.log(step_line(i, len(self.steps), record))
+                ctx.log(step_line(i, len(self.steps), record, ctx))
         except BaseException as exc:
             error = exc
             raise

@@ -44,22 +44,36 @@ def build_manifest(ctx, error=None) -> dict:
     return manifest
 
 
-def step_line(i: int, n: int, record: dict) -> str:
+def columns(ctx=None) -> dict:
+    """The core's columns, then every column a step of this run declares (``Step.columns``: metric key →
+    (title, format spec), e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}``)."""
+    out = dict(COLUMNS)
+    plugins = getattr(ctx, "plugins", None)
+    for record in getattr(ctx, "records", None) or []:
+        cls = plugins.steps.get(record.get("name")) if plugins is not None else None
+        for key, (title, spec) in (getattr(cls, "columns", None) or {}).items():
+            out.setdefault(key, (title, lambda v, _spec=spec: format(v, _spec)))
+    return out
+
+
+def step_line(i: int, n: int, record: dict, ctx=None) -> str:
     m = record.get("metrics", {})
-    parts = [f"{COLUMNS[k][0]} {COLUMNS[k][1](m[k])}" for k in COLUMNS if isinstance(m.get(k), (int, float))]
+    cols = columns(ctx)
+    parts = [f"{cols[k][0]} {cols[k][1](m[k])}" for k in cols if isinstance(m.get(k), (int, float))]
     return f"[green]✓[/] [{i + 1}/{n}] [bold]{record['name']}[/] {record['seconds']:.1f}s  " + "  ".join(parts)
 
 
 def summary_rows(ctx):
     records = [r for r in ctx.records if r.get("status") == "ok"]
-    keys = [k for k in COLUMNS if any(isinstance(r.get("metrics", {}).get(k), (int, float)) for r in records)]
-    header = ["#", "step", "seconds"] + [COLUMNS[k][0] for k in keys]
+    cols = columns(ctx)
+    keys = [k for k in cols if any(isinstance(r.get("metrics", {}).get(k), (int, float)) for r in records)]
+    header = ["#", "step", "seconds"] + [cols[k][0] for k in keys]
     rows = []
     for i, r in enumerate(ctx.records, 1):
         m = r.get("metrics", {})
         cells = [str(i), r["name"] + ("" if r.get("status") == "ok" else f" ({r.get('status')})"),
                  f"{r.get('seconds', 0):.1f}"]
-        cells += [COLUMNS[k][1](m[k]) if isinstance(m.get(k), (int, float)) else "" for k in keys]
+        cells += [cols[k][1](m[k]) if isinstance(m.get(k), (int, float)) else "" for k in keys]
         rows.append(cells)
     return header, rows
 

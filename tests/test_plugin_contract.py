@@ -114,3 +114,25 @@ def test_l1_reads_a_later_pruning_steps_plan_facts_whoever_provides_it():
         "prune", method="wanda", sparsity=0.5)
     builtin.validate()
     assert builtin.steps[0].plan["rule"] == "row" and builtin.steps[0].plan["sparsity"] == 0.5
+
+
+def test_a_plugin_steps_declared_columns_reach_the_summary_and_report(tmp_path):
+    from gptopt_core import Pipeline, Step, hookimpl
+    from gptopt_core.testing import register_plugin
+
+    class Count(Step):
+        """Count weight layers."""
+
+        name = "count-layers"
+        columns = {"layer_count": ("layers", "d"), "layer_share": ("share", ".1%")}
+
+        def apply(self, ctx):
+            return {"layer_count": 14, "layer_share": 0.25}
+
+    plugin = type("P", (), {"gptopt_register_steps": staticmethod(hookimpl(lambda register: register(Count)))})()
+    with register_plugin(plugin, "test-columns"):
+        Pipeline(model="tiny-random-gpt2", device="cpu", quiet=True, out=tmp_path / "o").add("count-layers").run()
+    report = (tmp_path / "o" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| # |"))
+    row = next(line for line in report.splitlines() if "| count-layers |" in line)
+    assert header.endswith("| layers | share |") and row.endswith("| 14 | 25.0% |"), (header, row)
