@@ -238,6 +238,16 @@ def _quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
 
 
+def _caches_under_gptopt_cache() -> None:
+    """torch's inductor (imported with torchao by transformers, used by cpu-fast --compile) keeps its cache in
+    $TMPDIR/torchinductor_USER by default; a run writes only to --out, --to and GPTOPT_CACHE, so it goes there
+    (unless TORCHINDUCTOR_CACHE_DIR is set)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from .models import cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torchinductor")
+
+
 def _terminate_like_ctrl_c() -> None:
     """SIGTERM unwinds like Ctrl-C: temporary directories are removed, run.json says "interrupted" and one line
     is printed. A second SIGTERM during that cleanup kills at once."""
@@ -264,6 +274,7 @@ def main(argv=None):
 
     warnings.showwarning = _one_line_warning
     _terminate_like_ctrl_c()
+    _caches_under_gptopt_cache()
     debug = os.environ.get("GPTOPT_DEBUG") == "1"
     if not debug:
         _quiet_import_noise()

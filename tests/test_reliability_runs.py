@@ -146,8 +146,7 @@ def test_a_run_writes_nothing_outside_out_to_and_the_cache(tmp_path):
     (work / "d.jsonl").write_text("\n".join(json.dumps({"text": f"document {i}: " + "some words " * 40})
                                             for i in range(30)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_", "GPTOPT_CACHE", "TMP"))}
-    env.update(HOME=str(home), TMPDIR=str(tmp), GPTOPT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1",
-               MPLCONFIGDIR=str(tmp_path / "cache" / "mpl"))
+    env.update(HOME=str(home), TMPDIR=str(tmp), GPTOPT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     before = snapshot(tmp_path, [])
     proc = subprocess.run([gptopt_exe(), "run", "--model", "tiny-random-gpt2", "--data", "d.jsonl", "--out", "out",
                            "--quiet", "eval", "--max-tokens", "600", "save", "--to", "m"], cwd=work, env=env,
