@@ -245,38 +245,6 @@ def taylor_scores(ctx, model, targets: list[Target], batches) -> list:
     return [a.t() if t.conv1d else a for t, a in zip(targets, acc)]
 
 
-class _Captured(Exception):
-    pass
-
-
-def find_blocks(model):
-    """The model's list of decoder blocks: the ``nn.ModuleList`` holding the most weight layers (or None)."""
-    import torch.nn as nn
-
-    best, best_count = None, 0
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            count = sum(1 for m in module.modules() if is_weight_layer(m))
-            if count > best_count:
-                best, best_count = module, count
-    return best
-
-
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args, kwargs, hidden):
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _run_block(block, args, kwargs):
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class NormCollector:
     """Forward hooks that accumulate sum of x_j² per input channel j of each target (Wanda's ‖X_j‖²)."""
 
@@ -307,23 +275,24 @@ class NormCollector:
 
 
 def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential: bool) -> dict:
-    """Wanda, block by block: hooks on one decoder block at a time, fed the previous block's outputs.
+    """Wanda, block by block on the core's calibration engine (:func:`gptopt_core.calibration.run_blockwise`):
+    the input-channel norms of one decoder block's layers, fed the previous block's outputs.
 
     ``sequential``: each block is pruned before its outputs feed the next block (later blocks see the pruned
-    earlier ones); otherwise every block sees dense inputs and all targets are pruned at the end (needed for
-    ``--scope global``). Targets outside the blocks (e.g. an included lm_head) get one full forward pass.
+    earlier ones); otherwise nothing changes while the engine runs, so every block sees dense inputs, and all
+    targets are pruned at the end (needed for ``--scope global``). Targets outside the blocks (e.g. an included
+    lm_head) get one full forward pass.
     """
     import torch
 
-    blocks = find_blocks(model)
-    block_of = {}
-    if blocks is not None:
-        for i, block in enumerate(blocks):
-            mods = {id(m) for m in block.modules()}
-            for t in targets:
-                if id(t.module) in mods:
-                    block_of[t] = i
-    outside = [t for t in targets if t not in block_of]
+    from gptopt_core.calibration import find_blocks as engine_blocks
+    from gptopt_core.calibration import run_blockwise, split_by_block
+
+    by_name = {t.name: t for t in targets}
+    _, blocks = engine_blocks(model)
+    inside_names, outside_names = split_by_block(model, list(by_name)) if blocks is not None else ({}, list(by_name))
+    inside = [by_name[n] for names in inside_names.values() for n in names]
+    outside = [by_name[n] for n in outside_names]
     pending: list[tuple[Target, Any]] = []  # (target, score) for pruning at the end
     peak_act = 0
 
@@ -336,49 +305,28 @@ def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential
             col.remove()
         return col
 
+    def compress(block, stats):
+        group = [by_name[n] for n in stats]
+        scores = []
+        for t in group:
+            if stats[t.name].sq_norms is None:
+                raise GptoptError(f"prune: {t.name} saw no calibration input (is it used in the forward pass?)")
+            norm = torch.sqrt(stats[t.name].sq_norms)
+            scores.append(t.view().detach().abs().float() * norm.to(t.module.weight.device)[None, :])
+        if sequential:
+            pruner.prune(group, scores)
+        else:
+            pending.extend(zip(group, scores))
+
     with torch.no_grad():
         if outside and not sequential:
             col = full_pass(outside)
             pending += [(t, col.score(t)) for t in outside]
-        inside = [t for t in targets if t in block_of]
         if inside:
-            inputs = []
-
-            def catch(module, args, kwargs):
-                inputs.append((args, kwargs))
-                raise _Captured
-
-            handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-            try:
-                for b in batches:
-                    try:
-                        model(input_ids=b, use_cache=False)
-                    except _Captured:
-                        pass
-            finally:
-                handle.remove()
-            last = max(block_of[t] for t in inside)
-            for i in ctx.progress(range(last + 1), "prune wanda"):
-                group = [t for t in inside if block_of[t] == i]
-                col = NormCollector(group) if group else None
-                try:
-                    outs = [_run_block(blocks[i], a, k) for a, k in inputs]
-                finally:
-                    if col:
-                        col.remove()
-                peak_act = max(peak_act, sum(_hidden(a, k).numel() * _hidden(a, k).element_size()
-                                             for a, k in inputs) * 2)
-                if group:
-                    scores = [col.score(t) for t in group]
-                    if sequential:
-                        pruner.prune(group, scores)
-                        if i < last or outside:
-                            outs = [_run_block(blocks[i], a, k) for a, k in inputs]
-                    else:
-                        pending += list(zip(group, scores))
-                inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
-                del outs
-            del inputs
+            run_blockwise(model, batches, compress, layers=[t.name for t in inside], stats=("sq_norms",),
+                          sequential=False, progress=ctx.progress)
+            hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+            peak_act = sum(b.numel() for b in batches) * hidden * 4 * 2  # a block's inputs and outputs, float32
         if outside and sequential:
             col = full_pass(outside)
             pruner.prune(outside, [col.score(t) for t in outside])
@@ -386,8 +334,7 @@ def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential
         order = {t: i for i, t in enumerate(targets)}
         pending.sort(key=lambda p: order[p[0]])
         pruner.prune([p[0] for p in pending], [p[1] for p in pending])
-    return {"wanda_blockwise": inside != [] if blocks is not None else False,
-            "calib_activation_bytes": int(peak_act)}
+    return {"wanda_blockwise": bool(inside), "calib_activation_bytes": int(peak_act)}
 
 
 # -- the step -----------------------------------------------------------------------------------------
