@@ -180,6 +180,8 @@ def main(argv=None):
     ap.add_argument("--json", help="append one JSON line per result here")
     ap.add_argument("--resume", action="store_true", help="with --json: keep the rows already there")
     ap.add_argument("--memory", action="store_true", help="also run the two memory child processes")
+    ap.add_argument("--memory-calib-blocks", type=int, default=64,
+                    help="calibration blocks (x 128 tokens) of the memory runs (default: gptq's default, 64)")
     ap.add_argument("--memory-child", choices=["none", "disk"], help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="do not update the docs")
     ap.add_argument("--table-only", action="store_true", help="with --json: write the docs from the rows there")
@@ -187,7 +189,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     max_tokens = 1024 if args.quick else 4096
     if args.memory_child:
-        print("RESULT " + json.dumps(memory_child(args.memory_child, max_tokens, 8 if args.quick else 64)))
+        print("RESULT " + json.dumps(memory_child(args.memory_child, max_tokens,
+                                                  8 if args.quick else args.memory_calib_blocks)))
         return
     command = " ".join(["python", "benchmarks/oneshot_quality.py"] + (argv if argv is not None else sys.argv[1:]))
     done = {}
@@ -200,7 +203,7 @@ def main(argv=None):
             write_docs(done, command)
         print(quant_table(done) + "\n\n" + prune_table(done))
         return
-    names = args.only.split(",") if args.only else list(CONFIGS)
+    names = [n for n in args.only.split(",") if n] if args.only is not None else list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
@@ -212,7 +215,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     todo = [n for n in names if n not in done]
-    if todo or "dense" not in done:
+    if todo:
         import torch
 
         from gptopt_core.evaluate import perplexity
@@ -240,7 +243,8 @@ def main(argv=None):
             key = f"memory-{offload}"
             if key in done:
                 continue
-            cmd = [sys.executable, __file__, "--memory-child", offload] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, __file__, "--memory-child", offload, "--memory-calib-blocks",
+                   str(args.memory_calib_blocks)] + (["--quick"] if args.quick else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
             record({"name": key, **row})
@@ -281,8 +285,9 @@ def quant_table(rows) -> str:
             lines.append(f"| {label} | | x{r['ratio']:.3f} | | | | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |")
     mem = [rows.get("memory-none"), rows.get("memory-disk")]
     if all(mem):
-        lines += ["", "GPTQ int4-g64-sym in a fresh process, peak RSS growth over the RSS before the step (model "
-                  "loaded), vs the dense model's parameter bytes:", "",
+        lines += ["", f"GPTQ int4-g64-sym ({mem[0]['calib_tokens']} calibration tokens) in a fresh process, peak RSS "
+                  "growth over the RSS right before the step (model loaded), vs the dense model's parameter bytes:",
+                  "",
                   "| offload | RSS growth | of dense bytes | parameter bytes resident (peak) | ppl | s (CPU-s) |",
                   "|---|---|---|---|---|---|"]
         for m in mem:
