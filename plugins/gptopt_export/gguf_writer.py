@@ -116,7 +116,8 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         tmp.unlink(missing_ok=True)
         raise
     exact = sum(1 for _, c in chosen if c.how == "exact grid")
-    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith("re-rounded")]
+    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and c.how.startswith("re-rounded")]
+    from_bnb = sum(1 for s, _ in chosen if s.origin.startswith("bnb-"))
     min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
     changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
     return {
@@ -132,5 +133,6 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_rerounded_grid_tensors": len(rerounded),
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],
+        "gguf_bitsandbytes_tensors": from_bnb,
         **vocab_info,
     }
