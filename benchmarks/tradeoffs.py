@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"eval": {"max_tokens": 2048}, "bench": {"repeats": 3, "max_repeats": 5, "new_tokens": 32},
          "lora": {"steps": 10}, "finetune": {"steps": 10}, "quantize": {"calib_blocks": 2}}
-PRODUCE_SKIP = {"eval", "bench", "save"}
+PRODUCE_SKIP = {"eval", "bench", "save", "llamacpp"}
 
 
 def quick_recipe(recipe: dict) -> dict:
@@ -70,6 +70,10 @@ def run_row(recipe_path: Path, out: Path, quick: bool) -> dict:
         "produce_s": sum(s["seconds"] for s in steps if s["name"] not in PRODUCE_SKIP),
         "wall": wall,
         "chain": " → ".join(list(s)[0] for s in recipe["steps"]),
+        # rows that export a GGUF and measure it in llama.cpp (docs/export.md)
+        "gguf_bytes": last.get("llamacpp", {}).get("gguf_bytes"),
+        "llamacpp_ppl": last.get("llamacpp", {}).get("llamacpp_perplexity"),
+        "llamacpp_decode": last.get("llamacpp", {}).get("llamacpp_decode_tokens_per_s"),
     }
 
 
@@ -91,17 +95,22 @@ def write_results(rows, quick: bool, commit: str, seconds: float):
              f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min).{redo} "
              "Held-out ppl on pydoc validation documents; ratio vs the dense fp32 row; bytes = parameters + "
              "buffers in memory; decode/prefill/peak from `bench` (CPU: perf_counter, peak RSS growth).", "",
-             "| row | chain | ppl | ratio | MB | sparsity | decode tok/s | prefill ms | peak MB | produce s | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "llama.cpp columns: the GGUF file the row exports (MB on disk), its held-out ppl and decode tokens/s "
+             "in llama.cpp (`llamacpp` step, same tokens and workload).", "",
+             "| row | chain | ppl | ratio | MB | sparsity | decode tok/s | prefill ms | peak MB | produce s | "
+             "GGUF MB | llama.cpp ppl | llama.cpp decode tok/s | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cmd = f"`gptopt run --recipe recipes/{r['row']}.yaml`"
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | | | {cmd} |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | | | | | | {cmd} |")
             continue
         ratio = r["ppl"] / dense["ppl"] if dense else None
         lines.append(f"| {r['row']} | {r['chain']} | {r['ppl']:.2f} | {fmt(ratio, '.3f')} | "
                      f"{fmt(r['bytes'], '.1f', 1e6)} | {r['sparsity']:.1%} | {fmt(r['decode'], '.1f')} | "
-                     f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {r['produce_s']:.0f} | {cmd} |")
+                     f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {r['produce_s']:.0f} | "
+                     f"{fmt(r.get('gguf_bytes'), '.1f', 1e6)} | {fmt(r.get('llamacpp_ppl'), '.2f')} | "
+                     f"{fmt(r.get('llamacpp_decode'), '.1f')} | {cmd} |")
     suffix = "-quick" if quick else ""  # the quick run never overwrites the full run's figures
     (ROOT / "docs" / f"results{suffix}.md").write_text("\n".join(lines) + f"\n\n![trade-offs](tradeoffs{suffix}.png)\n")
     plot(rows, dense, ROOT / "docs" / f"tradeoffs{suffix}.png")
