@@ -11,8 +11,7 @@ Heavy imports (torch, compressed_tensors, transformers) happen inside the hooks 
 """
 from __future__ import annotations
 
-from gptopt_core import hookimpl
-from gptopt_core.saveformats import SaveFormat
+from gptopt_core import SaveFormat, hookimpl
 
 BNB_HINT = ("bitsandbytes nf4/fp4/int8 layers are codebook / absmax formats compressed-tensors does not hold; "
             "quantize with --method rtn or --method gptq (integer grids) to save them here, or save --format "
@@ -52,12 +51,12 @@ class CompressedTensorsFormat(SaveFormat):
         return None
 
     def claims(self, ctx, model):
-        from gptopt_core.grids import grid_layers
+        from gptopt_core import grid_layers
 
         return bool(grid_layers(model))
 
     def refusal(self, ctx, model, options):
-        from gptopt_core.grids import grid_layers, on_grid
+        from gptopt_core import grid_layers, on_grid
 
         reason = _unholdable(model)
         if reason:
@@ -115,8 +114,7 @@ def gptopt_resolve_model(spec, options):
 
     if not is_compressed_dir(path):
         return None
-    from gptopt_core import SourceError
-    from gptopt_core.models import LoadedModel, check_local_dir
+    from gptopt_core import LoadedModel, SourceError, check_local_dir
 
     check_local_dir(path, allow_pickle=False)
     try:

@@ -38,7 +38,7 @@ def _grid_from(tensors, name, args):
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from gptopt_core.grids import WeightGrid
+    from gptopt_core import WeightGrid
 
     if args.type != "int" or args.strategy not in ("group", "channel"):
         raise ValueError(f"{name}: only integer group / channel weights are read, not {args.type} {args.strategy}")
@@ -75,8 +75,7 @@ def load(path, trust_remote_code: bool = False):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gptopt_core.grids import attach_grid
-    from gptopt_core.modules import is_conv1d
+    from gptopt_core import attach_grid, is_conv1d
 
     path = Path(path)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]

@@ -15,7 +15,7 @@ from . import layout
 
 def sparse_masks(ctx, model, gridded: set) -> dict:
     """``{name: bool mask (out, in)}`` of the pruned layers not on a grid (from ``ctx.state["masks"]``)."""
-    from gptopt_core.modules import is_conv1d
+    from gptopt_core import is_conv1d
 
     masks = (getattr(ctx, "state", None) or {}).get("masks") or {}
     modules = dict(model.named_modules())
@@ -35,7 +35,7 @@ def packed_tensors(name, module, grid) -> dict:
     """``weight_packed`` / ``weight_scale`` / ``weight_shape`` (/ ``weight_zero_point``) of one grid layer."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from gptopt_core.grids import grid_codes
+    from gptopt_core import grid_codes
 
     codes = grid_codes(module).cpu()  # (out, in), int32
     offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
@@ -72,8 +72,7 @@ def write(ctx, model, path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from gptopt_core.grids import grid_layers
-    from gptopt_core.modules import is_conv1d, weight_matrix
+    from gptopt_core import grid_layers, is_conv1d, weight_matrix
 
     grids = grid_layers(model)
     gridded = {n for n, _, _ in grids}

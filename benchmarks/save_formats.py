@@ -1,0 +1,273 @@
+"""Save formats on SmolLM2-135M: bytes on disk against model_bytes before save, perplexity after reload.
+
+For each quantized / pruned recipe in recipes/ that runs without training (its own steps minus ``bench``), and an
+RTN int4 g64 symmetric model (the grid transformers' own compressed-tensors loader reads), this runs the chain,
+then ``save`` (``--format auto``, and ``--format compressed-tensors`` for pruned models) and measures:
+
+* ``model_bytes`` the chain reported before ``save`` and the bytes of the ``*.safetensors`` files written;
+* held-out perplexity of the saved model (``eval``), of ``gptopt run --model DIR`` and of plain
+  ``AutoModelForCausalLM.from_pretrained(DIR)`` (same windows: block 512, 4096 tokens);
+* for pruned models, whether the reloaded zeros are exactly the pruning masks;
+* refusals (format, one line) where a format cannot hold the model.
+
+    python benchmarks/save_formats.py                 # all rows (~25 CPU-minutes on 2 shared cores)
+    python benchmarks/save_formats.py --only 09 rtn   # some rows; the others are kept from the JSON
+
+Writes docs/save_formats.json and the measured block of docs/save-formats.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "docs" / "save_formats.json"
+DOC = ROOT / "docs" / "save-formats.md"
+START, END = "<!-- save-formats:measured:start -->", "<!-- save-formats:measured:end -->"
+RECIPES = ["02-int8", "03-nf4", "04-nf4-emb8", "05-fp4", "07-magnitude-50", "08-wanda-50", "09-wanda-2of4",
+           "13-gptq-int4-g64", "14-sparsegpt-2of4"]
+SKIPPED = {"06-planned-partial": "bitsandbytes plan with int8 embeddings: refused by safetensors like 04 "
+                                 "(measured there), not held by compressed-tensors",
+           "10-wanda-50-lora": "trains (LoRA); its merged pruned model is written like 08",
+           "11-nf4-qlora": "trains (QLoRA) on an nf4 base: not held by compressed-tensors",
+           "12-l1-ft-magnitude-50": "trains 45 steps (~13 CPU-min); its pruned model is written like 07"}
+RTN_G64 = ("quantize", {"method": "rtn", "bits": 4, "group_size": "64", "symmetric": True})
+EXTRA = {"rtn-int4-g64-sym": [RTN_G64], "rtn-int4-g64-sym+emb-int8": [RTN_G64]}
+
+
+def embedding_on_int8_grid(model) -> None:
+    """Benchmark-side: round the (tied) token embedding to an int8 per-row symmetric grid, as compressed-tensors
+    holds ``nn.Embedding`` weights (``quantize --method rtn`` leaves embeddings and tied heads in float)."""
+    from gptopt_core import fit_grid, round_to_grid
+
+    emb = model.get_input_embeddings()
+    round_to_grid(emb, fit_grid(emb.weight, 8, None, symmetric=True))
+
+
+AFTER = {"rtn-int4-g64-sym+emb-int8": embedding_on_int8_grid}
+
+
+def safetensors_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+
+
+def one_line(exc) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def steps_of(name: str):
+    import yaml
+
+    if name in EXTRA:
+        return EXTRA[name]
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
+    steps = []
+    for entry in recipe["steps"]:
+        (step, params), = entry.items()
+        if step not in ("bench", "eval"):
+            steps.append((step, params or {}))
+    return steps
+
+
+def zeros_exact(before, after) -> bool:
+    import torch
+
+    from gptopt_core import weight_modules
+
+    b = dict(weight_modules(before))
+    return all(torch.equal(m.weight == 0, b[n].weight == 0) for n, m in weight_modules(after))
+
+
+def reload_ppl(path: Path, data, saved_model, pruned: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from gptopt_core import Pipeline, perplexity
+
+    out = {}
+    again = Pipeline(model=str(path), device="cpu", quiet=True).add("eval").run()
+    out["gptopt_ppl"] = again.records[0]["metrics"]["perplexity"]
+    out["gptopt_model_bytes"] = again.records[0]["metrics"]["model_bytes"]
+    out["gptopt_sparsity"] = again.records[0]["metrics"]["sparsity"]
+    if pruned:
+        out["zeros_exact"] = zeros_exact(saved_model, again.model)
+    del again
+    try:
+        plain, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+        left = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+        if left:  # transformers initialised these at random: its perplexity would measure nothing
+            out["plain_error"] = f"transformers left {len(left)} tensors uninitialised (e.g. {left[0]})"
+            return out
+        out["plain_ppl"] = perplexity(plain, data.valid_ids, 512, 512, 4096)["perplexity"]
+        if pruned:
+            out["plain_zeros_exact"] = zeros_exact(saved_model, plain)
+    except Exception as exc:  # transformers cannot read every layout; record what it said
+        out["plain_error"] = one_line(exc)
+    return out
+
+
+def measure(name: str, workdir: Path) -> dict:
+    from gptopt_core import GptoptError, Pipeline
+
+    steps = steps_of(name)
+    pipe = Pipeline(model="smollm2-135m", data="builtin:pydoc", seed=0, device="cpu", quiet=True)
+    for step, params in steps:
+        pipe.add(step, **params)
+    pipe.add("eval")
+    t0 = time.perf_counter()
+    res = pipe.run()
+    row = {"recipe": name, "steps": [{s: p} for s, p in steps], "chain_seconds": round(time.perf_counter() - t0, 1),
+           "model_bytes": res.records[-1]["metrics"]["model_bytes"], "ppl": res.records[-1]["metrics"]["perplexity"],
+           "sparsity": res.records[-1]["metrics"]["sparsity"], "facts": sorted(res.ctx.facts), "saves": {}}
+    if name in AFTER:
+        from gptopt_core import model_bytes, perplexity
+
+        AFTER[name](res.model)
+        row.update(after=AFTER[name].__doc__.split(".")[0].strip(), model_bytes=model_bytes(res.model),
+                   ppl=perplexity(res.model, res.ctx.data.valid_ids, 512, 512, 4096)["perplexity"])
+    pruned = "masks" in res.ctx.facts
+    formats = ["auto", "compressed-tensors"] if pruned and "quantized:grid" not in res.ctx.facts else ["auto"]
+    if any(f in res.ctx.facts for f in ("quantized:4bit", "quantized:8bit")):
+        formats.append("compressed-tensors")  # expect a refusal: bitsandbytes codebooks
+    from gptopt_core import check_save_format, choose_save_format, get_plugins
+
+    for fmt in formats:
+        target = workdir / f"{name}-{fmt}"
+        entry: dict = {}
+        try:
+            options = {"to": str(target), "format": fmt, "overwrite": False, "allow_dequantized": False}
+            check_save_format(get_plugins(), options, res.ctx.facts)
+            chosen = choose_save_format(res.ctx, res.model, options)
+            step = pipe.plugins.step_class("save")(to=str(target), format=fmt)
+            metrics = step.apply(res.ctx)
+            entry.update(format=chosen.name, disk_bytes=safetensors_bytes(target))
+            entry["disk_vs_model_bytes"] = entry["disk_bytes"] / row["model_bytes"]
+            entry.update(reload_ppl(target, res.ctx.data, res.model, pruned))
+            for key in ("gptopt_ppl", "plain_ppl"):
+                if key in entry:
+                    entry[key.replace("_ppl", "_ppl_ratio")] = entry[key] / row["ppl"]
+            entry["files"] = metrics["files"]
+            if fmt == "compressed-tensors" or entry["format"] == "compressed-tensors":
+                cfg = json.loads((target / "config.json").read_text())["quantization_config"]
+                entry["quantization_config"] = cfg
+                entry["schema_valid"] = validate(cfg)
+        except GptoptError as exc:
+            entry["refused"] = one_line(exc)
+        row["saves"][fmt] = entry
+        shutil.rmtree(target, ignore_errors=True)
+    return row
+
+
+def validate(cfg) -> bool:
+    """compressed-tensors' own pydantic models accept the written config."""
+    from compressed_tensors.config import SparsityCompressionConfig
+    from compressed_tensors.quantization import QuantizationConfig
+
+    if cfg.get("config_groups"):
+        QuantizationConfig.model_validate(cfg)
+    sc = cfg.get("sparsity_config") or {}
+    if sc:
+        SparsityCompressionConfig.load_from_registry(sc["format"], **sc)
+    return True
+
+
+def dense_bytes(workdir: Path) -> int:
+    from gptopt_core import Pipeline
+
+    target = workdir / "dense"
+    Pipeline(model="smollm2-135m", device="cpu", quiet=True).add("save", to=str(target)).run()
+    size = safetensors_bytes(target)
+    shutil.rmtree(target, ignore_errors=True)
+    return size
+
+
+def table(result) -> str:
+    dense = result["dense_safetensors_bytes"]
+    lines = ["| chain | format | model_bytes before save | on disk | disk / model_bytes | disk / dense | ppl saved | "
+             "ppl `gptopt run --model DIR` | ppl plain `from_pretrained` | zeros exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        for fmt, e in row["saves"].items():
+            if "refused" in e:
+                lines.append(f"| {row['recipe']} | {fmt}: refused | {row['model_bytes'] / 1e6:.1f} MB | - | - | - | "
+                             f"{row['ppl']:.3f} | - | - | - |")
+                continue
+            plain = f"{e['plain_ppl']:.3f} (x{e['plain_ppl_ratio']:.5f})" if "plain_ppl" in e else \
+                "cannot read (see below)"
+            zeros = "-" if "zeros_exact" not in e else ("yes" if e["zeros_exact"] else "NO")
+            lines.append(f"| {row['recipe']} | {fmt} -> {e['format']} | {row['model_bytes'] / 1e6:.1f} MB | "
+                         f"{e['disk_bytes'] / 1e6:.1f} MB | {e['disk_vs_model_bytes']:.3f} | "
+                         f"{e['disk_bytes'] / dense:.3f} | {row['ppl']:.3f} | {e['gptopt_ppl']:.3f} "
+                         f"(x{e['gptopt_ppl_ratio']:.5f}) | {plain} | {zeros} |")
+    return "\n".join(lines)
+
+
+def block(result) -> str:
+    notes = []
+    for row in result["rows"]:
+        for fmt, e in row["saves"].items():
+            if "refused" in e:
+                notes.append(f"- {row['recipe']} `--format {fmt}`: {e['refused']}")
+            elif "plain_error" in e:
+                notes.append(f"- {row['recipe']} plain `from_pretrained`: {e['plain_error']}")
+    skipped = [f"- {k}: not run ({v})" for k, v in result["skipped"].items()]
+    return "\n".join([
+        START, "",
+        f"Measured {result['date']} on {result['machine']}, commit {result['commit']}, compressed-tensors "
+        f"{result['versions']['compressed-tensors']}, transformers {result['versions']['transformers']}; "
+        f"`python benchmarks/save_formats.py` (held-out pydoc, block 512, 4096 tokens). Dense fp32 safetensors: "
+        f"{result['dense_safetensors_bytes'] / 1e6:.1f} MB.", "",
+        table(result), "", "Refusals and loader limits, as printed:", "", *notes, "", *skipped, "", END])
+
+
+def main(argv=None):
+    import importlib.metadata as md
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="row names (prefix match) to re-measure; others kept")
+    parser.add_argument("--json", type=Path, default=OUT, help="results file (default docs/save_formats.json)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="results files of other runs (e.g. rows measured in parallel) whose rows are taken")
+    args = parser.parse_args(argv)
+    old = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
+    names = RECIPES + list(EXTRA)
+    chosen = [n for n in names if not args.only or any(n.startswith(o) for o in args.only)]
+    if args.merge and args.only is None:
+        chosen = []
+    rows = {r["recipe"]: r for r in old.get("rows", [])}
+    for other in args.merge:
+        merged = json.loads(other.read_text())
+        rows.update({r["recipe"]: r for r in merged["rows"]})
+        old.setdefault("dense_safetensors_bytes", merged.get("dense_safetensors_bytes"))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        dense = old.get("dense_safetensors_bytes") if (args.only or args.merge) and old.get(
+            "dense_safetensors_bytes") else dense_bytes(workdir)
+        for name in chosen:
+            print(f"== {name}", flush=True)
+            rows[name] = measure(name, workdir)
+            print(json.dumps({k: v for k, v in rows[name].items() if k != "steps"}, default=str)[:1500], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit,
+              "machine": f"{platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}",
+              "versions": {d: md.version(d) for d in ("compressed-tensors", "transformers", "torch")},
+              "dense_safetensors_bytes": dense, "skipped": SKIPPED,
+              "rows": [rows[n] for n in names if n in rows]}
+    args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if args.json == OUT:
+        from docblock import write_block
+
+        write_block(DOC, START, END, block(result))
+
+
+if __name__ == "__main__":
+    main()
