@@ -240,7 +240,7 @@ class Pipeline:
                          model_spec=self.model_spec, data_spec=self.data_spec, eval_data=eval_data,
                          quiet=self.quiet)
         ctx.pipeline = self
-        if any(getattr(s, "wants_original_model", lambda: False)() for s in self.steps):
+        if any(s.wants_original_model() for s in self.steps):
             import copy
 
             ctx._original_state = copy.deepcopy(loaded.model)
