@@ -1,4 +1,5 @@
-"""The CPU conversions: bf16 weights, torch dynamic int8 (the seed's ``quantize_dynamic``), torchao int8.
+"""The CPU conversions: bf16 weights, torch dynamic int8 (``quantize_dynamic``: int8 weights, activations quantized
+per batch at run time), torchao int8.
 
 Every int8 conversion works module by module on the model's linear layers (GPT-2 ``Conv1D`` layers are turned
 into the equivalent ``nn.Linear`` first: ``quantize_dynamic(model, {nn.Linear})`` alone would skip them and

@@ -45,8 +45,7 @@ class CpuFastParams(Params):
                     "--max-ppl-increase, headroom for the held-out split]")
     guard: bool = pydantic.Field(
         True, description="int8 formats: keep the layers the conversion hurts most in float32 until the "
-                          "calibration ppl is within budget (--no-guard: convert every linear layer, the seed's "
-                          "plain quantize_dynamic)")
+                          "calibration ppl is within budget (--no-guard: convert every linear layer to int8)")
     keep: list[str] = pydantic.Field(
         default_factory=list, description="int8 formats: always keep layers matching this glob in float (float32; "
                                           "bfloat16 under ao-int8-weight-bf16) (repeatable)")
