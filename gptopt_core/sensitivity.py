@@ -68,19 +68,6 @@ def calibration_nll(model, blocks, cache: "BlockCache | None" = None, start_bloc
     return total / max(count, 1)
 
 
-def find_block_list(model):
-    """``(prefix, ModuleList)`` of the model's transformer blocks: the longest ``nn.ModuleList`` whose children
-    share one type (``model.layers`` in Llama, ``transformer.h`` in GPT-2); ``(None, None)`` if there is none."""
-    import torch.nn as nn
-
-    best = (None, None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            if len({type(m) for m in module}) == 1 and (best[1] is None or len(module) > len(best[1])):
-                best = (name, module)
-    return best
-
-
 class BlockCache:
     """Outputs of every transformer block for each calibration block, recorded once on the unchanged model.
 
@@ -92,7 +79,9 @@ class BlockCache:
         import torch
 
         self.model = model
-        self.prefix, self.layers = find_block_list(model)
+        from .calibration import find_blocks  # the one block-list finder (calibration engine, prune, here)
+
+        self.prefix, self.layers = find_blocks(model)
         self.outputs: list[list] = []
         if self.layers is None:
             return
