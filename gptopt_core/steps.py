@@ -40,6 +40,23 @@ def _numeric_only(annotation) -> bool:
     return annotation in (int, float)
 
 
+def parse_percent(value):
+    """A relative amount from any door: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1, ``None`` stays ``None``.
+
+    Use it as a pydantic ``mode="before"`` validator of a float option; raises ``ValueError`` (which pydantic
+    reports as the option's error) for anything else.
+    """
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            pass
+    raise ValueError("give a relative increase like 10% or 0.1")
+
+
 def fact_matches(pattern: str, fact: str) -> bool:
     """``"quantized"`` matches ``"quantized"`` and ``"quantized:4bit"``; ``"quantized:4bit"`` only itself."""
     return fact == pattern or fact.startswith(pattern + ":")

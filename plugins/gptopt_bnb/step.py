@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step
+from gptopt_core import GptoptError, Params, Step, parse_percent
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -26,19 +26,6 @@ def _int_or_same(value):
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value
-
-
-def parse_percent(value):
-    """``"5%"`` → 0.05, ``"0.05"`` / ``0.05`` → 0.05."""
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            pass
-    raise ValueError("give a relative increase like 5% or 0.05")
 
 
 def check_plan_mapping(plan: dict, where: str) -> dict:

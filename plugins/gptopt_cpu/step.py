@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step
+from gptopt_core import GptoptError, Params, Step, parse_percent
 
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
@@ -15,19 +15,6 @@ AUTO_CANDIDATES = ("bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf1
 AUTO_DEFAULT = ("bf16", "int8-dynamic", "ao-int8-weight")
 #: auto's default with --compile: torchao's int8 weights pay off compiled, with bf16 activations (docs/cpu.md)
 AUTO_DEFAULT_COMPILED = ("bf16", "int8-dynamic", "ao-int8-weight-bf16")
-
-
-def parse_percent(value):
-    """``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1."""
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            pass
-    raise ValueError("give a relative increase like 10% or 0.1")
 
 
 class CpuFastParams(Params):
