@@ -70,8 +70,9 @@ SLOW_SAVE_CLI = textwrap.dedent('''
         return True
 
     with register_plugin(types.SimpleNamespace(gptopt_save_model=gptopt_save_model), "slow-save"):
-        main(["run", "--model", "tiny-random-gpt2", "--quiet", "--out", sys.argv[1] + "/run", "save", "--to",
-              sys.argv[1] + "/m"])
+        Path(sys.argv[1], "d.txt").write_text("A little text to load. " * 50)
+        main(["run", "--model", "tiny-random-gpt2", "--data", sys.argv[1] + "/d.txt", "--quiet", "--out",
+              sys.argv[1] + "/run", "save", "--to", sys.argv[1] + "/m"])
 ''')
 
 
