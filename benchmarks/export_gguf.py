@@ -41,34 +41,42 @@ def gguf_row(label, export_m, llama_m, dense_ppl, torch_decode, dense_bytes, tor
             "bytes": export_m["gguf_bytes"], "bytes_ratio": export_m["gguf_bytes"] / dense_bytes,
             "torch_ppl_before_export": torch_ppl,
             "ppl": llama_m["llamacpp_perplexity"], "ppl_ratio": llama_m["llamacpp_perplexity"] / dense_ppl,
-            "prefill_ms": llama_m["llamacpp_prefill_ms"], "decode_tokens_per_s": llama_m["llamacpp_decode_tokens_per_s"],
-            "decode_speedup": llama_m["llamacpp_decode_tokens_per_s"] / torch_decode,
-            "decode_cv": llama_m["llamacpp_decode_cv"], "threads": llama_m["llamacpp_threads"],
+            "prefill_ms": llama_m.get("llamacpp_prefill_ms"),
+            "decode_tokens_per_s": llama_m.get("llamacpp_decode_tokens_per_s"),
+            "decode_speedup": llama_m.get("llamacpp_decode_tokens_per_s", float("nan")) / torch_decode,
+            "decode_cv": llama_m.get("llamacpp_decode_cv"), "threads": llama_m["llamacpp_threads"],
             "load": load_conditions()}
 
 
-def run_dense(workdir):
+def run_dense(workdir, types=DENSE_TYPES, torch=True, bench_float=True):
+    """Torch eval + bench and an f32 export (the dense bytes) when ``torch``; then each (type, embeddings)
+    exported and measured by ``llamacpp``. Prints one JSON line per figure set as it is known."""
     from gptopt_core import Pipeline
 
-    pipe = Pipeline(model="smollm2-135m", device="cpu", quiet=True).add("eval").add("bench")
-    for type_name, emb in DENSE_TYPES:
+    pipe = Pipeline(model="smollm2-135m", device="cpu", quiet=True)
+    if torch:
+        pipe.add("eval").add("bench").add("export", to=str(workdir / "dense-f32-size.gguf"), type="f32")
+    for type_name, emb in types:
         pipe.add("export", to=str(workdir / f"dense-{type_name}.gguf"), type=type_name, embeddings=emb)
-        pipe.add("llamacpp")
-    res = pipe.run()
-    recs = res.records
-    ev, bench = recs[0]["metrics"], recs[1]["metrics"]
-    out = {"torch": {"ppl": ev["perplexity"], "eval_tokens": ev["eval_tokens"], "bytes": ev["model_bytes"],
-                     "decode_tokens_per_s": bench["decode_tokens_per_s"], "prefill_ms": bench["prefill_ms"],
-                     "bench_cv": bench["bench_cv"], "torch_threads": bench.get("torch_threads"),
-                     "load": load_conditions()}, "rows": []}
-    dense_bytes = recs[2]["metrics"]["gguf_bytes"]  # the f32 GGUF
-    out["dense_gguf_bytes"] = dense_bytes
-    for i, (type_name, emb) in enumerate(DENSE_TYPES):
-        export_m, llama_m = recs[2 + 2 * i]["metrics"], recs[3 + 2 * i]["metrics"]
+        pipe.add("llamacpp", bench=bench_float or type_name not in ("f32", "f16", "bf16"))
+    recs = pipe.run().records
+    out = {"rows": []}
+    if torch:
+        ev, bench = recs[0]["metrics"], recs[1]["metrics"]
+        out["torch"] = {"ppl": ev["perplexity"], "eval_tokens": ev["eval_tokens"], "bytes": ev["model_bytes"],
+                        "decode_tokens_per_s": bench["decode_tokens_per_s"], "prefill_ms": bench["prefill_ms"],
+                        "bench_cv": bench["bench_cv"], "torch_threads": bench.get("torch_threads"),
+                        "load": load_conditions()}
+        out["dense_gguf_bytes"] = recs[2]["metrics"]["gguf_bytes"]
+        print(json.dumps({"label": "torch", "f32_gguf_bytes": out["dense_gguf_bytes"], **out["torch"]}), flush=True)
+        recs = recs[3:]
+    for i, (type_name, emb) in enumerate(types):
+        export_m, llama_m = recs[2 * i]["metrics"], recs[2 * i + 1]["metrics"]
         label = f"dense -> {type_name}" + (f" (embeddings {emb})" if emb else "")
-        row = gguf_row(label, export_m, llama_m, ev["perplexity"], bench["decode_tokens_per_s"], dense_bytes,
-                       ev["perplexity"])
-        row["ppl_vs_torch_same_model"] = llama_m["llamacpp_perplexity"] / ev["perplexity"]
+        # ratios against this process's torch figures when it has them; --assemble recomputes them otherwise
+        t = out.get("torch", {"ppl": 1.0, "decode_tokens_per_s": 1.0})
+        row = gguf_row(label, export_m, llama_m, t["ppl"], t["decode_tokens_per_s"],
+                       out.get("dense_gguf_bytes", 1), t["ppl"] if torch else None)
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -147,19 +155,20 @@ def assemble(args):
     rows = []
     for log in args.assemble:
         rows += [json.loads(line) for line in Path(log).read_text().splitlines() if line.startswith('{"label"')]
-    dense = [r for r in rows if r["label"].startswith("dense")]
-    f32 = next(r for r in dense if r["label"] == "dense -> f32")
-    torch_ppl = f32["torch_ppl_before_export"]
-    torch_decode = f32["decode_tokens_per_s"] / f32["decode_speedup"]
-    for r in rows:
-        if not r["label"].startswith("dense"):  # recompute against run A
-            r["ppl_ratio"] = r["ppl"] / torch_ppl
-            r["bytes_ratio"] = r["bytes"] / f32["bytes"]
-            r["decode_speedup"] = r["decode_tokens_per_s"] / torch_decode
+    torch_row = next(r for r in rows if r["label"] == "torch")
+    rows = [r for r in rows if r["label"] != "torch"]
+    torch_ppl, torch_decode = torch_row["ppl"], torch_row["decode_tokens_per_s"]
+    for r in rows:  # ratios against the torch row (parts ran as separate processes at the same time)
+        r["ppl_ratio"] = r["ppl"] / torch_ppl
+        r["bytes_ratio"] = r["bytes"] / torch_row["f32_gguf_bytes"]
+        r["decode_speedup"] = (r["decode_tokens_per_s"] or float("nan")) / torch_decode
+        if r["label"].startswith("dense"):
+            r["torch_ppl_before_export"] = torch_ppl
+            r["ppl_vs_torch_same_model"] = r["ppl"] / torch_ppl
+        else:
             r["torch_ppl_ratio_before_export"] = r["torch_ppl_before_export"] / torch_ppl
-    result = {"torch": {"ppl": torch_ppl, "decode_tokens_per_s": torch_decode,
-                        "load": f32["load"] + " (at the f32 row)"},
-              "dense_gguf_bytes": f32["bytes"], "rows": rows, "assembled_from": [Path(p).name for p in args.assemble],
+    result = {"torch": {k: v for k, v in torch_row.items() if k not in ("label", "f32_gguf_bytes")},
+              "dense_gguf_bytes": torch_row["f32_gguf_bytes"], "rows": rows, "assembled_from": [Path(p).name for p in args.assemble],
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
@@ -176,8 +185,13 @@ def main():
     ap.add_argument("--doc", default="docs/export.md")
     ap.add_argument("--skip-chains", action="store_true")
     ap.add_argument("--calib-blocks", type=int, default=64, help="gptq calibration blocks (quantize's default 128)")
-    ap.add_argument("--part", choices=("all", "dense", "chains"), default="all",
-                    help="dense: run A only; chains: B-D only (ratios need run A's torch figures: --assemble)")
+    ap.add_argument("--part", choices=("all", "dense", "torch", "chains"), default="all",
+                    help="dense: run A only; torch: torch figures and the f32 size only; chains: B-D only "
+                         "(parts run as separate processes are put together by --assemble)")
+    ap.add_argument("--types", default=None,
+                    help="dense part: comma-separated TYPE[:EMBEDDINGS] (default: f32,f16,q8_0,q4_0:q8_0,q4_1:q8_0)")
+    ap.add_argument("--no-bench-float", action="store_true",
+                    help="f32/f16 rows: perplexity only (their speed is not a figure asked for)")
     ap.add_argument("--assemble", nargs="+", metavar="LOG",
                     help="build the JSON and the doc block from the rows these runs' logs printed (parts run as "
                          "separate processes); the torch figures come back from run A's rows' ratios")
@@ -193,9 +207,14 @@ def main():
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gptopt-export-bench-") as tmp:
         workdir = Path(tmp)
-        if args.part in ("all", "dense"):
-            result = run_dense(workdir)
-        else:  # chains alone: ratios against placeholders, recomputed by --assemble from run A's rows
+        types = DENSE_TYPES if not args.types else [
+            (t.split(":")[0], t.split(":")[1] if ":" in t else None) for t in args.types.split(",")]
+        if args.part == "torch":
+            result = run_dense(workdir, types=[], torch=True)
+        elif args.part in ("all", "dense"):
+            result = run_dense(workdir, types=types, torch=args.part == "all" or not args.types,
+                               bench_float=not args.no_bench_float)
+        else:  # chains alone: ratios against placeholders, recomputed by --assemble from the torch row
             result = {"torch": {"ppl": 1.0, "decode_tokens_per_s": 1.0}, "dense_gguf_bytes": 1, "rows": []}
         if not args.skip_chains and args.part in ("all", "chains"):
             for label, params in CHAINS:
