@@ -189,6 +189,10 @@ def dense_bytes(workdir: Path) -> int:
     return size
 
 
+def num(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.3g}"
+
+
 def table(result) -> str:
     dense = result["dense_safetensors_bytes"]
     lines = ["| chain | format | model_bytes before save | on disk | disk / model_bytes | disk / dense | ppl saved | "
@@ -200,7 +204,7 @@ def table(result) -> str:
                 lines.append(f"| {row['recipe']} | {fmt}: refused | {row['model_bytes'] / 1e6:.1f} MB | - | - | - | "
                              f"{row['ppl']:.3f} | - | - | - |")
                 continue
-            plain = f"{e['plain_ppl']:.3f} (x{e['plain_ppl_ratio']:.5f})" if "plain_ppl" in e else \
+            plain = f"{num(e['plain_ppl'])} (x{num(e['plain_ppl_ratio'], 5)})" if "plain_ppl" in e else \
                 "cannot read (see below)"
             zeros = "-" if "zeros_exact" not in e else ("yes" if e["zeros_exact"] else "NO")
             lines.append(f"| {row['recipe']} | {fmt} -> {e['format']} | {row['model_bytes'] / 1e6:.1f} MB | "
@@ -208,6 +212,32 @@ def table(result) -> str:
                          f"{e['disk_bytes'] / dense:.3f} | {row['ppl']:.3f} | {e['gptopt_ppl']:.3f} "
                          f"(x{e['gptopt_ppl_ratio']:.5f}) | {plain} | {zeros} |")
     return "\n".join(lines)
+
+
+def verdicts(result) -> list[str]:
+    """The issue's figures, each computed from the rows: met / not met, with the number."""
+    dense = result["dense_safetensors_bytes"]
+    out = []
+    for row in result["rows"]:
+        for fmt, e in row["saves"].items():
+            if "refused" in e or e.get("format") != "compressed-tensors":
+                continue
+            ratio = e["gptopt_ppl_ratio"]
+            parts = [f"reloaded ppl x{ratio:.5f} ({'met' if abs(ratio - 1) <= 0.001 else 'NOT met'}: within 0.1 %)"]
+            if "quantized:grid" in row["facts"]:
+                d = e["disk_vs_model_bytes"]
+                parts.insert(0, f"disk / model_bytes {d:.3f} ({'met' if abs(d - 1) <= 0.05 else 'NOT met'}: within 5 %)")
+            if "int4" in row["recipe"] and "g64" in row["recipe"]:
+                r = e["disk_bytes"] / dense
+                parts.append(f"disk / dense {r:.3f} ({'met' if r <= 0.30 else 'NOT met'}: <= 0.30)")
+            if "masks" in row["facts"] and "quantized:grid" not in row["facts"]:
+                parts.append(f"disk / dense {e['disk_bytes'] / dense:.3f} ("
+                             f"{'met' if e['disk_bytes'] < dense else 'NOT met'}: smaller than dense), zeros after "
+                             f"reload {'exactly the masks' if e.get('zeros_exact') else 'NOT the masks'}")
+            if "plain_ppl_ratio" in e:
+                parts.append(f"plain from_pretrained x{num(e['plain_ppl_ratio'], 5)}")
+            out.append(f"- {row['recipe']} ({fmt}): " + "; ".join(parts))
+    return out
 
 
 def block(result) -> str:
@@ -225,7 +255,8 @@ def block(result) -> str:
         f"{result['versions']['compressed-tensors']}, transformers {result['versions']['transformers']}; "
         f"`python benchmarks/save_formats.py` (held-out pydoc, block 512, 4096 tokens). Dense fp32 safetensors: "
         f"{result['dense_safetensors_bytes'] / 1e6:.1f} MB.", "",
-        table(result), "", "Refusals and loader limits, as printed:", "", *notes, "", *skipped, "", END])
+        table(result), "", "Against the issue's figures (computed from the rows above):", "", *verdicts(result), "",
+        "Refusals and loader limits, as printed:", "", *notes, "", *skipped, "", END])
 
 
 def main(argv=None):
