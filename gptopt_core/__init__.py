@@ -36,6 +36,8 @@ _LAZY = {
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
     "round_to_grid": "grids",
+    # decode timing (bench, cpu-fast)
+    "PerfCounterTimer": "decode", "GenerateTiming": "decode", "generation_kwargs": "decode", "time_generate": "decode",
     # save formats
     "SaveFormat": "saveformats", "save_formats": "saveformats",
     # testing plugins

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptopt_core.errors import GptoptError
+from gptopt_core import GptoptError, GenerateTiming, PerfCounterTimer, generation_kwargs, time_generate  # noqa: F401
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -56,21 +56,6 @@ def enough_repeats(values, repeats: int, max_repeats: int, target_cv: float, ela
 
 
 # -- timers ------------------------------------------------------------------------------------------
-class PerfCounterTimer:
-    """Host wall clock: ``mark()`` returns ``time.perf_counter()``."""
-
-    kind = "perf_counter"
-
-    def mark(self):
-        return time.perf_counter()
-
-    def sync(self) -> None:
-        """Nothing to wait for on the host."""
-
-    def elapsed_ms(self, start, end) -> float:
-        return (end - start) * 1000.0
-
-
 class CudaEventTimer:
     """Device clock: ``mark()`` records a ``torch.cuda.Event(enable_timing=True)`` on the current stream;
     ``sync()`` waits for the device; ``elapsed_ms`` is ``start.elapsed_time(end)`` (valid after ``sync``)."""
@@ -200,32 +185,6 @@ def meters_for(device) -> tuple:
 
 
 # -- the measured operations -------------------------------------------------------------------------
-class TimingStreamer:
-    """A ``generate`` streamer that only records a timer mark for every ``put`` (first: the prompt, then
-    each new token as soon as generate hands it to the host)."""
-
-    def __init__(self, timer):
-        self.timer = timer
-        self.marks = []
-
-    def put(self, value) -> None:
-        self.marks.append(self.timer.mark())
-
-    def end(self) -> None:
-        pass
-
-
-def generation_kwargs(model, new_tokens: int, pad_token_id) -> dict:
-    """Greedy decoding of exactly ``new_tokens`` tokens (EOS cannot end it early), no sampling settings
-    inherited from the checkpoint's generation config."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              num_beams=1, pad_token_id=pad_token_id,
-                              eos_token_id=getattr(model.generation_config, "eos_token_id", None))
-    return {"generation_config": config}
-
-
 def time_prefill(model, input_ids, attention_mask, timer) -> float:
     """Milliseconds for one forward pass over the prompt that fills a fresh KV cache (what generate's
     first step does)."""
@@ -235,40 +194,6 @@ def time_prefill(model, input_ids, attention_mask, timer) -> float:
         end = timer.mark()
     timer.sync()
     return timer.elapsed_ms(start, end)
-
-
-@dataclass
-class GenerateTiming:
-    ttft_ms: float
-    decode_ms: float
-    decode_steps: int
-    total_ms: float
-    batch_size: int
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.batch_size * self.decode_steps / (self.decode_ms / 1000.0)
-
-
-def time_generate(model, input_ids, attention_mask, new_tokens: int, timer, gen_kwargs) -> GenerateTiming:
-    """One ``model.generate`` of ``new_tokens`` tokens, timed per token through a streamer.
-
-    TTFT = call start → first new token; decode = first → last new token (``new_tokens - 1`` steps, each
-    a one-token forward with the KV cache plus token selection)."""
-    streamer = TimingStreamer(timer)
-    with torch.inference_mode():
-        start = timer.mark()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **gen_kwargs)
-        end = timer.mark()
-    timer.sync()
-    generated = out.shape[1] - input_ids.shape[1]
-    if generated != new_tokens or len(streamer.marks) != new_tokens + 1:
-        raise RuntimeError(f"generate produced {generated} tokens ({len(streamer.marks) - 1} streamed), "
-                           f"expected {new_tokens}")
-    marks = streamer.marks
-    return GenerateTiming(ttft_ms=timer.elapsed_ms(start, marks[1]),
-                          decode_ms=timer.elapsed_ms(marks[1], marks[-1]), decode_steps=new_tokens - 1,
-                          total_ms=timer.elapsed_ms(start, end), batch_size=int(input_ids.shape[0]))
 
 
 def prompt_batch(ids, prompt_tokens: int, batch_size: int, device):

@@ -10,36 +10,18 @@ first token), token times taken by a streamer as ``generate`` hands each token o
 from __future__ import annotations
 
 import statistics
-import time
-
-
-class _Marks:
-    def __init__(self):
-        self.marks = []
-
-    def put(self, value) -> None:
-        self.marks.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def time_decode(model, input_ids, new_tokens: int, pad_token_id=0) -> dict:
-    """One greedy generate; returns ``{"decode_tokens_per_s", "prefill_ms"}`` (prefill = call → first token)."""
+    """One greedy generate (the core's decode timing); returns ``{"decode_tokens_per_s", "prefill_ms"}``
+    (prefill = call → first token)."""
     import torch
-    from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=pad_token_id,
-                              eos_token_id=getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    streamer = _Marks()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                       streamer=streamer)
-    marks = streamer.marks  # [prompt, token 1, ..., token n]
-    return {"decode_tokens_per_s": (len(marks) - 2) / (marks[-1] - marks[1]),
-            "prefill_ms": (marks[1] - start) * 1000.0}
+    from gptopt_core import generation_kwargs, time_generate
+
+    t = time_generate(model, input_ids, torch.ones_like(input_ids), new_tokens,
+                      gen_kwargs=generation_kwargs(model, new_tokens, pad_token_id))
+    return {"decode_tokens_per_s": t.decode_tokens_per_s, "prefill_ms": t.ttft_ms}
 
 
 def interleaved(models: dict, input_ids, new_tokens: int, rounds: int, warmup: int = 1, pad_token_id=0,
