@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import warnings
 
 import torch
 import torch.nn as nn
 
-from gptopt_core.modules import is_conv1d
+from gptopt_core.modules import is_conv1d, matches  # noqa: F401  (matches: the core's one module matcher)
 
 INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
@@ -83,10 +82,6 @@ def _ao_quantize(model, config, filter_fn=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(model, config, filter_fn=filter_fn)
-
-
-def matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def linear_names(model) -> list[str]:
