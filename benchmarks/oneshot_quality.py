@@ -274,7 +274,8 @@ def quant_table(rows) -> str:
     dense = rows.get("dense")
     if not dense:
         return ""
-    lines = [f"dense held-out perplexity {dense['ppl']:.3f} ({dense['eval_tokens']} pydoc tokens, 512-token blocks); "
+    lines = [f"dense held-out perplexity {dense['ppl']:.3f} (the `eval` step's defaults: held-out pydoc, 512-token "
+             f"blocks, at most {dense['eval_tokens']} tokens); "
              "ratios vs dense; GPTQ: 64 x 128 calibration tokens (train split), dampening 0.01, sequential groups", "",
              "| grid | RTN | GPTQ | GPTQ act-order | RTN in the issue | target | GPTQ s (CPU-s) |",
              "|---|---|---|---|---|---|---|"]
@@ -329,6 +330,10 @@ def write_docs(rows, command):
     stamp = time.strftime("%Y-%m-%d")
     note = (f"Written by `HF_HUB_OFFLINE=1 {command}` ({stamp}, SmolLM2-135M on CPU, a 2-core machine shared with "
             "other jobs: wall seconds are indicative, CPU seconds are the process's own):")
+    if "--table-only" in command:
+        note += (" the rows were measured by `python benchmarks/oneshot_quality.py --only NAME,... --json PART "
+                 "[--memory --memory-calib-blocks 16]` in parallel processes, one line per row, merged into that file;"
+                 " rows that are missing did not finish before the deadline on the loaded machine.")
     write_block(QDOC, QSTART, QEND, f"{QSTART}\n{note}\n\n{quant_table(rows)}\n{QEND}")
     write_block(PDOC, PSTART, PEND, f"{PSTART}\n{note}\n\n{prune_table(rows)}\n{PEND}")
 
