@@ -67,6 +67,18 @@ def bits_of(precision: str) -> str:
 
 
 # -- building quantized modules ---------------------------------------------------------------------------------
+def guard_cpu_repack(module, out_features: int, in_features: int, block_size: int) -> None:
+    """Keep bitsandbytes' AVX512-BF16 CPU repacking off layers whose shape it cannot repack.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` repacks the weight for a faster kernel on first use; the
+    repacking needs ``out_features % 32 == 0`` and ``in_features % block_size == 0`` and fails inside forward
+    otherwise (e.g. a 257-token vocabulary head, or 64-wide inputs with 128-weight blocks). Such layers keep the
+    generic kernel; every other layer keeps the fast path.
+    """
+    if out_features % 32 or in_features % block_size or in_features % 2:
+        module.support_avx512bf16_for_cpu = False
+
+
 def make_linear(module, precision: str, s: dict, device):
     """A bitsandbytes copy of a ``nn.Linear`` or GPT-2 ``Conv1D`` (weight taken as (out, in))."""
     w = weight_matrix(module).detach()
@@ -83,6 +95,7 @@ def make_linear(module, precision: str, s: dict, device):
         new.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, blocksize=s["block_size"],
                                        compress_statistics=s["double_quant"], quant_type=precision,
                                        module=new).to(device)
+        guard_cpu_repack(new, out_f, in_f, s["block_size"])
     else:
         raise ValueError(precision)
     if bias is not None:
@@ -131,6 +144,7 @@ def make_tied_head(head, embedding, s: dict):
                                        blocksize=embedding.weight.blocksize, compress_statistics=False,
                                        quant_type=qt, bnb_quantized=True, module=new)
         new.quant_state = state
+        guard_cpu_repack(new, vocab, dim, embedding.weight.blocksize)
     if head.bias is not None:
         new.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
     new.source_cls = type(head)
