@@ -285,7 +285,9 @@ def main(argv=None):
         for name in chosen:
             print(f"== {name}", flush=True)
             rows[name] = measure(name, workdir)
-            print(json.dumps({k: v for k, v in rows[name].items() if k != "steps"}, default=str)[:1500], flush=True)
+            print(json.dumps(rows[name], default=str), flush=True)
+            partial = {**old, "dense_safetensors_bytes": dense, "rows": [rows[n] for n in names if n in rows]}
+            args.json.write_text(json.dumps(partial, indent=1, default=str) + "\n")  # a stopped run keeps its rows
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit,
