@@ -35,11 +35,11 @@ DOC = ROOT / "docs" / "save-formats.md"
 START, END = "<!-- save-formats:measured:start -->", "<!-- save-formats:measured:end -->"
 RECIPES = ["02-int8", "03-nf4", "04-nf4-emb8", "05-fp4", "07-magnitude-50", "08-wanda-50", "09-wanda-2of4",
            "13-gptq-int4-g64", "14-sparsegpt-2of4"]
-SKIPPED = {"06-planned-partial": "bitsandbytes plan with int8 embeddings: refused by safetensors like 04 "
-                                 "(measured there), not held by compressed-tensors",
+SKIPPED = {"06-planned-partial": "bitsandbytes plan with int8 embeddings: not held by compressed-tensors, refused "
+                                 "by safetensors unless --allow-dequantized (tested on the tiny models)",
            "10-wanda-50-lora": "trains (LoRA); its merged pruned model is written like 08",
            "11-nf4-qlora": "trains (QLoRA) on an nf4 base: not held by compressed-tensors",
-           "12-l1-ft-magnitude-50": "trains 45 steps (~13 CPU-min); its pruned model is written like 07"}
+           "12-l1-ft-magnitude-50": "trains 45 steps (~13 CPU-min); its pruned model is written like 08"}
 RTN_G64 = ("quantize", {"method": "rtn", "bits": 4, "group_size": "64", "symmetric": True})
 EXTRA = {"rtn-int4-g64-sym": [RTN_G64], "rtn-int4-g64-sym+emb-int8": [RTN_G64]}
 
@@ -249,6 +249,10 @@ def block(result) -> str:
             elif "plain_error" in e:
                 notes.append(f"- {row['recipe']} plain `from_pretrained`: {e['plain_error']}")
     skipped = [f"- {k}: not run ({v})" for k, v in result["skipped"].items()]
+    measured = {r["recipe"] for r in result["rows"]}
+    skipped += [f"- {n}: not measured in this run (`python benchmarks/save_formats.py --only {n[:2]}`)"
+                for n in RECIPES if n not in measured]
+    skipped += [f"- {r['recipe']}: {r['source']}" for r in result["rows"] if r.get("source")]
     return "\n".join([
         START, "",
         f"Measured {result['date']} on {result['machine']}, commit {result['commit']}, compressed-tensors "
