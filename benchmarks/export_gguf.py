@@ -111,6 +111,10 @@ def run_chain(label, params, workdir, dense, calib_blocks):
     return row
 
 
+def num(value, spec):
+    return "-" if value is None or value != value else format(value, spec)
+
+
 def fmt_types(types):
     return ", ".join(f"{k} x{v}" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
 
@@ -138,8 +142,8 @@ def markdown(result) -> str:
         lines.append(f"| {r['label']} | {fmt_types(r['tensor_types'])} | {r['exact_grid_tensors']} / "
                      f"{r['grid_min_rounded_tensors']} | "
                      f"{r['bytes'] / 1e6:.1f} | {r['bytes_ratio']:.3f} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | "
-                     f"{r['ppl_vs_torch_same_model']:.4f} | {r['prefill_ms']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['decode_speedup']:.2f} |")
+                     f"{r['ppl_vs_torch_same_model']:.4f} | {num(r['prefill_ms'], '.0f')} | "
+                     f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r['decode_speedup'], '.2f')} |")
     lines.append("<!-- export-gguf:end -->")
     return "\n".join(lines)
 
