@@ -111,6 +111,14 @@ def run_chain(label, params, workdir, dense, calib_blocks):
     return row
 
 
+def same_model_ratio(row):
+    """llama.cpp ppl over the torch ppl of the model that was exported (dense rows: the dense torch model)."""
+    if row.get("ppl_vs_torch_same_model") is not None:
+        return row["ppl_vs_torch_same_model"]
+    before = row.get("torch_ppl_before_export")
+    return row["ppl"] / before if before else None
+
+
 def num(value, spec):
     return "-" if value is None or value != value else format(value, spec)
 
@@ -142,7 +150,7 @@ def markdown(result) -> str:
         lines.append(f"| {r['label']} | {fmt_types(r['tensor_types'])} | {r['exact_grid_tensors']} / "
                      f"{r['grid_min_rounded_tensors']} | "
                      f"{r['bytes'] / 1e6:.1f} | {r['bytes_ratio']:.3f} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | "
-                     f"{r['ppl_vs_torch_same_model']:.4f} | {num(r['prefill_ms'], '.0f')} | "
+                     f"{num(same_model_ratio(r), '.4f')} | {num(r['prefill_ms'], '.0f')} | "
                      f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r['decode_speedup'], '.2f')} |")
     lines.append("<!-- export-gguf:end -->")
     return "\n".join(lines)
