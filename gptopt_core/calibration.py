@@ -451,3 +451,28 @@ def calibration_batches(ctx, n: int, seq_len: int, micro_batch: int = 8) -> list
 
     blocks = ctx.calibration_blocks(n, seq_len)
     return [torch.cat(blocks[i:i + micro_batch]) for i in range(0, len(blocks), micro_batch)]
+
+
+def inverse_hessian_cholesky(H, dampening: float):
+    """Upper Cholesky factor ``U`` of ``(H + d·mean(diag H)·I)^-1``, whose rows drive GPTQ's and SparseGPT's
+    second-order (OBS) updates.
+
+    Raises the dampening ``d`` tenfold (up to 1.0) while the damped Hessian is not positive definite; returns
+    ``(U, dampening used)``; raises ``ValueError`` when even 1.0 does not make it so.
+    """
+    import torch
+
+    idx = torch.arange(H.shape[0], device=H.device)
+    mean = torch.mean(torch.diag(H))
+    damp = dampening
+    while True:
+        Hd = H.clone()
+        Hd[idx, idx] += damp * mean
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U, damp
+        if damp >= 1.0:
+            raise ValueError("the calibration Hessian is not positive definite even with dampening 1.0")
+        damp = min(damp * 10, 1.0)

@@ -16,32 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from gptopt_core.calibration import inverse_hessian_cholesky
 from gptopt_core.grids import fake_quantize, fit_group, grid_from_groups
-
-
-def inverse_hessian_cholesky(H, dampening: float):
-    """Upper Cholesky factor ``U`` of ``(H + d·mean(diag H)·I)^-1`` (rows of U drive the OBS updates).
-
-    Raises the dampening tenfold (up to 1.0) while the damped Hessian is not positive definite; returns
-    ``(U, dampening used)``.
-    """
-    import torch
-
-    diag = torch.arange(H.shape[0], device=H.device)
-    mean = torch.mean(torch.diag(H))
-    damp = dampening
-    while True:
-        Hd = H.clone()
-        Hd[diag, diag] += damp * mean
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U, damp
-        if damp >= 1.0:
-            raise ValueError("the calibration Hessian is not positive definite even with dampening 1.0")
-        damp = min(damp * 10, 1.0)
 
 
 def prepare(W, H):

@@ -17,27 +17,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from gptopt_core.calibration import inverse_hessian_cholesky
 from gptopt_core.grids import fake_quantize, fit_group, grid_from_groups
-
-
-def inverse_hessian_cholesky(H, dampening: float):
-    """Upper Cholesky factor of ``(H + d·mean(diag H)·I)^-1``; raises ``d`` tenfold (to 1.0) until it exists."""
-    import torch
-
-    idx = torch.arange(H.shape[0], device=H.device)
-    mean = torch.mean(torch.diag(H))
-    damp = dampening
-    while True:
-        Hd = H.clone()
-        Hd[idx, idx] += damp * mean
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                return U, damp
-        if damp >= 1.0:
-            raise ValueError("the calibration Hessian is not positive definite even with dampening 1.0")
-        damp = min(damp * 10, 1.0)
 
 
 def drop_lowest(score, k: int):
