@@ -16,7 +16,9 @@ def test_int8_smollm2_ratio_bytes_and_reload(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     steps = json.loads((tmp_path / "run" / "run.json").read_text())["steps"]
     dense, after = steps[0]["metrics"], steps[2]["metrics"]
-    assert after["perplexity"] / dense["perplexity"] <= 1.02
+    # bitsandbytes picks its CPU int8 path by the CPU's features: x1.0197 where docs/quantize.md was measured,
+    # x1.0254 on an AVX512-BF16 machine (same code, commit 5e49a61 too)
+    assert after["perplexity"] / dense["perplexity"] <= 1.03
     assert after["model_bytes"] / dense["model_bytes"] <= 0.42
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     data = TextData.load("builtin:pydoc", AutoTokenizer.from_pretrained(str(tmp_path / "m")))
