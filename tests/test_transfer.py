@@ -171,12 +171,13 @@ def test_multi_process_matches_single_process_at_equal_global_batch(tmp_path):
     (["lora", "--target-modules", "*nothing_here*"], "matched no linear layer"),
     (["quantize", "--bits", "4", "finetune"], "cannot run after quantize"),
     (["lora", "lora"], "already carries an unmerged LoRA adapter"),
-    (["lora", "--seq-len", "100000"], "no train data"),
+    (["lora", "--seq-len", "100000"], "longer than the model's 1024 positions"),
+    (["lora", "--seq-len", "1000"], "no train data"),
     (["lora", "--temperature", "2"], "need --distill-from original"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     extra = ["--data", tmp_path / "tiny.txt"] if "--seq-len" in args else []
-    (tmp_path / "tiny.txt").write_text("hello world, a short text. " * 200)
+    (tmp_path / "tiny.txt").write_text("hello world, a short text. " * 20)  # 540 tokens
     r = cli("run", "--model", "tiny-random-gpt2", *extra, *args)
     assert r.returncode == 2, r.stderr
     lines = error_lines(r.stderr)
