@@ -1,6 +1,8 @@
 """export --format gguf and llamacpp: tiny GPT-2 / Llama exported, loaded by llama.cpp (llama-cpp-python), same
 predictions as torch; integer grids written exactly (q8_0 / q4_0 / q4_1); pruned zeros kept; bitsandbytes layers;
 refusals and atomic writes. SmolLM2 against the GGUF llama.cpp's converter wrote (slow)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,9 @@ def test_f32_export_predicts_as_torch_in_llamacpp(name, tmp_path):
     ids = tok(TEXT)["input_ids"]
     metrics = export(model, tok, tmp_path / "m.gguf", "f32")
     assert metrics["gguf_tensor_types"] == {"f32": metrics["gguf_tensors"]}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
     got, want = llamacpp_logits(tmp_path / "m.gguf", ids), torch_logits(model, ids)
     assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -111,6 +111,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the GGUF gets the user's usual mode
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -136,3 +137,9 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_bitsandbytes_tensors": from_bnb,
         **vocab_info,
     }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
