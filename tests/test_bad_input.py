@@ -105,6 +105,8 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
                                         "--quant-type applies to --method bnb"),
     "sparsegpt: N:M and --sparsity": (G2 + ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--sparsity",
                                             "0.3"], "contradicts --pattern 2:4"),
+    "rtn with 4-bit embeddings": (G2 + ["quantize", "--method", "rtn", "--bits", "4", "--embeddings", "4"],
+                                  "use --embeddings 8"),
     "prune after gptq": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "prune", "--method", "sparsegpt",
                                "--sparsity", "0.5"], "put prune before quantize"),
     "finetune after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "finetune", "--steps", "2"],

@@ -137,3 +137,26 @@ def test_grid_options_are_checked():
         with pytest.raises(ParamsError, match=text):
             QuantizeStep(**kwargs)
     assert QuantizeStep(method="rtn", bits=8, group_size="channel").params.grid_group_size is None
+
+
+@pytest.mark.parametrize("spec", ["tiny-random-gpt2", "tiny-random-llama"])
+def test_embeddings_8_put_embedding_and_head_on_int8_grids(spec):
+    """--embeddings 8 with an integer-grid method: token embedding and head on int8 per-row grids (a tied head once)."""
+    from gptopt_core.metrics import model_bytes
+
+    ctx = make_context(spec)
+    before = model_bytes(ctx.model)
+    step = QuantizeStep(method="rtn", bits=4, group_size=32, embeddings="8")
+    metrics = step.apply(ctx)
+    emb, head = ctx.model.get_input_embeddings(), ctx.model.get_output_embeddings()
+    tied = emb.weight.data_ptr() == head.weight.data_ptr()
+    assert grid_of(emb).describe() == "int8-channel-sym" and on_grid(emb)
+    if tied:
+        assert metrics["embeddings"] == [n for n, m in ctx.model.named_modules() if m is emb]
+    else:
+        assert grid_of(head).describe() == "int8-channel-sym" and on_grid(head) and len(metrics["embeddings"]) == 2
+    assert all(ctx.state["quantized"][n] == "int8-channel-sym" for n in metrics["embeddings"])
+    layer_only = QuantizeStep(method="rtn", bits=4, group_size=32)
+    ctx2 = make_context(spec)
+    layer_only.apply(ctx2)
+    assert model_bytes(ctx.model) < model_bytes(ctx2.model) < before

@@ -8,9 +8,10 @@ would, and the GGUF / compressed-tensors writers read the integer codes back wit
 * ``gptq``: :func:`.gptq.gptq_quantize` per layer, block by block on calibration text from the train split with
   :func:`gptopt_core.calibration.run_blockwise` (compressed blocks feed the next; optional offloading).
 
-The output head and the embeddings are never put on a grid here (a head tied to the embedding would change the
-embedding too); a selected layer outside the transformer blocks (an untied head named by ``--include``) is
-rounded to nearest even under gptq, and the metrics say so.
+The output head and the embeddings stay in float unless ``--embeddings 8``: then the token embedding and the
+output head (once, when tied) are rounded to nearest on int8 per-row symmetric grids (the rows are what a token
+lookup and a logit read). A selected layer outside the transformer blocks (an untied head named by ``--include``)
+is rounded to nearest even under gptq, and the metrics say so.
 """
 from __future__ import annotations
 
@@ -84,6 +85,23 @@ def rtn(module, bits: int, group_size, symmetric: bool):
     return grid
 
 
+def embeddings_to_int8(model) -> list:
+    """Token embedding and output head on int8 per-row symmetric grids (round to nearest); a head tied to the
+    embedding shares its grid-rounded weight and is listed once. Returns ``[(name, module)]`` rounded."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    done = []
+    for module in (emb, head):
+        if module is None or grid_of(module) is not None:
+            continue
+        if module is head and emb is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+            continue  # tied: already rounded with the embedding
+        round_to_grid(module, fit_grid(weight_matrix(module), 8, None, symmetric=True))
+        done.append((names[id(module)], module))
+    return done
+
+
 def quantize_grid(ctx, step) -> dict:
     import torch
 
@@ -136,6 +154,10 @@ def quantize_grid(ctx, step) -> dict:
                             "sequential": p.sequential is not False, "offload": report["offload"],
                             "engine": report, "gptq_loss": round(sum(losses.values()), 6),
                             "raised_dampening": damps, "rtn_layers": fallback})
+        if p.embeddings == "8":
+            embedded = embeddings_to_int8(model)
+            layers = layers + [(n, m) for n, m in embedded if all(m is not other for _, other in layers)]
+            metrics["embeddings"] = [n for n, _ in embedded]
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     described = {}

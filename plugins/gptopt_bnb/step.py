@@ -106,7 +106,8 @@ class QuantizeParams(Params):
     exclude: list[str] = pydantic.Field(
         default_factory=list, description="leave layers matching this glob unquantized (repeatable)")
     embeddings: Literal["keep", "8", "4"] = pydantic.Field(
-        "keep", description="also quantize the embeddings and the output head to 8 or 4 bits (full quantization)")
+        "keep", description="also quantize the embeddings and the output head to 8 or 4 bits (full quantization); "
+                            "with --method rtn/gptq: 8 (int8 per-row grids)")
     int8_threshold: Optional[float] = pydantic.Field(
         None, ge=0.0, description="LLM.int8 outlier threshold for 8-bit layers (0: pure int8) [default: 6.0]")
     plan: Optional[Union[dict[str, str], str]] = pydantic.Field(
@@ -218,8 +219,9 @@ class QuantizeParams(Params):
         if self.bits is None:
             raise ValueError(f"give --bits 4 or --bits 8 with --method {m}")
         given = [o for o in BNB_ONLY if getattr(self, o) is not None]
-        if self.embeddings != "keep":
-            given.append("embeddings")
+        if self.embeddings == "4":
+            raise ValueError(f"--method {m} puts the embeddings and output head on an int8 grid only: use "
+                             "--embeddings 8 (or --method bnb --embeddings 4)")
         if given:
             raise ValueError(f"{_flag(given[0])} applies to --method bnb (bitsandbytes) only; drop it with --method {m}")
         if m == "rtn":
