@@ -33,7 +33,7 @@ _LAZY = {
     "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
     "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
     "resident_param_bytes": "calibration", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
-    "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "fit_group": "grids",
+    "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
     "round_to_grid": "grids",
     # decode timing (bench, cpu-fast)

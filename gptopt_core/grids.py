@@ -83,6 +83,24 @@ class WeightGrid:
         return int(total)
 
 
+def parse_group_size(value):
+    """A group size from any door: an int >= 2, or ``"channel"`` (also ``per-channel`` / ``none``) for one group
+    per output row; ``None`` passes through. Raises ``ValueError`` with a sentence otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("channel", "per-channel", "none"):
+            return "channel"
+        if not text.isdigit():
+            raise ValueError(f"group size must be a number of input columns (32, 64, 128, ...) or 'channel', "
+                             f"not {value!r}")
+        value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+        return value
+    raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value!r}")
+
+
 def check_group_size(in_features: int, group_size: Optional[int], name: str = "layer") -> None:
     """Raise ``ValueError`` naming the width when ``group_size`` does not divide ``in_features``."""
     if group_size and in_features % group_size:

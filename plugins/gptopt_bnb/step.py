@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, parse_percent
+from gptopt_core import GptoptError, Params, Step, parse_group_size, parse_percent
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -63,23 +63,6 @@ def read_plan_file(path: str) -> dict:
     if not isinstance(doc, dict):
         raise ValueError(f"plan file {path} must hold a mapping of module name to int8/nf4/fp4/keep")
     return check_plan_mapping(doc, f"plan file {path}")
-
-
-def _group_size(value):
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("channel", "per-channel", "none"):
-            return "channel"
-        if text.isdigit():
-            value = int(text)
-        else:
-            raise ValueError(f"group size must be a number of input columns (32, 64, 128, ...) or 'channel', "
-                             f"not {value!r}")
-    if isinstance(value, int) and value >= 2:
-        return value
-    raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value!r}")
 
 
 def _flag(name: str) -> str:
@@ -154,7 +137,7 @@ class QuantizeParams(Params):
     @pydantic.field_validator("group_size", mode="before")
     @classmethod
     def _group(cls, v):
-        return _group_size(v)
+        return parse_group_size(v)
 
     @pydantic.field_validator("embeddings", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, hookimpl
+from gptopt_core import GptoptError, Params, Step, hookimpl, parse_group_size
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
@@ -96,16 +96,7 @@ class PruneParams(Params):
     @pydantic.field_validator("group_size", mode="before")
     @classmethod
     def _check_group(cls, value):
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text == "channel":
-                return text
-            if not text.isdigit():
-                raise ValueError(f"group size must be a number of input columns or 'channel', not {value!r}")
-            value = int(text)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
-            raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value}")
-        return value
+        return parse_group_size(value)
 
     @pydantic.model_validator(mode="after")
     def _check_combination(self):
