@@ -65,6 +65,11 @@ CONFIGS = {
     "rtn-int4-channel-sym": q("rtn", 4, "channel"),
     "gptq-int4-channel-sym": q("gptq", 4, "channel"),
     "gptq-int4-channel-sym-act": q("gptq", 4, "channel", act_order=True),
+    # the mse observer: each group's range shrunk to where rounding error is lowest
+    "rtn-int4-g64-sym-mse": q("rtn", 4, 64, observer="mse"),
+    "gptq-int4-g64-sym-mse": q("gptq", 4, 64, observer="mse"),
+    "gptq-int4-g64-sym-act-mse": q("gptq", 4, 64, act_order=True, observer="mse"),
+    "gptq-int4-g64-asym-act-mse": q("gptq", 4, 64, False, act_order=True, observer="mse"),
     # extras
     "gptq-int4-g64-asym-act-128x128": q("gptq", 4, 64, False, act_order=True, calib_blocks=128),
     "sparsegpt-50-int4-g64": ("prune", dict(method="sparsegpt", sparsity=0.5, quantize_bits=4, group_size=64,

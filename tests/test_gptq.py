@@ -20,7 +20,7 @@ def random_layer(rows=24, cols=64, n=400, seed=0, dead=(5,)):
     return W, 2 * X.t() @ X / n
 
 
-def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01):
+def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01, observer="minmax"):
     """GPTQ as the paper states it: one column at a time, the OBS update of every remaining weight with the explicit
     inverse Hessian, which is then downdated (Gaussian elimination of the quantized column). No Cholesky, no lazy
     batches."""
@@ -33,7 +33,7 @@ def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01):
     scales = {}
     if act_order or group_size is None:
         for g in range(cols // gs):
-            scales[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+            scales[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
     H = H + damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     order = torch.argsort(torch.diag(H), descending=True).tolist() if act_order else range(cols)
@@ -41,7 +41,7 @@ def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01):
     for c in order:
         g = c // gs
         if g not in scales:  # the group's first column: scale from the weights as updated so far
-            scales[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+            scales[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
         q = fake_quantize(W[:, c], *scales[g], bits, symmetric)
         Q[:, c] = q
         err = (W[:, c] - q) / Hinv[c, c]
@@ -50,18 +50,21 @@ def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01):
     return Q, scales
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric,act_order,block", [
-    (4, None, True, False, 128),   # per channel
-    (4, 16, False, False, 16),     # asymmetric groups, lazy block = group
-    (4, 8, True, False, 20),       # lazy block rounded to a multiple of the group (16)
-    (4, 32, True, True, 16),       # act-order: static groups
-    (8, None, True, True, 128),
-    (4, 64, False, False, 16),     # group larger than the lazy block
+@pytest.mark.parametrize("bits,group_size,symmetric,act_order,block,observer", [
+    (4, None, True, False, 128, "minmax"),   # per channel
+    (4, 16, False, False, 16, "minmax"),     # asymmetric groups, lazy block = group
+    (4, 8, True, False, 20, "minmax"),       # lazy block rounded to a multiple of the group (16)
+    (4, 32, True, True, 16, "minmax"),       # act-order: static groups
+    (8, None, True, True, 128, "minmax"),
+    (4, 64, False, False, 16, "minmax"),     # group larger than the lazy block
+    (4, 16, True, False, 16, "mse"),         # mse observer: group scales searched on the updated weights
+    (4, 16, False, True, 32, "mse"),
 ])
-def test_blocked_gptq_equals_textbook(bits, group_size, symmetric, act_order, block):
+def test_blocked_gptq_equals_textbook(bits, group_size, symmetric, act_order, block, observer):
     W, H = random_layer()
-    Q, grid, info = gptq_quantize(W, H, bits, group_size, symmetric, act_order, 0.01, block_size=block)
-    Q_ref, scales = textbook_gptq(W, H, bits, group_size, symmetric, act_order)
+    Q, grid, info = gptq_quantize(W, H, bits, group_size, symmetric, act_order, 0.01, block_size=block,
+                                  observer=observer)
+    Q_ref, scales = textbook_gptq(W, H, bits, group_size, symmetric, act_order, observer=observer)
     torch.testing.assert_close(Q, Q_ref, rtol=0, atol=1e-9)
     for g, (s, z) in scales.items():
         assert torch.equal(grid.scale[:, g], s.float())

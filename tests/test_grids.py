@@ -23,6 +23,32 @@ def test_round_trip_codes_and_ranges(bits, group, sym):
     assert torch.equal(grid.scale.half().float(), grid.scale)  # fp16-exact scales
 
 
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (8, None, True)])
+def test_mse_observer_never_rounds_worse(bits, group, sym):
+    """The mse observer keeps min-max where it is best and shrinks the range where clipping an extreme lowers the
+    rounding error; its scales are fp16-exact and its codes in range, like min-max's."""
+    from gptopt_core.grids import MSE_NORM
+
+    torch.manual_seed(1)
+    w = torch.randn(32, 128) * 0.02
+    w[0, 3] = 0.1  # an outlier
+    mm, mse = fit_grid(w, bits, group, sym), fit_grid(w, bits, group, sym, observer="mse")
+
+    def err(grid):
+        size = group or 128
+        d = (grid.dequantize(grid.codes(w)) - w).abs().pow(MSE_NORM)
+        return d.reshape(32, -1, size).sum(-1)
+
+    assert bool((err(mse) <= err(mm)).all())
+    assert float(err(mse).sum()) < float(err(mm).sum())
+    assert bool((mse.scale <= mm.scale).all()) and bool((mse.scale < mm.scale).any())  # ranges only shrink
+    assert torch.equal(mse.scale.half().float(), mse.scale)
+    q = mse.codes(w)
+    assert int(q.min()) >= mse.qmin and int(q.max()) <= mse.qmax
+    with pytest.raises(ValueError, match="observer"):
+        fit_grid(w, bits, group, sym, observer="percentile")
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="576"):
         fit_grid(torch.randn(4, 576), 4, 128)

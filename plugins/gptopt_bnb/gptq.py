@@ -41,9 +41,10 @@ def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, bl
 
 
 def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
-                  act_order: bool = False, dampening: float = 0.01, block_size: int = 128):
+                  act_order: bool = False, dampening: float = 0.01, block_size: int = 128, observer: str = "minmax"):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
+    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
         :class:`~gptopt_core.grids.WeightGrid`, and ``{"loss": sum of (w - q)^2 / [H^-1]_jj / 2, "dampening"}``.
@@ -60,7 +61,7 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     perm = None
     if act_order or group_size is None:  # static scales, fitted before any update
         for g in range(n_groups):
-            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
@@ -83,7 +84,7 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
             col = i1 + i
             g = group_of[col]
             if dynamic and col % gs == 0:
-                scales[g], zeros[g] = fit_group(W1[:, i:i + gs], bits, symmetric)
+                scales[g], zeros[g] = fit_group(W1[:, i:i + gs], bits, symmetric, observer)
             w = W1[:, i]
             d = U1[i, i]
             q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)

@@ -79,8 +79,8 @@ def preflight(ctx, step) -> None:
                               f"--calib-seq-len {seq_len}+1; give more --data or a smaller --calib-seq-len")
 
 
-def rtn(module, bits: int, group_size, symmetric: bool):
-    grid = fit_grid(weight_matrix(module), bits, group_size, symmetric)
+def rtn(module, bits: int, group_size, symmetric: bool, observer: str = "minmax"):
+    grid = fit_grid(weight_matrix(module), bits, group_size, symmetric, observer)
     round_to_grid(module, grid)
     return grid
 
@@ -113,13 +113,15 @@ def quantize_grid(ctx, step) -> dict:
     check_layers(model, p, layers)
     bits, gs = int(p.bits), p.grid_group_size
     symmetric = True if p.symmetric is None else bool(p.symmetric)
+    observer = p.observer or "minmax"
     start, cpu_start = time.perf_counter(), time.process_time()
-    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs or "channel", "symmetric": symmetric}
+    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs or "channel", "symmetric": symmetric,
+                     "observer": observer}
     fallback = []
     with torch.no_grad():
         if p.method == "rtn":
             for _, module in layers:
-                rtn(module, bits, gs, symmetric)
+                rtn(module, bits, gs, symmetric, observer)
         else:
             from .gptq import gptq_quantize
 
@@ -134,7 +136,7 @@ def quantize_grid(ctx, step) -> dict:
                     view = st.weight()
                     with torch_threads(1):
                         q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
-                                                      act_order, damp)
+                                                      act_order, damp, observer=observer)
                     view.copy_(q.to(view.dtype))
                     attach_grid(st.module, grid)
                     st.hessian = None
@@ -148,7 +150,7 @@ def quantize_grid(ctx, step) -> dict:
                                    offload=p.offload or "none", device=ctx.device, progress=ctx.progress)
             modules = dict(layers)
             for name in outside:
-                rtn(modules[name], bits, gs, symmetric)
+                rtn(modules[name], bits, gs, symmetric, observer)
                 fallback.append(name)
             metrics.update({"act_order": act_order, "dampening": damp, "calib_tokens": report["calib_tokens"],
                             "sequential": p.sequential is not False, "offload": report["offload"],

@@ -14,7 +14,7 @@ METHODS = ("bnb", "rtn", "gptq")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
-GRID_ONLY = ("group_size", "symmetric")
+GRID_ONLY = ("group_size", "symmetric", "observer")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 #: calibration defaults: --plan auto (bnb) and gptq
 CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128)}
@@ -113,6 +113,9 @@ class QuantizeParams(Params):
     symmetric: Optional[bool] = pydantic.Field(
         None, description="rtn/gptq: signed codes around zero (q4_0/q8_0-style), or unsigned codes with an integer "
                           "zero point per group (q4_1-style) [default: symmetric]")
+    observer: Optional[Literal["minmax", "mse"]] = pydantic.Field(
+        None, description="rtn/gptq: how each group's scale is chosen: minmax (the group's range) or mse (the range "
+                          "shrunk, per group, to where rounding error is lowest) [default: minmax]")
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
                           "their scales are fitted before the updates) [default: off]")
