@@ -10,8 +10,11 @@ that cares about training (pruning masks, L1 penalties, distillation) hooks into
 * **After every optimizer step**: the ``gptopt_after_optimizer_step`` hook runs (the prune plugin's
   implementation keeps pruned weights exactly zero, l1's applies its proximal update). The loop itself knows
   nothing of masks or penalties.
-* **Precision**: ``auto`` is bf16 autocast on a CUDA GPU that supports it, fp16 on other GPUs, fp32 on CPU;
-  ``bf16`` also works on CPU.
+* **Precision**: ``auto`` is bf16 autocast on a CUDA GPU that supports it, fp16 (with gradient scaling) on
+  other GPUs, fp32 on CPU; ``bf16`` also works on CPU. The loop applies it itself (``torch.autocast`` around
+  the forward pass, outputs cast back to fp32 as accelerate does): accelerate's own mixed precision is one
+  setting per process, and two steps of one run may differ, so every Accelerator here is made with
+  ``mixed_precision="no"`` (``accelerate launch --mixed_precision`` is not used; ``--precision`` is).
 * **Multi-process**: under ``accelerate launch`` the same command runs data-parallel (gloo on CPU, NCCL on
   GPUs). ``batch_size`` is per process; the global batch of one optimizer step is
   ``batch_size * grad_accum * num_processes`` blocks. The block order is a pure function of (seed, step), and
@@ -149,6 +152,8 @@ class Trainer:
         self.train_seconds = 0.0  # time in forward/backward/optimizer (not eval)
         self.train_cpu_seconds = 0.0  # CPU time of this process (all threads) in the same spans
         self.accelerator = None
+        self.mixed_precision = "no"  # accelerate's name for this run's precision, set by setup()
+        self.scaler = None
         self.optimizer = None
         self.scheduler = None
 
@@ -188,15 +193,32 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+        """The process's :class:`accelerate.Accelerator`, always with ``mixed_precision="no"``.
 
-        mixed = resolve_precision(self.params.precision, self.ctx.device)
-        state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision", mixed) != mixed:
-            AcceleratorState._reset_state(reset_partial_state=False)  # a new precision in the same process
+        accelerate keeps one mixed-precision setting per process (its state is a process-wide singleton that
+        refuses a second value), but two training steps of one run may ask for different ``--precision``. So
+        accelerate is asked for devices, processes and DDP only, with the same settings every time, and the
+        Trainer applies the step's precision itself (:meth:`autocast`, a ``GradScaler`` for fp16): what
+        accelerate's own mixed precision does, with accelerate's public ``convert_to_fp32`` on the outputs.
+        """
+        from accelerate import Accelerator
+
         cpu = getattr(self.ctx.device, "type", str(self.ctx.device)) == "cpu"
-        return Accelerator(cpu=cpu, mixed_precision=mixed)
+        try:
+            return Accelerator(cpu=cpu, mixed_precision="no")
+        except ValueError as exc:  # someone else in this process set accelerate up differently
+            raise GptoptError(f"{self.name}: accelerate was already set up differently in this process "
+                              f"({str(exc).splitlines()[0]}); gptopt sets precision per step with --precision, "
+                              "so leave accelerate's mixed precision at 'no'") from None
+
+    def autocast(self):
+        """The context this run's forward passes run in: ``torch.autocast`` to bf16/fp16, or nothing for fp32."""
+        import torch
+
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
 
     def setup(self) -> None:
         """Create the accelerator, optimizer and schedule; wrap the model. Called by :meth:`run` if needed."""
@@ -205,7 +227,10 @@ class Trainer:
         p = self.params
         self.blocks = train_blocks(self.ctx.data, p.seq_len)
         self.n_blocks = int(self.blocks.shape[0])
+        self.mixed_precision = resolve_precision(p.precision, self.ctx.device)
         self.accelerator = self._accelerator()
+        # fp16 gradients are scaled against underflow (bf16 has fp32's range and needs no scaler)
+        self.scaler = torch.amp.GradScaler(self.accelerator.device.type) if self.mixed_precision == "fp16" else None
         if p.steps is not None:
             self.total_steps = p.steps
         elif p.epochs is not None:
@@ -259,6 +284,7 @@ class Trainer:
         """Everything needed to continue this run at :attr:`step` (model weights are saved separately)."""
         return {"step": self.step, "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None, "rng": self._get_rng(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                 "loss_history": list(self.loss_history), "ce_history": list(self.ce_history),
                 "eval_history": list(self.eval_history), "tokens_seen": self.tokens_seen,
                 "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
@@ -282,6 +308,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("rng") is not None:
             self._set_rng(state["rng"])
+        if state.get("grad_scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     @staticmethod
     def _get_rng() -> dict:
@@ -314,6 +342,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step (all micro-batches); returns its mean loss over all processes."""
         import torch
+        from accelerate.utils import convert_to_fp32
 
         p, acc = self.params, self.accelerator
         model = self.wrapped
@@ -327,16 +356,25 @@ class Trainer:
             sync = micro == p.grad_accum - 1 or self.num_processes == 1
             ctx_mgr = acc.no_sync(model) if not sync else contextlib.nullcontext()
             with ctx_mgr:
-                outputs = model(**batch)
+                with self.autocast():
+                    outputs = model(**batch)
+                outputs = convert_to_fp32(outputs)
                 loss = outputs.loss
                 extra = self.extra_loss(plain, batch, outputs)
                 full = loss + extra if extra is not None else loss
-                acc.backward(full / p.grad_accum)
+                scaled = full / p.grad_accum
+                acc.backward(self.scaler.scale(scaled) if self.scaler else scaled)
             total += full.detach().float() / p.grad_accum
             total_ce += loss.detach().float() / p.grad_accum
         if p.max_grad_norm > 0:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
             acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -357,7 +395,8 @@ class Trainer:
         if acc.is_main_process:
             valid = self.ctx.data.valid_ids
             block = min(512, p.eval_tokens - 1, max(8, int(valid.numel()) - 1))
-            ppl = perplexity(acc.unwrap_model(self.wrapped), valid, block, block, p.eval_tokens)["perplexity"]
+            with self.autocast():
+                ppl = perplexity(acc.unwrap_model(self.wrapped), valid, block, block, p.eval_tokens)["perplexity"]
             self.eval_history.append({"step": self.step, "perplexity": ppl})
             self.ctx.log(f"  {self.name} step {self.step}/{self.total_steps}: held-out ppl {ppl:.3f}")
         acc.wait_for_everyone()

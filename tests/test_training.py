@@ -128,6 +128,43 @@ def test_eval_every_gradient_checkpointing_bf16(llama_ctx):
     assert model.config.use_cache is not False
 
 
+def test_precision_changes_between_runs_in_one_process_without_touching_accelerates_state(llama_ctx):
+    """accelerate allows one mixed precision per process; the loop applies each run's own (autocast) instead."""
+    from accelerate.state import AcceleratorState
+
+    params = dict(steps=1, eval_every=1, eval_tokens=100, **FAST)
+    runs = [train(llama_ctx, fresh(llama_ctx), TrainParams(precision=prec, **params))[1]
+            for prec in ("bf16", "fp32", "bf16")]
+    assert runs[0]["loss_history"] == runs[2]["loss_history"]  # bf16 again after fp32: the same run
+    assert runs[0]["eval_history"] == runs[2]["eval_history"]
+    assert runs[0]["loss_history"] != runs[1]["loss_history"]  # bf16 autocast really ran
+    assert [r["precision"] for r in runs] == ["bf16", "no", "bf16"]
+    assert AcceleratorState().mixed_precision == "no"
+
+
+def test_no_code_reaches_into_accelerates_private_state():
+    import re
+
+    from conftest import ROOT as root
+
+    pattern = re.compile(r"(AcceleratorState|PartialState|GradientState)\._|_shared_state|_reset_state")
+    hits = [f"{p.relative_to(root)}:{i}" for top in ("gptopt_core", "plugins") for p in (root / top).rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
+
+
+def test_fp16_scales_gradients_and_checkpoints_the_scale(llama_ctx, monkeypatch):
+    """fp16 needs a CUDA GPU from the command line; here the CPU's fp16 autocast drives the same scaler path."""
+    import gptopt_core.training as training
+
+    monkeypatch.setattr(training, "resolve_precision", lambda precision, device: "fp16")
+    trainer = Trainer(llama_ctx, fresh(llama_ctx), TrainParams(steps=2, **FAST))
+    m = trainer.run()
+    assert trainer.scaler is not None and all(math.isfinite(x) for x in m["loss_history"])
+    state = trainer.state_dict()["grad_scaler"]
+    assert state["scale"] > 1 and state["_growth_tracker"] == 2  # two unskipped steps at the scaled loss
+
+
 def test_params_validation():
     with pytest.raises(Exception, match="not both"):
         TrainParams(steps=2, epochs=1)
