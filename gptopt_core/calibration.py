@@ -95,8 +95,10 @@ class _Stop(Exception):
 
 class _Collector:
     """Forward hooks on some layers that add their inputs to :class:`LayerStats` (``kinds`` empty: collect nothing)
-    and record which layers read the same input tensor (for sequential groups). Once every hooked layer has seen
-    the current batch, the block's forward pass is stopped: nothing after them is needed."""
+    and record which layers read the same input tensor (for sequential groups). Layers that read the very same
+    input tensor (Llama's q/k/v, gate/up) share one set of statistics: it is computed once and handed to each.
+    Once every hooked layer has seen the current batch, the block's forward pass is stopped: nothing after them is
+    needed."""
 
     def __init__(self, layers: dict, kinds, record_order: bool = False):
         self.stats = {name: LayerStats(name, module) for name, module in layers.items()}
@@ -106,6 +108,9 @@ class _Collector:
         self.order: list[tuple[str, Any]] = []
         self.record_order = record_order
         self.seen: set = set()
+        self.batch_inputs: list[tuple[Any, str]] = []  # (input tensor, first layer that read it) this batch
+        self.alias: dict[str, str] = {}  # layer -> the layer whose statistics it shares
+        self.batches = 0
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in layers.items()]
 
     def _hook(self, name):
@@ -114,7 +119,14 @@ class _Collector:
             if self.record_order:
                 self.order.append((name, x))
             if self.kinds:
-                self.stats[name].add(x, self.kinds)
+                first = next((n for t, n in self.batch_inputs if t is x), None)
+                if self.batches == 0 and first is not None:
+                    self.alias[name] = first
+                if self.alias.get(name) != first:
+                    raise RuntimeError(f"{name} read a different input tensor than in the first calibration batch")
+                if first is None:
+                    self.batch_inputs.append((x, name))
+                    self.stats[name].add(x, self.kinds)
             self.seen.add(name)
             if len(self.seen) == len(self.stats):
                 raise _Stop
@@ -123,11 +135,13 @@ class _Collector:
     def run(self, block, inputs) -> None:
         """Feed ``inputs`` through ``block``, each batch only as far as the hooked layers."""
         for a, k in inputs:
-            self.seen = set()
+            self.seen, self.batch_inputs = set(), []
             try:
                 _run_block(block, a, k)
             except _Stop:
                 pass
+            self.batches += 1
+        self.batch_inputs = []
 
     def groups(self) -> list[list[str]]:
         """Layer names grouped by shared input tensor, in the order the inputs were computed."""
@@ -148,7 +162,12 @@ class _Collector:
         for h in self.handles:
             h.remove()
         self.handles = []
-        return {n: s.finish() for n, s in self.stats.items()}
+        done = {n: s.finish() for n, s in self.stats.items() if n not in self.alias}
+        for name, first in self.alias.items():  # same input: the same numbers (consumers copy before changing)
+            st, src = self.stats[name], done[first]
+            st.samples, st.hessian, st.sq_norms = src.samples, src.hessian, src.sq_norms
+            done[name] = st
+        return {n: done[n] for n in self.stats}
 
 
 def find_blocks(model):

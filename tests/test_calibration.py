@@ -58,6 +58,22 @@ def test_stats_equal_a_full_forward_of_the_compressed_model(name):
         assert n.startswith(f"{find_blocks(model)[0]}.{index}.")
 
 
+def test_layers_reading_one_input_share_one_hessian():
+    """Llama's q/k/v (and gate/up) read the same tensor: their statistics are computed once and shared."""
+    model, _ = tiny_model("tiny-random-llama")
+    ids = {}
+
+    def record(block, stats):
+        for name, st in stats.items():
+            if block.index == 0:
+                ids[name.split(".", 3)[-1]] = (id(st.hessian), st.samples)
+
+    run_blockwise(model, batches(), record, sequential=False)
+    one = {ids[n] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    assert len(one) == 1 and ids["mlp.gate_proj"] == ids["mlp.up_proj"]
+    assert len({ids[n] for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}) == 4
+
+
 @pytest.mark.parametrize("name,groups", [
     ("tiny-random-llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
