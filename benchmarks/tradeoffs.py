@@ -12,6 +12,7 @@ by the same `eval` on the same held-out tokens.
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -77,6 +78,31 @@ def run_row(recipe_path: Path, out: Path, quick: bool) -> dict:
     }
 
 
+def table_rows(path: Path) -> dict:
+    """``{row: row dict}`` read back from an earlier docs/results.md table (its figures as rounded there), so that
+    ``--only`` on a fresh checkout (no runs/tradeoffs/*.row.json) keeps the rows it does not re-measure."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    head = text.split("\n\n")[1] if "\n\n" in text else ""
+    when = re.search(r"Measured (\S+)", head)
+    commit = re.search(r"commit `([0-9a-f]+)`", head)
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not re.match(r"\d\d-", cells[0]) or len(cells) < 11 or cells[1].startswith("failed"):
+            continue
+        num = lambda v, scale=1.0: None if v in ("–", "-", "") else float(v.rstrip("%")) * scale  # noqa: E731
+        extra = cells[10:13] if len(cells) >= 14 else ["–"] * 3
+        rows[cells[0]] = {
+            "row": cells[0], "chain": cells[1], "ppl": float(cells[2]), "bytes": num(cells[4], 1e6),
+            "sparsity": num(cells[5], 0.01), "decode": num(cells[6]), "prefill": num(cells[7]),
+            "peak": num(cells[8], 1e6), "produce_s": num(cells[9]), "gguf_bytes": num(extra[0], 1e6),
+            "llamacpp_ppl": num(extra[1]), "llamacpp_decode": num(extra[2]), "wall": None,
+            "carried": f"{when.group(1) if when else '?'}, commit {commit.group(1) if commit else '?'}"}
+    return rows
+
+
 def fmt(v, spec, scale=1.0):
     return "–" if v is None else format(v / scale, spec)
 
@@ -84,11 +110,16 @@ def fmt(v, spec, scale=1.0):
 def write_results(rows, quick: bool, commit: str, seconds: float):
     dense = next((r for r in rows if r["row"].endswith("dense-fp32") and "ppl" in r), None)
     again = [r["row"] for r in rows if r.get("remeasured")]
+    carried = sorted({r["carried"] for r in rows if r.get("carried")})
     redo = (f" Row(s) {', '.join(again)} re-measured afterwards, alone, by `--only` at commit `{commit}`; "
             "the minutes are the sum of every row's wall time." if again else "")
+    if carried:
+        redo += (f" Rows {', '.join(r['row'] for r in rows if r.get('carried'))} are carried over, as rounded there, "
+                 f"from the earlier table ({'; '.join(carried)}), whose per-row files this checkout did not have.")
     if again:
-        seconds = sum(r["wall"] for r in rows)
+        seconds = sum(r["wall"] or 0 for r in rows)
     commit = next((r["commit"] for r in rows if not r.get("remeasured") and r.get("commit")), commit)
+    sparsity = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"# Trade-offs on SmolLM2-135M ({'quick' if quick else 'full'} run)", "",
              f"Measured {date.today().isoformat()} on {platform.machine()} Linux, "
              f"{__import__('os').cpu_count()} CPU cores, no GPU, commit `{commit}`, by "
@@ -107,8 +138,8 @@ def write_results(rows, quick: bool, commit: str, seconds: float):
             continue
         ratio = r["ppl"] / dense["ppl"] if dense else None
         lines.append(f"| {r['row']} | {r['chain']} | {r['ppl']:.2f} | {fmt(ratio, '.3f')} | "
-                     f"{fmt(r['bytes'], '.1f', 1e6)} | {r['sparsity']:.1%} | {fmt(r['decode'], '.1f')} | "
-                     f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {r['produce_s']:.0f} | "
+                     f"{fmt(r['bytes'], '.1f', 1e6)} | {sparsity(r['sparsity'])} | {fmt(r['decode'], '.1f')} | "
+                     f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {fmt(r['produce_s'], '.0f')} | "
                      f"{fmt(r.get('gguf_bytes'), '.1f', 1e6)} | {fmt(r.get('llamacpp_ppl'), '.2f')} | "
                      f"{fmt(r.get('llamacpp_decode'), '.1f')} | {cmd} |")
     suffix = "-quick" if quick else ""  # the quick run never overwrites the full run's figures
@@ -156,11 +187,14 @@ def main():
                             cwd=ROOT).stdout.strip()
     start = time.perf_counter()
     rows = []
+    earlier = table_rows(ROOT / "docs" / f"results{'-quick' if args.quick else ''}.md") if args.only else {}
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         saved = out / f"{recipe.stem}.row.json"
         if recipe not in recipes:
             if saved.exists():  # a row of an earlier invocation, kept in the table
                 rows.append(json.loads(saved.read_text()))
+            elif recipe.stem in earlier:  # only in the committed table (fresh checkout)
+                rows.append(earlier[recipe.stem])
             continue
         for old in (out / recipe.stem).glob("*"):
             old.unlink()
