@@ -1,10 +1,12 @@
 """gptopt-ctensors: the ``compressed-tensors`` save format (``save --format compressed-tensors``) and its loader.
 
 Integer weight grids (:mod:`gptopt_core.grids`, e.g. from ``quantize --method rtn|gptq``) are written packed with
-their fp16 scales (``pack-quantized``, one config group per scheme, full-precision layers in ``ignore``), as
-llm-compressor writes W4A16 / W8A16 checkpoints; plain ``AutoModelForCausalLM.from_pretrained(dir)`` reads them
-back through transformers' compressed-tensors quantizer. A pruned model without grids is written sparse
-(``sparse-24-bitmask`` where every mask is 2:4, else ``sparse-bitmask``), which ``gptopt run --model DIR`` reads.
+their fp16 scales (``pack-quantized``, one config group per scheme and layer kind, full-precision layers in
+``ignore``), as llm-compressor writes W4A16 / W8A16 checkpoints; embeddings / heads as ``naive-quantized`` int8,
+GPT-2 Conv1D layers in column blocks (:mod:`.layout`). Plain ``AutoModelForCausalLM.from_pretrained(dir)`` reads
+them back through transformers' compressed-tensors quantizer (where it cannot, ``save`` says so in one line:
+:func:`plain_note`). A pruned model without grids is written sparse (``sparse-24-bitmask`` where every mask is
+2:4, else ``sparse-bitmask``), which ``gptopt run --model DIR`` reads and plain transformers does not.
 bitsandbytes nf4/fp4/int8 and cpu-fast layers are refused with a line naming what can hold them.
 
 Heavy imports (torch, compressed_tensors, transformers) happen inside the hooks only. See docs/save-formats.md.
@@ -81,13 +83,33 @@ class CompressedTensorsFormat(SaveFormat):
             parts.append(f"sparsity {info['sparsity_format']}" + (f" ({info['sparse_layers']} bitmask layer(s))"
                                                                    if info["sparse_layers"] else ""))
         ctx.log("  compressed-tensors: " + ", ".join(parts))
-        if info["conv1d"] or info["asymmetric"]:
-            ctx.log("  note: transformers' from_pretrained cannot read "
-                    + ("packed GPT-2 Conv1D layers" if info["conv1d"] else "asymmetric zero points")
-                    + " with compressed-tensors 0.20; `gptopt run --model DIR` (or gptopt_ctensors.load_model) can")
-        if info["sparse_layers"]:
-            ctx.log("  note: bitmask sparsity is read by `gptopt run --model DIR` (or gptopt_ctensors.load_model); "
-                    "compressed-tensors 0.20 has no sparse decompressor, so transformers' from_pretrained cannot")
+        note = plain_note(info)
+        if note:
+            if getattr(ctx, "quiet", False):  # a note on what a reader gets is said even in a quiet run
+                import sys
+
+                print(note.strip(), file=sys.stderr)
+            else:
+                ctx.log(note)
+
+
+def plain_note(info: dict) -> str | None:
+    """The one line ``save`` says about plain ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` for what
+    :func:`.writer.write` wrote (``info``): what it cannot read and what can, or that it reads it de-quantized."""
+    import compressed_tensors
+
+    version = f"compressed-tensors {compressed_tensors.__version__}"
+    if info.get("plain_unread"):
+        return (f"  note: plain transformers from_pretrained ({version}) cannot read "
+                + "; ".join(info["plain_unread"]) + ": `gptopt run --model DIR` (gptopt_ctensors.load_model) reads "
+                "it exactly" + ("; save --format safetensors writes a dense copy it reads"
+                                if any("sparsity" in u for u in info["plain_unread"]) else ""))
+    if info.get("plain_dequantize"):
+        return (f"  note: plain transformers from_pretrained ({version}) reads it de-quantized to float "
+                "(quantization_config.dequantize: true; it cannot hold "
+                + ("GPT-2 Conv1D grids" if info.get("conv1d") else "asymmetric packed zero points")
+                + " compressed); `gptopt run --model DIR` reloads it compressed")
+    return None
 
 
 def load_model(path, trust_remote_code: bool = False):

@@ -1,29 +1,54 @@
-"""What a model holds, in compressed-tensors' terms: config groups (one per integer-grid scheme), the ignore list,
-the sparsity config; validated by compressed-tensors' own pydantic models.
+"""What a model holds, in compressed-tensors' terms: config groups (one per integer-grid scheme and layer kind), the
+ignore list, the sparsity config; validated by compressed-tensors' own pydantic models.
 
-Conventions (compressed-tensors' ``pack-quantized`` format, as llm-compressor writes it for W4A16 / W8A16):
+Conventions (compressed-tensors 0.20.1; see docs/save-formats.md for why each layout is the one it is):
 
-* codes are signed, ``q in [-2**(b-1), 2**(b-1) - 1]``, packed ``32 / b`` per int32 along the input dimension;
-* ``w = (q - zero_point) * scale`` with a signed ``zero_point`` (absent when symmetric);
-* gptopt's asymmetric grids keep unsigned codes ``u`` and zero ``z`` in ``[0, 2**b - 1]``: ``q = u - 2**(b-1)``,
-  ``zero_point = z - 2**(b-1)`` gives the same ``(q - zero_point) * scale``, exactly;
-* every tensor is in ``nn.Linear``'s ``(out, in)`` orientation (GPT-2's ``Conv1D`` weights are transposed to it).
+* codes are signed, ``q in [-2**(b-1), 2**(b-1) - 1]``; ``w = (q - zero_point) * scale`` with a signed
+  ``zero_point`` (absent when symmetric). gptopt's asymmetric grids keep unsigned codes ``u`` and zero ``z`` in
+  ``[0, 2**b - 1]``: ``q = u - 2**(b-1)``, ``zero_point = z - 2**(b-1)`` gives the same ``(q - zero_point) * scale``;
+* ``nn.Linear`` layers (kind ``pack``): ``pack-quantized`` with ``group`` / ``channel`` strategy, codes packed
+  ``32 / b`` per int32 along the input dimension, zero points packed along the output dimension, as llm-compressor
+  writes W4A16 / W8A16 (what vLLM serves);
+* token embedding and output head (kind ``naive``): ``naive-quantized``, the codes as an int8 ``weight`` (same bytes
+  as packed int8; transformers' weight initialisation needs an ``nn.Embedding`` to keep a ``weight``). A head tied
+  to the embedding is a target of the same group with its own ``weight_scale``: the int8 weight is written once;
+* GPT-2 ``Conv1D`` layers (kind ``block``): in their own ``(in, out)`` orientation, ``pack-quantized`` with the
+  ``block`` strategy, blocks ``[group, 1]`` (``[rows, 1]`` per channel), zero points unpacked int8 (compressed-tensors
+  packs zero points only for ``group`` / ``channel``), so that a decompressed weight is the ``Conv1D`` weight itself.
 """
 from __future__ import annotations
 
 FORMAT = "pack-quantized"
+NAIVE = "naive-quantized"
+FORMATS = {"pack": FORMAT, "naive": NAIVE, "block": FORMAT}
 
 
-def scheme_key(grid) -> tuple:
-    return (grid.bits, grid.group_size, grid.symmetric)
+def kind_of(model, module) -> str:
+    """``"naive"`` (token embedding / output head), ``"block"`` (GPT-2 Conv1D) or ``"pack"`` (nn.Linear)."""
+    import torch.nn as nn
+
+    from gptopt_core import is_conv1d
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(module, nn.Embedding) or module is head:
+        return "naive"
+    return "block" if is_conv1d(module) else "pack"
 
 
-def weight_args(grid) -> dict:
-    """The ``weights`` entry of a config group for ``grid`` (compressed-tensors ``QuantizationArgs`` fields)."""
-    args = {"num_bits": grid.bits, "type": "int", "symmetric": bool(grid.symmetric),
-            "strategy": "group" if grid.group_size else "channel", "dynamic": False}
-    if grid.group_size:
-        args["group_size"] = grid.group_size
+def scheme_key(grid, kind: str = "pack") -> tuple:
+    return (kind, grid.bits, grid.group_size, grid.symmetric)
+
+
+def weight_args(grid, kind: str = "pack", rows: int | None = None) -> dict:
+    """The ``weights`` entry of a config group for ``grid`` (compressed-tensors ``QuantizationArgs`` fields);
+    ``rows``: for ``block`` per-channel grids, the largest input width of the group's layers (one block per column)."""
+    args = {"num_bits": grid.bits, "type": "int", "symmetric": bool(grid.symmetric), "dynamic": False}
+    if kind == "block":
+        args.update(strategy="block", block_structure=[grid.group_size or int(rows), 1])
+    else:
+        args["strategy"] = "group" if grid.group_size else "channel"
+        if grid.group_size:
+            args["group_size"] = grid.group_size
     return args
 
 
@@ -41,30 +66,87 @@ def targets_for(model, names: set) -> tuple[list, list]:
     return sorted(names), []
 
 
+def tied_head(model):
+    """``(head name, embedding name)`` when the output head shares the token embedding's weight, else ``None``."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return None
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight is not emb.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return names[id(head)], names[id(emb)]
+
+
 def quantization_config(model, grid_layers):
-    """compressed-tensors ``QuantizationConfig`` for ``[(name, module, grid)]`` (``None`` when empty)."""
+    """compressed-tensors ``QuantizationConfig`` for ``[(name, module, grid)]`` (``None`` when empty): one config
+    group per (kind, scheme), see the module docstring."""
+    import torch.nn as nn
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     if not grid_layers:
         return None
+    modules = dict(model.named_modules())
     by_scheme: dict = {}
-    for name, _, grid in grid_layers:
-        by_scheme.setdefault(scheme_key(grid), []).append((name, grid))
-    groups, ignore = {}, []
-    for i, members in enumerate(sorted(by_scheme.values(), key=lambda ms: -len(ms))):
-        targets, ign = targets_for(model, {n for n, _ in members}) if len(by_scheme) == 1 else \
-            (sorted(n for n, _ in members), [])
-        ignore += ign
-        groups[f"group_{i}"] = {"targets": targets, "weights": weight_args(members[0][1]),
-                                "input_activations": None, "output_activations": None, "format": FORMAT}
-    if len(by_scheme) > 1:  # mixed schemes: every other Linear is named in ignore, as llm-compressor does
-        import torch.nn as nn
-
-        gridded = {n for n, _, _ in grid_layers}
-        ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in gridded)
+    for name, module, grid in grid_layers:
+        by_scheme.setdefault(scheme_key(grid, kind_of(model, module)), []).append((name, grid))
+    tied = tied_head(model)
+    groups, ignore, targeted = {}, [], set()
+    for i, (key, members) in enumerate(sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))):
+        kind, names = key[0], {n for n, _ in members}
+        if tied and tied[1] in names:
+            names.add(tied[0])  # the tied head: its own weight_scale, the embedding's int8 weight
+        targeted |= names
+        if len(by_scheme) == 1 and kind == "pack":
+            targets, ignore = targets_for(model, names)
+        else:
+            targets = sorted(names)
+        rows = max(_in_features(modules[n]) for n in names) if kind == "block" else None
+        groups[f"group_{i}"] = {"targets": targets, "weights": weight_args(members[0][1], kind, rows),
+                                "input_activations": None, "output_activations": None, "format": FORMATS[kind]}
+    if len(by_scheme) > 1 or targeted - {n for n, m in modules.items() if type(m) is nn.Linear}:
+        # named targets: every other Linear is named in ignore, as llm-compressor does for mixed schemes
+        ignore = sorted(n for n, m in modules.items() if type(m) is nn.Linear and n not in targeted)
+    formats = {g["format"] for g in groups.values()}
     return QuantizationConfig.model_validate({
-        "config_groups": groups, "format": FORMAT, "quantization_status": QuantizationStatus.COMPRESSED,
-        "ignore": sorted(set(ignore)), "kv_cache_scheme": None})
+        "config_groups": groups, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": QuantizationStatus.COMPRESSED, "ignore": sorted(set(ignore)), "kv_cache_scheme": None})
+
+
+def _in_features(module) -> int:
+    from gptopt_core import weight_matrix
+
+    return int(weight_matrix(module).shape[1])
+
+
+def plain_transformers(qconfig, sparse_layers: int) -> dict:
+    """How plain ``AutoModelForCausalLM.from_pretrained`` (transformers 5.24, compressed-tensors 0.20.1) reads this
+    layout: ``{"dequantize": bool, "unread": [what it cannot read, ...]}``.
+
+    Its default route (``CompressedTensorsHfQuantizer._process_model_before_weight_loading``) builds the compressed
+    modules on the meta device and loads the checkpoint into them: it reads symmetric ``group`` / ``channel``
+    ``pack-quantized`` Linear layers and ``naive-quantized`` ones, but builds an asymmetric zero point unpacked
+    (``PackedQuantizationCompressor.compress`` on meta) where the checkpoint holds it packed, and quantizes only
+    ``nn.Linear`` / ``nn.Embedding`` (``apply_quantization_config``), so Conv1D targets stay uninitialised. Its
+    ``dequantize`` route (``CompressedTensorsDequantize``) decompresses every checkpoint layer into the dense model
+    with compressed-tensors' own decompressors, which handle both - but with one scheme for every layer
+    (``get_dense_scheme``: the first config group), so it is used only for a single config group.
+    """
+    unread = []
+    if sparse_layers:
+        unread.append(f"bitmask sparsity ({sparse_layers} sparse layers would load randomly initialised)")
+    dequantize = False
+    if qconfig is not None:
+        groups = list(qconfig.config_groups.values())
+        hard = [g for g in groups if g.weights.strategy == "block" or
+                (g.format == FORMAT and not g.weights.symmetric)]
+        if hard and len(groups) == 1:
+            dequantize = True
+        elif hard:
+            what = sorted({"GPT-2 Conv1D grids" if g.weights.strategy == "block" else "asymmetric packed zero points"
+                           for g in hard})
+            unread.append(f"{' and '.join(what)} beside another scheme (one config group is read at load only "
+                          "de-quantized, and it decompresses every layer with the first group's scheme)")
+    return {"dequantize": dequantize, "unread": unread}
 
 
 def sparsity_config(model, sparse: dict, compressed: bool):
@@ -92,14 +174,17 @@ def is_two_four(mask) -> bool:
     return bool((mask.reshape(-1, 4).sum(dim=1) == 2).all())
 
 
-def config_dict(qconfig, sconfig) -> dict:
+def config_dict(qconfig, sconfig, dequantize: bool = False) -> dict:
     """The ``quantization_config`` entry of config.json, laid out as compressed-tensors' ``ModelCompressor``
     writes it (``version``, ``quant_method``, ``sparsity_config``, ``transform_config``, then the quantization
-    config's own fields)."""
+    config's own fields); ``dequantize: true`` (transformers' ``CompressedTensorsConfig`` loading attribute) where
+    plain ``from_pretrained`` reads the layout only de-quantized (see :func:`plain_transformers`)."""
     import compressed_tensors
 
     out = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
            "sparsity_config": sconfig.model_dump() if sconfig is not None else {}, "transform_config": {}}
     if qconfig is not None:
         out.update(qconfig.model_dump(exclude=["quant_method"]))
+    if dequantize:
+        out["dequantize"] = True
     return out

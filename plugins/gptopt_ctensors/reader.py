@@ -1,10 +1,10 @@
 """Load a compressed-tensors directory as a plain float model with its integer grids re-attached.
 
-transformers' own compressed-tensors quantizer (plain ``from_pretrained``) reads packed ``nn.Linear`` layers, but
-not GPT-2's ``Conv1D`` layers and - since compressed-tensors 0.15 dropped its sparse compressors - not the bitmask
-formats. This reader decodes every tensor the writer (:mod:`.writer`) produces, and what llm-compressor writes in
-the same formats, into the model's own layers; grid layers get their :class:`gptopt_core.grids.WeightGrid` back,
-so ``model_bytes`` counts them packed again.
+transformers' own compressed-tensors quantizer (plain ``from_pretrained``) reads the grid layouts the writer
+produces (some only de-quantized, see :func:`.layout.plain_transformers`), but - since compressed-tensors 0.15
+dropped its sparse compressors - not the bitmask formats. This reader decodes every tensor the writer
+(:mod:`.writer`) produces, and what llm-compressor writes in the same formats, into the model's own layers; grid
+layers get their :class:`gptopt_core.grids.WeightGrid` back, so ``model_bytes`` counts them packed again.
 """
 from __future__ import annotations
 
@@ -34,24 +34,42 @@ def _scheme_for(name, module, qconfig):
 
 
 def _grid_from(tensors, name, args):
-    """(WeightGrid, codes (out, in) int32) of one packed layer, popping its tensors."""
+    """(WeightGrid, codes (out, in) int32) of one grid layer in any of the writer's layouts (:mod:`.layout`:
+    ``pack-quantized`` group / channel, ``naive-quantized``, ``pack-quantized`` block for Conv1D), popping its
+    tensors."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from gptopt_core import WeightGrid
 
-    if args.type != "int" or args.strategy not in ("group", "channel"):
-        raise ValueError(f"{name}: only integer group / channel weights are read, not {args.type} {args.strategy}")
-    shape = torch.Size(tensors.pop(f"{name}.weight_shape").flatten().tolist())
-    q = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape).to(torch.int32)
-    scale = tensors.pop(f"{name}.weight_scale").float().reshape(shape[0], -1)
+    if args.type != "int" or args.strategy not in ("group", "channel", "block"):
+        raise ValueError(f"{name}: only integer group / channel / block weights are read, not {args.type} "
+                         f"{args.strategy}")
+    packed = f"{name}.weight_packed" in tensors
+    if packed:
+        shape = torch.Size(tensors.pop(f"{name}.weight_shape").flatten().tolist())
+        q = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape).to(torch.int32)
+    else:  # naive-quantized: the codes as an int8 weight
+        q = tensors.pop(f"{name}.weight").to(torch.int32)
+    scale = tensors.pop(f"{name}.weight_scale").float()
     zp = tensors.pop(f"{name}.weight_zero_point", None)
-    group = args.group_size if args.strategy == "group" else None
+    if args.strategy == "block":  # Conv1D, written (in, out) in blocks [group, 1]
+        if list(args.block_structure)[1] != 1:
+            raise ValueError(f"{name}: only column blocks [rows, 1] are read, not {args.block_structure}")
+        q, scale = q.t(), scale.t()
+        zp = None if zp is None else zp.t()
+        rows = args.block_structure[0]
+        group = rows if rows < q.shape[1] else None
+    else:
+        scale = scale.reshape(q.shape[0], -1)
+        group = args.group_size if args.strategy == "group" else None
+        if zp is not None and packed:
+            zp = unpack_from_int32(zp, args.num_bits, torch.Size((q.shape[0], scale.shape[1])), packed_dim=0)
     if args.symmetric:
-        return WeightGrid(args.num_bits, group, True, scale, None), q
+        return WeightGrid(args.num_bits, group, True, scale.contiguous(), None), q.contiguous()
     offset = 2 ** (args.num_bits - 1)
-    zp = unpack_from_int32(zp, args.num_bits, torch.Size((shape[0], scale.shape[1])), packed_dim=0)
-    return WeightGrid(args.num_bits, group, False, scale, zp.to(torch.int32) + offset), q + offset
+    zp = zp.to(torch.int32).reshape(scale.shape) + offset
+    return WeightGrid(args.num_bits, group, False, scale.contiguous(), zp.contiguous()), (q + offset).contiguous()
 
 
 def _dense_from_bitmask(tensors, name):
@@ -89,11 +107,17 @@ def load(path, trust_remote_code: bool = False):
     qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
     modules = dict(model.named_modules())
     grids, sparse = {}, []
-    for key in [k for k in tensors if k.endswith(".weight_packed")]:
-        name = key[: -len(".weight_packed")]
-        module = modules[name]
+    for key in [k for k in tensors if k.endswith(".weight_scale")]:
+        name = key[: -len(".weight_scale")]
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"tensors the model has no place for: {key}")
         if qconfig is None:
-            raise ValueError(f"{key} is packed but quantization_config has no config_groups")
+            raise ValueError(f"{key} is quantized but quantization_config has no config_groups")
+        if f"{name}.weight_packed" not in tensors and f"{name}.weight" not in tensors:
+            tensors.pop(key)  # a head tied to the embedding: its weight (and grid) are the embedding's
+            tensors.pop(f"{name}.weight_zero_point", None)
+            continue
         grid, codes = _grid_from(tensors, name, _scheme_for(name, module, qconfig).weights)
         weight = grid.dequantize(codes)
         tensors[f"{name}.weight"] = weight.t().contiguous() if is_conv1d(module) else weight

@@ -31,8 +31,10 @@ def sparse_masks(ctx, model, gridded: set) -> dict:
     return out
 
 
-def packed_tensors(name, module, grid) -> dict:
-    """``weight_packed`` / ``weight_scale`` / ``weight_shape`` (/ ``weight_zero_point``) of one grid layer."""
+def packed_tensors(name, module, grid, kind: str = "pack") -> dict:
+    """The tensors of one grid layer in its kind's layout (:mod:`.layout`): ``weight_packed`` / ``weight_shape``
+    (``pack``, ``block``) or an int8 ``weight`` (``naive``), fp16 ``weight_scale``, and ``weight_zero_point`` when
+    asymmetric (packed along the output dimension for ``pack``, int8 otherwise)."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from gptopt_core import grid_codes
@@ -40,12 +42,19 @@ def packed_tensors(name, module, grid) -> dict:
     codes = grid_codes(module).cpu()  # (out, in), int32
     offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
     q = (codes - offset).to(torch.int8)
-    out = {f"{name}.weight_packed": pack_to_int32(q, grid.bits),
-           f"{name}.weight_scale": grid.scale.detach().cpu().to(torch.float16).contiguous(),
-           f"{name}.weight_shape": torch.tensor(list(codes.shape))}
-    if not grid.symmetric:
-        zp = (grid.zero.detach().cpu() - offset).to(torch.int8)
-        out[f"{name}.weight_zero_point"] = pack_to_int32(zp, grid.bits, packed_dim=0).contiguous()
+    scale = grid.scale.detach().cpu().to(torch.float16)
+    zp = None if grid.symmetric else (grid.zero.detach().cpu() - offset).to(torch.int8)
+    if kind == "block":  # GPT-2 Conv1D: its own (in, out) orientation, blocks [group, 1]
+        q, scale, zp = q.t().contiguous(), scale.t(), None if zp is None else zp.t()
+    out = {f"{name}.weight_scale": scale.contiguous()}
+    if kind == "naive":
+        out[f"{name}.weight"] = q.contiguous()
+    else:
+        out[f"{name}.weight_packed"] = pack_to_int32(q, grid.bits)
+        out[f"{name}.weight_shape"] = torch.tensor(list(q.shape))
+    if zp is not None:
+        out[f"{name}.weight_zero_point"] = (pack_to_int32(zp, grid.bits, packed_dim=0) if kind == "pack"
+                                            else zp).contiguous()
     return out
 
 
@@ -84,14 +93,21 @@ def write(ctx, model, path) -> dict:
     sconfig = layout.sparsity_config(model, sparse, compressed=compress_sparse)
     if not compress_sparse:
         sparse = {}
+    plain = layout.plain_transformers(qconfig, len(sparse))
     modules = dict(model.named_modules())
+    tied = layout.tied_head(model)
 
     state = model.state_dict()
     tensors: dict = {}
     replaced = set()
     for name, module, grid in grids:
-        tensors.update(packed_tensors(name, module, grid))
+        kind = layout.kind_of(model, module)
+        tensors.update(packed_tensors(name, module, grid, kind))
         replaced.add(f"{name}.weight")
+        if tied and name == tied[1]:  # the tied head's own scale (and zero point); its int8 weight is this one
+            for suffix in ("weight_scale", "weight_zero_point"):
+                if f"{name}.{suffix}" in tensors:
+                    tensors[f"{tied[0]}.{suffix}"] = tensors[f"{name}.{suffix}"].clone()
     if compress_sparse:
         two_four = sconfig.format == "sparse-24-bitmask"
         for name, mask in sparse.items():
@@ -104,7 +120,7 @@ def write(ctx, model, path) -> dict:
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
     seen: dict = {(state[k].data_ptr(), state[k].numel()): k for k in replaced if k in state}
     for key, value in state.items():
-        if key in replaced:
+        if key in replaced or key in tensors:
             continue
         ptr = (value.data_ptr(), value.numel())
         if ptr in seen:
@@ -117,7 +133,7 @@ def write(ctx, model, path) -> dict:
 
     model.config.save_pretrained(str(path))
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = layout.config_dict(qconfig, sconfig)
+    config["quantization_config"] = layout.config_dict(qconfig, sconfig, plain["dequantize"])
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -125,4 +141,5 @@ def write(ctx, model, path) -> dict:
     return {"packed_layers": len(grids), "sparse_layers": len(sparse),
             "sparsity_format": sconfig.format if sconfig is not None else None,
             "schemes": sorted({g.describe() for _, _, g in grids}),
-            "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids)}
+            "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
+            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
