@@ -1,16 +1,17 @@
 """Save formats on SmolLM2-135M: bytes on disk against model_bytes before save, perplexity after reload.
 
-For each quantized / pruned recipe in recipes/ that runs without training (its own steps minus ``bench``), and an
-RTN int4 g64 symmetric model (the grid transformers' own compressed-tensors loader reads), this runs the chain,
-then ``save`` (``--format auto``, and ``--format compressed-tensors`` for pruned models) and measures:
+For each recipe in recipes/ whose grid or sparsity compressed-tensors holds and that runs without training (its own
+steps minus ``bench``), and RTN int4 g64 symmetric models (with and without ``--embeddings 8``), this runs the
+chain, then ``save`` (``--format auto``, and ``--format compressed-tensors`` for pruned models) and measures:
 
 * ``model_bytes`` the chain reported before ``save`` and the bytes of the ``*.safetensors`` files written;
 * held-out perplexity of the saved model (``eval``), of ``gptopt run --model DIR`` and of plain
-  ``AutoModelForCausalLM.from_pretrained(DIR)`` (same windows: block 512, 4096 tokens);
+  ``AutoModelForCausalLM.from_pretrained(DIR)`` (same windows: block 512, 4096 tokens; the route transformers took:
+  its default one, or ``dequantize`` where the config says so - see docs/save-formats.md);
 * for pruned models, whether the reloaded zeros are exactly the pruning masks;
 * refusals (format, one line) where a format cannot hold the model.
 
-    python benchmarks/save_formats.py                 # all rows (~25 CPU-minutes on 2 shared cores)
+    python benchmarks/save_formats.py                 # all rows (~40 CPU-minutes on 2 shared cores)
     python benchmarks/save_formats.py --only 09 rtn   # some rows; the others are kept from the JSON
 
 Writes docs/save_formats.json and the measured block of docs/save-formats.md.
@@ -33,27 +34,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "docs" / "save_formats.json"
 DOC = ROOT / "docs" / "save-formats.md"
 START, END = "<!-- save-formats:measured:start -->", "<!-- save-formats:measured:end -->"
-RECIPES = ["02-int8", "03-nf4", "04-nf4-emb8", "05-fp4", "07-magnitude-50", "08-wanda-50", "09-wanda-2of4",
-           "13-gptq-int4-g64", "14-sparsegpt-2of4"]
-SKIPPED = {"06-planned-partial": "bitsandbytes plan with int8 embeddings: not held by compressed-tensors, refused "
+RECIPES = ["07-magnitude-50", "08-wanda-50", "09-wanda-2of4", "13-gptq-int4-g64", "14-sparsegpt-2of4"]
+BNB = ("bitsandbytes {}: a codebook / absmax format compressed-tensors does not hold (refused before the model "
+       "loads: tests/test_bad_input.py 'save: nf4 as compressed-tensors'); save --format auto writes it with "
+       "transformers' BitsAndBytesConfig")
+SKIPPED = {"02-int8": BNB.format("int8"), "03-nf4": BNB.format("nf4"),
+           "04-nf4-emb8": "bitsandbytes nf4 with int8 embeddings: not held by compressed-tensors (refused before the "
+                          "model loads), and one BitsAndBytesConfig cannot describe it, so safetensors refuses it "
+                          "unless --allow-dequantized (tested on the tiny models)",
+           "05-fp4": BNB.format("fp4"),
+           "06-planned-partial": "bitsandbytes plan with int8 embeddings: not held by compressed-tensors, refused "
                                  "by safetensors unless --allow-dequantized (tested on the tiny models)",
            "10-wanda-50-lora": "trains (LoRA); its merged pruned model is written like 08",
            "11-nf4-qlora": "trains (QLoRA) on an nf4 base: not held by compressed-tensors",
            "12-l1-ft-magnitude-50": "trains 45 steps (~13 CPU-min); its pruned model is written like 08"}
-RTN_G64 = ("quantize", {"method": "rtn", "bits": 4, "group_size": "64", "symmetric": True})
-EXTRA = {"rtn-int4-g64-sym": [RTN_G64], "rtn-int4-g64-sym+emb-int8": [RTN_G64]}
-
-
-def embedding_on_int8_grid(model) -> None:
-    """Benchmark-side: round the (tied) token embedding to an int8 per-row symmetric grid, as compressed-tensors
-    holds ``nn.Embedding`` weights (``quantize --method rtn`` leaves embeddings and tied heads in float)."""
-    from gptopt_core import fit_grid, round_to_grid
-
-    emb = model.get_input_embeddings()
-    round_to_grid(emb, fit_grid(emb.weight, 8, None, symmetric=True))
-
-
-AFTER = {"rtn-int4-g64-sym+emb-int8": embedding_on_int8_grid}
+RTN_G64 = {"method": "rtn", "bits": 4, "group_size": "64", "symmetric": True}
+EXTRA = {"rtn-int4-g64-sym": [("quantize", RTN_G64)],
+         "rtn-int4-g64-sym+emb-int8": [("quantize", {**RTN_G64, "embeddings": "8"})]}
 
 
 def safetensors_bytes(path: Path) -> int:
@@ -106,6 +103,8 @@ def reload_ppl(path: Path, data, saved_model, pruned: bool) -> dict:
         if left:  # transformers initialised these at random: its perplexity would measure nothing
             out["plain_error"] = f"transformers left {len(left)} tensors uninitialised (e.g. {left[0]})"
             return out
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        out["plain_route"] = "dequantize" if qc.get("dequantize") else "default"
         out["plain_ppl"] = perplexity(plain, data.valid_ids, 512, 512, 4096)["perplexity"]
         if pruned:
             out["plain_zeros_exact"] = zeros_exact(saved_model, plain)
@@ -127,12 +126,6 @@ def measure(name: str, workdir: Path) -> dict:
     row = {"recipe": name, "steps": [{s: p} for s, p in steps], "chain_seconds": round(time.perf_counter() - t0, 1),
            "model_bytes": res.records[-1]["metrics"]["model_bytes"], "ppl": res.records[-1]["metrics"]["perplexity"],
            "sparsity": res.records[-1]["metrics"]["sparsity"], "facts": sorted(res.ctx.facts), "saves": {}}
-    if name in AFTER:
-        from gptopt_core import model_bytes, perplexity
-
-        AFTER[name](res.model)
-        row.update(after=AFTER[name].__doc__.split(".")[0].strip(), model_bytes=model_bytes(res.model),
-                   ppl=perplexity(res.model, res.ctx.data.valid_ids, 512, 512, 4096)["perplexity"])
     pruned = "masks" in res.ctx.facts
     formats = ["auto", "compressed-tensors"] if pruned and "quantized:grid" not in res.ctx.facts else ["auto"]
     if any(f in res.ctx.facts for f in ("quantized:4bit", "quantized:8bit")):
@@ -204,7 +197,8 @@ def table(result) -> str:
                 lines.append(f"| {row['recipe']} | {fmt}: refused | {row['model_bytes'] / 1e6:.1f} MB | - | - | - | "
                              f"{row['ppl']:.3f} | - | - | - |")
                 continue
-            plain = f"{num(e['plain_ppl'])} (x{num(e['plain_ppl_ratio'], 5)})" if "plain_ppl" in e else \
+            route = ", de-quantized" if e.get("plain_route") == "dequantize" else ""
+            plain = f"{num(e['plain_ppl'])} (x{num(e['plain_ppl_ratio'], 5)}{route})" if "plain_ppl" in e else \
                 "cannot read (see below)"
             zeros = "-" if "zeros_exact" not in e else ("yes" if e["zeros_exact"] else "NO")
             lines.append(f"| {row['recipe']} | {fmt} -> {e['format']} | {row['model_bytes'] / 1e6:.1f} MB | "
