@@ -151,20 +151,19 @@ def test_int8_embeddings_and_head_reload_in_plain_transformers(tied, tmp_path):
 def test_what_plain_transformers_cannot_read_is_said_at_save_and_fails_loudly(arch, tmp_path, capsys):
     """Asymmetric packed zero points or Conv1D blocks beside another config group (here the int8 embedding's):
     transformers' default route cannot hold them and its de-quantizing one takes one scheme for every layer
-    (docs/save-formats.md). save says so in one line; gptopt reads it exactly; transformers errors or reports the
-    layers it left uninitialised - it never loads them silently."""
+    (docs/save-formats.md). save says so in one line; transformers errors or reports the layers it left
+    uninitialised - it never loads them silently."""
     from transformers import AutoModelForCausalLM
 
     model = tied_llama(tmp_path / "tied") if arch == "tied-llama" else arch
     out = tmp_path / "m"
-    res = run(model, ("quantize", {"method": "rtn", "bits": 4, "group_size": "32", "embeddings": "8",
-                                   "symmetric": arch != "tied-llama"}), ("eval", EVAL), ("save", {"to": str(out)}))
+    run(model, ("quantize", {"method": "rtn", "bits": 4, "group_size": "32", "embeddings": "8",
+                             "symmetric": arch != "tied-llama"}), ("save", {"to": str(out)}))
     note = [line for line in capsys.readouterr().err.splitlines() if "from_pretrained" in line]
     what = "asymmetric packed zero points" if arch == "tied-llama" else "GPT-2 Conv1D grids"
     assert len(note) == 1 and f"cannot read {what} beside another scheme" in note[0]
     assert "`gptopt run --model DIR`" in note[0] and "dequantize" not in quant_config(out)
-    again = run(str(out), ("eval", EVAL))
-    assert again.records[0]["metrics"]["perplexity"] == res.records[1]["metrics"]["perplexity"]
+    # (gptopt reads these layouts exactly: test_asymmetric_int4_groups_round_trip_exactly)
     if arch == "tied-llama":  # compressed-tensors builds the zero point unpacked: size mismatch, an error
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
             AutoModelForCausalLM.from_pretrained(str(out))
@@ -296,14 +295,22 @@ def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_p
 
 
 @pytest.mark.slow
-def test_smollm2_int4_g64_saves_packed_and_plain_transformers_reloads_it(tmp_path):
+def test_smollm2_int4_g64_int8_embeddings_saves_packed_and_plain_transformers_reloads_it(tmp_path):
+    """SmolLM2 (head tied to the embedding), RTN int4 g64 + int8 embeddings: at most 0.30x the dense fp32 bytes,
+    within 5 % of model_bytes, and plain transformers reads it at the saved model's perplexity (within 0.1 %; 512
+    held-out tokens: the figure docs/save-formats.md measures on 4096 by benchmarks/save_formats.py)."""
     from transformers import AutoModelForCausalLM
 
-    ev = {"max_tokens": 1025}
-    res = run("smollm2-135m", ("quantize", {"method": "rtn", "bits": 4, "group_size": "64"}), ("eval", ev),
+    from gptopt_core.saveformats import tensor_bytes
+
+    res = run("smollm2-135m", ("quantize", {"method": "rtn", "bits": 4, "group_size": "64", "embeddings": "8"}),
               ("save", {"to": str(tmp_path / "m")}))
-    held = res.records[1]["metrics"]["model_bytes"]
-    assert abs((tmp_path / "m" / "model.safetensors").stat().st_size / held - 1) < 0.05
-    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
-    again = perplexity(plain, res.ctx.data.valid_ids, 512, 512, 1024)["perplexity"]
-    assert abs(again / res.records[1]["metrics"]["perplexity"] - 1) < 0.001
+    held = model_bytes(res.model)
+    dense = 4 * sum(p.numel() for p in res.model.parameters())  # fp32, the tied weight once
+    written = tensor_bytes(tmp_path / "m")
+    assert abs(written / held - 1) < 0.05 and written <= 0.30 * dense, (written, held, dense)
+    saved = perplexity(res.model, res.ctx.data.valid_ids, 256, 256, 512)["perplexity"]
+    plain, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), output_loading_info=True)
+    assert not any(info.values()), info
+    again = perplexity(plain, res.ctx.data.valid_ids, 256, 256, 512)["perplexity"]
+    assert abs(again / saved - 1) < 0.001
