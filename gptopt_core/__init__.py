@@ -31,6 +31,7 @@ _LAZY = {
     "resolve_precision": "training", "mask_targets": "training",
     # calibration, sensitivity and integer grids
     "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
+    "swapped_modules": "precision_search", "nll_with_modules": "precision_search", "smallest_within": "precision_search",
     "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
     "resident_param_bytes": "calibration", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",

@@ -17,7 +17,7 @@ import math
 
 import torch.nn as nn
 
-from gptopt_core.sensitivity import calibration_nll, get_module, module_sensitivity, replace_module
+from gptopt_core import calibration_nll, get_module, module_sensitivity, nll_with_modules, smallest_within
 
 from .convert import make_embedding, make_linear, make_tied_head
 
@@ -35,17 +35,12 @@ def unit_bytes(module, precision: str, s: dict, embedding: bool) -> float:
     return n / 2 + blocks * (1 if double else 4) + (blocks / 256 * 4 if double else 0)
 
 
-def auto_plan(ctx, step, layers, layout, emb_prec):
-    p, s = step.params, step.settings()
-    q4 = s["quant_type"]
-    model, device = ctx.model, ctx.device
-    budget = p.max_ppl_increase if p.max_ppl_increase is not None else 0.05
-    calib_blocks, calib_seq_len = p.calibration()
-    check_blocks = p.check_blocks or 16
-    blocks = ctx.calibration_blocks(calib_blocks, calib_seq_len)
-    check = ctx.calibration_blocks(check_blocks, calib_seq_len)
+def plan_units(layers, layout: dict, emb_prec, q4: str) -> tuple[dict, dict]:
+    """What gets one precision: ``({unit: [member modules]}, {unit: allowed precisions})``.
 
-    # units: name -> member modules; allowed precisions
+    A unit is one layer (4-bit, int8 or kept), or with ``--embeddings`` an embedding (``emb_prec``'s choices),
+    which also carries the output head when the head is tied to it (they share one quantized storage).
+    """
     units, allowed = {}, {}
     for name in layers:
         units[name] = [name]
@@ -65,114 +60,147 @@ def auto_plan(ctx, step, layers, layout, emb_prec):
     for name in list(units):
         if name == head_name and layout["tied"] and emb_prec and emb_name in units:
             del units[name]  # folded into the embedding's unit above (layers never include the head here)
+    return units, allowed
 
-    memo: dict = {}
 
-    def quantized(name, precision):
+class PlanSearch:
+    """The measurements behind ``--plan auto`` on one model: unit sensitivities, plan(k), whole-plan checks.
+
+    Replacement modules are built once per (module, precision) and shared by every check; the model itself is
+    only ever changed inside a check, and restored after it.
+    """
+
+    def __init__(self, model, device, settings: dict, units: dict, allowed: dict, layout: dict):
+        self.model, self.device, self.s = model, device, settings
+        self.units, self.allowed, self.layout = units, allowed, layout
+        self.q4 = settings["quant_type"]
+        self.memo: dict = {}
+        self.trials: list[dict] = []  # one row per whole-plan check, in the order measured
+
+    def quantized(self, name: str, precision: str):
+        """The module at ``name`` converted to ``precision`` (built once)."""
         key = (name, precision)
-        if key not in memo:
-            module = get_module(model, name)
-            memo[key] = (make_embedding(module, precision, s, device) if type(module) is nn.Embedding
-                         else make_linear(module, precision, s, device))
-        return memo[key]
+        if key not in self.memo:
+            module = get_module(self.model, name)
+            self.memo[key] = (make_embedding(module, precision, self.s, self.device) if type(module) is nn.Embedding
+                              else make_linear(module, precision, self.s, self.device))
+        return self.memo[key]
 
-    # 1. single-unit 4-bit sensitivity (members of a unit measured one by one, summed)
-    to_measure = [m for u, members in units.items() if q4 in allowed[u] for m in members]
-    ctx.log(f"  plan auto: measuring 4-bit sensitivity of {len(to_measure)} modules on "
-            f"{calib_blocks}x{calib_seq_len} calibration tokens (train split)")
-    sens = module_sensitivity(model, blocks, {n: (lambda m, n=n: quantized(n, q4)) for n in to_measure},
-                              progress=ctx.progress)
-    base = calibration_nll(model, check)  # the checks' reference: the model as it stands, on the check blocks
-    delta = {u: sum(sens["delta_nll"][m] for m in members) if q4 in allowed[u] else 0.0
-             for u, members in units.items()}
-    size = {u: {prec: sum(unit_bytes(get_module(model, m), prec, s, type(get_module(model, m)) is nn.Embedding)
-                          for m in members[:1]) for prec in (q4, "int8", "keep")}
-            for u, members in units.items()}
-    budget_nll = base + math.log1p(budget)
+    # 1. sensitivity and size of each unit
+    def to_measure(self) -> list[str]:
+        return [m for u, members in self.units.items() if self.q4 in self.allowed[u] for m in members]
 
-    # 2. order: 4-bit sensitivity per byte saved against int8
-    upgradable = [u for u in units if q4 in allowed[u]]
-    fixed8 = [u for u in units if q4 not in allowed[u]]
-    order = sorted(upgradable, key=lambda u: -delta[u] / max(size[u]["int8"] - size[u][q4], 1.0))
-    keepable = sorted([u for u in units if "keep" in allowed[u]], key=lambda u: -delta[u])
+    def measure_sensitivity(self, blocks, progress=None) -> None:
+        """``self.delta``: each unit's calibration NLL change at 4 bits (members measured one by one, summed)."""
+        q4 = self.q4
+        sens = module_sensitivity(self.model, blocks, {n: (lambda m, n=n: self.quantized(n, q4))
+                                                       for n in self.to_measure()}, progress=progress)
+        self.delta = {u: sum(sens["delta_nll"][m] for m in members) if q4 in self.allowed[u] else 0.0
+                      for u, members in self.units.items()}
 
-    def plan_for(k_int8: int, k_keep: int = 0) -> dict:
-        plan = {u: q4 for u in upgradable}
-        plan.update({u: "int8" for u in fixed8})
-        plan.update({u: "int8" for u in order[:k_int8]})
-        plan.update({u: "keep" for u in keepable[:k_keep]})
+    def measure_sizes(self) -> None:
+        """``self.size[unit][precision]``: weight bytes (a tied head shares the embedding's, so it adds none)."""
+        model, s = self.model, self.s
+        self.size = {u: {prec: sum(unit_bytes(get_module(model, m), prec, s, type(get_module(model, m)) is nn.Embedding)
+                                   for m in members[:1]) for prec in (self.q4, "int8", "keep")}
+                     for u, members in self.units.items()}
+
+    # 2. the order in which units are protected
+    def order_units(self) -> None:
+        """``self.order``: 4-bit-able units, most sensitive per byte saved against int8 first; ``self.keepable``:
+        units that may stay unquantized, most sensitive first."""
+        q4, delta, size = self.q4, self.delta, self.size
+        self.upgradable = [u for u in self.units if q4 in self.allowed[u]]
+        self.fixed8 = [u for u in self.units if q4 not in self.allowed[u]]
+        self.order = sorted(self.upgradable, key=lambda u: -delta[u] / max(size[u]["int8"] - size[u][q4], 1.0))
+        self.keepable = sorted([u for u in self.units if "keep" in self.allowed[u]], key=lambda u: -delta[u])
+
+    def plan_for(self, k_int8: int, k_keep: int = 0) -> dict:
+        """The first ``k_int8`` units of the order in int8, the other 4-bit-able ones 4-bit, the first ``k_keep``
+        keepable ones kept: ``{unit: precision}``."""
+        plan = {u: self.q4 for u in self.upgradable}
+        plan.update({u: "int8" for u in self.fixed8})
+        plan.update({u: "int8" for u in self.order[:k_int8]})
+        plan.update({u: "keep" for u in self.keepable[:k_keep]})
         return plan
 
-    def expand(plan: dict) -> dict:
+    def expand(self, plan: dict) -> dict:
+        """A unit plan as a module plan: ``{module name: precision}``."""
+        return {m: prec for u, prec in plan.items() for m in self.units[u]}
+
+    # 3. whole-plan checks and the search
+    def replacements(self, plan: dict) -> dict:
+        """``{module name: replacement}`` for a plan, the output head last (a tied head uses the embedding's)."""
+        layout, head_name, emb_name = self.layout, self.layout["head"], self.layout["input_embedding"]
+        expanded = self.expand(plan)
         out = {}
-        for u, prec in plan.items():
-            for m in units[u]:
-                out[m] = prec
+        for name, prec in sorted(expanded.items(), key=lambda kv: kv[0] == head_name):
+            if prec == "keep":
+                continue
+            if name == head_name and layout["tied"] and expanded.get(emb_name) == prec:
+                out[name] = make_tied_head(get_module(self.model, name), self.quantized(emb_name, prec), self.s)
+            else:
+                out[name] = self.quantized(name, prec)
         return out
 
-    trials = []
-
-    def measure(plan: dict) -> float:
-        swapped = []
-        expanded = expand(plan)
-        try:
-            for name, prec in sorted(expanded.items(), key=lambda kv: kv[0] == head_name):
-                if prec == "keep":
-                    continue
-                if name == head_name and layout["tied"] and expanded.get(emb_name) == prec:
-                    new = make_tied_head(get_module(model, name), get_module(model, emb_name), s)
-                else:
-                    new = quantized(name, prec)
-                swapped.append((name, replace_module(model, name, new)))
-            nll = calibration_nll(model, check)
-        finally:
-            for name, old in reversed(swapped):
-                replace_module(model, name, old)
-        nbytes = sum(size[u][prec] for u, prec in plan.items())
-        trials.append({"int8": sum(v == "int8" for v in plan.values()), "keep": sum(v == "keep" for v in plan.values()),
-                       "calib_ppl_ratio": round(math.exp(nll - base), 5), "weight_bytes": int(nbytes)})
+    def measure(self, plan: dict, check) -> float:
+        """Calibration NLL on ``check`` with the whole plan in place (recorded in :attr:`trials`)."""
+        nll = nll_with_modules(self.model, check, self.replacements(plan))
+        self.trials.append({"int8": sum(v == "int8" for v in plan.values()),
+                            "keep": sum(v == "keep" for v in plan.values()),
+                            "calib_ppl_ratio": round(math.exp(nll - self.base), 5),
+                            "weight_bytes": int(sum(self.size[u][prec] for u, prec in plan.items()))})
         return nll
 
-    def search(make, hi: int):
-        """Smallest k in [0, hi] with measured nll within budget (None if none)."""
-        lo_ok = None
-        lo, top = 0, hi
-        if measure(make(top)) > budget_nll:
-            return None
-        lo_ok = top
-        while lo < lo_ok:
-            mid = (lo + lo_ok) // 2
-            if measure(make(mid)) <= budget_nll:
-                lo_ok = mid
-            else:
-                lo = mid + 1
-        return lo_ok
+    def choose(self, check, budget_nll: float) -> tuple[dict, bool]:
+        """The plan with the fewest int8 units within ``budget_nll``; if even all-int8 is over, the fewest kept
+        units on top of it (or all of them, ``met`` False)."""
+        k, _ = smallest_within(lambda k: self.measure(self.plan_for(k), check), budget_nll, 0, len(self.order))
+        if k is not None:
+            return self.plan_for(k), True
+        top = len(self.order)
+        j, _ = smallest_within(lambda j: self.measure(self.plan_for(top, j), check), budget_nll, 0, len(self.keepable))
+        return self.plan_for(top, j if j is not None else len(self.keepable)), j is not None
 
-    k = search(lambda k: plan_for(k), len(order))
-    if k is not None:
-        chosen = plan_for(k)
-        met = True
-    else:
-        j = search(lambda j: plan_for(len(order), j), len(keepable))
-        met = j is not None
-        chosen = plan_for(len(order), j if met else len(keepable))
+    def report(self, chosen: dict, met: bool, budget: float, calib_tokens: int, check_tokens: int) -> dict:
+        """The planner's record: budget, result, every check, the order and each unit's choice."""
+        n_int8, n_keep = sum(v == "int8" for v in chosen.values()), sum(v == "keep" for v in chosen.values())
+        final = next((t for t in reversed(self.trials) if t["int8"] == n_int8 and t["keep"] == n_keep), None)
+        ratio_key = "nf4_ppl_ratio" if self.q4 == "nf4" else "fp4_ppl_ratio"
+        return {"budget": budget, "met": met, "calib_tokens": calib_tokens, "check_tokens": check_tokens,
+                "base_calib_ppl": round(math.exp(self.base), 4),
+                "calib_ppl_ratio": final["calib_ppl_ratio"] if final else None,
+                "trials": self.trials,
+                "order": self.order,  # plan(k) = these units' first k in int8, the rest 4-bit
+                "modules": {u: {"precision": chosen[u], ratio_key: round(math.exp(self.delta[u]), 6),
+                                "bytes": int(self.size[u][chosen[u]])} for u in self.units}}
 
-    plan = expand(chosen)
-    final = next((t for t in reversed(trials) if t["int8"] == sum(v == "int8" for v in chosen.values())
-                  and t["keep"] == sum(v == "keep" for v in chosen.values())), None)
-    report = {"budget": budget, "met": met, "calib_tokens": calib_blocks * calib_seq_len,
-              "check_tokens": check_blocks * calib_seq_len,
-              "base_calib_ppl": round(math.exp(base), 4),
-              "calib_ppl_ratio": final["calib_ppl_ratio"] if final else None,
-              "trials": trials,
-              "order": order,  # plan(k) = these units' first k in int8, the rest 4-bit
-              "modules": {u: {"precision": chosen[u], "nf4_ppl_ratio" if q4 == "nf4" else "fp4_ppl_ratio":
-                              round(math.exp(delta[u]), 6), "bytes": int(size[u][chosen[u]])} for u in units}}
+
+def auto_plan(ctx, step, layers, layout, emb_prec):
+    """``--plan auto``: ``({module: precision}, report)`` for the smallest weights within the ppl budget."""
+    p, s = step.params, step.settings()
+    budget = p.max_ppl_increase if p.max_ppl_increase is not None else 0.05
+    calib_blocks, calib_seq_len = p.calibration()
+    check_blocks = p.check_blocks or 16
+    blocks = ctx.calibration_blocks(calib_blocks, calib_seq_len)
+    check = ctx.calibration_blocks(check_blocks, calib_seq_len)
+    units, allowed = plan_units(layers, layout, emb_prec, s["quant_type"])
+    search = PlanSearch(ctx.model, ctx.device, s, units, allowed, layout)
+
+    ctx.log(f"  plan auto: measuring 4-bit sensitivity of {len(search.to_measure())} modules on "
+            f"{calib_blocks}x{calib_seq_len} calibration tokens (train split)")
+    search.measure_sensitivity(blocks, progress=ctx.progress)
+    search.base = calibration_nll(ctx.model, check)  # the checks' reference: the model as it stands
+    search.measure_sizes()
+    search.order_units()
+    chosen, met = search.choose(check, search.base + math.log1p(budget))
+
+    report = search.report(chosen, met, budget, calib_blocks * calib_seq_len, check_blocks * calib_seq_len)
     print_plan(ctx, report, units)
     if not met:
         ctx.log(f"  [yellow]plan auto: no plan stays within +{budget:.1%}; keeping the closest one[/]")
-    memo.clear()
-    return plan, report
+    search.memo.clear()
+    return search.expand(chosen), report
 
 
 def print_plan(ctx, report, units) -> None:

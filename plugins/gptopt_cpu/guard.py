@@ -1,37 +1,20 @@
 """The quality guard: keep the linear layers an int8 conversion hurts most in float32.
 
 1. Convert every candidate layer at once (swapped in place, no model copy) and measure the calibration NLL
-   (train split, ``gptopt_core.sensitivity.calibration_nll``). Within budget: done, nothing is kept.
+   (train split, ``gptopt_core.nll_with_modules``). Within budget: done, nothing is kept.
 2. Otherwise measure each layer's own damage with the core's ``module_sensitivity`` (the same measurement
    ``quantize --plan auto`` uses), order the layers by it, and binary-search the smallest number ``k`` of
    most-damaging layers to keep in float so that the *measured* calibration NLL with all the others converted
-   is within ``log(1 + budget)`` of the float model's.
+   is within ``log(1 + budget)`` of the float model's (``gptopt_core.smallest_within``, the search
+   ``quantize --plan auto`` uses too).
 """
 from __future__ import annotations
 
 import math
 
-from gptopt_core.sensitivity import calibration_nll, module_sensitivity, replace_module
+from gptopt_core import calibration_nll, module_sensitivity, nll_with_modules, smallest_within
 
 from .convert import convert_module, linear_names, matches
-
-
-class _Swapped:
-    """Context manager: the named layers replaced by converted copies (memoised), restored on exit."""
-
-    def __init__(self, model, names, make):
-        self.model, self.names, self.make = model, list(names), make
-        self.saved = []
-
-    def __enter__(self):
-        for name in self.names:
-            self.saved.append((name, replace_module(self.model, name, self.make(name))))
-        return self.model
-
-    def __exit__(self, *exc):
-        for name, original in reversed(self.saved):
-            replace_module(self.model, name, original)
-        self.saved = []
 
 
 def guard_plan(model, fmt: str, blocks, budget: float, keep=(), progress=None, log=None) -> dict:
@@ -48,14 +31,12 @@ def guard_plan(model, fmt: str, blocks, budget: float, keep=(), progress=None, l
             memo[name] = convert_module(model.get_submodule(name), fmt)
         return memo[name]
 
+    def nll_keeping(kept) -> float:
+        return nll_with_modules(model, blocks, {n: make(n) for n in candidates if n not in kept})
+
     base = calibration_nll(model, blocks)
     limit = base + math.log1p(budget)
-
-    def nll_keeping(kept: set) -> float:
-        with _Swapped(model, [n for n in candidates if n not in kept], make):
-            return calibration_nll(model, blocks)
-
-    plain = nll_keeping(set())
+    plain = nll_keeping(())
     out = {"base_nll": base, "plain_calib_ppl_ratio": math.exp(plain - base)}
     if plain <= limit:
         out.update(keep=[], nll=plain, calib_ppl_ratio=math.exp(plain - base), within_budget=True)
@@ -66,17 +47,10 @@ def guard_plan(model, fmt: str, blocks, budget: float, keep=(), progress=None, l
     sens = module_sensitivity(model, blocks, {n: (lambda m, n=n: make(n)) for n in candidates}, progress=progress)
     delta = sens["delta_nll"]
     order = sorted(candidates, key=lambda n: -delta[n])
-    results = {0: plain}
-    lo, hi = 0, len(order)  # invariant: keeping order[:hi] is within budget (all kept == the float model)
-    results[hi] = base
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        results[mid] = nll_keeping(set(order[:mid]))
-        if results[mid] <= limit:
-            hi = mid
-        else:
-            lo = mid
-    kept = order[:hi]
-    out.update(keep=kept, nll=results[hi], calib_ppl_ratio=math.exp(results[hi] - base),
-               within_budget=results[hi] <= limit, sensitivity={n: round(delta[n], 6) for n in order})
+    # keeping all of them is the float model (base); keeping none was measured above (plain, over budget)
+    k, nll = smallest_within(lambda k: nll_keeping(set(order[:k])), limit, 0, len(order),
+                             known={0: plain, len(order): base})
+    kept = order[:k]
+    out.update(keep=kept, nll=nll[k], calib_ppl_ratio=math.exp(nll[k] - base), within_budget=nll[k] <= limit,
+               sensitivity={n: round(delta[n], 6) for n in order})
     return out
