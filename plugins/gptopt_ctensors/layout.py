@@ -9,8 +9,8 @@ Conventions (compressed-tensors 0.20.1; see docs/save-formats.md for why each la
 * ``nn.Linear`` layers (kind ``pack``): ``pack-quantized`` with ``group`` / ``channel`` strategy, codes packed
   ``32 / b`` per int32 along the input dimension, zero points packed along the output dimension, as llm-compressor
   writes W4A16 / W8A16 (what vLLM serves);
-* token embedding and output head (kind ``naive``): ``naive-quantized``, the codes as an int8 ``weight`` (same bytes
-  as packed int8; transformers' weight initialisation needs an ``nn.Embedding`` to keep a ``weight``). A head tied
+* token embedding and an 8-bit output head (kind ``naive``): ``naive-quantized``, the codes as an int8 ``weight``
+  (same bytes as packed int8; transformers' weight initialisation needs an ``nn.Embedding`` to keep a ``weight``). A head tied
   to the embedding is a target of the same group with its own ``weight_scale``: the int8 weight is written once;
 * GPT-2 ``Conv1D`` layers (kind ``block``): in their own ``(in, out)`` orientation, ``pack-quantized`` with the
   ``block`` strategy, blocks ``[group, 1]`` (``[rows, 1]`` per channel), zero points unpacked int8 (compressed-tensors
@@ -23,14 +23,15 @@ NAIVE = "naive-quantized"
 FORMATS = {"pack": FORMAT, "naive": NAIVE, "block": FORMAT}
 
 
-def kind_of(model, module) -> str:
-    """``"naive"`` (token embedding / output head), ``"block"`` (GPT-2 Conv1D) or ``"pack"`` (nn.Linear)."""
+def kind_of(model, module, grid=None) -> str:
+    """``"naive"`` (token embedding, or an 8-bit output head: one group with the embedding), ``"block"`` (GPT-2
+    Conv1D) or ``"pack"`` (nn.Linear)."""
     import torch.nn as nn
 
     from gptopt_core import is_conv1d
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(module, nn.Embedding) or module is head:
+    if isinstance(module, nn.Embedding) or (module is head and grid is not None and grid.bits == 8):
         return "naive"
     return "block" if is_conv1d(module) else "pack"
 
@@ -88,7 +89,7 @@ def quantization_config(model, grid_layers):
     modules = dict(model.named_modules())
     by_scheme: dict = {}
     for name, module, grid in grid_layers:
-        by_scheme.setdefault(scheme_key(grid, kind_of(model, module)), []).append((name, grid))
+        by_scheme.setdefault(scheme_key(grid, kind_of(model, module, grid)), []).append((name, grid))
     tied = tied_head(model)
     groups, ignore, targeted = {}, [], set()
     for i, (key, members) in enumerate(sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))):

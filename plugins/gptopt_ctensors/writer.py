@@ -101,7 +101,7 @@ def write(ctx, model, path) -> dict:
     tensors: dict = {}
     replaced = set()
     for name, module, grid in grids:
-        kind = layout.kind_of(model, module)
+        kind = layout.kind_of(model, module, grid)
         tensors.update(packed_tensors(name, module, grid, kind))
         replaced.add(f"{name}.weight")
         if tied and name == tied[1]:  # the tied head's own scale (and zero point); its int8 weight is this one
