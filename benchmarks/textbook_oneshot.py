@@ -129,6 +129,7 @@ def run(model, calib, cfg):
     import torch.nn as nn
 
     layers = model.model.layers
+    threads = torch.get_num_threads()
     cache = []
 
     class Catcher(nn.Module):
@@ -167,11 +168,13 @@ def run(model, calib, cfg):
             layer(*args, **kwargs)
         for h in handles:
             h.remove()
+        torch.set_num_threads(1)  # thousands of tiny column ops: one thread avoids a barrier per op
         for n, m in linears.items():
             if cfg["kind"] == "gptq":
                 m.weight.data = gptq(m.weight.data, H[n], cfg["bits"], cfg["group"], cfg["sym"])
             else:
                 m.weight.data = sparsegpt(m.weight.data, H[n], cfg["sparsity"], cfg["n"], cfg["m"])
+        torch.set_num_threads(threads)
         outs = []
         for args, kwargs in cache:
             out = layer(*args, **kwargs)

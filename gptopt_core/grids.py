@@ -109,9 +109,10 @@ def check_group_size(in_features: int, group_size: Optional[int], name: str = "l
 
 OBSERVERS = ("minmax", "mse")
 #: the mse observer's search, as in the GPTQ reference quantizer (and compressed-tensors' ``mse`` observer): shrink
-#: the min-max range by 1 %, 2 %, ... up to 80 % and keep, per group, the range whose rounding error has the
-#: smallest sum of ``|w - q|^2.4``
-MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
+#: the min-max range by up to 80 % and keep, per group, the range whose rounding error has the smallest sum of
+#: ``|w - q|^2.4``. The reference tries every 1 % step (80 roundings); here a coarse pass every 4 % is refined
+#: per group by 1 % steps around its best (26 roundings; the minimum found is the same or within 1 % of range).
+MSE_COARSE, MSE_FINE, MSE_MAX_SHRINK, MSE_NORM = 0.04, 0.01, 0.8, 2.4
 
 
 def _scale_zero(lo, hi, bits: int, symmetric: bool):
@@ -129,17 +130,51 @@ def _scale_zero(lo, hi, bits: int, symmetric: bool):
     return scale, zero
 
 
-def _round_error(g, scale, zero, bits: int, symmetric: bool):
-    """Per group ``sum |w - q|^MSE_NORM`` of ``g`` ``(out, groups, size)`` rounded to the grid."""
+def _round_error(g, scale, zero, bits: int, symmetric: bool, buf):
+    """Per group ``sum |w - q|^MSE_NORM`` of ``g`` ``(out, groups, size)`` rounded to the grid (``buf``: scratch
+    of ``g``'s shape)."""
     import torch
 
-    q = torch.round(g / scale[..., None])
+    s = scale[..., None]
+    torch.div(g, s, out=buf).round_()
     if symmetric:
-        q = q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        buf.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     else:
         z = zero[..., None].float()
-        q = (q + z).clamp(0, 2 ** bits - 1) - z
-    return (q * scale[..., None] - g).abs_().pow_(MSE_NORM).sum(-1)
+        buf.add_(z).clamp_(0, 2 ** bits - 1).sub_(z)
+    return buf.mul_(s).sub_(g).abs_().pow_(MSE_NORM).sum(-1)
+
+
+def _mse_search(g, lo, hi, bits: int, symmetric: bool):
+    """Per-group shrink of ``[lo, hi]`` with the lowest rounding error (coarse, then fine around each best)."""
+    import torch
+
+    buf = torch.empty_like(g)
+    best_p = torch.ones_like(lo)
+    scale, zero = _scale_zero(lo, hi, bits, symmetric)
+    best = _round_error(g, scale, zero, bits, symmetric, buf)
+
+    def trial(p):
+        nonlocal best, best_p, scale, zero
+        s, z = _scale_zero(p * lo, p * hi, bits, symmetric)
+        err = _round_error(g, s, z, bits, symmetric, buf)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_p = torch.where(better, p, best_p)
+        scale = torch.where(better, s, scale)
+        if zero is not None:
+            zero = torch.where(better, z, zero)
+
+    low = 1 - MSE_MAX_SHRINK
+    for i in range(1, round(MSE_MAX_SHRINK / MSE_COARSE)):
+        trial(torch.full_like(lo, 1 - i * MSE_COARSE))
+    centre = best_p.clone()
+    steps = round(MSE_COARSE / MSE_FINE)
+    for k in range(1, steps):
+        for sign in (1, -1):
+            p = centre + sign * k * MSE_FINE
+            trial(torch.where((p <= 1) & (p > low), p, centre))
+    return scale, zero
 
 
 def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
@@ -149,7 +184,7 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
     Symmetric: ``scale = max|w| / ((2**bits - 1) / 2)`` per group (as GPTQ and compressed-tensors do).
     Asymmetric: the group's range, widened to include 0, split into ``2**bits - 1`` steps.
     ``observer="minmax"`` takes the range as it is; ``"mse"`` shrinks it per group where clipping the extremes
-    lowers the rounding error (see ``MSE_GRID``), as the ``mse`` observers of the GPTQ reference code and
+    lowers the rounding error (see ``MSE_COARSE``), as the ``mse`` observers of the GPTQ reference code and
     llm-compressor do.
     """
     import torch
@@ -165,16 +200,7 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
     hi = g.amax(dim=2).clamp(min=0)
     scale, zero = _scale_zero(lo, hi, bits, symmetric)
     if observer == "mse":
-        best = _round_error(g, scale, zero, bits, symmetric)
-        for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
-            p = 1 - i / MSE_GRID
-            s, z = _scale_zero(p * lo, p * hi, bits, symmetric)
-            err = _round_error(g, s, z, bits, symmetric)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s, scale)
-            if zero is not None:
-                zero = torch.where(better, z, zero)
+        scale, zero = _mse_search(g, lo, hi, bits, symmetric)
     return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
 
 
