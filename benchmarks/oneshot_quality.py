@@ -70,6 +70,12 @@ CONFIGS = {
     "gptq-int4-g64-sym-mse": q("gptq", 4, 64, observer="mse"),
     "gptq-int4-g64-sym-act-mse": q("gptq", 4, 64, act_order=True, observer="mse"),
     "gptq-int4-g64-asym-act-mse": q("gptq", 4, 64, False, act_order=True, observer="mse"),
+    # calibration shape: the same 8,192 tokens as 16 blocks of 512 (the eval's window length)
+    "gptq-int4-g64-sym-16x512": q("gptq", 4, 64, calib_blocks=16, calib_seq_len=512),
+    "gptq-int4-g64-sym-mse-16x512": q("gptq", 4, 64, observer="mse", calib_blocks=16, calib_seq_len=512),
+    "sparsegpt-50-16x512": ("prune", dict(method="sparsegpt", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
+    "sparsegpt-2:4-16x512": ("prune", dict(method="sparsegpt", pattern="2:4", calib_samples=16, calib_seq_len=512)),
+    "wanda-50-16x512": ("prune", dict(method="wanda", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
     # extras
     "gptq-int4-g64-asym-act-128x128": q("gptq", 4, 64, False, act_order=True, calib_blocks=128),
     "sparsegpt-50-int4-g64": ("prune", dict(method="sparsegpt", sparsity=0.5, quantize_bits=4, group_size=64,
