@@ -95,16 +95,47 @@ def candidate_list(params, log) -> list[str]:
 
 
 def run_auto(ctx, step) -> dict:
+    """``--format auto``: convert a copy per candidate, measure each one's ppl and decode speed, keep the fastest
+    within the budget."""
     p = step.params
-    base = ctx.model
+    ids = _selection_ids(ctx, p)
+    prompt = _prompt(ctx, p)
+    blocks = ctx.calibration_blocks(p.calib_blocks, p.calib_seq_len)
+    models, info = convert_candidates(ctx, ctx.model, candidate_list(p, ctx.log), p, blocks)
+    rows = measure_quality(ctx, models, info, ids, p)
+    measure_speed(ctx, models, info, rows, prompt, p)
+    table, chosen = choose(rows, p)
+    _print_table(ctx, table, p)
+    if chosen is None:
+        best = min((r for r in table if r["format"] != "fp32"), key=lambda r: r["ppl_ratio"])
+        raise GptoptError(f"cpu-fast auto: no format stays within --max-ppl-increase {p.max_ppl_increase:.1%} "
+                          f"(closest: {best['format']} at ppl x{best['ppl_ratio']:.3f}); raise the budget or keep the "
+                          f"model as it is")
+    label = chosen["format"]
+    _adopt(ctx, step, models, info, label)
+    metrics = dict(info[label]["metrics"])
+    metrics.update(auto_choice=label, auto_table=[dict(r) for r in table],
+                   auto_decode_speedup=chosen["decode_speedup"], auto_ppl_ratio=chosen["ppl_ratio"],
+                   auto_decode_tokens_per_s=chosen["decode_tokens_per_s"], auto_split=p.select_on)
+    if p.select_on == "valid":
+        metrics["perplexity"] = chosen["perplexity"]
+    ctx.log(f"  auto: chose {label}: decode x{chosen['decode_speedup']:.2f} at ppl x{chosen['ppl_ratio']:.3f} "
+            f"(budget x{1.0 + p.max_ppl_increase:.3f})")
+    return metrics
+
+
+def _selection_ids(ctx, p):
+    """The tokens auto's perplexities are measured on (``--select-on``), at least one block of them."""
     ids = ctx.data.valid_ids if p.select_on == "valid" else ctx.data.train_ids
     if ids.numel() < p.block_size + 1:
         raise GptoptError(f"cpu-fast auto: the {p.select_on} split has {ids.numel()} tokens, fewer than one block of "
                           f"{p.block_size}+1; give more text or a smaller --block-size")
-    prompt = _prompt(ctx, p)
-    blocks = ctx.calibration_blocks(p.calib_blocks, p.calib_seq_len)
-    names = candidate_list(p, ctx.log)
+    return ids
 
+
+def convert_candidates(ctx, base, names, p, blocks) -> tuple[dict, dict]:
+    """``({label: model}, {label: info})``: the fp32 model as it is, and a converted copy per candidate (plus the
+    plain, unguarded int8-dynamic next to a guarded one that kept layers)."""
     models, info = {"fp32": base}, {"fp32": {"format": "fp32", "kept": 0, "record": None}}
     for fmt in names:
         ctx.log(f"  auto: converting a copy to {fmt}")
@@ -118,14 +149,23 @@ def run_auto(ctx, step) -> dict:
             record2, metrics2 = convert_with_guard(ctx, plain, fmt, p, False)
             models["int8-dynamic-plain"] = plain
             info["int8-dynamic-plain"] = {"format": fmt, "kept": 0, "record": record2, "metrics": metrics2}
+    return models, info
 
+
+def measure_quality(ctx, models, info, ids, p) -> dict:
+    """One table row per candidate: perplexity on ``ids`` (measured eagerly: torch.compile fuses ops, it does not
+    change the weights) and model bytes."""
     rows = {}
-    # perplexity is measured eagerly (torch.compile fuses ops, it does not change the weights); with --compile
-    # the speed test runs on compiled models (compilation happens in the speed test's warm-up run)
     for label, m in ctx.progress(list(models.items()), "auto: perplexity"):
         r = perplexity(m, ids, p.block_size, p.block_size, p.eval_tokens)
         rows[label] = {"format": label, "kept_layers": info[label]["kept"], "perplexity": r["perplexity"],
                        "model_bytes": model_bytes(m)}
+    return rows
+
+
+def measure_speed(ctx, models, info, rows, prompt, p) -> None:
+    """Decode speed of every candidate, interleaved, into ``rows`` (with ``--compile`` on compiled models: they
+    compile in the speed test's warm-up run), and each row's ppl ratio and budget verdict."""
     for label, m in models.items():
         rows[label]["compiled"] = bool(p.compile and label != "fp32" and compiles(info[label]["format"]))
         if rows[label]["compiled"]:
@@ -135,25 +175,27 @@ def run_auto(ctx, step) -> dict:
     speed = interleaved(models, prompt, p.new_tokens, p.rounds, warmup=2 if p.compile else 1,
                         pad_token_id=_pad(ctx), progress=ctx.progress)
     ref = rows["fp32"]
-    budget = 1.0 + p.max_ppl_increase
     for label, row in rows.items():
         row["ppl_ratio"] = row["perplexity"] / ref["perplexity"]
         row["decode_tokens_per_s"] = speed[label]["decode_tokens_per_s"]
         row["decode_speedup"] = speed[label]["decode_tokens_per_s"] / speed["fp32"]["decode_tokens_per_s"]
         row["prefill_ms"] = speed[label]["prefill_ms"]
-        row["within_budget"] = row["ppl_ratio"] <= budget
+        row["within_budget"] = row["ppl_ratio"] <= 1.0 + p.max_ppl_increase
+
+
+def choose(rows: dict, p) -> tuple[list[dict], dict | None]:
+    """``(table, chosen row)``: the fastest decoder among the converted formats within the budget (``None`` if
+    none is); every row marked ``chosen`` or not."""
     eligible = [r for label, r in rows.items() if label != "fp32" and r["within_budget"]]
     table = list(rows.values())
     chosen = max(eligible, key=lambda r: r["decode_tokens_per_s"]) if eligible else None
     for r in table:
         r["chosen"] = chosen is not None and r is chosen
-    _print_table(ctx, table, p)
-    if chosen is None:
-        best = min((r for r in table if r["format"] != "fp32"), key=lambda r: r["ppl_ratio"])
-        raise GptoptError(f"cpu-fast auto: no format stays within --max-ppl-increase {p.max_ppl_increase:.1%} "
-                          f"(closest: {best['format']} at ppl x{best['ppl_ratio']:.3f}); raise the budget or keep the "
-                          f"model as it is")
-    label = chosen["format"]
+    return table, chosen
+
+
+def _adopt(ctx, step, models, info, label) -> None:
+    """Make the chosen candidate the run's model and free the others."""
     ctx.model = models[label]
     step.result_format = info[label]["format"]
     for other in list(models):
@@ -161,15 +203,6 @@ def run_auto(ctx, step) -> dict:
             models.pop(other)
     gc.collect()
     _record_state(ctx)
-    metrics = dict(info[label]["metrics"])
-    metrics.update(auto_choice=label, auto_table=[{k: v for k, v in r.items()} for r in table],
-                   auto_decode_speedup=chosen["decode_speedup"], auto_ppl_ratio=chosen["ppl_ratio"],
-                   auto_decode_tokens_per_s=chosen["decode_tokens_per_s"], auto_split=p.select_on)
-    if p.select_on == "valid":
-        metrics["perplexity"] = chosen["perplexity"]
-    ctx.log(f"  auto: chose {label}: decode x{chosen['decode_speedup']:.2f} at ppl x{chosen['ppl_ratio']:.3f} "
-            f"(budget x{budget:.3f})")
-    return metrics
 
 
 def _pad(ctx):
