@@ -42,8 +42,7 @@ def gptopt_resolve_model(spec, options):
     path = Path(spec).expanduser()
     if not (path / "gptopt_cpu.json").is_file():
         return None
-    from gptopt_core import SourceError
-    from gptopt_core.models import LoadedModel
+    from gptopt_core import LoadedModel, SourceError
 
     if not str(options.get("device", "cpu")).startswith("cpu"):
         raise SourceError(f"{spec} holds a cpu-fast model, which runs on CPU only; run with --device cpu")

@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from gptopt_core.modules import is_conv1d, matches  # noqa: F401  (matches: the core's one module matcher)
+from gptopt_core import is_conv1d, matches
 
 INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")

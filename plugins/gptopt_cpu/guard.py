@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 
-from gptopt_core import calibration_nll, module_sensitivity, nll_with_modules, smallest_within
+from gptopt_core import calibration_nll, matches, module_sensitivity, nll_with_modules, smallest_within
 
-from .convert import convert_module, linear_names, matches
+from .convert import convert_module, linear_names
 
 
 def guard_plan(model, fmt: str, blocks, budget: float, keep=(), progress=None, log=None) -> dict:

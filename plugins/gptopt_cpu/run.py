@@ -6,9 +6,7 @@ import gc
 
 import torch
 
-from gptopt_core import GptoptError
-from gptopt_core.evaluate import perplexity
-from gptopt_core.metrics import model_bytes
+from gptopt_core import GptoptError, model_bytes, perplexity
 
 from .convert import BF16_BASED, INT8_FORMATS, compile_model, convert_model, float_dtype, torchao_problem
 from .guard import guard_plan

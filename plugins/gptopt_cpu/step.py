@@ -149,7 +149,7 @@ class CpuFastStep(Step):
         if not linear_names(ctx.model):
             raise GptoptError("cpu-fast: the model has no linear layers to convert")
         if self.params.keep:
-            from .convert import matches
+            from gptopt_core import matches
 
             if not any(matches(n, self.params.keep) for n in linear_names(ctx.model)):
                 raise GptoptError(f"cpu-fast --keep {' '.join(self.params.keep)} matches no linear layer (names look "
