@@ -57,6 +57,20 @@ def parse_percent(value):
     raise ValueError("give a relative increase like 10% or 0.1")
 
 
+def parse_choice(value, choices, message: str):
+    """One of a few whole numbers from any door: ``8`` or ``"8"`` → 8 when 8 is in ``choices``; ``None`` stays
+    ``None``.
+
+    Use it as a pydantic ``mode="before"`` validator of an int option (``--bits``, ``--block-size``); anything
+    else raises ``ValueError(message.format(value=value))``, e.g. ``"quantizes to 4 or 8 bits, not {value}"``.
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value is not None and value not in choices:
+        raise ValueError(message.format(value=value))
+    return value
+
+
 def fact_matches(pattern: str, fact: str) -> bool:
     """``"quantized"`` matches ``"quantized"`` and ``"quantized:4bit"``; ``"quantized:4bit"`` only itself."""
     return fact == pattern or fact.startswith(pattern + ":")

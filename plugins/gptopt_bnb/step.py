@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, parse_group_size, parse_percent
+from gptopt_core import GptoptError, Params, Step, parse_choice, parse_group_size, parse_percent
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -20,12 +20,6 @@ GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
-
-
-def _int_or_same(value):
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return value
 
 
 def check_plan_mapping(plan: dict, where: str) -> dict:
@@ -132,10 +126,7 @@ class QuantizeParams(Params):
     @pydantic.field_validator("bits", mode="before")
     @classmethod
     def _bits(cls, v):
-        v = _int_or_same(v)
-        if v is not None and v not in (8, 4):
-            raise ValueError(f"bitsandbytes quantizes to 8 or 4 bits, not {v}; use --bits 8 or --bits 4")
-        return v
+        return parse_choice(v, (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")
 
     @pydantic.field_validator("group_size", mode="before")
     @classmethod
@@ -155,10 +146,8 @@ class QuantizeParams(Params):
     @pydantic.field_validator("block_size", mode="before")
     @classmethod
     def _block(cls, v):
-        v = _int_or_same(v)
-        if v is not None and v not in BLOCK_SIZES:
-            raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {v}")
-        return v
+        sizes = ", ".join(map(str, BLOCK_SIZES))
+        return parse_choice(v, BLOCK_SIZES, f"block size must be one of {sizes}, got {{value}}")
 
     @pydantic.field_validator("plan", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, hookimpl, parse_group_size
+from gptopt_core import GptoptError, Params, Step, hookimpl, parse_choice, parse_group_size
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
@@ -87,11 +87,7 @@ class PruneParams(Params):
     @pydantic.field_validator("quantize_bits", mode="before")
     @classmethod
     def _check_bits(cls, value):
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if value is not None and value not in (4, 8):
-            raise ValueError(f"sparsegpt quantizes to 4 or 8 bits, not {value}")
-        return value
+        return parse_choice(value, (4, 8), "sparsegpt quantizes to 4 or 8 bits, not {value}")
 
     @pydantic.field_validator("group_size", mode="before")
     @classmethod
