@@ -15,7 +15,8 @@ from .steps import Params, Step
 #: public name → submodule it lives in (imported on first attribute access)
 _LAZY = {
     # plugin contract
-    "fact_matches": "steps", "find_fact": "steps", "parse_percent": "steps", "parse_choice": "steps", "STATE_KEYS": "context", "FACTS": "context",
+    "fact_matches": "steps", "find_fact": "steps", "parse_percent": "steps", "parse_choice": "steps",
+    "as_percent": "options", "as_group_size": "options", "as_choice": "options", "STATE_KEYS": "context", "FACTS": "context",
     "PluginHookError": "plugins", "get_plugins": "plugins",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, parse_choice, parse_group_size, parse_percent
+from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -19,6 +19,7 @@ GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 #: calibration defaults: --plan auto (bnb) and gptq
 CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+BLOCK_SIZE_ERROR = f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {{value}}"
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
 
 
@@ -68,7 +69,8 @@ class QuantizeParams(Params):
         "bnb", description="bnb: bitsandbytes int8/nf4/fp4 modules; rtn: round-to-nearest integer grid; gptq: GPTQ "
                            "integer grid (layer by layer on calibration text); rtn/gptq weights stay exactly on "
                            "their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + scales)")
-    bits: Optional[Literal[8, 4]] = pydantic.Field(
+    bits: Annotated[Optional[Literal[8, 4]], as_choice(
+            (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")] = pydantic.Field(
         None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan")
     quant_type: Optional[Literal["nf4", "fp4"]] = pydantic.Field(
         None, description="4-bit data type (4-bit only) [default: nf4]")
@@ -76,7 +78,7 @@ class QuantizeParams(Params):
         None, description="quantize the 4-bit block scales too (4-bit only) [default: on]")
     compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = pydantic.Field(
         None, description="dtype of 4-bit matmuls (4-bit only) [default: float32]")
-    block_size: Optional[int] = pydantic.Field(
+    block_size: Annotated[Optional[int], as_choice(BLOCK_SIZES, BLOCK_SIZE_ERROR)] = pydantic.Field(
         None, description="4-bit block size, 64..4096, a power of two (4-bit only) [default: 64]")
     include: list[str] = pydantic.Field(
         default_factory=list, description="only layers whose qualified name matches this glob (repeatable)")
@@ -90,7 +92,7 @@ class QuantizeParams(Params):
     plan: Optional[Union[dict[str, str], str]] = pydantic.Field(
         None, description="per-module precision: 'auto' (measure sensitivity, pick within --max-ppl-increase), "
                           "a JSON/YAML file, or (in recipes) a mapping module -> int8|nf4|fp4|keep")
-    max_ppl_increase: Optional[float] = pydantic.Field(
+    max_ppl_increase: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
     calib_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=4096, description="--plan auto / gptq: calibration blocks (train split) [default: 4 for "
@@ -101,7 +103,7 @@ class QuantizeParams(Params):
     check_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
                                          "(one forward per block and check, so more costs little) [default: 16]")
-    group_size: Optional[Union[int, Literal["channel"]]] = pydantic.Field(
+    group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = pydantic.Field(
         None, description="rtn/gptq: input columns sharing one scale (32, 64, 128, ...; must divide every layer's "
                           "input width) or 'channel' (one scale per output row) [default: 64]")
     symmetric: Optional[bool] = pydantic.Field(
@@ -123,32 +125,10 @@ class QuantizeParams(Params):
         None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                           "block with the earlier ones already quantized [default: on]")
 
-    @pydantic.field_validator("bits", mode="before")
-    @classmethod
-    def _bits(cls, v):
-        return parse_choice(v, (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")
-
-    @pydantic.field_validator("group_size", mode="before")
-    @classmethod
-    def _group(cls, v):
-        return parse_group_size(v)
-
     @pydantic.field_validator("embeddings", mode="before")
     @classmethod
     def _embeddings(cls, v):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @pydantic.field_validator("max_ppl_increase", mode="before")
-    @classmethod
-    def _percent(cls, v):
-        return parse_percent(v)
-
-    @pydantic.field_validator("block_size", mode="before")
-    @classmethod
-    def _block(cls, v):
-        sizes = ", ".join(map(str, BLOCK_SIZES))
-        return parse_choice(v, BLOCK_SIZES, f"block size must be one of {sizes}, got {{value}}")
-
     @pydantic.field_validator("plan", mode="before")
     @classmethod
     def _plan(cls, v):

@@ -1,11 +1,11 @@
 """The ``cpu-fast`` step: parameters, plan-time checks, facts; ``auto`` mode's table and choice."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, parse_percent
+from gptopt_core import GptoptError, Params, Step, as_percent
 
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
@@ -22,11 +22,11 @@ class CpuFastParams(Params):
         "auto", description="auto: measure the candidates and take the fastest within --max-ppl-increase; or one "
                             "of bf16, int8-dynamic (torch quantize_dynamic), ao-int8-weight, ao-int8-dynamic "
                             "(torchao)")
-    max_ppl_increase: float = pydantic.Field(
+    max_ppl_increase: Annotated[float, as_percent()] = pydantic.Field(
         0.10, gt=0.0, le=10.0,
         description="perplexity budget relative to the model before this step, e.g. 10%: auto's limit on "
                     "measured perplexity (the guard's default budget is half of it)")
-    guard_ppl_increase: Optional[float] = pydantic.Field(
+    guard_ppl_increase: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=10.0,
         description="the guard's limit on calibration (train split) perplexity [default: half of "
                     "--max-ppl-increase, headroom for the held-out split]")
@@ -55,11 +55,6 @@ class CpuFastParams(Params):
     rounds: int = pydantic.Field(5, ge=1, le=100, description="auto: interleaved speed rounds (median taken)")
     calib_blocks: int = pydantic.Field(4, ge=1, le=256, description="guard: calibration blocks (train split)")
     calib_seq_len: int = pydantic.Field(256, ge=16, le=8192, description="guard: tokens per calibration block")
-
-    @pydantic.field_validator("max_ppl_increase", "guard_ppl_increase", mode="before")
-    @classmethod
-    def _percent(cls, v):
-        return parse_percent(v)
 
     @property
     def guard_budget(self) -> float:

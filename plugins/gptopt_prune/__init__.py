@@ -10,11 +10,11 @@ Heavy imports (torch) happen inside :mod:`gptopt_prune.pruning`, loaded only whe
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, hookimpl, parse_choice, parse_group_size
+from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, hookimpl
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
@@ -59,10 +59,11 @@ class PruneParams(Params):
     dampening: Optional[float] = pydantic.Field(
         None, gt=0.0, le=1.0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
-    quantize_bits: Optional[Literal[4, 8]] = pydantic.Field(
+    quantize_bits: Annotated[Optional[Literal[4, 8]], as_choice(
+            (4, 8), "sparsegpt quantizes to 4 or 8 bits, not {value}")] = pydantic.Field(
         None, description="sparsegpt: also put the kept weights on a 4- or 8-bit integer grid (joint "
                           "sparsification and quantization; facts as quantize --method gptq)")
-    group_size: Optional[Union[int, Literal["channel"]]] = pydantic.Field(
+    group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = pydantic.Field(
         None, description="sparsegpt --quantize-bits: input columns sharing one scale, or 'channel' [default: 64]")
     symmetric: Optional[bool] = pydantic.Field(
         None, description="sparsegpt --quantize-bits: signed codes, or unsigned codes with a zero point "
@@ -83,16 +84,6 @@ class PruneParams(Params):
         if any(not p.strip() for p in value):
             raise ValueError("empty glob pattern")
         return value
-
-    @pydantic.field_validator("quantize_bits", mode="before")
-    @classmethod
-    def _check_bits(cls, value):
-        return parse_choice(value, (4, 8), "sparsegpt quantizes to 4 or 8 bits, not {value}")
-
-    @pydantic.field_validator("group_size", mode="before")
-    @classmethod
-    def _check_group(cls, value):
-        return parse_group_size(value)
 
     @pydantic.model_validator(mode="after")
     def _check_combination(self):

@@ -1,0 +1,42 @@
+"""Option values from any door (CLI text, recipe, Python), as pydantic validators a params field carries.
+
+A plugin's params annotate a field with the type it holds and the core's parser for it, so the CLI, the recipe
+keys and the Python keyword arguments all accept the same spellings with the same errors::
+
+    from typing import Annotated, Literal, Optional, Union
+
+    import pydantic
+    from gptopt_core import Params, as_choice, as_group_size, as_percent
+
+    class MyParams(Params):
+        budget: Annotated[float, as_percent()] = pydantic.Field(0.1, gt=0)           # "10%" or 0.1
+        group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = None   # "64", "channel"
+        bits: Annotated[Optional[Literal[4, 8]], as_choice((4, 8), "quantizes to 4 or 8 bits, not {value}")] = None
+
+The annotation's type is what ``gptopt run STEP --help`` and docs/cli.md show (choices of a ``Literal``).
+"""
+from __future__ import annotations
+
+import functools
+
+import pydantic
+
+from .grids import parse_group_size
+from .steps import parse_choice, parse_percent
+
+__all__ = ["as_percent", "as_group_size", "as_choice"]
+
+def as_percent() -> pydantic.BeforeValidator:
+    """A relative amount: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1 (:func:`gptopt_core.parse_percent`)."""
+    return pydantic.BeforeValidator(parse_percent)
+
+
+def as_group_size() -> pydantic.BeforeValidator:
+    """Input columns per scale: an int >= 2 (also ``"64"``) or ``"channel"`` (:func:`gptopt_core.parse_group_size`)."""
+    return pydantic.BeforeValidator(parse_group_size)
+
+
+def as_choice(choices, message: str) -> pydantic.BeforeValidator:
+    """One of a few whole numbers, also given as text (``"8"``); anything else is ``message`` formatted with
+    ``{value}`` (:func:`gptopt_core.parse_choice`)."""
+    return pydantic.BeforeValidator(functools.partial(parse_choice, choices=tuple(choices), message=message))
