@@ -16,7 +16,8 @@ from .steps import Params, Step
 _LAZY = {
     # plugin contract
     "fact_matches": "steps", "find_fact": "steps", "parse_percent": "steps", "parse_choice": "steps",
-    "as_percent": "options", "as_group_size": "options", "as_choice": "options", "STATE_KEYS": "context", "FACTS": "context",
+    "as_percent": "options", "as_group_size": "options", "as_choice": "options",
+    "group_columns": "options", "STATE_KEYS": "context", "FACTS": "context",
     "PluginHookError": "plugins", "get_plugins": "plugins",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",

@@ -24,7 +24,7 @@ import pydantic
 from .grids import parse_group_size
 from .steps import parse_choice, parse_percent
 
-__all__ = ["as_percent", "as_group_size", "as_choice"]
+__all__ = ["as_percent", "as_group_size", "as_choice", "group_columns"]
 
 def as_percent() -> pydantic.BeforeValidator:
     """A relative amount: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1 (:func:`gptopt_core.parse_percent`)."""
@@ -40,3 +40,10 @@ def as_choice(choices, message: str) -> pydantic.BeforeValidator:
     """One of a few whole numbers, also given as text (``"8"``); anything else is ``message`` formatted with
     ``{value}`` (:func:`gptopt_core.parse_choice`)."""
     return pydantic.BeforeValidator(functools.partial(parse_choice, choices=tuple(choices), message=message))
+
+
+def group_columns(group_size, default: int = 64):
+    """The group size a grid is fitted with, from an :func:`as_group_size` option: ``None`` (not given) is
+    ``default``, ``"channel"`` is ``None`` (one scale per output row), a number is itself."""
+    size = default if group_size is None else group_size
+    return None if size == "channel" else int(size)

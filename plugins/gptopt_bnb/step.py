@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent
+from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent, group_columns
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -189,8 +189,7 @@ class QuantizeParams(Params):
     @property
     def grid_group_size(self) -> Optional[int]:
         """rtn/gptq group size: an int, or ``None`` for per-channel."""
-        g = 64 if self.group_size is None else self.group_size
-        return None if g == "channel" else int(g)
+        return group_columns(self.group_size)
 
     def calibration(self) -> tuple[int, int]:
         """(calibration blocks, tokens per block) with the method's defaults filled in."""

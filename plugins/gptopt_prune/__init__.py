@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, hookimpl
+from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, group_columns, hookimpl
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
@@ -117,8 +117,8 @@ class PruneParams(Params):
 
     @property
     def grid_group_size(self) -> Optional[int]:
-        g = 64 if self.group_size is None else self.group_size
-        return None if g == "channel" else int(g)
+        """--quantize-bits group size: an int, or ``None`` for per-channel."""
+        return group_columns(self.group_size)
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
