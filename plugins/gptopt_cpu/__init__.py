@@ -46,10 +46,8 @@ def gptopt_resolve_model(spec, options):
 
     if not str(options.get("device", "cpu")).startswith("cpu"):
         raise SourceError(f"{spec} holds a cpu-fast model, which runs on CPU only; run with --device cpu")
-    from .serialize import load_converted as _load
-
     try:
-        model, tokenizer, record = _load(path, trust_remote_code=bool(options.get("trust_remote_code")))
+        model, tokenizer, record = load_converted(path, trust_remote_code=bool(options.get("trust_remote_code")))
     except Exception as exc:  # safetensors / transformers / torch raise many types for broken files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the cpu-fast model in {spec}: {first}") from None
