@@ -13,7 +13,7 @@ from gptopt_core.metrics import model_bytes, num_params
 from gptopt_core.modules import is_conv1d
 from gptopt_core.testing import make_context
 from gptopt_cpu import CpuFastStep, load_converted
-from gptopt_cpu.convert import (as_linear, convert_model, is_dynamic_int8, linear_names, seed_dynamic_int8,
+from gptopt_cpu.convert import (as_linear, convert_model, is_dynamic_int8, linear_names, plain_quantize_dynamic,
                                 torchao_problem)
 from gptopt_cpu.guard import guard_plan
 
@@ -92,12 +92,12 @@ def test_int8_dynamic_converts_every_linear_layer_and_stays_close(contexts, name
     assert num_params(model) == num_params(orig) + head
 
 
-def test_the_seeds_call_on_gpt2_only_reaches_the_output_head(contexts):
+def test_plain_quantize_dynamic_on_gpt2_only_reaches_the_output_head(contexts):
     """quantize_dynamic(model, {nn.Linear}) skips GPT-2's Conv1D blocks: only lm_head becomes int8."""
-    model = seed_dynamic_int8(fresh(contexts, "tiny-random-gpt2"))
+    model = plain_quantize_dynamic(fresh(contexts, "tiny-random-gpt2"))
     dynamic = [n for n, m in model.named_modules() if is_dynamic_int8(m)]
     assert dynamic == ["lm_head"]
-    llama = seed_dynamic_int8(fresh(contexts, "tiny-random-llama"))
+    llama = plain_quantize_dynamic(fresh(contexts, "tiny-random-llama"))
     assert len([m for m in llama.modules() if is_dynamic_int8(m)]) == len(linear_names(fresh(contexts, "tiny-random-llama")))
 
 

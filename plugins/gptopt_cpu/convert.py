@@ -162,9 +162,9 @@ def _convert_model(model, fmt: str, keep=()) -> dict:
     return {name: fmt for name in chosen}
 
 
-def seed_dynamic_int8(model):
-    """The article's own call, verbatim: ``torch.quantization.quantize_dynamic(model, {nn.Linear})``
-    (a converted copy; on GPT-2 this touches only the output head, as its blocks use ``Conv1D``)."""
+def plain_quantize_dynamic(model):
+    """Plain torch ``torch.quantization.quantize_dynamic(model, {nn.Linear})`` with nothing added (a converted
+    copy; on GPT-2 this touches only the output head, as its blocks use ``Conv1D``)."""
     return torch.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 

@@ -142,7 +142,7 @@ def convert_candidates(ctx, base, names, p, blocks) -> tuple[dict, dict]:
         models[fmt], info[fmt] = m, {"format": fmt, "kept": len(record["keep"]), "record": record,
                                      "metrics": metrics}
         if fmt == "int8-dynamic" and p.guard and record["keep"] and not p.keep:
-            # the seed's plain conversion, shown next to the guarded one (and a candidate like any other)
+            # the plain conversion (every linear layer), shown next to the guarded one (and a candidate like any other)
             plain = copy.deepcopy(base)
             record2, metrics2 = convert_with_guard(ctx, plain, fmt, p, False)
             models["int8-dynamic-plain"] = plain
