@@ -44,10 +44,10 @@ CALIB = dict(calib_samples=64, calib_seq_len=128)
 CONFIGS = {
     # 4-bit, group 64 (the issue's yardstick: 576 is not a multiple of 128)
     "rtn-int4-g64-sym": q("rtn", 4, 64),
-    "gptq-int4-g64-sym": q("gptq", 4, 64),
+    "gptq-int4-g64-sym": q("gptq", 4, 64, act_order=False),
     "gptq-int4-g64-sym-act": q("gptq", 4, 64, act_order=True),
     "rtn-int4-g64-asym": q("rtn", 4, 64, False),
-    "gptq-int4-g64-asym": q("gptq", 4, 64, False),
+    "gptq-int4-g64-asym": q("gptq", 4, 64, False, act_order=False),
     "gptq-int4-g64-asym-act": q("gptq", 4, 64, False, act_order=True),
     "bnb-nf4-b64": ("quantize", dict(bits=4, quant_type="nf4", block_size=64)),
     # sparsity: SparseGPT vs Wanda, same calibration (64 x 128 train tokens)
@@ -57,22 +57,22 @@ CONFIGS = {
     "sparsegpt-2:4": ("prune", dict(method="sparsegpt", pattern="2:4", **CALIB)),
     # the other grids
     "rtn-int8-channel-sym": q("rtn", 8, "channel"),
-    "gptq-int8-channel-sym": q("gptq", 8, "channel"),
+    "gptq-int8-channel-sym": q("gptq", 8, "channel", act_order=False),
     "rtn-int4-g32-sym": q("rtn", 4, 32),
-    "gptq-int4-g32-sym": q("gptq", 4, 32),
+    "gptq-int4-g32-sym": q("gptq", 4, 32, act_order=False),
     "rtn-int4-g32-asym": q("rtn", 4, 32, False),
-    "gptq-int4-g32-asym": q("gptq", 4, 32, False),
+    "gptq-int4-g32-asym": q("gptq", 4, 32, False, act_order=False),
     "rtn-int4-channel-sym": q("rtn", 4, "channel"),
-    "gptq-int4-channel-sym": q("gptq", 4, "channel"),
+    "gptq-int4-channel-sym": q("gptq", 4, "channel", act_order=False),
     "gptq-int4-channel-sym-act": q("gptq", 4, "channel", act_order=True),
     # the mse observer: each group's range shrunk to where rounding error is lowest
     "rtn-int4-g64-sym-mse": q("rtn", 4, 64, observer="mse"),
-    "gptq-int4-g64-sym-mse": q("gptq", 4, 64, observer="mse"),
+    "gptq-int4-g64-sym-mse": q("gptq", 4, 64, observer="mse", act_order=False),
     "gptq-int4-g64-sym-act-mse": q("gptq", 4, 64, act_order=True, observer="mse"),
     "gptq-int4-g64-asym-act-mse": q("gptq", 4, 64, False, act_order=True, observer="mse"),
     # calibration shape: the same 8,192 tokens as 16 blocks of 512 (the eval's window length)
-    "gptq-int4-g64-sym-16x512": q("gptq", 4, 64, calib_blocks=16, calib_seq_len=512),
-    "gptq-int4-g64-sym-mse-16x512": q("gptq", 4, 64, observer="mse", calib_blocks=16, calib_seq_len=512),
+    "gptq-int4-g64-sym-16x512": q("gptq", 4, 64, calib_blocks=16, calib_seq_len=512, act_order=False),
+    "gptq-int4-g64-sym-mse-16x512": q("gptq", 4, 64, observer="mse", calib_blocks=16, calib_seq_len=512, act_order=False),
     "sparsegpt-50-16x512": ("prune", dict(method="sparsegpt", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
     "sparsegpt-2:4-16x512": ("prune", dict(method="sparsegpt", pattern="2:4", calib_samples=16, calib_seq_len=512)),
     "wanda-50-16x512": ("prune", dict(method="wanda", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
@@ -286,19 +286,27 @@ def quant_table(rows) -> str:
     if not dense:
         return ""
     lines = [f"dense held-out perplexity {dense['ppl']:.3f} (the `eval` step's defaults: held-out pydoc, 512-token "
-             f"blocks, at most {dense['eval_tokens']} tokens); "
-             "ratios vs dense; GPTQ: 64 x 128 calibration tokens (train split), dampening 0.01, sequential groups", "",
-             "| grid | RTN | GPTQ | GPTQ act-order | RTN in the issue | target | GPTQ s (CPU-s) |",
-             "|---|---|---|---|---|---|---|"]
+             f"blocks, at most {dense['eval_tokens']} tokens: the split holds 2,630 scored tokens); ratios vs dense; "
+             "GPTQ: 64 x 128 calibration tokens (train split), dampening 0.01, sequential groups; act-order is "
+             "gptq's default; textbook: `benchmarks/textbook_oneshot.py` (reference-style script, same calibration "
+             "blocks, same scorer)", "",
+             "| grid | RTN | RTN mse | GPTQ no act-order | GPTQ act-order (default) | GPTQ act-order mse | "
+             "textbook GPTQ | RTN in the issue | target | GPTQ s (CPU-s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for grid in ("int4-g64-sym", "int4-g64-asym", "int4-g32-sym", "int4-g32-asym", "int4-channel-sym",
                  "int8-channel-sym"):
-        g = rows.get(f"gptq-{grid}")
+        g = rows.get(f"gptq-{grid}-act") or rows.get(f"gptq-{grid}")
         cost = f"{g['seconds']:.0f} ({g['cpu_seconds']:.0f})" if g else "-"
         issue = ISSUE_RTN.get(f"rtn-{grid}")
-        lines.append(f"| {grid} | {_ratio(rows, 'rtn-' + grid)} | {_ratio(rows, 'gptq-' + grid)} | "
-                     f"{_ratio(rows, 'gptq-' + grid + '-act')} | {f'x{issue}' if issue else '-'} | "
-                     f"{TARGETS.get('gptq-' + grid, '')} | {cost} |")
+        lines.append(f"| {grid} | {_ratio(rows, 'rtn-' + grid)} | {_ratio(rows, 'rtn-' + grid + '-mse')} | "
+                     f"{_ratio(rows, 'gptq-' + grid)} | {_ratio(rows, 'gptq-' + grid + '-act')} | "
+                     f"{_ratio(rows, 'gptq-' + grid + '-act-mse')} | {_ratio(rows, 'textbook-gptq-' + grid)} | "
+                     f"{f'x{issue}' if issue else '-'} | {TARGETS.get('gptq-' + grid, '')} | {cost} |")
     for name, label in (("bnb-nf4-b64", "bitsandbytes nf4, 64-weight blocks"),
+                        ("gptq-int4-g64-sym-mse", "GPTQ int4-g64-sym no act-order, mse observer"),
+                        ("gptq-int4-g64-sym-16x512", "GPTQ int4-g64-sym no act-order, 16 x 512 calibration"),
+                        ("gptq-int4-g64-sym-mse-16x512", "GPTQ int4-g64-sym no act-order mse, 16 x 512 calibration"),
+                        ("gptq-int4-g64-asym-act-mse", "GPTQ int4-g64-asym act-order, mse observer"),
                         ("gptq-int4-g64-asym-act-128x128", "GPTQ int4-g64-asym act-order, 128 x 128 calibration")):
         if name in rows:
             r = rows[name]
@@ -321,12 +329,15 @@ def quant_table(rows) -> str:
 def prune_table(rows) -> str:
     if "dense" not in rows:
         return ""
-    lines = ["| sparsity | Wanda | SparseGPT | target (SparseGPT) | SparseGPT s (CPU-s) |", "|---|---|---|---|---|"]
+    lines = ["| sparsity | Wanda | SparseGPT | textbook SparseGPT | Wanda 16 x 512 | SparseGPT 16 x 512 | "
+             "target (SparseGPT) | SparseGPT s (CPU-s) |", "|---|---|---|---|---|---|---|---|"]
     for pat in ("50", "2:4", "4:8"):
         s = rows.get(f"sparsegpt-{pat}")
         cost = f"{s['seconds']:.0f} ({s['cpu_seconds']:.0f})" if s else "-"
         lines.append(f"| {pat + ' %' if pat == '50' else pat} | {_ratio(rows, 'wanda-' + pat)} | "
-                     f"{_ratio(rows, 'sparsegpt-' + pat)} | {TARGETS.get('sparsegpt-' + pat, '')} | {cost} |")
+                     f"{_ratio(rows, 'sparsegpt-' + pat)} | {_ratio(rows, 'textbook-sparsegpt-' + pat)} | "
+                     f"{_ratio(rows, 'wanda-' + pat + '-16x512')} | {_ratio(rows, 'sparsegpt-' + pat + '-16x512')} | "
+                     f"{TARGETS.get('sparsegpt-' + pat, '')} | {cost} |")
     if "sparsegpt-50-int4-g64" in rows:
         r = rows["sparsegpt-50-int4-g64"]
         lines.append(f"| 50 % + int4-g64-sym (joint) | | x{r['ratio']:.3f} | | {r['seconds']:.0f} "

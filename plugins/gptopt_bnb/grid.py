@@ -125,7 +125,7 @@ def quantize_grid(ctx, step) -> dict:
         else:
             from .gptq import gptq_quantize
 
-            act_order = bool(p.act_order)
+            act_order = p.act_order is not False  # on unless --no-act-order
             damp = 0.01 if p.dampening is None else p.dampening
             n_blocks, seq_len = p.calibration()
             by_block, outside = split_by_block(model, [n for n, _ in layers])

@@ -114,7 +114,7 @@ class QuantizeParams(Params):
                           "shrunk, per group, to where rounding error is lowest) [default: minmax]")
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
-                          "their scales are fitted before the updates) [default: off]")
+                          "their scales are fitted before the updates) [default: on]")
     dampening: Optional[float] = pydantic.Field(
         None, gt=0.0, le=1.0, description="gptq: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
