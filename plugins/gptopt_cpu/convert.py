@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from gptopt_core import is_conv1d, matches
+from gptopt_core import is_conv1d, matches, replace_module
 
 INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
@@ -103,11 +103,6 @@ def as_linear(module) -> nn.Linear:
     return lin
 
 
-def _set(model, name: str, new) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 # -- one module ---------------------------------------------------------------------------------------
 def convert_module(module, fmt: str):
     """A converted copy of one linear / Conv1D layer (``module`` itself is left as it is)."""
@@ -153,12 +148,12 @@ def _convert_model(model, fmt: str, keep=()) -> dict:
         for name in chosen:  # quantize_dynamic sees only nn.Linear: turn Conv1D layers into Linear first
             module = model.get_submodule(name)
             if is_conv1d(module):
-                _set(model, name, as_linear(module))
+                replace_module(model, name, as_linear(module))
         spec = {name: torch.ao.quantization.default_dynamic_qconfig for name in chosen}
         torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     else:
         for name in chosen:
-            _set(model, name, convert_module(model.get_submodule(name), fmt))
+            replace_module(model, name, convert_module(model.get_submodule(name), fmt))
     return {name: fmt for name in chosen}
 
 
