@@ -68,8 +68,7 @@ class BenchStep(Step):
                                   "(benchmarks where the model is) or --device cpu")
 
     def apply(self, ctx):
-        from gptopt_core.evaluate import model_device
-        from gptopt_core.metrics import model_bytes
+        from gptopt_core import model_bytes, model_device
 
         from . import measure
 

@@ -11,10 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptopt_core import GptoptError
-from gptopt_core.metrics import model_bytes
-from gptopt_core.modules import is_conv1d, is_weight_layer, weight_matrix, weight_modules
-from gptopt_core.sensitivity import get_module, replace_module
+from gptopt_core import (GptoptError, get_module, is_conv1d, is_weight_layer, model_bytes, replace_module,
+                         weight_matrix, weight_modules)
 
 # LLM.int8 casts fp32 activations to fp16 by design; bitsandbytes logs that on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -50,7 +50,7 @@ def perplexity(path, ids, block_size: int = 512, stride: int = 512, max_tokens: 
     import numpy as np
     import torch
 
-    from gptopt_core.evaluate import perplexity_of
+    from gptopt_core import perplexity_of
 
     llm = load(path, n_ctx=block_size, logits_all=True, threads=threads or available_cores())
     try:

@@ -86,8 +86,7 @@ def _source(name, module, role, hf_name, rows=None) -> Source:
     """Describe ``module``'s weight (``nn.Linear``, ``Conv1D``, ``nn.Embedding`` or a bitsandbytes layer)."""
     import torch
 
-    from gptopt_core.grids import grid_of, on_grid
-    from gptopt_core.modules import weight_matrix
+    from gptopt_core import grid_of, on_grid, weight_matrix
 
     kind = _bnb_kind(module)
     grid, codes, origin = None, None, "float"
@@ -105,7 +104,7 @@ def _source(name, module, role, hf_name, rows=None) -> Source:
     if rows is not None:
         values = values[rows]
         if grid is not None:
-            from gptopt_core.grids import WeightGrid
+            from gptopt_core import WeightGrid
 
             codes = codes[rows]
             grid = WeightGrid(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,

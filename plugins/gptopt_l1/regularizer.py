@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gptopt_core import GptoptError
-from gptopt_core.modules import is_conv1d, weight_modules
+from gptopt_core import GptoptError, is_conv1d, weight_modules
 
 SMALL = 1e-3
 

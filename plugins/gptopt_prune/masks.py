@@ -23,7 +23,7 @@ def gptopt_after_optimizer_step(ctx, model, step):
         return
     import torch
 
-    from gptopt_core.training import mask_targets
+    from gptopt_core import mask_targets
 
     targets = _targets.get(trainer) if trainer is not None else None
     if targets is None:

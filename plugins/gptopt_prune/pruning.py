@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gptopt_core import GptoptError, SourceError
-from gptopt_core.modules import is_conv1d, is_weight_layer, matches, weight_modules
+from gptopt_core import GptoptError, SourceError, is_conv1d, is_weight_layer, matches, weight_modules
 
 #: magnitude and taylor compare weights across the whole layer, wanda within each output row (Wanda paper)
 ROW_WISE = {"magnitude": False, "wanda": True, "taylor": False, "sparsegpt": False}
@@ -285,8 +284,7 @@ def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential
     """
     import torch
 
-    from gptopt_core.calibration import find_blocks as engine_blocks
-    from gptopt_core.calibration import run_blockwise, split_by_block
+    from gptopt_core import find_blocks as engine_blocks, run_blockwise, split_by_block
 
     by_name = {t.name: t for t in targets}
     _, blocks = engine_blocks(model)

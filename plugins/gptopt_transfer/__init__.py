@@ -13,8 +13,7 @@ from typing import List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, PlanError, Step, hookimpl
-from gptopt_core.training import TrainParams
+from gptopt_core import GptoptError, PlanError, Step, TrainParams, hookimpl
 
 #: module names LoRA targets with ``--target-modules auto``, by ``config.model_type``
 AUTO_TARGETS = {
@@ -85,13 +84,13 @@ class _TrainingStep(Step):
         return self.params.distill_from == "original"
 
     def preflight(self, ctx):
-        from gptopt_core.training import resolve_precision, train_blocks
+        from gptopt_core import resolve_precision, train_blocks
 
         train_blocks(ctx.data, self.params.seq_len)  # "no train data" fails before anything runs
         resolve_precision(self.params.precision, ctx.device)
 
     def _train(self, ctx, model):
-        from gptopt_core.training import Trainer
+        from gptopt_core import Trainer
 
         p = self.params
         if p.distill_from:
@@ -122,7 +121,7 @@ class FinetuneStep(_TrainingStep):
         model, metrics = self._train(ctx, model)
         ctx.model = model
         if ctx.state.get("masks"):
-            from gptopt_core.metrics import sparsity
+            from gptopt_core import sparsity
 
             metrics["masked_sparsity_kept"] = _masks_hold(model, ctx.state["masks"])
             metrics["sparsity"] = sparsity(model)
@@ -195,8 +194,7 @@ class LoraStep(_TrainingStep):
                 warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
                 model = model.merge_and_unload()
             if masks:
-                from gptopt_core.metrics import sparsity
-                from gptopt_core.modules import apply_masks
+                from gptopt_core import apply_masks, sparsity
 
                 apply_masks(model, masks)
                 metrics["masked_sparsity_kept"] = _masks_hold(model, masks)
@@ -213,7 +211,7 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
     Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
     """
-    from gptopt_core.modules import is_conv1d, weight_modules
+    from gptopt_core import is_conv1d, weight_modules
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = weight_modules(base)
@@ -321,7 +319,7 @@ def gptopt_resolve_model(spec, options):
     path = Path(spec).expanduser()
     if not (path / "adapter" / "adapter_config.json").is_file() or not (path / "config.json").is_file():
         return None
-    from gptopt_core.models import load_local_dir
+    from gptopt_core import load_local_dir
 
     loaded = load_local_dir(path, options)
     try:
