@@ -37,6 +37,19 @@ def test_plugins_benchmarks_and_examples_import_only_public_names():
     assert {"Step", "hookimpl", "weight_modules", "perplexity", "make_context"} <= seen  # the scan sees real imports
 
 
+#: plugin files still importing public names from a core submodule, to switch to ``from gptopt_core import ...``
+#: (being changed for #17); the list may only shrink
+SUBMODULE_IMPORTS_PENDING = {"plugins/gptopt_bnb/grid.py", "plugins/gptopt_bnb/gptq.py",
+                             "plugins/gptopt_prune/sparsegpt.py", "plugins/gptopt_prune/sparsegpt_step.py"}
+
+
+def test_plugins_import_public_names_from_gptopt_core_itself():
+    """docs/python-api.md: import from ``gptopt_core``; the submodule a name is defined in may change."""
+    found = {str(path) for path, module, _ in core_imports() if str(path).startswith("plugins/")
+             and module != "gptopt_core"}
+    assert found <= SUBMODULE_IMPORTS_PENDING, sorted(found - SUBMODULE_IMPORTS_PENDING)
+
+
 def test_no_plugin_imports_another_plugin():
     packages = {p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists()}
     for package in packages:
