@@ -222,6 +222,8 @@ class Trainer:
 
     def setup(self) -> None:
         """Create the accelerator, optimizer and schedule; wrap the model. Called by :meth:`run` if needed."""
+        import warnings
+
         import torch
 
         p = self.params
@@ -231,6 +233,19 @@ class Trainer:
         self.accelerator = self._accelerator()
         # fp16 gradients are scaled against underflow (bf16 has fp32's range and needs no scaler)
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type) if self.mixed_precision == "fp16" else None
+        self._count_steps()
+        trainable = self._trainable()
+        self._training_mode(self.model)
+        optimizer = self._optimizer(trainable)
+        # the scheduler is NOT handed to accelerate: it would step once per process per step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+
+    def _count_steps(self) -> None:
+        """:attr:`total_steps` from --steps / --epochs (default 100) and :attr:`warmup_steps` (10% by default)."""
+        p = self.params
         if p.steps is not None:
             self.total_steps = p.steps
         elif p.epochs is not None:
@@ -240,13 +255,18 @@ class Trainer:
         self.warmup_steps = p.warmup_steps if p.warmup_steps is not None else int(0.1 * self.total_steps)
         self.warmup_steps = min(self.warmup_steps, self.total_steps)
 
-        model = self.model
-        trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    def _trainable(self) -> list:
+        """``[(name, parameter)]`` that train (an error when there are none); counts them for the metrics."""
+        trainable = [(n, q) for n, q in self.model.named_parameters() if q.requires_grad]
         if not trainable:
             raise GptoptError(f"{self.name}: the model has no trainable parameters")
         self.trainable_params = sum(q.numel() for _, q in trainable)
-        self.total_params = sum(q.numel() for q in model.parameters())
-        if p.gradient_checkpointing:
+        self.total_params = sum(q.numel() for q in self.model.parameters())
+        return trainable
+
+    def _training_mode(self, model) -> None:
+        """Gradient checkpointing when asked, the KV cache off (restored by :meth:`finish`)."""
+        if self.params.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", True) and not hasattr(
                     model, "gradient_checkpointing_enable"):
                 raise GptoptError(f"{self.name}: this model does not support --gradient-checkpointing")
@@ -259,25 +279,24 @@ class Trainer:
         self._use_cache = getattr(config, "use_cache", None)
         if config is not None and self._use_cache is not None:
             config.use_cache = False
+
+    def _optimizer(self, trainable):
+        """AdamW, weight decay on matrices only."""
+        import torch
+
+        p = self.params
         decay = [q for n, q in trainable if q.ndim >= 2]
         no_decay = [q for n, q in trainable if q.ndim < 2]
         groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p.lr, betas=(0.9, 0.999), eps=1e-8)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=p.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to zero (LambdaLR counts from 0: step k uses lr * factor(k))."""
         warm, total = self.warmup_steps, self.total_steps
-
-        def schedule(step: int) -> float:  # LambdaLR counts from 0: step k uses lr * schedule(k)
-            if warm and step < warm:
-                return (step + 1) / (warm + 1)
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        # the scheduler is NOT handed to accelerate: it would step once per process per step
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            self.wrapped, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if warm and step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     # -- checkpoint state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
