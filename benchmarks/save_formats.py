@@ -234,6 +234,18 @@ def verdicts(result) -> list[str]:
     return out
 
 
+def commits(result) -> str:
+    """Which commit measured which rows (rows merged from several runs), e.g. ``commit abc (07, 14), def (13)``."""
+    by: dict = {}
+    for row in result["rows"]:
+        by.setdefault(row.get("commit") or result["commit"], []).append(row["recipe"].split("-")[0]
+                                                                          if row["recipe"][:2].isdigit()
+                                                                          else row["recipe"])
+    if len(by) == 1:
+        return f"commit {next(iter(by))}"
+    return "rows at commit " + ", ".join(f"{c} ({', '.join(names)})" for c, names in by.items())
+
+
 def block(result) -> str:
     notes = []
     for row in result["rows"]:
@@ -249,7 +261,7 @@ def block(result) -> str:
     skipped += [f"- {r['recipe']}: {r['source']}" for r in result["rows"] if r.get("source")]
     return "\n".join([
         START, "",
-        f"Measured {result['date']} on {result['machine']}, commit {result['commit']}, compressed-tensors "
+        f"Measured {result['date']} on {result['machine']}, {commits(result)}, compressed-tensors "
         f"{result['versions']['compressed-tensors']}, transformers {result['versions']['transformers']}; "
         f"`python benchmarks/save_formats.py` (held-out pydoc, block 512, 4096 tokens). Dense fp32 safetensors: "
         f"{result['dense_safetensors_bytes'] / 1e6:.1f} MB.", "",
@@ -265,16 +277,20 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=OUT, help="results file (default docs/save_formats.json)")
     parser.add_argument("--merge", type=Path, nargs="*", default=[],
                         help="results files of other runs (e.g. rows measured in parallel) whose rows are taken")
+    parser.add_argument("--commit", default=None,
+                        help="the source tree's commit where it is no git checkout (e.g. a git archive)")
     args = parser.parse_args(argv)
     old = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
     names = RECIPES + list(EXTRA)
     chosen = [n for n in names if not args.only or any(n.startswith(o) for o in args.only)]
     if args.merge and args.only is None:
         chosen = []
-    rows = {r["recipe"]: r for r in old.get("rows", [])}
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
+    rows = {r["recipe"]: {"commit": old.get("commit"), **r} for r in old.get("rows", [])}
     for other in args.merge:
         merged = json.loads(other.read_text())
-        rows.update({r["recipe"]: r for r in merged["rows"]})
+        rows.update({r["recipe"]: {"commit": merged.get("commit"), **r} for r in merged["rows"]})
         old.setdefault("dense_safetensors_bytes", merged.get("dense_safetensors_bytes"))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -282,12 +298,10 @@ def main(argv=None):
             "dense_safetensors_bytes") else dense_bytes(workdir)
         for name in chosen:
             print(f"== {name}", flush=True)
-            rows[name] = measure(name, workdir)
+            rows[name] = {**measure(name, workdir), "commit": commit}
             print(json.dumps(rows[name], default=str), flush=True)
             partial = {**old, "dense_safetensors_bytes": dense, "rows": [rows[n] for n in names if n in rows]}
             args.json.write_text(json.dumps(partial, indent=1, default=str) + "\n")  # a stopped run keeps its rows
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit,
               "machine": f"{platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}",
               "versions": {d: md.version(d) for d in ("compressed-tensors", "transformers", "torch")},
