@@ -37,10 +37,8 @@ def test_plugins_benchmarks_and_examples_import_only_public_names():
     assert {"Step", "hookimpl", "weight_modules", "perplexity", "make_context"} <= seen  # the scan sees real imports
 
 
-#: plugin files still importing public names from a core submodule, to switch to ``from gptopt_core import ...``
-#: (being changed for #17); the list may only shrink
-SUBMODULE_IMPORTS_PENDING = {"plugins/gptopt_bnb/grid.py", "plugins/gptopt_bnb/gptq.py",
-                             "plugins/gptopt_prune/sparsegpt.py", "plugins/gptopt_prune/sparsegpt_step.py"}
+#: plugin files still importing public names from a core submodule (none left; the set may only shrink)
+SUBMODULE_IMPORTS_PENDING: set = set()
 
 
 def test_plugins_import_public_names_from_gptopt_core_itself():

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from gptopt_core.calibration import inverse_hessian_cholesky
-from gptopt_core.grids import fake_quantize, fit_group, grid_from_groups
+from gptopt_core import fake_quantize, fit_group, grid_from_groups, inverse_hessian_cholesky
 
 
 def prepare(W, H):

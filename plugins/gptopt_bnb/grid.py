@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import time
 
-from gptopt_core import GptoptError
-from gptopt_core.grids import attach_grid, fit_grid, grid_of, grid_layers, round_to_grid
-from gptopt_core.modules import weight_matrix, weight_modules
+from gptopt_core import (GptoptError, attach_grid, fit_grid, grid_layers, grid_of, round_to_grid, weight_matrix,
+                         weight_modules)
 
 
 def targets(model, p):
@@ -105,7 +104,7 @@ def embeddings_to_int8(model) -> list:
 def quantize_grid(ctx, step) -> dict:
     import torch
 
-    from gptopt_core.calibration import calibration_batches, run_blockwise, split_by_block, torch_threads
+    from gptopt_core import calibration_batches, run_blockwise, split_by_block, torch_threads
 
     p = step.params
     model = ctx.model

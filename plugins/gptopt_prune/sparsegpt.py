@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from gptopt_core.calibration import inverse_hessian_cholesky
-from gptopt_core.grids import fake_quantize, fit_group, grid_from_groups
+from gptopt_core import fake_quantize, fit_group, grid_from_groups, inverse_hessian_cholesky
 
 
 def drop_lowest(score, k: int):
