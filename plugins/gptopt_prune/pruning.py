@@ -14,8 +14,6 @@ from gptopt_core import GptoptError, SourceError, is_conv1d, is_weight_layer, ma
 
 #: magnitude and taylor compare weights across the whole layer, wanda within each output row (Wanda paper)
 ROW_WISE = {"magnitude": False, "wanda": True, "taylor": False, "sparsegpt": False}
-#: calibration blocks per forward pass
-MICRO_BATCH = 8
 
 
 @dataclass(eq=False)
@@ -191,27 +189,18 @@ def magnitude_score(t: Target):
 
 
 def calibration_batches(ctx, params):
-    import torch
+    """Calibration blocks from the train split, concatenated 8 at a time, on the model's device."""
+    from gptopt_core import calibration_batches as batches, model_device
 
     if getattr(ctx, "data", None) is None:
         raise GptoptError(f"prune --method {params.method} needs training text for calibration; give --data")
     try:
-        blocks = ctx.calibration_blocks(params.calib_samples, params.calib_seq_len)
+        out = batches(ctx, params.calib_samples, params.calib_seq_len)
     except SourceError as exc:
         raise GptoptError(f"prune --method {params.method} needs calibration text from the train split: {exc}") \
             from None
-    device = _model_device(ctx.model)
-    blocks = [b.to(device) for b in blocks]
-    return [torch.cat(blocks[i:i + MICRO_BATCH]) for i in range(0, len(blocks), MICRO_BATCH)]
-
-
-def _model_device(model):
-    import torch
-
-    try:
-        return next(p.device for p in model.parameters())
-    except StopIteration:
-        return torch.device("cpu")
+    device = model_device(ctx.model)
+    return [b.to(device) for b in out]
 
 
 def taylor_scores(ctx, model, targets: list[Target], batches) -> list:

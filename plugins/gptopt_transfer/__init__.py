@@ -297,17 +297,18 @@ class _without_lora_layers:
         self.model, self.swapped = model, []
 
     def __enter__(self):
+        from gptopt_core import replace_module
+
         for name, module in list(self.model.named_modules()):
             if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-                parent_name, _, child = name.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                setattr(parent, child, module.base_layer)
-                self.swapped.append((parent, child, module))
+                self.swapped.append((name, replace_module(self.model, name, module.base_layer)))
         return self.model
 
     def __exit__(self, *exc):
-        for parent, child, module in reversed(self.swapped):
-            setattr(parent, child, module)
+        from gptopt_core import replace_module
+
+        for name, module in reversed(self.swapped):
+            replace_module(self.model, name, module)
         return False
 
 
