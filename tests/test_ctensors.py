@@ -248,6 +248,20 @@ def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
         assert torch.equal(grid_of(loaded[name]).zero, grid_of(module).zero), name
         assert torch.equal(loaded[name].weight, module.weight), name
 
+    # the linear grids alone (one config group, written dequantize: true): plain transformers reads them too
+    # (Conv1D's column blocks [32, 1] included), to fp16 de-quantization arithmetic
+    from transformers import AutoModelForCausalLM
+
+    from gptopt_core.grids import detach_grid
+
+    detach_grid(emb)
+    (tmp_path / "grids").mkdir()
+    write(ctx, ctx.model, tmp_path / "grids")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "grids"))
+    ids = ctx.data.valid_ids[:64].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, ctx.model(ids).logits, atol=1e-3, rtol=0)
+
 
 def test_refusals_name_a_format_that_holds_the_model(tmp_path):
     with pytest.raises(GptoptError, match="nothing to compress"):  # a float model: on the model, before writing
