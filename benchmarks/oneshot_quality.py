@@ -75,6 +75,8 @@ CONFIGS = {
     "gptq-int4-g64-sym-mse-16x512": q("gptq", 4, 64, observer="mse", calib_blocks=16, calib_seq_len=512, act_order=False),
     "sparsegpt-50-16x512": ("prune", dict(method="sparsegpt", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
     "sparsegpt-2:4-16x512": ("prune", dict(method="sparsegpt", pattern="2:4", calib_samples=16, calib_seq_len=512)),
+    "sparsegpt-50-256x128": ("prune", dict(method="sparsegpt", sparsity=0.5, calib_samples=256, calib_seq_len=128)),
+    "sparsegpt-50-64x512": ("prune", dict(method="sparsegpt", sparsity=0.5, calib_samples=64, calib_seq_len=512)),
     "wanda-50-16x512": ("prune", dict(method="wanda", sparsity=0.5, calib_samples=16, calib_seq_len=512)),
     # extras
     "gptq-int4-g64-asym-act-128x128": q("gptq", 4, 64, False, act_order=True, calib_blocks=128),
@@ -310,7 +312,9 @@ def quant_table(rows) -> str:
                         ("gptq-int4-g64-asym-act-128x128", "GPTQ int4-g64-asym act-order, 128 x 128 calibration")):
         if name in rows:
             r = rows[name]
-            lines.append(f"| {label} | | x{r['ratio']:.3f} | | | | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |")
+            if not any(line.startswith("| other configuration") for line in lines):
+                lines += ["", "| other configuration | ratio | s (CPU-s) |", "|---|---|---|"]
+            lines.append(f"| {label} | x{r['ratio']:.3f} | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |")
     mem = [rows.get("memory-none"), rows.get("memory-disk")]
     if all(mem):
         lines += ["", f"GPTQ int4-g64-sym ({mem[0]['calib_tokens']} calibration tokens) in a fresh process, peak RSS "
@@ -338,10 +342,14 @@ def prune_table(rows) -> str:
                      f"{_ratio(rows, 'sparsegpt-' + pat)} | {_ratio(rows, 'textbook-sparsegpt-' + pat)} | "
                      f"{_ratio(rows, 'wanda-' + pat + '-16x512')} | {_ratio(rows, 'sparsegpt-' + pat + '-16x512')} | "
                      f"{TARGETS.get('sparsegpt-' + pat, '')} | {cost} |")
-    if "sparsegpt-50-int4-g64" in rows:
-        r = rows["sparsegpt-50-int4-g64"]
-        lines.append(f"| 50 % + int4-g64-sym (joint) | | x{r['ratio']:.3f} | | {r['seconds']:.0f} "
-                     f"({r['cpu_seconds']:.0f}) |")
+    extra = [(n, label) for n, label in (("sparsegpt-50-int4-g64", "SparseGPT 50 % + int4-g64-sym (joint)"),
+                                         ("sparsegpt-50-256x128", "SparseGPT 50 %, 256 x 128 calibration"),
+                                         ("sparsegpt-50-64x512", "SparseGPT 50 %, 64 x 512 calibration")) if n in rows]
+    if extra:
+        lines += ["", "| other configuration | ratio | s (CPU-s) |", "|---|---|---|"]
+    for name, label in extra:
+        r = rows[name]
+        lines.append(f"| {label} | x{r['ratio']:.3f} | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) |")
     return "\n".join(lines)
 
 
