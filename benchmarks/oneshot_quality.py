@@ -364,6 +364,10 @@ def write_docs(rows, command):
         note += (" the rows were measured by `python benchmarks/oneshot_quality.py --only NAME,... --json PART "
                  "[--memory --memory-calib-blocks 16]` in parallel processes, one line per row, merged into that file;"
                  " rows that are missing did not finish before the deadline on the loaded machine.")
+    quiet = [r["name"] for r in rows.values() if r.get("quiet")]
+    if quiet:
+        note += (f" Rows {', '.join(quiet)} were re-measured alone on the quiet machine (same figures, wall seconds "
+                 "comparable: the cost figures).")
     write_block(QDOC, QSTART, QEND, f"{QSTART}\n{note}\n\n{quant_table(rows)}\n{QEND}")
     write_block(PDOC, PSTART, PEND, f"{PSTART}\n{note}\n\n{prune_table(rows)}\n{PEND}")
 
