@@ -87,8 +87,11 @@ def test_replayed_run_json_warns_when_inputs_changed(tmp_path):
 
 
 SLOW_SAVE_PLUGIN = textwrap.dedent('''
-    import sys, time, types
+    import signal, sys, time, types
     from pathlib import Path
+    # a test runner started in the background (nohup ... &) hands its children SIGINT ignored; a user's terminal
+    # does not: give the child the interactive default so Ctrl-C is what this test sends
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from gptopt_core import Pipeline, hookimpl
     from gptopt_core.testing import register_plugin
 
