@@ -3,7 +3,8 @@
     python benchmarks/tradeoffs.py            # full: the recipes as committed
     python benchmarks/tradeoffs.py --quick    # shorter eval/bench/training (same chains): docs/results-quick.md
     python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50   # re-measure rows; the others are read
-                                                                      # back from runs/tradeoffs/<row>.row.json
+                                                                      # back from runs/tradeoffs/<row>.row.json,
+                                                                      # else carried over from docs/results.md
 
 Each row is one `gptopt run --recipe recipes/<row>.yaml` in its own process (exactly the command shown in the
 table); figures are read back from that run's run.json. The ppl ratio is against the dense fp32 row, measured

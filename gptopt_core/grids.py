@@ -198,9 +198,10 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
     g = w.reshape(out_features, in_features // size, size)
     lo = g.amin(dim=2).clamp(max=0)
     hi = g.amax(dim=2).clamp(min=0)
-    scale, zero = _scale_zero(lo, hi, bits, symmetric)
     if observer == "mse":
         scale, zero = _mse_search(g, lo, hi, bits, symmetric)
+    else:
+        scale, zero = _scale_zero(lo, hi, bits, symmetric)
     return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
 
 

@@ -26,6 +26,7 @@ from .steps import parse_choice, parse_percent
 
 __all__ = ["as_percent", "as_group_size", "as_choice", "group_columns"]
 
+
 def as_percent() -> pydantic.BeforeValidator:
     """A relative amount: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1 (:func:`gptopt_core.parse_percent`)."""
     return pydantic.BeforeValidator(parse_percent)
