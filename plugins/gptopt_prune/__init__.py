@@ -59,7 +59,9 @@ class PruneParams(Params):
     dampening: Optional[float] = pydantic.Field(
         None, gt=0.0, le=1.0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
-    quantize_bits: Annotated[Optional[Literal[4, 8]], as_choice(
+    # Literal[8, 4] as quantize's --bits: typing caches equal Literals (order-blind), so a different order here made
+    # the choices shown by --help depend on which plugin loaded first
+    quantize_bits: Annotated[Optional[Literal[8, 4]], as_choice(
             (4, 8), "sparsegpt quantizes to 4 or 8 bits, not {value}")] = pydantic.Field(
         None, description="sparsegpt: also put the kept weights on a 4- or 8-bit integer grid (joint "
                           "sparsification and quantization; facts as quantize --method gptq)")
