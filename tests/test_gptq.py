@@ -20,11 +20,14 @@ def random_layer(rows=24, cols=64, n=400, seed=0, dead=(5,)):
     return W, 2 * X.t() @ X / n
 
 
-def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01, observer="minmax"):
+def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01, observer="minmax", mask=None):
     """GPTQ as the paper states it: one column at a time, the OBS update of every remaining weight with the explicit
     inverse Hessian, which is then downdated (Gaussian elimination of the quantized column). No Cholesky, no lazy
-    batches."""
+    batches. With a ``mask``, SparseGPT's fixed-mask rule: a pruned weight is quantized to zero, its error
+    compensated like any other; group scales are fitted on the kept weights."""
     W, H = W.clone(), H.clone()
+    M = torch.ones_like(W) if mask is None else mask.to(W.dtype)
+    W = W * M
     cols = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -41,13 +44,37 @@ def textbook_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01, obser
     for c in order:
         g = c // gs
         if g not in scales:  # the group's first column: scale from the weights as updated so far
-            scales[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
-        q = fake_quantize(W[:, c], *scales[g], bits, symmetric)
+            scales[g] = fit_group((W * M)[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
+        q = fake_quantize(W[:, c], *scales[g], bits, symmetric) * M[:, c]
         Q[:, c] = q
         err = (W[:, c] - q) / Hinv[c, c]
         W -= err[:, None] * Hinv[c][None, :]
         Hinv = Hinv - Hinv[:, c:c + 1] @ Hinv[c:c + 1, :] / Hinv[c, c]
     return Q, scales
+
+
+def two_four_mask(W):
+    """2:4 along the inputs: the two largest magnitudes of every four kept."""
+    groups = W.abs().reshape(W.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
+    return keep.reshape(W.shape)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,act_order,block", [
+    (4, 16, True, False, 16), (4, 16, False, True, 32), (8, None, False, False, 128)])
+def test_masked_gptq_equals_textbook_and_keeps_the_mask_exactly(bits, group_size, symmetric, act_order, block):
+    W, H = random_layer()
+    mask = two_four_mask(W)
+    Q, grid, _ = gptq_quantize(W, H, bits, group_size, symmetric, act_order, 0.01, block_size=block, mask=mask)
+    Q_ref, _ = textbook_gptq(W, H, bits, group_size, symmetric, act_order, mask=mask)
+    torch.testing.assert_close(Q, Q_ref, rtol=0, atol=1e-9)
+    assert not Q[~mask].any() and torch.equal(grid.dequantize(grid.codes(Q.float())), Q.float())
+    # lower error on the pruned layer's output than rounding the pruned matrix to nearest
+    W, H = (W * mask).float(), H.float()
+    grid = fit_grid(W, bits, group_size, symmetric)
+    R = grid.dequantize(grid.codes(W))
+    err = lambda Qx: float(torch.trace((W - Qx) @ H @ (W - Qx).t()))  # noqa: E731
+    assert err(Q.float()) < err(R), (err(Q.float()), err(R))
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric,act_order,block,observer", [
@@ -85,6 +112,23 @@ def test_gptq_beats_round_to_nearest_on_the_layer_objective():
         gptq_err = torch.trace((W - Q) @ H @ (W - Q).t())
         rtn_err = torch.trace((W - R) @ H @ (W - R).t())
         assert gptq_err < 0.8 * rtn_err, (bits, gs, sym, float(gptq_err), float(rtn_err))
+
+
+@pytest.mark.parametrize("model", ["tiny-random-gpt2", "tiny-random-llama"])
+def test_gptq_after_prune_keeps_every_mask_exactly(model):
+    """prune 2:4, then GPTQ: the pruned weights stay exactly zero (GPT-2's Conv1D masks in its own orientation)."""
+    from gptopt_core import Pipeline
+
+    pipe = Pipeline(model=model, quiet=True, device="cpu")
+    pipe.add("prune", method="wanda", pattern="2:4", calib_samples=4, calib_seq_len=32)
+    pipe.add("quantize", method="gptq", bits=4, group_size="32", calib_blocks=4, calib_seq_len=32)
+    res = pipe.run()
+    masks = res.ctx.state["masks"]
+    assert res.records[1]["metrics"]["masked_layers"] == len(masks) > 0
+    for name, module in weight_modules(res.model):
+        if name in masks:
+            assert not module.weight[~masks[name]].any(), name  # (a kept weight may round to zero too)
+            assert on_grid(module)
 
 
 @pytest.mark.parametrize("model,method", [("tiny-random-gpt2", "gptq"), ("tiny-random-llama", "gptq"),

@@ -10,7 +10,11 @@ Differences from the reference, each chosen so that the result is the textbook c
   straddles two blocks;
 * with act-order the scales are fitted on the weights before any update ("static groups" in the reference), so
   the groups stay contiguous in the stored order and need no index table;
-* scales are fp16-exact (``gptopt_core.grids.fit_group``), as every storage format keeps them.
+* scales are fp16-exact (``gptopt_core.grids.fit_group``), as every storage format keeps them;
+* with a pruning ``mask`` the pruned weights are quantized to zero (zero is on every grid: ``lo <= 0 <= hi``) and
+  their error is compensated like any other column's, as SparseGPT does with a fixed mask (the reference
+  ``sparsegpt.py`` with ``wbits``): the remaining weights are updated in full, pruned ones included, and those are
+  set back to zero when their column is reached. Dynamic group scales are fitted on the kept weights only.
 """
 from __future__ import annotations
 
@@ -40,10 +44,12 @@ def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, bl
 
 
 def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
-                  act_order: bool = False, dampening: float = 0.01, block_size: int = 128, observer: str = "minmax"):
+                  act_order: bool = False, dampening: float = 0.01, block_size: int = 128, observer: str = "minmax",
+                  mask=None):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
     ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``).
+    ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
         :class:`~gptopt_core.grids.WeightGrid`, and ``{"loss": sum of (w - q)^2 / [H^-1]_jj / 2, "dampening"}``.
@@ -51,6 +57,9 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     import torch
 
     W, H = prepare(W, H)
+    M = None if mask is None else mask.to(device=W.device, dtype=W.dtype)
+    if M is not None:
+        W = W * M
     rows, columns = W.shape
     gs = group_size or columns
     if columns % gs:
@@ -65,6 +74,7 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        M = None if M is None else M[:, perm]
         group_of = (perm // gs).tolist()
     else:
         group_of = [c // gs for c in range(columns)]
@@ -83,10 +93,14 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
             col = i1 + i
             g = group_of[col]
             if dynamic and col % gs == 0:
-                scales[g], zeros[g] = fit_group(W1[:, i:i + gs], bits, symmetric, observer)
+                group = W1[:, i:i + gs]
+                scales[g], zeros[g] = fit_group(group if M is None else group * M[:, col:col + gs], bits,
+                                                symmetric, observer)
             w = W1[:, i]
             d = U1[i, i]
             q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)
+            if M is not None:
+                q = q * M[:, col]
             Q1[:, i] = q
             err = (w - q) / d
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)

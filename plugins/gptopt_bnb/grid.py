@@ -6,7 +6,9 @@ would, and the GGUF / compressed-tensors writers read the integer codes back wit
 
 * ``rtn``: round-to-nearest on min-max scales (:func:`gptopt_core.grids.fit_grid`), no calibration;
 * ``gptq``: :func:`.gptq.gptq_quantize` per layer, block by block on calibration text from the train split with
-  :func:`gptopt_core.calibration.run_blockwise` (compressed blocks feed the next; optional offloading).
+  :func:`gptopt_core.calibration.run_blockwise` (compressed blocks feed the next; optional offloading). A layer
+  pruned earlier in the chain (``ctx.state["masks"]``, weights still zero outside the mask) keeps its mask: its
+  pruned weights are quantized to zero and their error compensated (:mod:`.gptq`), so sparsity survives exactly.
 
 The output head and the embeddings stay in float unless ``--embeddings 8``: then the token embedding and the
 output head (once, when tied) are rounded to nearest on int8 per-row symmetric grids (the rows are what a token
@@ -101,6 +103,25 @@ def embeddings_to_int8(model) -> list:
     return done
 
 
+def kept_masks(ctx, modules: dict) -> dict:
+    """``{name: bool mask (out, in)}`` of the pruning masks (``ctx.state["masks"]``) of ``modules`` whose weights
+    are still zero everywhere outside the mask (a merged adapter or an unmasked fine-tune has undone the others)."""
+    import torch
+
+    from gptopt_core import is_conv1d
+
+    out = {}
+    for name, mask in ((getattr(ctx, "state", None) or {}).get("masks") or {}).items():
+        module = modules.get(name)
+        if module is None or tuple(mask.shape) != tuple(module.weight.shape):
+            continue
+        mask = mask.to(module.weight.device, torch.bool)
+        mask = mask.t() if is_conv1d(module) else mask
+        if not bool((weight_matrix(module)[~mask] != 0).any()):
+            out[name] = mask
+    return out
+
+
 def quantize_grid(ctx, step) -> dict:
     import torch
 
@@ -129,13 +150,14 @@ def quantize_grid(ctx, step) -> dict:
             n_blocks, seq_len = p.calibration()
             by_block, outside = split_by_block(model, [n for n, _ in layers])
             losses, damps = {}, {}
+            masks = kept_masks(ctx, dict(layers))
 
             def compress(block, stats):
                 for name, st in stats.items():
                     view = st.weight()
                     with torch_threads(1):
                         q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
-                                                      act_order, damp, observer=observer)
+                                                      act_order, damp, observer=observer, mask=masks.get(name))
                     view.copy_(q.to(view.dtype))
                     attach_grid(st.module, grid)
                     st.hessian = None
@@ -154,7 +176,7 @@ def quantize_grid(ctx, step) -> dict:
             metrics.update({"act_order": act_order, "dampening": damp, "calib_tokens": report["calib_tokens"],
                             "sequential": p.sequential is not False, "offload": report["offload"],
                             "engine": report, "gptq_loss": round(sum(losses.values()), 6),
-                            "raised_dampening": damps, "rtn_layers": fallback})
+                            "raised_dampening": damps, "rtn_layers": fallback, "masked_layers": len(masks)})
         if p.embeddings == "8":
             embedded = embeddings_to_int8(model)
             layers = layers + [(n, m) for n, m in embedded if all(m is not other for _, other in layers)]
