@@ -80,8 +80,9 @@ class CompressedTensorsFormat(SaveFormat):
         info = write(ctx, model, path)
         parts = [f"{info['packed_layers']} packed layer(s) ({', '.join(info['schemes'])})"] if info["schemes"] else []
         if info["sparsity_format"]:
-            parts.append(f"sparsity {info['sparsity_format']}" + (f" ({info['sparse_layers']} bitmask layer(s))"
-                                                                   if info["sparse_layers"] else ""))
+            parts.append(f"sparsity {info['sparsity_format']} ({info['sparse_layers']} bitmask layer(s))")
+        if info["zeros_in_codes"]:
+            parts.append(f"pruned zeros held in the codes of {info['zeros_in_codes']} packed layer(s)")
         ctx.log("  compressed-tensors: " + ", ".join(parts))
         note = plain_note(info)
         if note:

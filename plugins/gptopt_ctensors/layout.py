@@ -150,10 +150,9 @@ def plain_transformers(qconfig, sparse_layers: int) -> dict:
     return {"dequantize": dequantize, "unread": unread}
 
 
-def sparsity_config(model, sparse: dict, compressed: bool):
-    """compressed-tensors ``SparsityCompressionConfig`` for ``{name: mask (out, in)}``: ``sparse-24-bitmask``
-    when every mask is 2:4 along the input dimension, else ``sparse-bitmask``; ``dense`` (structure recorded,
-    zeros stored in place) when not ``compressed``."""
+def sparsity_config(model, sparse: dict):
+    """compressed-tensors ``SparsityCompressionConfig`` for ``{name: mask (out, in)}`` written as bitmasks:
+    ``sparse-24-bitmask`` when every mask is 2:4 along the input dimension, else ``sparse-bitmask``."""
     from compressed_tensors.config import SparsityCompressionConfig
 
     if not sparse:
@@ -162,7 +161,7 @@ def sparsity_config(model, sparse: dict, compressed: bool):
     kept = sum(int(m.sum()) for m in sparse.values())
     total = sum(m.numel() for m in sparse.values())
     targets, ignore = targets_for(model, set(sparse))
-    fmt = ("sparse-24-bitmask" if two_four else "sparse-bitmask") if compressed else "dense"
+    fmt = "sparse-24-bitmask" if two_four else "sparse-bitmask"
     return SparsityCompressionConfig.load_from_registry(
         fmt, targets=targets, ignore=ignore, global_sparsity=round(1 - kept / total, 6),
         sparsity_structure="2:4" if two_four else "unstructured")

@@ -85,14 +85,14 @@ def write(ctx, model, path) -> dict:
 
     grids = grid_layers(model)
     gridded = {n for n, _, _ in grids}
-    # with grids, zeros stay inside the packed codes (transformers reads it all) and the sparsity config only
-    # records the structure (format "dense"); without grids the pruned layers are written as bitmasks
+    # with grids, zeros stay inside the packed codes (transformers and vLLM read it all) and no sparsity config is
+    # written, as compressed-tensors 0.20's own ModelCompressor writes none (vLLM 0.24 refuses any sparsity config
+    # with targets, even format "dense"); without grids the pruned layers are written as bitmasks
     compress_sparse = not grids
-    sparse = sparse_masks(ctx, model, set() if grids else gridded)
+    masked = sparse_masks(ctx, model, set())
+    sparse = masked if compress_sparse else {}
     qconfig = layout.quantization_config(model, grids)
-    sconfig = layout.sparsity_config(model, sparse, compressed=compress_sparse)
-    if not compress_sparse:
-        sparse = {}
+    sconfig = layout.sparsity_config(model, sparse)
     plain = layout.plain_transformers(qconfig, len(sparse))
     modules = dict(model.named_modules())
     tied = layout.tied_head(model)
@@ -140,6 +140,7 @@ def write(ctx, model, path) -> dict:
         gen.save_pretrained(str(path))
     return {"packed_layers": len(grids), "sparse_layers": len(sparse),
             "sparsity_format": sconfig.format if sconfig is not None else None,
+            "zeros_in_codes": 0 if compress_sparse else len(set(masked) & gridded),
             "schemes": sorted({g.describe() for _, _, g in grids}),
             "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
             "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
