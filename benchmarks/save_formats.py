@@ -49,8 +49,13 @@ SKIPPED = {"02-int8": BNB.format("int8"), "03-nf4": BNB.format("nf4"),
            "11-nf4-qlora": "trains (QLoRA) on an nf4 base: not held by compressed-tensors",
            "12-l1-ft-magnitude-50": "trains 45 steps (~13 CPU-min); its pruned model is written like 08"}
 RTN_G64 = {"method": "rtn", "bits": 4, "group_size": "64", "symmetric": True}
+SPARSEGPT_24 = {"method": "sparsegpt", "pattern": "2:4"}
 EXTRA = {"rtn-int4-g64-sym": [("quantize", RTN_G64)],
-         "rtn-int4-g64-sym+emb-int8": [("quantize", {**RTN_G64, "embeddings": "8"})]}
+         "rtn-int4-g64-sym+emb-int8": [("quantize", {**RTN_G64, "embeddings": "8"})],
+         # 2:4 sparse on int4 grids: the zeros live in the packed codes, which every compressed-tensors reader reads
+         "sparsegpt-2of4+rtn-int4-g64": [("prune", SPARSEGPT_24), ("quantize", RTN_G64)],
+         "sparsegpt-2of4+gptq-int4-g64": [("prune", SPARSEGPT_24), ("quantize", {**RTN_G64, "method": "gptq"})],
+         "sparsegpt-2of4-joint-int4-g64": [("prune", {**SPARSEGPT_24, "quantize_bits": 4, "group_size": 64})]}
 
 
 def safetensors_bytes(path: Path) -> int:
@@ -228,6 +233,10 @@ def verdicts(result) -> list[str]:
                 parts.append(f"disk / dense {e['disk_bytes'] / dense:.3f} ("
                              f"{'met' if e['disk_bytes'] < dense else 'NOT met'}: smaller than dense), zeros after "
                              f"reload {'exactly the masks' if e.get('zeros_exact') else 'NOT the masks'}")
+            if "masks" in row["facts"] and "quantized:grid" in row["facts"] and "plain_zeros_exact" in e:
+                exact = "exactly the saved model's" if e["plain_zeros_exact"] else "NOT the saved model's"
+                parts.append(f"zeros after plain from_pretrained {exact} (sparsity {row['sparsity']:.4f}: the "
+                             "masks and kept weights that round to zero)")
             if "plain_ppl_ratio" in e:
                 parts.append(f"plain from_pretrained x{num(e['plain_ppl_ratio'], 5)}")
             out.append(f"- {row['recipe']} ({fmt}): " + "; ".join(parts))

@@ -6,7 +6,8 @@ their fp16 scales (``pack-quantized``, one config group per scheme and layer kin
 GPT-2 Conv1D layers in column blocks (:mod:`.layout`). Plain ``AutoModelForCausalLM.from_pretrained(dir)`` reads
 them back through transformers' compressed-tensors quantizer (where it cannot, ``save`` says so in one line:
 :func:`plain_note`). A pruned model without grids is written sparse (``sparse-24-bitmask`` where every mask is
-2:4, else ``sparse-bitmask``), which ``gptopt run --model DIR`` reads and plain transformers does not.
+2:4, else ``sparse-bitmask``), which ``gptopt run --model DIR`` reads and plain transformers does not (upstream
+dropped these layouts); pruned layers on grids keep their zeros inside the packed codes, which every reader reads.
 bitsandbytes nf4/fp4/int8 and cpu-fast layers are refused with a line naming what can hold them.
 
 Heavy imports (torch, compressed_tensors, transformers) happen inside the hooks only. See docs/save-formats.md.
@@ -103,7 +104,8 @@ def plain_note(info: dict) -> str | None:
     if info.get("plain_unread"):
         return (f"  note: plain transformers from_pretrained ({version}) cannot read "
                 + "; ".join(info["plain_unread"]) + ": `gptopt run --model DIR` (gptopt_ctensors.load_model) reads "
-                "it exactly" + ("; save --format safetensors writes a dense copy it reads"
+                "it exactly" + ("; save --format safetensors writes a dense copy it reads, and quantize --method "
+                                "rtn|gptq after prune a smaller one (zeros inside the codes)"
                                 if any("sparsity" in u for u in info["plain_unread"]) else ""))
     if info.get("plain_dequantize"):
         return (f"  note: plain transformers from_pretrained ({version}) reads it de-quantized to float "
