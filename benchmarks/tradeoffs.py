@@ -5,10 +5,12 @@
     python benchmarks/tradeoffs.py --only 03-nf4 --only 08-wanda-50   # re-measure rows; the others are read
                                                                       # back from runs/tradeoffs/<row>.row.json,
                                                                       # else carried over from docs/results.md
+    python benchmarks/tradeoffs.py --table-only   # rebuild the table and plot from those, measuring nothing
 
 Each row is one `gptopt run --recipe recipes/<row>.yaml` in its own process (exactly the command shown in the
 table); figures are read back from that run's run.json. The ppl ratio is against the dense fp32 row, measured
-by the same `eval` on the same held-out tokens.
+by the same `eval` on the same held-out tokens. Each row says when and at which commit it was measured ("alone":
+re-measured by itself with ``--only``), and keeps saying so when it is carried over into a later table.
 """
 import argparse
 import json
@@ -79,15 +81,32 @@ def run_row(recipe_path: Path, out: Path, quick: bool) -> dict:
     }
 
 
+def header_provenance(head: str) -> dict:
+    """``{row: "DATE `commit`[, alone]", "*": default}`` from the header sentence of a table written before the
+    ``measured`` column existed (its "re-measured afterwards, alone" and "carried over" lists)."""
+    when = re.search(r"Measured (\S+)", head)
+    commit = re.search(r"commit `([0-9a-f]+)`", head)
+    day = when.group(1) if when else "?"
+    out = {"*": f"{day} `{commit.group(1) if commit else '?'}`"}
+    alone = re.search(r"Row\(s\) (.*?) re-measured afterwards, alone, by `--only` at commit `([0-9a-f]+)`", head)
+    if alone:
+        out.update({r: f"{day} `{alone.group(2)}`, alone" for r in alone.group(1).split(", ")})
+    carried = re.search(r"Rows (.*?) are carried over, as rounded there, from the earlier table \((\S+), commit "
+                        r"([0-9a-f?]+)\)", head)
+    if carried:
+        out.update({r: f"{carried.group(2)} `{carried.group(3)}`" for r in carried.group(1).split(", ")})
+    return out
+
+
 def table_rows(path: Path) -> dict:
-    """``{row: row dict}`` read back from an earlier docs/results.md table (its figures as rounded there), so that
-    ``--only`` on a fresh checkout (no runs/tradeoffs/*.row.json) keeps the rows it does not re-measure."""
+    """``{row: row dict}`` read back from an earlier docs/results.md table (its figures as rounded there, and when
+    each was measured), so that ``--only`` on a fresh checkout (no runs/tradeoffs/*.row.json) keeps the rows it
+    does not re-measure."""
     if not path.exists():
         return {}
     text = path.read_text()
     head = text.split("\n\n")[1] if "\n\n" in text else ""
-    when = re.search(r"Measured (\S+)", head)
-    commit = re.search(r"commit `([0-9a-f]+)`", head)
+    provenance = header_provenance(head)
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -95,12 +114,13 @@ def table_rows(path: Path) -> dict:
             continue
         num = lambda v, scale=1.0: None if v in ("–", "-", "") else float(v.rstrip("%")) * scale  # noqa: E731
         extra = cells[10:13] if len(cells) >= 14 else ["–"] * 3
+        measured = cells[13] if len(cells) >= 15 else provenance.get(cells[0], provenance["*"])
         rows[cells[0]] = {
             "row": cells[0], "chain": cells[1], "ppl": float(cells[2]), "bytes": num(cells[4], 1e6),
             "sparsity": num(cells[5], 0.01), "decode": num(cells[6]), "prefill": num(cells[7]),
             "peak": num(cells[8], 1e6), "produce_s": num(cells[9]), "gguf_bytes": num(extra[0], 1e6),
             "llamacpp_ppl": num(extra[1]), "llamacpp_decode": num(extra[2]), "wall": None,
-            "carried": f"{when.group(1) if when else '?'}, commit {commit.group(1) if commit else '?'}"}
+            "measured": measured, "carried": True}
     return rows
 
 
@@ -110,39 +130,39 @@ def fmt(v, spec, scale=1.0):
 
 def write_results(rows, quick: bool, commit: str, seconds: float):
     dense = next((r for r in rows if r["row"].endswith("dense-fp32") and "ppl" in r), None)
-    again = [r["row"] for r in rows if r.get("remeasured")]
-    carried = sorted({r["carried"] for r in rows if r.get("carried")})
-    redo = (f" Row(s) {', '.join(again)} re-measured afterwards, alone, by `--only` at commit `{commit}`; "
-            "the minutes are the sum of every row's wall time." if again else "")
-    if carried:
-        redo += (f" Rows {', '.join(r['row'] for r in rows if r.get('carried'))} are carried over, as rounded there, "
-                 f"from the earlier table ({'; '.join(carried)}), whose per-row files this checkout did not have.")
-    if again:
-        seconds = sum(r["wall"] or 0 for r in rows)
-    commit = next((r["commit"] for r in rows if not r.get("remeasured") and r.get("commit")), commit)
+    fresh = [r for r in rows if r.get("fresh")]
+    carried = [r["row"] for r in rows if r.get("carried")]
+    note = (" Rows not measured by this invocation are read back from their earlier runs (runs/tradeoffs/*.row.json)"
+            + (f" or carried over, as rounded there, from the committed table ({', '.join(carried)})" if carried
+               else "") + "; the minutes are those of the rows measured now." if len(fresh) < len(rows) else "")
+    seconds = sum(r["wall"] or 0 for r in fresh) if fresh else seconds
     sparsity = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"# Trade-offs on SmolLM2-135M ({'quick' if quick else 'full'} run)", "",
-             f"Measured {date.today().isoformat()} on {platform.machine()} Linux, "
+             f"Table written {date.today().isoformat()} on {platform.machine()} Linux, "
              f"{__import__('os').cpu_count()} CPU cores, no GPU, commit `{commit}`, by "
-             f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min).{redo} "
+             f"`python benchmarks/tradeoffs.py{' --quick' if quick else ''}` "
+             f"({f'{seconds / 60:.1f} min' if fresh else '--table-only: nothing measured'}); each row's "
+             "`measured` column says when and at which commit it ran (\"alone\": re-measured by itself with "
+             f"`--only`).{note} "
              "Held-out ppl on pydoc validation documents; ratio vs the dense fp32 row; bytes = parameters + "
              "buffers in memory; decode/prefill/peak from `bench` (CPU: perf_counter, peak RSS growth).", "",
              "llama.cpp columns: the GGUF file the row exports (MB on disk), its held-out ppl and decode tokens/s "
              "in llama.cpp (`llamacpp` step, same tokens and workload).", "",
              "| row | chain | ppl | ratio | MB | sparsity | decode tok/s | prefill ms | peak MB | produce s | "
-             "GGUF MB | llama.cpp ppl | llama.cpp decode tok/s | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GGUF MB | llama.cpp ppl | llama.cpp decode tok/s | measured | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cmd = f"`gptopt run --recipe recipes/{r['row']}.yaml`"
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | | | | | | {cmd} |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | | | | | | {r.get('measured', '')} "
+                         f"| {cmd} |")
             continue
         ratio = r["ppl"] / dense["ppl"] if dense else None
         lines.append(f"| {r['row']} | {r['chain']} | {r['ppl']:.2f} | {fmt(ratio, '.3f')} | "
                      f"{fmt(r['bytes'], '.1f', 1e6)} | {sparsity(r['sparsity'])} | {fmt(r['decode'], '.1f')} | "
                      f"{fmt(r['prefill'], '.0f')} | {fmt(r['peak'], '.0f', 1e6)} | {fmt(r['produce_s'], '.0f')} | "
                      f"{fmt(r.get('gguf_bytes'), '.1f', 1e6)} | {fmt(r.get('llamacpp_ppl'), '.2f')} | "
-                     f"{fmt(r.get('llamacpp_decode'), '.1f')} | {cmd} |")
+                     f"{fmt(r.get('llamacpp_decode'), '.1f')} | {r.get('measured', '?')} | {cmd} |")
     suffix = "-quick" if quick else ""  # the quick run never overwrites the full run's figures
     (ROOT / "docs" / f"results{suffix}.md").write_text("\n".join(lines) + f"\n\n![trade-offs](tradeoffs{suffix}.png)\n")
     plot(rows, dense, ROOT / "docs" / f"tradeoffs{suffix}.png")
@@ -178,22 +198,28 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", action="append", default=[])
     ap.add_argument("--out", default="runs/tradeoffs")
+    ap.add_argument("--table-only", action="store_true", help="measure nothing: rebuild the table and plot")
     args = ap.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    if args.only:
-        recipes = [r for r in recipes if r.stem in args.only or r.stem.endswith("dense-fp32")]
+    if args.only or args.table_only:
+        recipes = [r for r in recipes if r.stem in args.only or (r.stem.endswith("dense-fp32") and not args.table_only)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     start = time.perf_counter()
     rows = []
-    earlier = table_rows(ROOT / "docs" / f"results{'-quick' if args.quick else ''}.md") if args.only else {}
+    earlier = table_rows(ROOT / "docs" / f"results{'-quick' if args.quick else ''}.md") if len(recipes) < len(
+        list((ROOT / "recipes").glob("*.yaml"))) else {}
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         saved = out / f"{recipe.stem}.row.json"
         if recipe not in recipes:
             if saved.exists():  # a row of an earlier invocation, kept in the table
-                rows.append(json.loads(saved.read_text()))
+                row = json.loads(saved.read_text())
+                if "measured" not in row:  # written before rows said so: the committed table knows, for its commit
+                    known = earlier.get(recipe.stem, {}).get("measured", "")
+                    row["measured"] = known if f"`{row.get('commit')}`" in known else f"? `{row.get('commit', '?')}`"
+                rows.append(row)
             elif recipe.stem in earlier:  # only in the committed table (fresh checkout)
                 rows.append(earlier[recipe.stem])
             continue
@@ -202,9 +228,9 @@ def main():
         if (out / recipe.stem).exists():
             (out / recipe.stem).rmdir()
         row = run_row(recipe, out, args.quick)
-        row.update(commit=commit, remeasured=bool(args.only))
-        saved.write_text(json.dumps({**row, "remeasured": False}))
-        rows.append(row)
+        row.update(commit=commit, measured=f"{date.today().isoformat()} `{commit}`" + (", alone" if args.only else ""))
+        saved.write_text(json.dumps(row))
+        rows.append({**row, "fresh": True})
         print(json.dumps(row), flush=True)
     write_results(rows, args.quick, commit, time.perf_counter() - start)
     print(f"wrote docs/results{'-quick' if args.quick else ''}.md and the plot in {(time.perf_counter() - start) / 60:.1f} min")
