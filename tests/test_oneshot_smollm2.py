@@ -48,3 +48,31 @@ def test_sparsegpt_beats_wanda_on_smollm2_blocks(smollm2):
     sparsegpt, metrics = ppl_after(smollm2, PruneStep(method="sparsegpt", **common))
     assert metrics["pruned_layers"] == 14
     assert sparsegpt < wanda, (sparsegpt, wanda)
+
+
+def test_gptq_after_2of4_keeps_the_masks_and_beats_round_to_nearest_on_smollm2_blocks(smollm2):
+    """Wanda 2:4 on the first two blocks, then int4 per channel: GPTQ keeps every pruned weight at zero and lands
+    closer to the pruned model than round-to-nearest does (ad-hoc run: pruned 13.634, GPTQ 13.604, RTN 15.067 on
+    1,024 held-out tokens)."""
+    from gptopt_bnb.step import QuantizeStep
+    from gptopt_core import weight_modules
+    from gptopt_prune import PruneStep
+
+    ctx = smollm2[0]
+    results = {}
+    for method in ("rtn", "gptq"):
+        ppl_after(smollm2, PruneStep(method="wanda", pattern="2:4", include=FIRST_BLOCKS, calib_samples=16,
+                                     calib_seq_len=128))
+        pruned = perplexity(ctx.model, ctx.data.valid_ids, 512, 512, 1024)["perplexity"]
+        step = QuantizeStep(method=method, bits=4, group_size="channel", include=FIRST_BLOCKS,
+                            **({"calib_blocks": 16} if method == "gptq" else {}))
+        step.preflight(ctx)
+        metrics = step.apply(ctx)
+        results[method] = perplexity(ctx.model, ctx.data.valid_ids, 512, 512, 1024)["perplexity"]
+        masks = ctx.state["masks"]
+        assert len(masks) == 14 and metrics.get("masked_layers", 14) == 14
+        for name, module in weight_modules(ctx.model):
+            if name in masks:
+                assert not module.weight[~masks[name]].any(), (method, name)
+    assert results["gptq"] < results["rtn"], (pruned, results)
+    assert abs(results["gptq"] - pruned) < 0.3 * (results["rtn"] - pruned), (pruned, results)
