@@ -81,23 +81,6 @@ def run_row(recipe_path: Path, out: Path, quick: bool) -> dict:
     }
 
 
-def header_provenance(head: str) -> dict:
-    """``{row: "DATE `commit`[, alone]", "*": default}`` from the header sentence of a table written before the
-    ``measured`` column existed (its "re-measured afterwards, alone" and "carried over" lists)."""
-    when = re.search(r"Measured (\S+)", head)
-    commit = re.search(r"commit `([0-9a-f]+)`", head)
-    day = when.group(1) if when else "?"
-    out = {"*": f"{day} `{commit.group(1) if commit else '?'}`"}
-    alone = re.search(r"Row\(s\) (.*?) re-measured afterwards, alone, by `--only` at commit `([0-9a-f]+)`", head)
-    if alone:
-        out.update({r: f"{day} `{alone.group(2)}`, alone" for r in alone.group(1).split(", ")})
-    carried = re.search(r"Rows (.*?) are carried over, as rounded there, from the earlier table \((\S+), commit "
-                        r"([0-9a-f?]+)\)", head)
-    if carried:
-        out.update({r: f"{carried.group(2)} `{carried.group(3)}`" for r in carried.group(1).split(", ")})
-    return out
-
-
 def table_rows(path: Path) -> dict:
     """``{row: row dict}`` read back from an earlier docs/results.md table (its figures as rounded there, and when
     each was measured), so that ``--only`` on a fresh checkout (no runs/tradeoffs/*.row.json) keeps the rows it
@@ -105,8 +88,6 @@ def table_rows(path: Path) -> dict:
     if not path.exists():
         return {}
     text = path.read_text()
-    head = text.split("\n\n")[1] if "\n\n" in text else ""
-    provenance = header_provenance(head)
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -114,7 +95,7 @@ def table_rows(path: Path) -> dict:
             continue
         num = lambda v, scale=1.0: None if v in ("–", "-", "") else float(v.rstrip("%")) * scale  # noqa: E731
         extra = cells[10:13] if len(cells) >= 14 else ["–"] * 3
-        measured = cells[13] if len(cells) >= 15 else provenance.get(cells[0], provenance["*"])
+        measured = cells[13] if len(cells) >= 15 else "?"  # tables before the column did not say
         rows[cells[0]] = {
             "row": cells[0], "chain": cells[1], "ppl": float(cells[2]), "bytes": num(cells[4], 1e6),
             "sparsity": num(cells[5], 0.01), "decode": num(cells[6]), "prefill": num(cells[7]),
@@ -209,8 +190,8 @@ def main():
                             cwd=ROOT).stdout.strip()
     start = time.perf_counter()
     rows = []
-    earlier = table_rows(ROOT / "docs" / f"results{'-quick' if args.quick else ''}.md") if len(recipes) < len(
-        list((ROOT / "recipes").glob("*.yaml"))) else {}
+    earlier = table_rows(ROOT / "docs" / f"results{'-quick' if args.quick else ''}.md") if (
+        args.only or args.table_only) else {}
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         saved = out / f"{recipe.stem}.row.json"
         if recipe not in recipes:
