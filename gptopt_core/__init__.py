@@ -19,6 +19,9 @@ _LAZY = {
     "as_percent": "options", "as_group_size": "options", "as_choice": "options",
     "group_columns": "options", "STATE_KEYS": "context", "FACTS": "context",
     "PluginHookError": "plugins", "get_plugins": "plugins",
+    # the architecture table
+    "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
+    "architecture_of": "architectures",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
     "smollm2_dir": "models", "TextData": "data",
@@ -48,7 +51,8 @@ _LAZY = {
 }
 
 #: public name → (submodule, name there), where the public name says more than the module's own
-_ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan")}
+_ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
+            "unsupported_architecture": ("architectures", "unsupported")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY, *_ALIASES])

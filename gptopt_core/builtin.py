@@ -162,6 +162,14 @@ def gptopt_register_save_formats(register):
     register(SafetensorsFormat)
 
 
+@hookimpl
+def gptopt_register_architectures(register):
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        register(family)
+
+
 @hookimpl(trylast=True)
 def gptopt_save_model(ctx, model, path):
     model.save_pretrained(str(path), safe_serialization=True)

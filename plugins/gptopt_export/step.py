@@ -71,7 +71,7 @@ class ExportStep(Step):
     def preflight(self, ctx):
         from .gguf_writer import check_model
 
-        check_model(ctx.model)
+        check_model(ctx.model, ctx.plugins)
 
     def apply(self, ctx):
         import time
@@ -82,7 +82,7 @@ class ExportStep(Step):
         target.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec)
+                             name=ctx.model_spec, plugins=ctx.plugins)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         ctx.state["gguf"] = str(target)
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "

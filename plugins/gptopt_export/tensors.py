@@ -1,9 +1,11 @@
 """Which tensors a GGUF file holds for a Hugging Face model, under llama.cpp's names and layouts.
 
-The names and layouts follow llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``, ``GPT2Model``) and gguf-py's
-``TENSOR_NAMES``: Llama's q/k projections have their rows permuted for llama.cpp's rotary layout, GPT-2's Conv1D
-weights are transposed to ``(out, in)``, ``c_attn`` stays one fused ``attn_qkv``. Each weight is described by a
-:class:`Source`: its float values as torch computes with them and, where the chain left one, the integer grid or
+Driven by the architecture table (``gptopt_core.architecture_of``): tensor names come from gguf-py's
+``TensorNameMap`` for the family's llama.cpp architecture (the mapping ``convert_hf_to_gguf.py`` itself uses), and
+the family's :class:`gptopt_core.GgufLayout` says what differs from a plain copy: Llama's q/k rows permuted for
+llama.cpp's rotary layout, GPT-NeoX's per-head fused qkv reordered to ``[q; k; v]``, Gemma's norms shifted by one,
+GPT-2's tied head written out. GPT-2's Conv1D weights are transposed to ``(out, in)``. Each weight is described by
+a :class:`Source`: its float values as torch computes with them and, where the chain left one, the integer grid or
 the bitsandbytes layer they came from, so the type chooser can write grids without re-rounding.
 """
 from __future__ import annotations
@@ -11,10 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from gptopt_core import GptoptError
-
-SUPPORTED = ("llama", "gpt2")
-
+from gptopt_core import GptoptError, architecture_of, unsupported_architecture
 
 @dataclass
 class Source:
@@ -31,14 +30,24 @@ class Source:
     float_dtype: str = "float32"  # the dtype the layer computed in (auto keeps float layers there)
 
 
-def architecture(model) -> str:
-    """``llama`` or ``gpt2``; a :class:`GptoptError` naming the supported ones otherwise."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED:
-        raise GptoptError(f"export --format gguf: architecture '{kind}' is not supported; supported: "
-                          f"{', '.join(SUPPORTED)} (Llama-family and GPT-2)")
-    return kind
+def family(model, plugins=None):
+    """The model's row of the architecture table, when it says how llama.cpp writes it; a one-line
+    :class:`GptoptError` naming the exportable families otherwise."""
+    from gptopt_core import architecture_table
+
+    found = architecture_of(model, plugins)
+    if found is None:
+        raise unsupported_architecture(model, "export --format gguf", plugins)
+    if found.gguf is None:
+        exportable = ", ".join(sorted(k for k, a in architecture_table(plugins).items() if a.gguf is not None))
+        raise GptoptError(f"export --format gguf: llama.cpp has no architecture for '{found.model_type}' models "
+                          f"(its row in the architecture table has no GGUF layout); exportable: {exportable}")
+    return found
+
+
+def architecture(model, plugins=None) -> str:
+    """llama.cpp's architecture name for ``model`` (e.g. ``llama``, ``qwen3``, ``gptneox``)."""
+    return family(model, plugins).gguf.arch
 
 
 def unmerged_adapter(model) -> bool:
@@ -55,6 +64,14 @@ def permute_rows(n_rows: int, n_head: int):
 
     idx = torch.arange(n_rows)
     return idx.reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(n_rows)
+
+
+def qkv_rows(n_rows: int, n_head: int):
+    """Row order of a fused qkv stored per head (``[head, (q, k, v), dim]``, GPT-NeoX) as llama.cpp's converter
+    writes it: all q rows, then k, then v (``GPTNeoXModel.modify_tensors``)."""
+    import torch
+
+    return torch.arange(n_rows).reshape(n_head, 3, n_rows // n_head // 3).swapaxes(0, 1).reshape(n_rows)
 
 
 def _bnb_kind(module) -> Optional[str]:
@@ -127,63 +144,81 @@ def _tied(model) -> bool:
         head is not None and getattr(head, "tied_to_embedding", False))
 
 
-def llama_sources(model) -> list[Source]:
-    cfg = model.config
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    base = model.model
-    out = [_source("token_embd.weight", base.embed_tokens, "embedding", "model.embed_tokens")]
-    for i, layer in enumerate(base.layers):
-        p, attn, mlp = f"blk.{i}.", layer.self_attn, layer.mlp
-        hf = f"model.layers.{i}."
-        q_rows = permute_rows(attn.q_proj.out_features if hasattr(attn.q_proj, "out_features")
-                              else attn.q_proj.weight.shape[0], n_head)
-        k_rows = permute_rows(attn.k_proj.out_features if hasattr(attn.k_proj, "out_features")
-                              else attn.k_proj.weight.shape[0], n_kv)
-        out.append(_plain(p + "attn_norm.weight", layer.input_layernorm.weight, "norm", hf + "input_layernorm"))
-        for short, module, rows in (("attn_q", attn.q_proj, q_rows), ("attn_k", attn.k_proj, k_rows),
-                                    ("attn_v", attn.v_proj, None), ("attn_output", attn.o_proj, None)):
-            out.append(_source(p + short + ".weight", module, "weight", hf + "self_attn." + short, rows))
-            if getattr(module, "bias", None) is not None:
-                out.append(_plain(p + short + ".bias", module.bias, "bias", hf + short, rows))
-        out.append(_plain(p + "ffn_norm.weight", layer.post_attention_layernorm.weight, "norm",
-                          hf + "post_attention_layernorm"))
-        for short, module in (("ffn_gate", mlp.gate_proj), ("ffn_up", mlp.up_proj), ("ffn_down", mlp.down_proj)):
-            out.append(_source(p + short + ".weight", module, "weight", hf + "mlp." + short))
-            if getattr(module, "bias", None) is not None:
-                out.append(_plain(p + short + ".bias", module.bias, "bias", hf + short))
-    out.append(_plain("output_norm.weight", base.norm.weight, "norm", "model.norm"))
-    if not _tied(model):
-        out.append(_source("output.weight", model.lm_head, "head", "lm_head"))
+def _row_orders(model, arch) -> dict:
+    """``{qualified module name: row index}`` for the layers whose rows llama.cpp stores in another order."""
+    cfg, layout = model.config, arch.gguf
+    out = {}
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    blocks = model.get_submodule(arch.blocks)
+    for i, block in enumerate(blocks):
+        for rel, heads, order in ((layout.permute_qk[:1], n_head, permute_rows),
+                                  (layout.permute_qk[1:], n_kv, permute_rows),
+                                  ((layout.qkv_per_head,) if layout.qkv_per_head else (), n_head, qkv_rows)):
+            for name in rel:
+                module = block.get_submodule(name)
+                rows = module.out_features if hasattr(module, "out_features") else module.weight.shape[0]
+                out[f"{arch.blocks}.{i}.{name}"] = order(rows, n_head=heads)
     return out
 
 
-def gpt2_sources(model) -> list[Source]:
-    base = model.transformer
-    out = [_source("token_embd.weight", base.wte, "embedding", "transformer.wte"),
-           _plain("position_embd.weight", base.wpe.weight, "position", "transformer.wpe")]
-    for i, block in enumerate(base.h):
-        p, hf = f"blk.{i}.", f"transformer.h.{i}."
-        for short, norm in (("attn_norm", block.ln_1), ("ffn_norm", block.ln_2)):
-            out.append(_plain(p + short + ".weight", norm.weight, "norm", hf + short))
-            out.append(_plain(p + short + ".bias", norm.bias, "bias", hf + short))
-        for short, module in (("attn_qkv", block.attn.c_attn), ("attn_output", block.attn.c_proj),
-                              ("ffn_up", block.mlp.c_fc), ("ffn_down", block.mlp.c_proj)):
-            out.append(_source(p + short + ".weight", module, "weight", hf + short))
-            if getattr(module, "bias", None) is not None:
-                out.append(_plain(p + short + ".bias", module.bias, "bias", hf + short))
-    out.append(_plain("output_norm.weight", base.ln_f.weight, "norm", "transformer.ln_f"))
-    out.append(_plain("output_norm.bias", base.ln_f.bias, "bias", "transformer.ln_f"))
-    # llama.cpp's converter always writes GPT-2's output matrix (a copy of wte when tied)
-    head = model.lm_head
-    if _tied(model):
-        out.append(Source("output.weight", out[0].values, out[0].origin, out[0].grid, out[0].codes, "head",
-                          "lm_head", out[0].float_dtype))
-    else:
-        out.append(_source("output.weight", head, "head", "lm_head"))
-    return out
+def _role(gguf_name: str) -> str:
+    if gguf_name == "token_embd.weight":
+        return "embedding"
+    if gguf_name == "output.weight":
+        return "head"
+    if gguf_name.startswith("position_embd"):
+        return "position"
+    if gguf_name.endswith(".bias"):
+        return "bias"
+    return "norm" if "norm" in gguf_name else "weight"
 
 
-def sources(model) -> list[Source]:
+def _is_layer(module) -> bool:
+    import torch.nn as nn
+
+    from gptopt_core import is_weight_layer
+
+    return is_weight_layer(module) or isinstance(module, nn.Embedding) or _bnb_kind(module) is not None
+
+
+def sources(model, plugins=None) -> list[Source]:
     """Every tensor of ``model`` in llama.cpp's names and layouts (see the module docstring)."""
-    arch = architecture(model)
-    return llama_sources(model) if arch == "llama" else gpt2_sources(model)
+    import gguf
+
+    arch = family(model, plugins)
+    layout = arch.gguf
+    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(layout.arch)
+    if arch_id is None:
+        raise GptoptError(f"export --format gguf: gguf-py {gguf.__version__ if hasattr(gguf, '__version__') else ''}"
+                          f" does not know llama.cpp architecture '{layout.arch}'; upgrade the gguf package")
+    names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
+    rows = _row_orders(model, arch)
+    tied, seen, out = _tied(model), set(), []
+    head_module = model.get_output_embeddings()
+    for mod_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            hf = f"{mod_name}.{pname}" if mod_name else pname
+            name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise GptoptError(f"export --format gguf: tensor '{hf}' has no name in llama.cpp's "
+                                  f"'{layout.arch}' architecture (gguf-py's tensor map); this exporter cannot "
+                                  f"write it")
+            if module is head_module and tied:
+                continue  # a head tied to the embedding: llama.cpp reads token_embd (or gets a copy below)
+            role, order = _role(name), rows.get(mod_name)
+            if pname == "weight" and role != "position" and _is_layer(module):
+                src = _source(name, module, role, mod_name, order)
+            else:
+                src = _plain(name, param, role, hf, order)
+                if layout.norm_shift and role == "norm":
+                    src.values = src.values + layout.norm_shift
+            out.append(src)
+    if tied and layout.head == "always":
+        emb = next(s for s in out if s.role == "embedding")
+        out.append(Source("output.weight", emb.values, emb.origin, emb.grid, emb.codes, "head", "lm_head",
+                          emb.float_dtype))
+    return out

@@ -13,20 +13,7 @@ from typing import List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, PlanError, Step, TrainParams, hookimpl
-
-#: module names LoRA targets with ``--target-modules auto``, by ``config.model_type``
-AUTO_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
+from gptopt_core import GptoptError, PlanError, Step, TrainParams, architecture_of, hookimpl
 
 DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0
 
@@ -207,7 +194,8 @@ class LoraStep(_TrainingStep):
 def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     """The qualified names of the layers LoRA adapts, and whether they are GPT-2 ``Conv1D`` layers.
 
-    ``auto``: by architecture (:data:`AUTO_TARGETS`), else every linear layer but the output head.
+    ``auto``: the block's linear layers of the model's family in the architecture table
+    (``gptopt_core.architecture_of``), else every linear layer but the output head.
     Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
     Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
     """
@@ -217,7 +205,8 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     layers = weight_modules(base)
     if patterns == ["auto"]:
         kind = getattr(getattr(base, "config", None), "model_type", "")
-        leaf = AUTO_TARGETS.get(kind)
+        arch = architecture_of(base)
+        leaf = arch.lora_targets if arch is not None else None
         chosen = [(n, m) for n, m in layers if leaf is None or n.rsplit(".", 1)[-1] in leaf]
         what = f"auto targets for model type '{kind}' ({', '.join(leaf) if leaf else 'all linear layers'})"
     else:
@@ -336,5 +325,5 @@ def gptopt_resolve_model(spec, options):
     return loaded
 
 
-__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets", "AUTO_TARGETS",
+__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets",
            "PlanError"]
