@@ -110,8 +110,8 @@ def cli():
 
 @cli.group(cls=StepChain, chain=True, invoke_without_command=True,
            subcommand_metavar="STEP [OPTIONS] [STEP [OPTIONS]]...")
-@click.option("--model", help="model: local dir, .gguf file, hub id, smollm2-135m, tiny-random-gpt2/llama "
-              "[default: smollm2-135m]")
+@click.option("--model", help="model: local dir, .gguf file, hub id, smollm2-135m, tiny-random-<family> "
+              "(tiny-random-llama, -qwen3, -gemma3, -gpt2, ...: docs/architectures.md) [default: smollm2-135m]")
 @click.option("--data", help="text: builtin:pydoc, a .txt/.jsonl/.csv/.parquet file, or a hub dataset "
               "[default: builtin:pydoc]")
 @click.option("--eval-data", help="a second text whose held-out split `eval --split eval-data` scores")

@@ -1,5 +1,6 @@
-"""Generate docs/cli.md (from the step schemas), docs/hooks.md (from the hookspec docstrings) and the reference
-part of docs/python-api.md (from ``gptopt_core.__all__``: signatures and docstrings).
+"""Generate docs/cli.md (from the step schemas), docs/hooks.md (from the hookspec docstrings), the reference
+part of docs/python-api.md (from ``gptopt_core.__all__``: signatures and docstrings) and docs/architectures.md (from
+the architecture table and the family matrix).
 
     python -m gptopt_core.docgen          # rewrite both files
     python -m gptopt_core.docgen --check  # exit 1 if they drifted from the code (the test suite does this)
@@ -155,9 +156,89 @@ def python_api_markdown() -> str:
     return head + "\n\n" + api_markdown()
 
 
+def _groups(arch) -> str:
+    return " → ".join("/".join(f"`{n}`" for n in group) for group in arch.groups)
+
+
+def _gguf_keys(arch) -> str:
+    """The family's own GGUF keys, as gguf-py's writer methods name them (read off its tiny config)."""
+    if arch.gguf.hparams is None or arch.tiny is None:
+        return "—"
+    return ", ".join(f"`{m.removeprefix('add_')}`" for m, _ in arch.gguf.hparams(arch.tiny(257))) or "—"
+
+
+def architectures_markdown() -> str:
+    """docs/architectures.md: the architecture table and the family matrix."""
+    from .architectures import architecture_table
+    from .matrix import CELLS, supported
+
+    table = architecture_table()
+    lines = ["# Architectures", "",
+             "Generated from the architecture table (`gptopt_core/families.py`, the `gptopt_register_architectures` "
+             "hook) and the family matrix (`gptopt_core/matrix.py`) by `python -m gptopt_core.docgen`; do not edit "
+             "by hand.", "",
+             "Each model family is one row of data: where its blocks are, its linear layers in the order a block "
+             "computes them (the calibration engine's sequential groups for GPTQ / SparseGPT / Wanda, LoRA's "
+             "`--target-modules auto`), its norms, rotary layout, embedding scale and how llama.cpp's "
+             "`convert_hf_to_gguf.py` writes it. A model whose `config.model_type` is not in the table still runs "
+             "every step that needs no names (blocks are then found by shape); `export --format gguf` refuses it in "
+             "one line naming the supported families and the hook. A plugin adds a family with "
+             "`gptopt_register_architectures` (docs/plugin-guide.md, \"Adding a model family\").", "",
+             "## The table", "",
+             "| family (`model_type`) | tiny test model | blocks | linear layers, in compute order | norms | rotary | "
+             "embedding scale | llama.cpp | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for arch in table.values():
+        norms = arch.norm + (" + " + ", ".join(f"`{n}`" for n in arch.extra_norms) if arch.extra_norms else "")
+        gguf = f"`{arch.gguf.arch}`" if arch.gguf else "—"
+        tiny = f"`tiny-random-{arch.name}`" if arch.tiny else "—"
+        lines.append(f"| `{arch.model_type}` | {tiny} | `{arch.blocks}` | {_groups(arch)} | {norms} | {arch.rotary} | "
+                     f"{arch.embedding_scale} | {gguf} | {arch.notes or ''} |")
+    names = list(table)
+    lines += ["", "## Which step runs on which family", "",
+              "`tests/test_families.py` runs each cell as a short chain on the family's tiny random model and "
+              "asserts what the step is for: a finite held-out perplexity; bitsandbytes layers in place; every "
+              "linear layer on its integer grid (RTN, GPTQ); 50 % zeros and the 2:4 pattern (prune); changed, "
+              "merged weights (LoRA, fine-tuning, L1); plain `transformers.from_pretrained` reading the saved "
+              "directory with nothing initialised at random and the same logits (safetensors, compressed-tensors); "
+              "a GGUF file llama.cpp loads with >= 99 % of torch's next-token predictions on 256 held-out "
+              "positions at f32, and the grids written exactly as q8_0 / q4_0 blocks. A cell marked *no* must "
+              "refuse in one line (exit code 2 on the command line) before anything is written.", "",
+              "| cell | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    reasons: dict[str, int] = {}
+    for cell in CELLS:
+        row = []
+        for arch in table.values():
+            why = supported(arch, cell)
+            if why is None:
+                row.append("yes")
+            else:
+                mark = reasons.setdefault(why, len(reasons) + 1)
+                row.append(f"no ({mark})")
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines += [f"({n}) {why}." for why, n in reasons.items()]
+    lines += ["", "## GGUF: how each family is written", "",
+              "Tensor names come from gguf-py's `TensorNameMap` for the llama.cpp architecture (the mapping the "
+              "converter uses); the layout says what differs from a plain copy.", "",
+              "| family | llama.cpp arch | rows reordered | norm shift | head | family keys |", "|---|---|---|---|---|---|"]
+    for arch in table.values():
+        if arch.gguf is None:
+            continue
+        g = arch.gguf
+        rows = []
+        if g.permute_qk:
+            rows.append("q/k interleaved per head (" + ", ".join(f"`{n}`" for n in g.permute_qk) + ")")
+        if g.qkv_per_head:
+            rows.append(f"`{g.qkv_per_head}` per head → q; k; v")
+        head = "written even when tied" if g.head == "always" else "written when not tied"
+        lines.append(f"| `{arch.model_type}` | `{g.arch}` | {'; '.join(rows) or '—'} | "
+                     f"{g.norm_shift:+g} | {head} | {_gguf_keys(arch)} |")
+    return "\n".join(lines + [""])
+
+
 def generated() -> dict[Path, str]:
     return {DOCS / "hooks.md": hooks_markdown(), DOCS / "cli.md": cli_markdown(),
-            DOCS / "python-api.md": python_api_markdown()}
+            DOCS / "python-api.md": python_api_markdown(), DOCS / "architectures.md": architectures_markdown()}
 
 
 def main(argv=None) -> int:

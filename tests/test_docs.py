@@ -30,13 +30,17 @@ def guide_files():
 def test_guide_files_are_the_example_package():
     files = guide_files()
     assert set(files) == {"gptopt-hello/pyproject.toml", "gptopt-hello/gptopt_hello/__init__.py",
-                          "gptopt-hello/tests/test_hello.py"}
+                          "gptopt-hello/tests/test_hello.py", "gptopt-starcoder2/pyproject.toml",
+                          "gptopt-starcoder2/gptopt_starcoder2/__init__.py",
+                          "gptopt-starcoder2/tests/test_starcoder2.py"}
     for rel, content in files.items():
         assert (ROOT / "docs" / "examples" / rel).read_text() == content
 
 
 def test_guide_example_installs_and_runs_verbatim(tmp_path):
     for rel, content in guide_files().items():
+        if not rel.startswith("gptopt-hello/"):
+            continue
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(content)
     target = tmp_path / "site"
@@ -62,3 +66,25 @@ def test_every_committed_recipe_validates():
     assert len(recipes) >= 12
     for path in recipes:
         Pipeline.from_recipe(path).validate()  # raises a one-line GptoptError on any bad key, value or order
+
+
+def test_guide_family_example_installs_and_runs_verbatim(tmp_path):
+    """The plugin guide's StarCoder2 row (gptopt_register_architectures): installed as a user would, the family's
+    tiny model runs a chain into llama.cpp, its own test passes, and the CLI lists it."""
+    for rel, content in guide_files().items():
+        if rel.startswith("gptopt-starcoder2/"):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(content)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    str(tmp_path / "gptopt-starcoder2")], check=True, capture_output=True)
+    env = {"PYTHONPATH": str(target)}
+    proc = run_gptopt("run", "--model", "tiny-random-starcoder2", "export", "--to", tmp_path / "s.gguf", "--type",
+                      "f32", env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "s.gguf").is_file(), proc.stderr
+    plugins = run_gptopt("plugins", env=env).stdout
+    assert "gptopt-starcoder2" in plugins
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(tmp_path / "gptopt-starcoder2" / "tests")], env={**__import__("os").environ, **env},
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr

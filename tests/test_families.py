@@ -246,3 +246,66 @@ def test_family_matrix(name, cell, text, tmp_path):
         check(res, arch, out)
     else:
         check(res, arch)
+
+
+def test_gptopt_register_architectures_adds_a_family_and_blames_a_duplicate(text, tmp_path):
+    """A plugin's row is used by every step (LoRA's auto targets, find_blocks, export); a model_type the core
+    already registers is an error naming the second plugin."""
+    import types
+
+    from gptopt_core import Architecture, architecture_of, hookimpl
+    from gptopt_core.calibration import find_blocks
+    from gptopt_core.models import tiny_model
+    from gptopt_core.testing import register_plugin
+
+    llama = architecture_table()["llama"]
+    # Llama's layout registered under another model_type: a model of it now has a family
+    def tiny(vocab):
+        config = llama.tiny(vocab)
+        config.model_type = "my_llama"
+        return config
+
+    row = Architecture("my_llama", "my-llama", "model.layers", llama.groups[:2], llama.embedding, llama.final_norm,
+                       tiny=tiny, gguf=llama.gguf)
+    plugin = types.SimpleNamespace(gptopt_register_architectures=hookimpl(lambda register: register(row)))
+    model, _ = tiny_model("tiny-random-llama")
+    model.config.model_type = "my_llama"
+    assert architecture_of(model) is None
+    with register_plugin(plugin, "my-family"):
+        assert architecture_of(model) is row and row.plugin == "my-family"
+        assert find_blocks(model)[0] == "model.layers"
+        assert row.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj")  # from its groups
+        from gptopt_transfer import resolve_targets
+
+        names, _ = resolve_targets(model, ["auto"])
+        assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        res = run("tiny-random-my-llama", text, [("export", {"to": str(tmp_path / "m.gguf"), "type": "f32"})])
+        assert architecture_of(res.model) is row
+        assert res.records[0]["metrics"]["gguf_architecture"] == "llama"
+    assert architecture_of(model) is None  # unregistered with the plugin
+    dup = types.SimpleNamespace(gptopt_register_architectures=hookimpl(lambda register: register(llama)))
+    with register_plugin(dup, "dup-family"):
+        with pytest.raises(GptoptError, match="plugin dup-family: architecture 'llama' is already registered by "
+                                              "gptopt-core"):
+            architecture_table()
+
+
+def test_unsupported_families_are_one_line_on_the_command_line(cli, tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from gptopt_core.models import byte_tokenizer
+
+    opt = cli("run", "--model", "tiny-random-opt", "eval", "--max-tokens", "600", "export", "--to",
+              tmp_path / "o.gguf")
+    assert opt.returncode == 2 and "llama.cpp has no architecture for 'opt' models" in opt.stderr
+    assert "Traceback" not in opt.stderr and not (tmp_path / "o.gguf").exists()
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=257, hidden_size=32, n_layer=2, n_head=2))
+    bloom.save_pretrained(tmp_path / "bloom")
+    byte_tokenizer().save_pretrained(tmp_path / "bloom")
+    proc = cli("run", "--model", tmp_path / "bloom", "export", "--to", tmp_path / "b.gguf")
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("Error")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "architecture 'bloom' is not in the architecture table; supported: gemma" in lines[0]
+    assert "gptopt_register_architectures hook" in lines[0] and not (tmp_path / "b.gguf").exists()
+    unknown = cli("run", "--model", "tiny-random-nosuch", "eval")
+    assert unknown.returncode == 2 and "choose one of tiny-random-llama, tiny-random-mistral" in unknown.stderr

@@ -42,11 +42,11 @@ def hparams(model, arch) -> dict:
     theta = _rope_theta(cfg) if arch.rotary != "learned positions" else None
     if theta is not None:
         keys["add_rope_freq_base"] = theta
-    if getattr(cfg, "rms_norm_eps", None) is not None:
-        keys["add_layer_norm_rms_eps"] = float(cfg.rms_norm_eps)
-    eps = getattr(cfg, "layer_norm_eps", getattr(cfg, "layer_norm_epsilon", None))
-    if eps is not None:
-        keys["add_layer_norm_eps"] = float(eps)
+    for method, names in (("add_layer_norm_rms_eps", ("rms_norm_eps", "norm_eps")),
+                          ("add_layer_norm_eps", ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))):
+        eps = next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
+        if eps is not None:  # the config names the converter's find_hparam looks for, in its order
+            keys[method] = float(eps)
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim and head_dim != cfg.hidden_size // n_head:
         keys["add_key_length"] = keys["add_value_length"] = head_dim

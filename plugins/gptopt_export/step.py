@@ -34,7 +34,8 @@ class ExportParams(Params):
 
 
 class ExportStep(Step):
-    """Export the model as a GGUF file for llama.cpp (Llama-family, GPT-2), integer grids written exactly.
+    """Export the model as a GGUF file for llama.cpp (every family of the architecture table llama.cpp runs: Llama,
+    Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-NeoX, GPT-2), integer grids written exactly.
 
     ``--type auto`` follows the model as the chain left it: layers on a 32-weight integer grid are written as
     their codes and fp16 scales (q8_0 / q4_0 / q4_1, no re-rounding), bitsandbytes int8 layers as q8_0, NF4/FP4
