@@ -309,3 +309,22 @@ def test_unsupported_families_are_one_line_on_the_command_line(cli, tmp_path):
     assert "gptopt_register_architectures hook" in lines[0] and not (tmp_path / "b.gguf").exists()
     unknown = cli("run", "--model", "tiny-random-nosuch", "eval")
     assert unknown.returncode == 2 and "choose one of tiny-random-llama, tiny-random-mistral" in unknown.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if ARCH[n].embedding_scale != "none"])
+def test_bitsandbytes_quantizes_scaled_embeddings(name, text):
+    """Gemma's token embedding scales its output (``embed_scale``, the table's ``embedding_scale``): ``quantize
+    --embeddings 8`` quantizes it and keeps the scale, so the model computes as the float one does."""
+    from gptopt_core.models import tiny_model
+
+    float_model, tok = tiny_model(name)
+    res = run(name, text, [("quantize", {"bits": 8, "embeddings": "8"})])
+    emb = res.model.get_input_embeddings()
+    assert type(emb).__name__ == "ScaledQuantEmbedding8bit" and float(emb.embed_scale) == 8.0  # sqrt(64)
+    ids = torch.tensor([tok("def f(x): return x ** 2  # scaled")["input_ids"]])
+    with torch.inference_mode():
+        want = float_model.get_input_embeddings()(ids)
+        got = emb(ids).float()
+    assert torch.allclose(got, want, atol=float(want.abs().max()) / 100), float((got - want).abs().max())
+    plain = run(name, text, [("quantize", {"bits": 8})])
+    assert res.records[0]["metrics"]["model_bytes"] < plain.records[0]["metrics"]["model_bytes"]

@@ -51,6 +51,30 @@ class QuantEmbedding4bit(bnb.nn.Embedding4bit):
         return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
 
 
+class _ScaledLookup:
+    """A scaled token embedding (transformers' ``Gemma*ScaledWordEmbedding``, the architecture table's
+    ``embedding_scale``): the quantized lookup times the module's ``embed_scale``, as the float module computes."""
+
+    def forward(self, input):
+        out = super().forward(input)
+        return out * self.embed_scale.to(out.dtype)
+
+
+class ScaledQuantEmbedding8bit(_ScaledLookup, QuantEmbedding8bit):
+    pass
+
+
+class ScaledQuantEmbedding4bit(_ScaledLookup, QuantEmbedding4bit):
+    pass
+
+
+def is_embedding(module) -> bool:
+    """A float token / position embedding this plugin can quantize: ``nn.Embedding``, or a subclass that only
+    scales its output by ``embed_scale`` (Gemma)."""
+    return type(module) is nn.Embedding or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale")
+                                            and not isinstance(module, (QuantEmbedding8bit, QuantEmbedding4bit)))
+
+
 def precision_of(module) -> str | None:
     """"int8", "nf4", "fp4" for a bitsandbytes module, None otherwise."""
     if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Embedding8bit)):
@@ -106,13 +130,15 @@ def make_linear(module, precision: str, s: dict, device):
 def make_embedding(module, precision: str, s: dict, device):
     num, dim = module.weight.shape
     w = module.weight.detach()
+    scaled = getattr(module, "embed_scale", None)
     if precision == "int8":
-        new = QuantEmbedding8bit(num, dim, device="meta")
+        new = (QuantEmbedding8bit if scaled is None else ScaledQuantEmbedding8bit)(num, dim, device="meta")
         new.weight = bnb.nn.Int8Params(w.to("cpu").contiguous(), requires_grad=False,
                                        has_fp16_weights=False).to(device)
         new.scb = new.weight.SCB
     elif precision in FOUR_BIT:
-        new = QuantEmbedding4bit(num, dim, quant_type=precision, device="meta")
+        new = (QuantEmbedding4bit if scaled is None else ScaledQuantEmbedding4bit)(num, dim, quant_type=precision,
+                                                                                 device="meta")
         # no double quantization: the 4-bit embedding gathers per-row block scales directly
         new.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, blocksize=s["block_size"],
                                        compress_statistics=False, quant_type=precision, module=new).to(device)
@@ -120,6 +146,8 @@ def make_embedding(module, precision: str, s: dict, device):
         raise ValueError(precision)
     new.dtype = w.dtype
     new.padding_idx = module.padding_idx
+    if scaled is not None:
+        new.register_buffer("embed_scale", scaled.detach().clone().to(device), persistent=False)
     new.train(module.training)
     return new
 
@@ -156,7 +184,7 @@ def model_layout(model):
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
-    embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
+    embeddings = [n for n, m in model.named_modules() if is_embedding(m)]
     emb_name = names.get(id(emb))
     head_name = names.get(id(head)) if head is not None else None
     tied = bool(head is not None and emb is not None and head.weight.data_ptr() == emb.weight.data_ptr())
@@ -190,7 +218,7 @@ def check_plan_names(model, plan: dict) -> None:
             close = [n for n in modules if n.endswith(name.split(".")[-1])][:1]
             raise GptoptError(f"quantize: the plan names module '{name}', which this model does not have"
                               + (f" (e.g. '{close[0]}')" if close else ""))
-        if not (is_weight_layer(module) or type(module) is nn.Embedding):
+        if not (is_weight_layer(module) or is_embedding(module)):
             raise GptoptError(f"quantize: plan module '{name}' is a {type(module).__name__}, not a linear, Conv1D "
                               "or embedding layer")
 
@@ -206,7 +234,7 @@ def apply_plan(model, plan: dict, s: dict, device) -> dict:
         if precision == "keep":
             continue
         module = get_module(model, name)
-        if type(module) is nn.Embedding:
+        if is_embedding(module):
             new = make_embedding(module, precision, s, device)
         elif name == head_name and layout["tied"] and done.get(emb_name) == precision:
             new = make_tied_head(module, get_module(model, emb_name), s)

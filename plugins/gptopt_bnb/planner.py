@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 
-import torch.nn as nn
 
 from gptopt_core import calibration_nll, get_module, module_sensitivity, nll_with_modules, smallest_within
 
-from .convert import make_embedding, make_linear, make_tied_head
+from .convert import is_embedding, make_embedding, make_linear, make_tied_head
 
 
 def unit_bytes(module, precision: str, s: dict, embedding: bool) -> float:
@@ -82,7 +81,7 @@ class PlanSearch:
         key = (name, precision)
         if key not in self.memo:
             module = get_module(self.model, name)
-            self.memo[key] = (make_embedding(module, precision, self.s, self.device) if type(module) is nn.Embedding
+            self.memo[key] = (make_embedding(module, precision, self.s, self.device) if is_embedding(module)
                               else make_linear(module, precision, self.s, self.device))
         return self.memo[key]
 
@@ -101,7 +100,7 @@ class PlanSearch:
     def measure_sizes(self) -> None:
         """``self.size[unit][precision]``: weight bytes (a tied head shares the embedding's, so it adds none)."""
         model, s = self.model, self.s
-        self.size = {u: {prec: sum(unit_bytes(get_module(model, m), prec, s, type(get_module(model, m)) is nn.Embedding)
+        self.size = {u: {prec: sum(unit_bytes(get_module(model, m), prec, s, is_embedding(get_module(model, m)))
                                    for m in members[:1]) for prec in (self.q4, "int8", "keep")}
                      for u, members in self.units.items()}
 

@@ -201,14 +201,14 @@ def sources(model, plugins=None) -> list[Source]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            if module is head_module and tied and pname == "weight":
+                continue  # a head tied to the embedding: llama.cpp reads token_embd (or gets a copy below)
             hf = f"{mod_name}.{pname}" if mod_name else pname
             name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise GptoptError(f"export --format gguf: tensor '{hf}' has no name in llama.cpp's "
                                   f"'{layout.arch}' architecture (gguf-py's tensor map); this exporter cannot "
                                   f"write it")
-            if module is head_module and tied:
-                continue  # a head tied to the embedding: llama.cpp reads token_embd (or gets a copy below)
             role, order = _role(name), rows.get(mod_name)
             if pname == "weight" and role != "position" and _is_layer(module):
                 src = _source(name, module, role, mod_name, order)
