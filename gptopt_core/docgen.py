@@ -12,13 +12,14 @@ import inspect
 import sys
 from pathlib import Path
 
+import gptopt_core
+
 from . import hookspecs
+from .cli import option_specs, run
+from .plugins import get_plugins
+from .hookspecs import hook_names
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def hook_names() -> list[str]:
-    return [n for n, f in vars(hookspecs).items() if n.startswith("gptopt_") and callable(f)]
 
 
 def _signature(fn) -> str:
@@ -44,9 +45,6 @@ def hooks_markdown() -> str:
 
 
 def cli_markdown() -> str:
-    from .cli import option_specs, run
-    from .plugins import get_plugins
-
     plugins = get_plugins()
     lines = ["# CLI reference", "",
              "Generated from the step params schemas by `python -m gptopt_core.docgen`; do not edit by hand. The same",
@@ -88,8 +86,6 @@ API_END = "<!-- end of generated public API -->"
 
 def _api_entry(name: str, obj) -> list[str]:
     """One public name: heading with its signature, where it lives, its docstring (a table for the key tables)."""
-    import gptopt_core
-
     where = getattr(obj, "__module__", None) or f"gptopt_core.{gptopt_core._LAZY.get(name, '')}".rstrip(".")
     if isinstance(obj, dict):  # STATE_KEYS, FACTS: (owner, meaning) tables
         rows = [f"| `{key}` | {owner} | {meaning.replace('|', '&#124;')} |" for key, (owner, meaning) in obj.items()]
@@ -138,8 +134,6 @@ def _plain_signature(sig) -> str:
 
 def api_markdown() -> str:
     """The generated reference of every public name, in ``__all__`` order."""
-    import gptopt_core
-
     lines = [API_BEGIN, "", "## Reference: every public name", "",
              "Everything a plugin, benchmark or script may import, from `gptopt_core.__all__` (import it from "
              "`gptopt_core`; the submodule a name is defined in may change). Anything else is private.", ""]

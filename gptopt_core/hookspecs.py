@@ -179,3 +179,8 @@ def gptopt_run_finished(ctx: RunContext, records: list, out_dir: Optional[Path])
 
     .. versionadded:: 0.1
     """
+
+
+def hook_names() -> list[str]:
+    """Every hook of the contract, in the order declared here (what docs/hooks.md lists)."""
+    return [name for name, fn in globals().items() if name.startswith("gptopt_") and hasattr(fn, "gptopt_spec")]

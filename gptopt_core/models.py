@@ -47,6 +47,16 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("gptopt"))
 
 
+def max_positions(model) -> int | None:
+    """The longest token sequence ``model`` accepts (from its config), or ``None`` when the config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _dtype_kwargs():
     import torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import GptoptError, shorten
+from .version import installed_version
 
 TOP_KEYS = {"gptopt", "model", "data", "eval_data", "seed", "device", "steps"}
 
@@ -208,8 +209,6 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
 def check_version(version, where: str) -> None:
     if version is None:
         return
-    from .plugins import _version
-
     def key(v):
         parts = []
         for p in str(v).split(".")[:3]:
@@ -217,6 +216,6 @@ def check_version(version, where: str) -> None:
             parts.append(int(digits) if digits else 0)
         return tuple(parts + [0] * (3 - len(parts)))
 
-    if key(version) > key(_version()):
-        raise GptoptError(f"{where} was written by gptopt {version}, newer than this gptopt {_version()}; "
+    if key(version) > key(installed_version()):
+        raise GptoptError(f"{where} was written by gptopt {version}, newer than this gptopt {installed_version()}; "
                           "upgrade gptopt to replay it")

@@ -8,6 +8,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .paths import clean_stale_partials
+
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {
     "perplexity": ("ppl", lambda v: f"{v:.3f}"),
@@ -138,8 +140,6 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> li
 
     ``write(path)`` writes the model (a save format's writer); by default the ``gptopt_save_model`` hooks do."""
     import yaml
-
-    from .paths import clean_stale_partials
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

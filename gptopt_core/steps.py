@@ -1,6 +1,7 @@
 """Steps: one params schema gives the CLI options, the recipe keys and the Python keyword arguments."""
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import pydantic
@@ -19,12 +20,17 @@ class Params(pydantic.BaseModel):
 
     @pydantic.field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value, info):
+    def _from_any_door(cls, value, info):
         """``steps: true`` is not 1: a boolean given for an int or float option is an error (pydantic's lax
-        mode would take it), while text such as ``"5"`` from the command line still converts."""
+        mode would take it), while text such as ``"5"`` from the command line still converts. A path
+        (``pathlib.Path``, any ``os.PathLike``) given for a text option is its text, as from the command line."""
         if isinstance(value, bool) and info.field_name in cls.model_fields:
             if _numeric_only(cls.model_fields[info.field_name].annotation):
                 raise ValueError("Input should be a number, not a boolean")
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
+            return type(value)(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
         return value
 
 
@@ -115,6 +121,9 @@ class Step:
     columns: ClassVar[dict[str, tuple[str, str]]] = {}
     #: set by the core: the plugin that registered this step
     plugin: ClassVar[str] = "?"
+    #: set by the pipeline before it plans or runs this step: the plugin set (:class:`gptopt_core.plugins.Plugins`)
+    #: the run uses, e.g. to look up save formats in :meth:`check_plan` (at run time it is also ``ctx.plugins``)
+    plugins: Any = None
 
     def __init__(self, **kwargs: Any):
         self.params = self.validate(kwargs)

@@ -46,7 +46,9 @@ from typing import Any, Literal, Optional
 
 import pydantic
 
+from . import checkpoints
 from .errors import GptoptError, SourceError
+from .evaluate import perplexity
 from .steps import Params
 
 __all__ = ["TrainParams", "Trainer", "train", "train_blocks", "resolve_precision", "mask_targets"]
@@ -407,8 +409,6 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Held-out perplexity (the core's one method) on the main process; others wait."""
-        from .evaluate import perplexity
-
         acc, p = self.accelerator, self.params
         ppl = None
         if acc.is_main_process:
@@ -458,8 +458,6 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write the run's state and trainable weights to ``--out`` (main process; the others wait)."""
-        from . import checkpoints
-
         if self.ctx.out_dir is None:
             raise GptoptError(f"{self.name}: --checkpoint-every needs --out DIR")
         if self.accelerator.is_main_process:
@@ -468,8 +466,6 @@ class Trainer:
 
     def _resume_from_checkpoint(self) -> None:
         """Under ``--resume``: load this step's latest checkpoint (weights now, state after setup)."""
-        from . import checkpoints
-
         if not getattr(self.ctx, "resume", False) or self.ctx.out_dir is None:
             return
         path = checkpoints.latest(self.ctx.out_dir, self.ctx.step_index, self.name)
