@@ -47,7 +47,7 @@ def _numeric_only(annotation) -> bool:
 
 
 def parse_percent(value):
-    """A relative amount from any door: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1, ``None`` stays ``None``.
+    """A fraction from any door: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1, ``None`` stays ``None``.
 
     Use it as a pydantic ``mode="before"`` validator of a float option; raises ``ValueError`` (which pydantic
     reports as the option's error) for anything else.
@@ -60,7 +60,7 @@ def parse_percent(value):
             return float(text[:-1]) / 100 if text.endswith("%") else float(text)
         except ValueError:
             pass
-    raise ValueError("give a relative increase like 10% or 0.1")
+    raise ValueError("give a fraction as a percent or a number, like 10% or 0.1")
 
 
 def parse_choice(value, choices, message: str):

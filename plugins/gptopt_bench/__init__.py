@@ -11,11 +11,11 @@ Heavy imports (torch, transformers, matplotlib) happen inside the step and hooks
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, hookimpl
+from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, hookimpl
 
 #: workload parameters: two benches are compared only when these match
 WORKLOAD = ("prompt_tokens", "new_tokens", "batch_size")
@@ -30,7 +30,7 @@ class BenchParams(Params):
     repeats: int = pydantic.Field(5, ge=1, le=10000, description="timed runs at least")
     max_repeats: int = pydantic.Field(20, ge=1, le=10000,
                                       description="timed runs at most while the CV stays above --target-cv")
-    target_cv: float = pydantic.Field(0.05, gt=0, le=1,
+    target_cv: Annotated[float, as_percent()] = pydantic.Field(0.05, gt=0, le=1,
                                       description="stop repeating once decode tokens/s varies less than this "
                                                   "(coefficient of variation)")
     max_seconds: float = pydantic.Field(120.0, gt=0,
@@ -64,8 +64,8 @@ class BenchStep(Step):
             import torch
 
             if not torch.cuda.is_available():
-                raise GptoptError("bench --device cuda: no CUDA GPU is available here; use --device auto "
-                                  "(benchmarks where the model is) or --device cpu")
+                raise PlanError("bench --device cuda: no CUDA GPU is available here; use --device auto "
+                                "(benchmarks where the model is) or --device cpu")
 
     def apply(self, ctx):
         from gptopt_core import model_bytes, model_device

@@ -115,7 +115,7 @@ class QuantizeParams(Params):
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
                           "their scales are fitted before the updates) [default: on]")
-    dampening: Optional[float] = pydantic.Field(
+    dampening: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=1.0, description="gptq: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
     offload: Optional[Literal["none", "cpu", "disk"]] = pydantic.Field(

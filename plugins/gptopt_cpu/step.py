@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_percent
+from gptopt_core import GptoptError, Params, PlanError, Step, as_percent
 
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
@@ -117,17 +117,17 @@ class CpuFastStep(Step):
 
             problem = compiler_problem()
             if problem:
-                raise GptoptError(f"cpu-fast --compile: {problem}")
+                raise PlanError(f"cpu-fast --compile: {problem}")
         if p.format.startswith("ao-") or any(c.startswith("ao-") for c in p.candidates):
             from .convert import torchao_problem
 
             problem = torchao_problem()
             if problem:
-                raise GptoptError(f"cpu-fast --format {p.format}: {problem}")
+                raise PlanError(f"cpu-fast --format {p.format}: {problem}")
         trains = [s.name for s in after if getattr(s, "trains", False)]
         if trains:
-            raise GptoptError(f"cpu-fast converts for inference; '{trains[0]}' after it cannot train the converted "
-                              f"model: put cpu-fast after the training steps")
+            raise PlanError(f"cpu-fast converts for inference; '{trains[0]}' after it cannot train the converted "
+                            f"model: put cpu-fast after the training steps")
 
     def preflight(self, ctx):
         import torch

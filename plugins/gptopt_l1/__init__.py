@@ -32,11 +32,11 @@ Heavy imports (torch) happen in :mod:`gptopt_l1.regularizer`, loaded only when t
 """
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step, hookimpl
+from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, hookimpl
 
 #: |w| below this counts as "small" in the reported fractions
 SMALL = 1e-3
@@ -54,12 +54,12 @@ class L1Params(Params):
                                 "penalty: add λ·Σ|w| to the loss")
     schedule: Literal["constant", "linear-warmup"] = pydantic.Field(
         "constant", description="λ over training: constant, or ramp linearly from 0 over --warmup-fraction")
-    warmup_fraction: float = pydantic.Field(
+    warmup_fraction: Annotated[float, as_percent()] = pydantic.Field(
         0.5, gt=0.0, le=1.0, description="linear-warmup: fraction of the training steps over which λ ramps up")
     select: Literal["auto", "all", "prunable"] = pydantic.Field(
         "auto", description="which weights: all, or only those the later prune would remove (re-chosen as "
                             "training goes); auto = prunable when a prune follows")
-    sparsity: Optional[float] = pydantic.Field(
+    sparsity: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, lt=1.0,
         description="fraction the later prune removes, for --select prunable (default: read from that prune)")
     reselect_every: int = pydantic.Field(

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, group_columns, hookimpl
+from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent, group_columns, hookimpl
 
 from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
 
@@ -36,7 +36,7 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
 
 
 class PruneParams(Params):
-    sparsity: Optional[float] = pydantic.Field(
+    sparsity: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, ge=0.0, lt=1.0,
         description="fraction of weights to zero, in [0, 1) (unstructured; an N:M pattern implies 1 - N/M)")
     method: Literal["magnitude", "wanda", "taylor", "sparsegpt"] = pydantic.Field(
@@ -56,7 +56,7 @@ class PruneParams(Params):
     include: list[str] = pydantic.Field(
         [], description="glob on module names to prune (repeatable); the only way to prune lm_head / embeddings")
     exclude: list[str] = pydantic.Field([], description="glob on module names to leave dense (repeatable)")
-    dampening: Optional[float] = pydantic.Field(
+    dampening: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=1.0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
     # Literal[8, 4] as quantize's --bits: typing caches equal Literals (order-blind), so a different order here made
