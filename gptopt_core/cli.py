@@ -194,6 +194,8 @@ def plugins(as_json):
             click.echo(f"    steps: {', '.join(i.steps)}")
         if i.save_formats:
             click.echo(f"    save formats: {', '.join(i.save_formats)}")
+        if i.columns:
+            click.echo(f"    columns: {', '.join(i.columns)}")
         if i.hooks:
             click.echo(f"    hooks: {', '.join(i.hooks)}")
 

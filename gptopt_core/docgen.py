@@ -9,6 +9,7 @@ Only the steps of the ``gptopt`` distribution itself are documented (third-party
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import gptopt_core
 
 from . import hookspecs
 from .cli import option_specs, run
-from .plugins import get_plugins
 from .hookspecs import hook_names
+from .plugins import get_plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -31,16 +32,36 @@ def _signature(fn) -> str:
     return f"{fn.__name__}({args}){ret}"
 
 
+_ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):`~?([^`]+)`")
+_FIELD = re.compile(r"^:(param (\w+)|returns?|raises? (\w+)):\s*", re.M)
+
+
+def markdown_doc(doc: str) -> str:
+    """A docstring (reStructuredText conventions) as Markdown: ``:class:`X``` → `` `X` ``, ``:param a:`` → a list
+    item ``- `a`: ``, ``:returns:`` → ``- returns: ``, ``.. versionadded:: V`` → *New in V.*, ``::`` → ``:``."""
+    text = _ROLE.sub(lambda m: f"`{m.group(1)}`", inspect.cleandoc(doc or ""))
+
+    def field(m):
+        if m.group(2):
+            return f"- `{m.group(2)}`: "
+        return f"- raises `{m.group(3)}`: " if m.group(3) else "- returns: "
+
+    text = _FIELD.sub(field, text)
+    text = re.sub(r"^\.\. versionadded:: (\S+)$", r"*New in version \1.*", text, flags=re.M)
+    text = re.sub(r"^\.\. versionchanged:: (\S+)(.*)$", r"*Changed in version \1:*\2", text, flags=re.M)
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+
+
 def hooks_markdown() -> str:
     lines = ["# Hook reference", "",
              "Generated from `gptopt_core/hookspecs.py` by `python -m gptopt_core.docgen`; do not edit by hand.", "",
-             inspect.cleandoc(hookspecs.__doc__ or ""), ""]
+             markdown_doc(hookspecs.__doc__), ""]
     for name in hook_names():
         fn = getattr(hookspecs, name)
         opts = getattr(fn, "gptopt_spec", {}) or {}
         sig = _signature(fn)
         kind = " (firstresult)" if opts.get("firstresult") else ""
-        lines += [f"## `{sig}`{kind}", "", inspect.cleandoc(fn.__doc__ or ""), ""]
+        lines += [f"## `{sig}`{kind}", "", markdown_doc(fn.__doc__), ""]
     return "\n".join(lines)
 
 
@@ -104,7 +125,7 @@ def _api_entry(name: str, obj) -> list[str]:
     head = f"{kind}{name}{_plain_signature(sig) if sig is not None else ''}"
     if kind:
         head = head.removesuffix(" -> None")
-    doc = inspect.cleandoc(obj.__doc__ or "") if (inspect.isclass(obj) or callable(obj)) else ""
+    doc = markdown_doc(obj.__doc__) if (inspect.isclass(obj) or callable(obj)) else ""
     module = obj.__module__ if hasattr(obj, "__module__") else where
     return [f"### `{head}`", "", f"`from gptopt_core import {name}` (defined in `{module}`)", "", doc, ""]
 

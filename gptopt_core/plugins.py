@@ -51,6 +51,7 @@ import pluggy
 from . import builtin, hookspecs
 from .errors import GptoptError
 from .hookspecs import hook_names
+from .report import COLUMNS
 from .saveformats import AUTO, SaveFormat
 from .steps import Step
 from .version import installed_version
@@ -85,6 +86,7 @@ class PluginInfo:
     version: str | None = None
     steps: list = field(default_factory=list)
     save_formats: list = field(default_factory=list)
+    columns: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -104,6 +106,8 @@ class Plugins:
         self.steps: dict[str, type] = {}
         #: save format name -> (plugin name, :class:`gptopt_core.SaveFormat` subclass), in registration order
         self.formats: dict[str, tuple[str, type]] = {}
+        #: metric key -> (plugin name, column title, format spec): ``gptopt_register_columns``
+        self.columns: dict[str, tuple[str, str, str]] = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -128,7 +132,8 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.save_formats, info.hooks, info.error = [], [], [], _one_line(str(exc))
+            info.steps, info.save_formats, info.columns, info.hooks = [], [], [], []
+            info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
             return info
@@ -159,6 +164,7 @@ class Plugins:
         info.hooks = sorted(c.name for c in callers)
         info.steps = self._register_steps(module, name)
         info.save_formats = self._register_save_formats(module, name)
+        info.columns = self._register_columns(module, name)
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -200,6 +206,27 @@ class Plugins:
             self.formats[fmt_name] = (name, fmt_cls)
         return list(new)
 
+    def _register_columns(self, module, name: str) -> list[str]:
+        new: dict[str, tuple] = {}
+
+        def register(key, title, spec=""):
+            if not all(isinstance(v, str) for v in (key, title, spec)) or not key or not title:
+                raise _Rejected(f"registered column {key!r}: give register(key, title, spec='') as strings")
+            if key in COLUMNS or key in self.columns or key in new:
+                owner = ("the core" if key in COLUMNS else "this plugin" if key in new else
+                         f"plugin {self.columns[key][0]}")
+                raise _Rejected(f"column '{key}' is already shown by {owner}")
+            try:
+                format(0.5, spec)
+            except ValueError:
+                raise _Rejected(f"column '{key}': '{spec}' is not a format spec for numbers (e.g. '.1%')") from None
+            new[key] = (title, spec)
+
+        self._call_registry_hook(module, "gptopt_register_columns", register)
+        for key, (title, spec) in new.items():
+            self.columns[key] = (name, title, spec)
+        return list(new)
+
     def _call_registry_hook(self, module, hook: str, register) -> None:
         """Call ``module``'s implementation of the registry hook ``hook`` with the ``register`` callback (the one
         way the core calls a ``gptopt_register_*`` hook); anything it raises rejects the plugin."""
@@ -238,6 +265,9 @@ class Plugins:
         for fmt_name, (owner, _) in list(self.formats.items()):
             if owner == name and (module is None or plugin is module):
                 del self.formats[fmt_name]
+        for key, (owner, _, _) in list(self.columns.items()):
+            if owner == name and (module is None or plugin is module):
+                del self.columns[key]
 
     def unregister(self, name: str) -> None:
         """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""

@@ -117,7 +117,8 @@ class Step:
     #: once it is loaded, before the first step runs (params a step does not have are ignored)
     position_params: ClassVar[tuple[str, ...]] = ("seq_len", "calib_seq_len", "prompt_tokens")
     #: metrics of this step shown as columns of the summary table and report.md: key → (title, format spec),
-    #: e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}`` (the core shows perplexity, size, sparsity, speed)
+    #: e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}`` (the core shows perplexity, size, sparsity, speed);
+    #: numbers are formatted with the spec, text is shown as it is (see ``gptopt_register_columns``)
     columns: ClassVar[dict[str, tuple[str, str]]] = {}
     #: set by the core: the plugin that registered this step
     plugin: ClassVar[str] = "?"
