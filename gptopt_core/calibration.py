@@ -172,12 +172,13 @@ class _Collector:
 
 def find_blocks(model):
     """``(prefix, ModuleList)`` of the transformer blocks (GPT-2 ``transformer.h``, Llama ``model.layers``):
-    the longest ``nn.ModuleList`` whose children share one type; ``(None, None)`` when there is none."""
+    the longest ``nn.ModuleList`` whose children share one type and hold weight layers (one block is a list too);
+    ``(None, None)`` when there is none."""
     import torch.nn as nn
 
     best = (None, None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
             if any(is_weight_layer(m) for m in module[0].modules()):
                 if best[1] is None or len(module) > len(best[1]):
                     best = (name, module)
@@ -269,10 +270,6 @@ def resident_param_bytes(model, device=None) -> int:
 
 
 # -- running blocks -----------------------------------------------------------------------------------------------
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden,) + tuple(args[1:]), kwargs

@@ -62,3 +62,26 @@ def test_every_committed_recipe_validates():
     assert len(recipes) >= 12
     for path in recipes:
         Pipeline.from_recipe(path).validate()  # raises a one-line GptoptError on any bad key, value or order
+
+
+def test_save_format_worked_example_runs_as_written(tmp_path):
+    """docs/save-formats.md's worked example: registered from the page's code, it writes and plan-refuses as the
+    page says."""
+    import types
+
+    import pytest
+
+    from gptopt_core import Pipeline, PlanError
+    from gptopt_core.testing import register_plugin
+
+    text = (ROOT / "docs" / "save-formats.md").read_text()
+    code = re.search(r"A worked example.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    module = types.ModuleType("torch_state_example")
+    exec(compile(code, "save-formats.md", "exec"), module.__dict__)
+    with register_plugin(module, "torch-state-example"):
+        Pipeline(model="tiny-random-llama", device="cpu", quiet=True).add(
+            "save", to=tmp_path / "m", format="torch-state").run()
+        assert {"state.pt", "config.json", "recipe.yaml", "run.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+        with pytest.raises(PlanError, match="save --format torch-state: 4-bit bitsandbytes weights"):
+            Pipeline(model="tiny-random-llama").add("save", to=tmp_path / "n", format="torch-state").validate(
+                {"quantized:4bit"})
