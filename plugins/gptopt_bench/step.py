@@ -1,12 +1,5 @@
-"""gptopt bench: prefill latency, time to first token, decode tokens/s and peak memory where the model is.
-
-CUDA: ``torch.cuda.Event`` timing with synchronisation, ``reset_peak_memory_stats`` / ``max_memory_allocated``.
-CPU: ``time.perf_counter`` and the growth of the process's peak RSS. Repeats extend until the coefficient of
-variation of decode tokens/s is at or under ``--target-cv`` (or ``--max-repeats`` / ``--max-seconds``).
-Every bench after the first (same workload) reports speed-ups against it; the end of the run puts every
-model state ("point") side by side (perplexity, bytes, sparsity, speed, memory) and plots ``tradeoff.png``.
-
-Heavy imports (torch, transformers, matplotlib) happen inside the step and hooks only.
+"""The ``bench`` step: its params, the run of :mod:`.measure` (torch, imported when a bench runs) and the
+comparison with earlier benches of the same workload (:func:`compare`).
 """
 from __future__ import annotations
 
@@ -15,7 +8,7 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, hookimpl
+from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, model_bytes, model_device
 
 #: workload parameters: two benches are compared only when these match
 WORKLOAD = ("prompt_tokens", "new_tokens", "batch_size")
@@ -68,9 +61,7 @@ class BenchStep(Step):
                                 "(benchmarks where the model is) or --device cpu")
 
     def apply(self, ctx):
-        from gptopt_core import model_bytes, model_device
-
-        from . import measure
+        from . import measure  # torch: imported when a bench runs, not when gptopt starts
 
         p = self.params
         device = model_device(ctx.model)
@@ -154,19 +145,3 @@ def compare(metrics: dict, bytes_now: int, records: list) -> dict:
         return out
     return {}
 
-
-@hookimpl
-def gptopt_register_steps(register):
-    register(BenchStep)
-
-
-@hookimpl
-def gptopt_run_finished(ctx, records, out_dir):
-    if not any(r.get("name") == "bench" and r.get("status") == "ok" for r in records):
-        return None
-    from .report import finish
-
-    return finish(ctx, records, out_dir)
-
-
-__all__ = ["BenchParams", "BenchStep", "compare"]

@@ -7,7 +7,9 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent, group_columns
+from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, group_columns
+
+from .grid import preflight, quantize_grid
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -247,15 +249,11 @@ class QuantizeStep(Step):
 
     def preflight(self, ctx):
         if self.params.method != "bnb":
-            from .grid import preflight
-
             preflight(ctx, self)
 
     def apply(self, ctx):
         if self.params.method != "bnb":
-            from .grid import quantize_grid
-
             return quantize_grid(ctx, self)
-        from .convert import quantize_model
+        from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
         return quantize_model(ctx, self)

@@ -1,20 +1,13 @@
-"""gptopt-ctensors: the ``compressed-tensors`` save format (``save --format compressed-tensors``) and its loader.
-
-Integer weight grids (:mod:`gptopt_core.grids`, e.g. from ``quantize --method rtn|gptq``) are written packed with
-their fp16 scales (``pack-quantized``, one config group per scheme and layer kind, full-precision layers in
-``ignore``), as llm-compressor writes W4A16 / W8A16 checkpoints; embeddings / heads as ``naive-quantized`` int8,
-GPT-2 Conv1D layers in column blocks (:mod:`.layout`). Plain ``AutoModelForCausalLM.from_pretrained(dir)`` reads
-them back through transformers' compressed-tensors quantizer (where it cannot, ``save`` says so in one line:
-:func:`plain_note`). A pruned model without grids is written sparse (``sparse-24-bitmask`` where every mask is
-2:4, else ``sparse-bitmask``), which ``gptopt run --model DIR`` reads and plain transformers does not (upstream
-dropped these layouts); pruned layers on grids keep their zeros inside the packed codes, which every reader reads.
-bitsandbytes nf4/fp4/int8 and cpu-fast layers are refused with a line naming what can hold them.
-
-Heavy imports (torch, compressed_tensors, transformers) happen inside the hooks only. See docs/save-formats.md.
+"""The ``compressed-tensors`` save format: what it holds, what it refuses (and why), and the note on what plain
+transformers reads; the writing is :mod:`.writer` (torch and compressed_tensors imported there when it writes).
 """
 from __future__ import annotations
 
-from gptopt_core import SaveFormat, hookimpl
+import sys
+
+from gptopt_core import SaveFormat, grid_layers, on_grid
+
+from .writer import write
 
 BNB_HINT = ("bitsandbytes nf4/fp4/int8 layers are codebook / absmax formats compressed-tensors does not hold; "
             "quantize with --method rtn or --method gptq (integer grids) to save them here, or save --format "
@@ -54,13 +47,9 @@ class CompressedTensorsFormat(SaveFormat):
         return None
 
     def claims(self, ctx, model):
-        from gptopt_core import grid_layers
-
         return bool(grid_layers(model))
 
     def refusal(self, ctx, model, options):
-        from gptopt_core import grid_layers, on_grid
-
         reason = _unholdable(model)
         if reason:
             return reason
@@ -76,8 +65,6 @@ class CompressedTensorsFormat(SaveFormat):
         return None
 
     def write(self, ctx, model, path, options):
-        from .writer import write
-
         info = write(ctx, model, path)
         parts = [f"{info['packed_layers']} packed layer(s) ({', '.join(info['schemes'])})"] if info["schemes"] else []
         if info["sparsity_format"]:
@@ -88,8 +75,6 @@ class CompressedTensorsFormat(SaveFormat):
         note = plain_note(info)
         if note:
             if getattr(ctx, "quiet", False):  # a note on what a reader gets is said even in a quiet run
-                import sys
-
                 print(note.strip(), file=sys.stderr)
             else:
                 ctx.log(note)
@@ -114,37 +99,3 @@ def plain_note(info: dict) -> str | None:
                 + " compressed); `gptopt run --model DIR` reloads it compressed")
     return None
 
-
-def load_model(path, trust_remote_code: bool = False):
-    """``(model, tokenizer, info)`` from a compressed-tensors directory (grids re-attached); see :mod:`.reader`."""
-    from .reader import load
-
-    return load(path, trust_remote_code=trust_remote_code)
-
-
-@hookimpl
-def gptopt_register_save_formats(register):
-    register(CompressedTensorsFormat)
-
-
-@hookimpl
-def gptopt_resolve_model(spec, options):
-    """A directory whose config.json says ``quant_method: compressed-tensors``: read it with :mod:`.reader`."""
-    from pathlib import Path
-
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        return None
-    from .reader import is_compressed_dir
-
-    if not is_compressed_dir(path):
-        return None
-    from gptopt_core import LoadedModel, SourceError, check_local_dir
-
-    check_local_dir(path, allow_pickle=False)
-    try:
-        model, tokenizer, info = load_model(path, trust_remote_code=bool(options.get("trust_remote_code")))
-    except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None
-    return LoadedModel(model, tokenizer, "compressed-tensors", {"quantized:grid"} if info["grids"] else set())

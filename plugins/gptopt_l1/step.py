@@ -1,34 +1,6 @@
-"""gptopt plugin ``l1``: L1-sparsity regularization for the training step that follows it.
+"""The ``l1`` step: its params and its plan (which later training step it shapes, which weights it selects).
 
-``l1`` does not train by itself. It records its configuration in ``ctx.state["l1"]`` (fact ``l1``) and its
-hook implementations shape the *next* training step of the chain (``finetune``, ``lora``, or any step with
-``trains = True``), so that a later ``prune`` costs less::
-
-    gptopt run --model smollm2-135m eval l1 --weight 20 finetune --steps 60 prune --method magnitude \\
-        --sparsity 0.5 eval
-
-What it does (λ = ``--weight``, λ_t = λ times the ``--schedule`` factor at step t, lr_t = the learning rate
-the optimizer used at step t, S = the *selected* weights of the targeted layers, see ``--select``):
-
-* ``--mode proximal`` under ``finetune``: after every optimizer step, soft-thresholding of the selected weights,
-  w ← sign(w)·max(|w| − λ_t·lr_t, 0) (the proximal step of λ·Σ|w| with step size lr_t): exact zeros appear.
-* ``--mode penalty`` under ``finetune``: λ_t·Σ_S |w| is added to every micro-batch's loss (gradient λ_t·sign(w)).
-* under ``lora`` the base weights are frozen; the penalty acts on the *effective* weight W + scale·B·A of each
-  targeted, adapted layer: λ_t·Σ_S |W + scale·BA| is added to the loss and its gradient reaches only A and B.
-  A low-rank update cannot set chosen entries exactly to zero, so ``--mode proximal`` under ``lora`` uses this
-  same penalty (the step's metrics say ``l1_mode_used: penalty``).
-
-``--select``: ``all`` penalises every weight of the targets (plain L1); ``prunable`` penalises only the weights
-that the later ``prune`` would remove now (per layer the lowest-|w| fraction ``--sparsity``, by the later prune's
-rule: whole layer, per row for wanda, per group for N:M, or over all layers for --scope global), re-chosen
-every ``--reselect-every`` steps, so the large weights the pruned model keeps are not shrunk. ``auto`` (the
-default) is ``prunable`` when a ``prune`` follows the training step and ``all`` otherwise.
-
-Zero fractions (exact zeros, and |w| < 1e-3) of the targeted (effective) weights are shown in the progress
-bar and recorded in the training step's metrics: ``l1_zero_fraction``, ``l1_small_fraction``, ``l1_history``
-(one entry per eval point of ``--eval-every`` and at the end) and merged into its ``eval_history`` entries.
-
-Heavy imports (torch) happen in :mod:`gptopt_l1.regularizer`, loaded only when training runs.
+The plugin's behaviour is described in :mod:`gptopt_l1`; the torch work is in :mod:`gptopt_l1.regularizer`.
 """
 from __future__ import annotations
 
@@ -36,10 +8,9 @@ from typing import Annotated, List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, hookimpl
+from gptopt_core import Params, PlanError, Step, as_percent
 
-#: |w| below this counts as "small" in the reported fractions
-SMALL = 1e-3
+from .regularizer import find_targets
 
 
 class L1Params(Params):
@@ -74,7 +45,8 @@ class L1Params(Params):
         return value
 
 
-def _trains(step) -> bool:
+def trains(step) -> bool:
+    """Whether ``step`` trains the model (its class says ``trains = True``)."""
     return bool(getattr(type(step), "trains", False))
 
 
@@ -96,7 +68,7 @@ class L1Step(Step):
 
     def check_plan(self, before, after, facts):
         p = self.params
-        train_at = next((i for i, s in enumerate(after) if _trains(s)), None)
+        train_at = next((i for i, s in enumerate(after) if trains(s)), None)
         if train_at is None:
             raise PlanError("l1 does not train by itself: put a training step after it, e.g. "
                             "`l1 --weight 5 finetune --steps 60` or `l1 --weight 5 lora --merge`")
@@ -122,13 +94,9 @@ class L1Step(Step):
                      "train_step": trainer.name, "prune_method": planned.get("method")}
 
     def preflight(self, ctx):
-        from .regularizer import find_targets
-
         find_targets(ctx.model, self.params.targets)  # targets matching nothing: fails before any step runs
 
     def apply(self, ctx):
-        from .regularizer import find_targets
-
         p = self.params
         if not self.plan:  # Step used outside a validated Pipeline
             self.check_plan([], [], set(ctx.facts))
@@ -141,50 +109,3 @@ class L1Step(Step):
         return {"l1_weight": p.weight, "l1_select": self.plan["select"], "l1_target_layers": len(names),
                 "l1_sparsity_target": self.plan["sparsity"]}
 
-
-# -- hooks ------------------------------------------------------------------------------------------------
-@hookimpl
-def gptopt_register_steps(register):
-    register(L1Step)
-
-
-@hookimpl
-def gptopt_step_started(ctx, step):
-    cfg = ctx.state.get("l1")
-    if cfg is not None and _trains(step) and not cfg.get("active"):
-        cfg["active"] = step.name
-
-
-@hookimpl
-def gptopt_training_loss(ctx, model, batch, outputs):
-    cfg = ctx.state.get("l1")
-    if not cfg or not cfg.get("active"):
-        return None
-    from .regularizer import runtime
-
-    return runtime(ctx, model).penalty()
-
-
-@hookimpl
-def gptopt_after_optimizer_step(ctx, model, step):
-    cfg = ctx.state.get("l1")
-    if not cfg or not cfg.get("active"):
-        return
-    from .regularizer import runtime
-
-    runtime(ctx, model).after_step(step)
-
-
-@hookimpl
-def gptopt_step_finished(ctx, step, record):
-    cfg = ctx.state.get("l1")
-    if not cfg or cfg.get("active") != step.name or not _trains(step):
-        return
-    rt = ctx.state.pop("l1_runtime", None)
-    ctx.state.pop("l1", None)
-    if rt is None:
-        return
-    record.setdefault("metrics", {}).update(rt.final_metrics(record.get("metrics", {})))
-
-
-__all__ = ["L1Params", "L1Step", "SMALL", "GptoptError"]

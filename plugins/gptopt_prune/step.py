@@ -1,11 +1,7 @@
-"""gptopt plugin ``prune``: magnitude, Wanda and Taylor (gradient) importance; unstructured or N:M.
+"""The ``prune`` step: its params (one schema for CLI, recipe and Python) and plan facts.
 
-The step zeroes the least important weights of the linear / Conv1D layers (the output head and the
-embeddings only when ``--include`` names them) and records the masks as a model fact: ``ctx.state["masks"]``
-(qualified module name → bool tensor shaped like ``module.weight`` as stored, True = kept) and the fact
-``masks``, so training steps that follow keep the pruned weights at zero.
-
-Heavy imports (torch) happen inside :mod:`gptopt_prune.pruning`, loaded only when the step runs.
+The work is in the engine modules :mod:`.pruning`, :mod:`.scores`, :mod:`.sparsegpt_step` and :mod:`.sparsegpt`, which
+import torch inside their functions (so importing them here loads no torch at ``gptopt --help``).
 """
 from __future__ import annotations
 
@@ -14,9 +10,9 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent, group_columns, hookimpl
+from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, group_columns
 
-from .masks import gptopt_after_optimizer_step  # noqa: F401  (the hook that keeps masks during training)
+from .pruning import preflight, run_prune
 
 NM_RE = re.compile(r"^(\d+):(\d+)$")
 
@@ -160,19 +156,8 @@ class PruneStep(Step):
         return {"masks": {"sparsity": p.target_sparsity, "rule": rule, "method": p.method}}
 
     def preflight(self, ctx):
-        from .pruning import preflight
-
         preflight(ctx, self.params)
 
     def apply(self, ctx):
-        from .pruning import run_prune
-
         return run_prune(ctx, self.params)
 
-
-@hookimpl
-def gptopt_register_steps(register):
-    register(PruneStep)
-
-
-__all__ = ["PruneParams", "PruneStep", "GptoptError", "parse_pattern"]

@@ -1,11 +1,5 @@
-"""gptopt-transfer: knowledge transfer by training: ``lora`` (PEFT LoRA, QLoRA on a 4-bit base) and ``finetune``.
-
-Both steps run the core's one training loop (:mod:`gptopt_core.training`) and share its options. Pruning
-masks (``ctx.state["masks"]``) survive: full fine-tuning keeps pruned weights exactly zero after every
-optimizer step, and a LoRA ``--merge`` re-applies the masks to the merged weights, so the saved model has the
-pruned sparsity exactly. ``--distill-from original`` adds a KL term against the model as it was loaded.
-
-Heavy imports (torch, peft) happen inside the step bodies only.
+"""The ``finetune`` and ``lora`` steps: their params (the core's training options plus distillation and LoRA) and
+the LoRA target choice; peft and torch are imported when a step runs (:mod:`.masked`, :mod:`.adapter`).
 """
 from __future__ import annotations
 
@@ -13,7 +7,8 @@ from typing import List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, PlanError, Step, TrainParams, hookimpl
+from gptopt_core import (GptoptError, PlanError, Step, TrainParams, Trainer, apply_masks, is_conv1d, resolve_precision,
+                         sparsity, train_blocks, weight_modules)
 
 #: module names LoRA targets with ``--target-modules auto``, by ``config.model_type``
 AUTO_TARGETS = {
@@ -84,14 +79,10 @@ class _TrainingStep(Step):
         return self.params.distill_from == "original"
 
     def preflight(self, ctx):
-        from gptopt_core import resolve_precision, train_blocks
-
         train_blocks(ctx.data, self.params.seq_len)  # "no train data" fails before anything runs
         resolve_precision(self.params.precision, ctx.device)
 
     def _train(self, ctx, model):
-        from gptopt_core import Trainer
-
         p = self.params
         if p.distill_from:
             ctx.state["distill"] = {"weight": p.distill_weight or DISTILL_WEIGHT,
@@ -121,9 +112,9 @@ class FinetuneStep(_TrainingStep):
         model, metrics = self._train(ctx, model)
         ctx.model = model
         if ctx.state.get("masks"):
-            from gptopt_core import sparsity
+            from .masked import masks_hold  # torch
 
-            metrics["masked_sparsity_kept"] = _masks_hold(model, ctx.state["masks"])
+            metrics["masked_sparsity_kept"] = masks_hold(model, ctx.state["masks"])
             metrics["sparsity"] = sparsity(model)
         return metrics
 
@@ -155,13 +146,37 @@ class LoraStep(_TrainingStep):
     def apply(self, ctx):
         import warnings
 
+        p = self.params
+        targets, conv1d = resolve_targets(ctx.model, p.target_modules)
+        k_bit = "quantized:4bit" in ctx.facts or bool(getattr(ctx.model, "is_loaded_in_4bit", False)) or any(
+            f.startswith("quantized") for f in ctx.facts)
+        model = self._with_adapter(ctx.model, targets, conv1d, k_bit)
+        masks = ctx.state.get("masks")
+        masked = []
+        if p.merge and p.masked_update and masks and not k_bit:
+            from .masked import mask_lora_updates  # torch
+
+            masked = mask_lora_updates(model, masks)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
+            model, metrics = self._train(ctx, model)
+        metrics["lora_targets"] = len(targets)
+        metrics["qlora"] = bool(k_bit)
+        if masks:
+            metrics["lora_masked_layers"] = len(masked)
+        if p.merge:
+            model = self._merged(model, masks, metrics)
+        model.eval()
+        ctx.model = model
+        return metrics
+
+    def _with_adapter(self, model, targets, conv1d, k_bit):
+        """``model`` wrapped by PEFT with LoRA on ``targets``; a quantized base is prepared QLoRA-style."""
+        import warnings
+
         import peft
 
         p = self.params
-        model = ctx.model
-        targets, conv1d = resolve_targets(model, p.target_modules)
-        four_bit = "quantized:4bit" in ctx.facts or bool(getattr(model, "is_loaded_in_4bit", False))
-        k_bit = four_bit or any(f.startswith("quantized") for f in ctx.facts)
         config = peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
                                  fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
         with warnings.catch_warnings():
@@ -175,33 +190,23 @@ class LoraStep(_TrainingStep):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            model = peft.get_peft_model(model, config)
-        masks = ctx.state.get("masks")
-        masked = []
-        if p.merge and p.masked_update and masks and not k_bit:
-            from .masked import mask_lora_updates
+            return peft.get_peft_model(model, config)
 
-            masked = mask_lora_updates(model, masks)
+    @staticmethod
+    def _merged(model, masks, metrics):
+        """The adapter merged into the weights; pruned weights re-zeroed where masks exist."""
+        import warnings
+
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
-            model, metrics = self._train(ctx, model)
-        metrics["lora_targets"] = len(targets)
-        metrics["qlora"] = bool(k_bit)
+            warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
+            model = model.merge_and_unload()
         if masks:
-            metrics["lora_masked_layers"] = len(masked)
-        if p.merge:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
-                model = model.merge_and_unload()
-            if masks:
-                from gptopt_core import apply_masks, sparsity
+            from .masked import masks_hold  # torch
 
-                apply_masks(model, masks)
-                metrics["masked_sparsity_kept"] = _masks_hold(model, masks)
-                metrics["sparsity"] = sparsity(model)
-        model.eval()
-        ctx.model = model
-        return metrics
+            apply_masks(model, masks)
+            metrics["masked_sparsity_kept"] = masks_hold(model, masks)
+            metrics["sparsity"] = sparsity(model)
+        return model
 
 
 def resolve_targets(model, patterns) -> tuple[list[str], bool]:
@@ -211,8 +216,6 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
     Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
     """
-    from gptopt_core import is_conv1d, weight_modules
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = weight_modules(base)
     if patterns == ["auto"]:
@@ -232,109 +235,3 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
         raise GptoptError(f"lora: {what} mixes GPT-2 Conv1D and nn.Linear layers; target one kind at a time")
     return [n for n, _ in chosen], conv.pop()
 
-
-def _masks_hold(model, masks) -> bool:
-    """True when every pruned (mask False) weight is exactly zero."""
-    import torch
-
-    modules = dict(model.named_modules())
-    for name, keep in masks.items():
-        module = modules.get(name)
-        if module is None:
-            continue
-        w = getattr(module, "base_layer", module).weight
-        if w.shape != keep.shape:
-            continue
-        with torch.no_grad():
-            if bool((w[~keep.to(w.device)] != 0).any()):
-                return False
-    return True
-
-
-# -- hooks ------------------------------------------------------------------------------------------------
-@hookimpl
-def gptopt_register_steps(register):
-    register(LoraStep)
-    register(FinetuneStep)
-
-
-@hookimpl
-def gptopt_training_loss(ctx, model, batch, outputs):
-    """Distillation: ``weight * T^2 * KL(teacher_T || student_T)`` per token, teacher = the model as loaded."""
-    cfg = ctx.state.get("distill")
-    if not cfg:
-        return None
-    import torch
-    import torch.nn.functional as F
-
-    teacher = ctx.original_model()
-    with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"]).logits.float()
-    T = cfg["temperature"]
-    s = F.log_softmax(outputs.logits.float() / T, dim=-1)
-    t = F.log_softmax(t_logits / T, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
-    return cfg["weight"] * T * T * kl
-
-
-@hookimpl(tryfirst=True)
-def gptopt_save_model(ctx, model, path):
-    """A PEFT model: the base model (LoRA layers swapped out) in ``path``, saved by whichever plugin saves
-    such a base (e.g. a 4-bit one), and the adapter in ``path/adapter`` (``PeftModel.from_pretrained``)."""
-    if type(model).__module__.split(".")[0] != "peft":
-        return None
-    base = model.get_base_model()
-    with _without_lora_layers(base):
-        ctx.hook.gptopt_save_model(ctx=ctx, model=base, path=path)
-    model.save_pretrained(str(path / "adapter"), safe_serialization=True)
-    return True
-
-
-class _without_lora_layers:
-    """Temporarily put each PEFT-wrapped layer's ``base_layer`` back in its place (nothing is merged)."""
-
-    def __init__(self, model):
-        self.model, self.swapped = model, []
-
-    def __enter__(self):
-        from gptopt_core import replace_module
-
-        for name, module in list(self.model.named_modules()):
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-                self.swapped.append((name, replace_module(self.model, name, module.base_layer)))
-        return self.model
-
-    def __exit__(self, *exc):
-        from gptopt_core import replace_module
-
-        for name, module in reversed(self.swapped):
-            replace_module(self.model, name, module)
-        return False
-
-
-@hookimpl
-def gptopt_resolve_model(spec, options):
-    """A directory saved by ``save`` after an unmerged ``lora``: load the base, then its ``adapter/``."""
-    from pathlib import Path
-
-    path = Path(spec).expanduser()
-    if not (path / "adapter" / "adapter_config.json").is_file() or not (path / "config.json").is_file():
-        return None
-    from gptopt_core import load_local_dir
-
-    loaded = load_local_dir(path, options)
-    try:
-        import peft
-
-        loaded.model = peft.PeftModel.from_pretrained(loaded.model, str(path / "adapter"))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        from gptopt_core import SourceError
-
-        raise SourceError(f"cannot load the LoRA adapter in {path / 'adapter'}: {exc}"[:300]) from None
-    loaded.model.eval()
-    loaded.facts = set(loaded.facts) | {"adapter"}
-    return loaded
-
-
-__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets", "AUTO_TARGETS",
-           "PlanError"]

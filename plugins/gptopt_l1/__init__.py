@@ -1,0 +1,79 @@
+"""gptopt plugin ``l1``: L1-sparsity regularization for the training step that follows it.
+
+``l1`` does not train by itself. It records its configuration in ``ctx.state["l1"]`` (fact ``l1``) and its
+hook implementations shape the *next* training step of the chain (``finetune``, ``lora``, or any step with
+``trains = True``), so that a later ``prune`` costs less::
+
+    gptopt run --model smollm2-135m eval l1 --weight 20 finetune --steps 60 prune --method magnitude \\
+        --sparsity 0.5 eval
+
+What it does (λ = ``--weight``, λ_t = λ times the ``--schedule`` factor at step t, lr_t = the learning rate
+the optimizer used at step t, S = the *selected* weights of the targeted layers, see ``--select``):
+
+* ``--mode proximal`` under ``finetune``: after every optimizer step, soft-thresholding of the selected weights,
+  w ← sign(w)·max(|w| − λ_t·lr_t, 0) (the proximal step of λ·Σ|w| with step size lr_t): exact zeros appear.
+* ``--mode penalty`` under ``finetune``: λ_t·Σ_S |w| is added to every micro-batch's loss (gradient λ_t·sign(w)).
+* under ``lora`` the base weights are frozen; the penalty acts on the *effective* weight W + scale·B·A of each
+  targeted, adapted layer: λ_t·Σ_S |W + scale·BA| is added to the loss and its gradient reaches only A and B.
+  A low-rank update cannot set chosen entries exactly to zero, so ``--mode proximal`` under ``lora`` uses this
+  same penalty (the step's metrics say ``l1_mode_used: penalty``).
+
+``--select``: ``all`` penalises every weight of the targets (plain L1); ``prunable`` penalises only the weights
+that the later ``prune`` would remove now (per layer the lowest-|w| fraction ``--sparsity``, by the later prune's
+rule: whole layer, per row for wanda, per group for N:M, or over all layers for --scope global), re-chosen
+every ``--reselect-every`` steps, so the large weights the pruned model keeps are not shrunk. ``auto`` (the
+default) is ``prunable`` when a ``prune`` follows the training step and ``all`` otherwise.
+
+Zero fractions (exact zeros, and |w| < 1e-3) of the targeted (effective) weights are shown in the progress
+bar and recorded in the training step's metrics: ``l1_zero_fraction``, ``l1_small_fraction``, ``l1_history``
+(one entry per eval point of ``--eval-every`` and at the end) and merged into its ``eval_history`` entries.
+
+The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
+:mod:`.regularizer` the torch work (torch imported inside its functions).
+"""
+from gptopt_core import hookimpl
+
+from .regularizer import SMALL, runtime
+from .step import L1Params, L1Step, trains
+
+__all__ = ["L1Params", "L1Step", "SMALL"]
+
+
+@hookimpl
+def gptopt_register_steps(register):
+    register(L1Step)
+
+
+@hookimpl
+def gptopt_step_started(ctx, step):
+    cfg = ctx.state.get("l1")
+    if cfg is not None and trains(step) and not cfg.get("active"):
+        cfg["active"] = step.name
+
+
+@hookimpl
+def gptopt_training_loss(ctx, model, batch, outputs):
+    cfg = ctx.state.get("l1")
+    if not cfg or not cfg.get("active"):
+        return None
+    return runtime(ctx, model).penalty()
+
+
+@hookimpl
+def gptopt_after_optimizer_step(ctx, model, step):
+    cfg = ctx.state.get("l1")
+    if not cfg or not cfg.get("active"):
+        return
+    runtime(ctx, model).after_step(step)
+
+
+@hookimpl
+def gptopt_step_finished(ctx, step, record):
+    cfg = ctx.state.get("l1")
+    if not cfg or cfg.get("active") != step.name or not trains(step):
+        return
+    rt = ctx.state.pop("l1_runtime", None)
+    ctx.state.pop("l1", None)
+    if rt is None:
+        return
+    record.setdefault("metrics", {}).update(rt.final_metrics(record.get("metrics", {})))
