@@ -26,7 +26,7 @@ def _recipe_loader():
     plain keys.
     """
     import yaml
-    from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent
+    from yaml.events import CollectionStartEvent
 
     plain = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -44,14 +44,7 @@ def _recipe_loader():
         def compose_node(self, parent, index):
             event = self.peek_event()
             mark = getattr(event, "start_mark", None)
-            if isinstance(event, AliasEvent):
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
-            if isinstance(event, NodeEvent) and event.anchor is not None:
-                raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
-            if isinstance(event, NodeEvent) and event.tag is not None:
-                raise yaml.composer.ComposerError(
-                    None, None, f"tags such as {shorten(event.tag.replace('tag:yaml.org,2002:', '!!'), 40)!r} are not allowed in a recipe: plain "
-                    "strings, numbers, booleans, null, lists and mappings only", mark)
+            _refuse_aliases_anchors_tags(event, mark)
             self._nodes += 1
             if self._nodes > MAX_NODES:
                 raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values", mark)
@@ -82,6 +75,22 @@ def _recipe_loader():
             return super().construct_mapping(node, deep=deep)
 
     return RecipeLoader
+
+
+def _refuse_aliases_anchors_tags(event, mark) -> None:
+    """A recipe is plain data: an alias, an anchor or an explicit tag is a yaml error at ``mark``."""
+    import yaml
+    from yaml.events import AliasEvent, NodeEvent
+
+    if isinstance(event, AliasEvent):
+        raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
+    if isinstance(event, NodeEvent) and event.anchor is not None:
+        raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
+    if isinstance(event, NodeEvent) and event.tag is not None:
+        tag = shorten(event.tag.replace("tag:yaml.org,2002:", "!!"), 40)
+        raise yaml.composer.ComposerError(
+            None, None, f"tags such as {tag!r} are not allowed in a recipe: plain strings, numbers, booleans, null, "
+            "lists and mappings only", mark)
 
 
 def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe"):
