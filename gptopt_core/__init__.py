@@ -30,15 +30,16 @@ _LAZY = {
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
     "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
-    "matches": "modules", "apply_masks": "modules", "get_module": "sensitivity", "replace_module": "sensitivity",
+    "matches": "modules", "apply_masks": "modules", "dequantized_weight": "modules", "get_module": "sensitivity",
+    "replace_module": "sensitivity",
     # training
-    "TrainParams": "training", "Trainer": "training", "train": "training", "train_blocks": "training",
-    "resolve_precision": "training", "mask_targets": "training",
+    "TrainParams": "train_options", "Trainer": "training", "train": "training", "train_blocks": "train_options",
+    "resolve_precision": "train_options", "mask_targets": "modules",
     # calibration, sensitivity and integer grids
     "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
     "swapped_modules": "precision_search", "nll_with_modules": "precision_search", "smallest_within": "precision_search",
     "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
-    "resident_param_bytes": "calibration", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
+    "resident_param_bytes": "offload", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
     "round_to_grid": "grids",

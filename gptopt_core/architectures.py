@@ -94,28 +94,32 @@ class Architecture:
         return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.linear_layers))
 
 
+_registry: Callable[[], Any] = lambda: None  # the process-wide plugin set; plugins.py sets it (no import circle)
+
+
+def use_registry(get_plugins: Callable[[], Any]) -> None:
+    """Where :func:`architecture_table` finds the plugins when it is given none (``gptopt_core.get_plugins``)."""
+    global _registry
+    _registry = get_plugins
+
+
+def refusal(arch, table: dict, new: dict) -> Optional[str]:
+    """Why a plugin may not register ``arch`` beside ``table`` (the registered families) and ``new`` (its own so
+    far); ``None`` when it may."""
+    if not isinstance(arch, Architecture) or not isinstance(arch.model_type, str) or not arch.model_type:
+        return f"registered {arch!r} as an architecture: give a gptopt_core.Architecture with a model_type"
+    if arch.model_type in table:
+        return f"architecture '{arch.model_type}' is already registered by {table[arch.model_type].plugin}"
+    if arch.model_type in new:
+        return f"registers architecture '{arch.model_type}' twice"
+    return None
+
+
 def architecture_table(plugins=None) -> dict:
-    """``{model_type: Architecture}`` from every plugin's ``gptopt_register_architectures``; the core's first, so a
-    plugin that registers a ``model_type`` already taken is the one blamed (:class:`GptoptError`)."""
-    from . import builtin
-    from .plugins import get_plugins
-
-    plugins = plugins or get_plugins()
-    found: dict = {}
-    impls = plugins.pm.hook.gptopt_register_architectures.get_hookimpls()
-    for impl in sorted(impls, key=lambda impl: impl.plugin is not builtin):
-        def register(arch, _plugin=impl.plugin_name):
-            if not isinstance(arch, Architecture) or not arch.model_type:
-                raise GptoptError(f"plugin {_plugin} registered {arch!r} as an architecture: give a "
-                                  "gptopt_core.Architecture with a model_type")
-            if arch.model_type in found:
-                raise GptoptError(f"plugin {_plugin}: architecture '{arch.model_type}' is already registered by "
-                                  f"{found[arch.model_type].plugin}")
-            object.__setattr__(arch, "plugin", _plugin)
-            found[arch.model_type] = arch
-
-        impl.function(*[{"register": register}[a] for a in impl.argnames])
-    return found
+    """``{model_type: Architecture}``: every family the loaded plugins registered (``gptopt_register_architectures``),
+    the core's first. A plugin that registers a ``model_type`` already taken is rejected when it loads."""
+    plugins = plugins if plugins is not None else _registry()
+    return dict(plugins.architectures) if plugins is not None else {}
 
 
 def architecture_of(model, plugins=None) -> Optional[Architecture]:

@@ -1,12 +1,24 @@
-"""The core's own plugin: built-in model sources, core metrics, default save, and the eval/save steps."""
+"""The core's own plugin: built-in model sources, core metrics, default save, and the eval/save steps.
+
+A leaf of the core's import graph (as pluggy eggsample's ``lib.py``): it imports the engine modules it uses and
+nothing that loads plugins (the plugin manager imports it, registers it as ``gptopt-core``, and hands each step
+its plugin set as :attr:`gptopt_core.Step.plugins`).
+"""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import pydantic
 
-from .errors import GptoptError
+from .errors import GptoptError, PlanError
+from .evaluate import generate_sample, perplexity
+from .families import FAMILIES
 from .hookspecs import hookimpl
+from .metrics import model_bytes, num_params, sparsity
+from .models import max_positions, resolve_builtin
+from .report import save_model_dir
+from .saveformats import SafetensorsFormat, check_plan, choose
 from .steps import Params, Step
 
 
@@ -29,9 +41,9 @@ class EvalStep(Step):
 
     def check_plan(self, before, after, facts):
         if self.params.stride and self.params.stride > self.params.block_size:
-            raise GptoptError("eval: stride must not exceed block-size (tokens would go unscored)")
+            raise PlanError("eval: stride must not exceed block-size (tokens would go unscored)")
         if self.params.max_tokens < self.params.block_size + 1:
-            raise GptoptError(f"eval: --max-tokens {self.params.max_tokens} is below one block of --block-size "
+            raise PlanError(f"eval: --max-tokens {self.params.max_tokens} is below one block of --block-size "
                               f"{self.params.block_size} (+1 target token); give --max-tokens "
                               f"{self.params.block_size + 1} or more, or a smaller --block-size")
 
@@ -45,8 +57,6 @@ class EvalStep(Step):
                 f"eval: the held-out split of '{data.spec}' has {int(data.valid_ids.numel())} tokens, fewer than one "
                 f"block of {self.params.block_size}+1; give more text or a smaller --block-size")
         if self.params.sample:
-            from .pipeline import max_positions
-
             limit = max_positions(ctx.model)
             prompt = len(ctx.tokenizer(self.params.sample, add_special_tokens=False)["input_ids"])
             if limit is not None and prompt + self.params.sample_tokens > limit:
@@ -54,8 +64,6 @@ class EvalStep(Step):
                                   f"that is longer than the model's {limit} positions")
 
     def apply(self, ctx):
-        from .evaluate import generate_sample, perplexity
-
         p = self.params
         data = ctx.data if p.split == "valid" else ctx.eval_data
         if data is None:
@@ -88,33 +96,22 @@ class SaveStep(Step):
     path_params = ("to",)
 
     def check_target(self):
-        from pathlib import Path
-
         target = Path(self.params.to).expanduser()
         replace = self.params.overwrite or getattr(self, "replace_on_resume", False)  # set by the pipeline
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not replace:
-            raise GptoptError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
+            raise PlanError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
         return target
 
     def check_plan(self, before, after, facts):
-        from .plugins import get_plugins
-        from .saveformats import check_plan
-
         self.check_target()
-        check_plan(get_plugins(), self.params_dict(), facts)
+        check_plan(self.plugins, self.params_dict(), facts)  # the formats of the plugin set this step runs under
 
     def apply(self, ctx):
-        from .report import save_model_dir
-
         if not ctx.is_main_process:  # data-parallel run (accelerate launch): only the main process writes
-            from pathlib import Path
-
             _barrier()
             target = Path(self.params.to).expanduser()
             return {"saved_to": str(target), "files": sorted(p.name for p in target.iterdir())}
         target = self.check_target()
-        from .saveformats import choose
-
         options = self.params_dict()
         fmt = choose(ctx, ctx.model, options)  # refuses (nothing written) where the format cannot hold the model
         try:
@@ -142,30 +139,22 @@ def gptopt_register_steps(register):
 
 @hookimpl(trylast=True)
 def gptopt_resolve_model(spec, options):
-    from .models import resolve_builtin
-
     return resolve_builtin(spec, options)
 
 
 @hookimpl
 def gptopt_collect_metrics(ctx):
-    from .metrics import model_bytes, num_params, sparsity
-
     return {"model_bytes": model_bytes(ctx.model), "num_params": num_params(ctx.model),
             "sparsity": sparsity(ctx.model)}
 
 
 @hookimpl
 def gptopt_register_save_formats(register):
-    from .saveformats import SafetensorsFormat
-
     register(SafetensorsFormat)
 
 
 @hookimpl
 def gptopt_register_architectures(register):
-    from .families import FAMILIES
-
     for family in FAMILIES:
         register(family)
 

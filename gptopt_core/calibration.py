@@ -17,15 +17,8 @@ order their inputs are computed: the layers reading the same input tensor form o
 gate/up, down; GPT-2: c_attn, c_proj, c_fc, mlp.c_proj) and a group's statistics are collected after the groups
 before it were compressed. This costs one block forward per group.
 
-Offloading (``offload``):
-
-* ``"none"``: the model stays where it is.
-* ``"cpu"``: the model's parameters stay in CPU memory; only the block being compressed (plus the cached
-  calibration activations) is moved to the compute ``device``. On a CPU-only machine this is ``"none"``.
-* ``"disk"``: every block's tensors are written to a temporary directory with ``safetensors`` and the block is
-  moved to the ``meta`` device (no storage); the block being compressed is read back, compressed, written
-  again and dropped. Only one block's parameters are resident at any time; at the end every block is read back
-  (compressed) so the model is whole again for ``eval`` / ``save``.
+Offloading (``offload``: ``"none"``, ``"cpu"``, ``"disk"``) keeps only the block being compressed on the compute
+device or in memory: :mod:`gptopt_core.offload`.
 
 The embeddings and the modules before the first block (and the final norm / head, which never run) stay
 resident: they are needed to compute the first block's inputs.
@@ -37,9 +30,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from .architectures import architecture_of
 from .modules import is_weight_layer, weight_matrix
+from .offload import OFFLOAD_MODES, BlockPlacement, resident_param_bytes
 
-OFFLOAD_MODES = ("none", "cpu", "disk")
 STAT_KINDS = ("hessian", "sq_norms")
 
 
@@ -173,10 +167,9 @@ class _Collector:
 def find_blocks(model):
     """``(prefix, ModuleList)`` of the transformer blocks: where the architecture table says they are for a known
     family (GPT-2 ``transformer.h``, Llama ``model.layers``, GPT-NeoX ``gpt_neox.layers``, ...), else the longest
-    ``nn.ModuleList`` of two or more children of one type; ``(None, None)`` when there is none."""
+    ``nn.ModuleList`` whose children share one type and hold weight layers (one block is a list too);
+    ``(None, None)`` when there is none."""
     import torch.nn as nn
-
-    from .architectures import architecture_of
 
     arch = architecture_of(model)
     if arch is not None:  # by name; a PEFT wrapper prefixes it (base_model.model.<blocks>)
@@ -185,7 +178,7 @@ def find_blocks(model):
                 return name, module
     best = (None, None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
             if any(is_weight_layer(m) for m in module[0].modules()):
                 if best[1] is None or len(module) > len(best[1]):
                     best = (name, module)
@@ -205,82 +198,7 @@ def split_by_block(model, names: Iterable[str]):
     return inside, outside
 
 
-# -- offloading -------------------------------------------------------------------------------------------------
-def _tensors(module):
-    """``[(owner module, kind, attribute name, qualified name, tensor)]`` of a module's parameters and buffers."""
-    out = []
-    for mod_name, mod in module.named_modules():
-        for kind, table in (("param", mod._parameters), ("buffer", mod._buffers)):
-            for key, t in table.items():
-                if t is not None:
-                    out.append((mod, kind, key, f"{mod_name}.{key}" if mod_name else key, t))
-    return out
-
-
-def _set_tensor(mod, kind, key, tensor, like):
-    import torch.nn as nn
-
-    if kind == "param":
-        mod._parameters[key] = nn.Parameter(tensor, requires_grad=like.requires_grad)
-    else:
-        mod._buffers[key] = tensor
-
-
-class _DiskStore:
-    """Blocks written to safetensors files and replaced by ``meta`` tensors until they are loaded again."""
-
-    def __init__(self, directory: Optional[str] = None):
-        import tempfile
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="gptopt-offload-", dir=directory)
-        self.dir = self._tmp.name
-
-    def path(self, index: int) -> str:
-        import os
-
-        return os.path.join(self.dir, f"block-{index:04d}.safetensors")
-
-    def drop(self, index: int, block) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        entries = _tensors(block)
-        save_file({q: t.detach().contiguous().cpu() for _, _, _, q, t in entries}, self.path(index))
-        for mod, kind, key, _, t in entries:
-            _set_tensor(mod, kind, key, torch.empty_like(t, device="meta"), t)
-
-    def load(self, index: int, block, device) -> None:
-        from safetensors.torch import load_file
-
-        stored = load_file(self.path(index), device=str(device))
-        for mod, kind, key, q, t in _tensors(block):
-            _set_tensor(mod, kind, key, stored[q], t)
-
-    def close(self) -> None:
-        self._tmp.cleanup()
-
-
-def resident_param_bytes(model, device=None) -> int:
-    """Bytes of the model's parameters that hold storage (not ``meta``); with ``device``, only those on it."""
-    import torch
-
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.device.type == "meta" or (device is not None and p.device != torch.device(device)):
-            continue
-        key = (p.device, p.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel() * p.element_size()
-    return total
-
-
 # -- running blocks -----------------------------------------------------------------------------------------------
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
@@ -329,23 +247,6 @@ def capture_first_inputs(model, blocks, batches, device) -> list:
     return captured
 
 
-@contextlib.contextmanager
-def _outside_blocks_on(model, blocks, device):
-    """Move every parameter/buffer outside the block list to ``device`` for the capture; restore after."""
-    block_ids = {id(t) for b in blocks for _, _, _, _, t in _tensors(b)}
-    moved = []
-    for mod, kind, key, _, t in _tensors(model):
-        if id(t) in block_ids or t.device == device:
-            continue
-        moved.append((mod, kind, key, t))
-        _set_tensor(mod, kind, key, t.data.to(device), t)
-    try:
-        yield
-    finally:
-        for mod, kind, key, t in moved:
-            _set_tensor(mod, kind, key, t, t)
-
-
 def run_blockwise(model, batches, compress: Callable, *, layers: Optional[Iterable[str]] = None,
                   stats: Iterable[str] = ("hessian",), sequential: bool = True, offload: str = "none",
                   device=None, offload_dir: Optional[str] = None, progress=None) -> dict:
@@ -368,12 +269,7 @@ def run_blockwise(model, batches, compress: Callable, *, layers: Optional[Iterab
     """
     import torch
 
-    kinds = tuple(stats)
-    for k in kinds:
-        if k not in STAT_KINDS:
-            raise ValueError(f"unknown statistic '{k}'; use {', '.join(STAT_KINDS)}")
-    if offload not in OFFLOAD_MODES:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    kinds = _checked_options(stats, offload)
     prefix, blocks = find_blocks(model)
     if blocks is None:
         raise ValueError("the model has no list of transformer blocks to calibrate block by block")
@@ -382,79 +278,74 @@ def run_blockwise(model, batches, compress: Callable, *, layers: Optional[Iterab
     names = [n for n, m in model.named_modules() if is_weight_layer(m)] if layers is None else list(layers)
     by_block, _ = split_by_block(model, names)
     modules = dict(model.named_modules())
-    start = time.perf_counter()
-    was_training = model.training
+    start, was_training = time.perf_counter(), model.training
     model.eval()
-    store = _DiskStore(offload_dir) if offload == "disk" else None
+    place = BlockPlacement(model, blocks, offload, device, home, offload_dir)
     report = {"blocks": len(blocks), "layers": 0, "groups": 0, "calib_tokens": int(sum(b.numel() for b in batches)),
               "offload": offload, "device": str(device)}
-    peaks = {"resident": 0, "compute": 0}
-
-    def sample():
-        peaks["resident"] = max(peaks["resident"], resident_param_bytes(model))
-        peaks["compute"] = max(peaks["compute"], resident_param_bytes(model, device))
-
+    peaks = {"peak_resident_param_bytes": 0, "peak_compute_param_bytes": 0}
     try:
         with torch.no_grad():
-            if offload != "none":
-                blocks.to("cpu")
-            if store is not None:
-                for i, block in enumerate(blocks):
-                    store.drop(i, block)
-            with _outside_blocks_on(model, blocks, device) if offload != "none" else contextlib.nullcontext():
+            place.start()
+            with place.outside_blocks_on_device():
                 inputs = capture_first_inputs(model, blocks, batches, device)
             last = max(by_block) if by_block else -1
-            steps = range(last + 1)
-            for i in (progress(steps, "calibrate") if progress else steps):
-                block = blocks[i]
-                if store is not None:
-                    store.load(i, block, device)
-                elif offload == "cpu":
-                    block.to(device)
-                info = BlockInfo(i, f"{prefix}.{i}", block)
+            for i in (progress(range(last + 1), "calibrate") if progress else range(last + 1)):
+                block = place.fetch(i)
                 wanted = {n: modules[n] for n in by_block.get(i, [])}
                 if wanted:
-                    groups = [list(wanted)]
-                    if sequential:  # which layers read the same input, in data-flow order: one batch tells
-                        col = _Collector(wanted, (), record_order=True)
-                        try:
-                            col.run(block, inputs[:1])
-                        finally:
-                            col.remove()
-                        groups = col.groups()
-                        del col
-                    for group in groups:  # each group calibrates on the block with the groups before it compressed
-                        col = _Collector({n: wanted[n] for n in group}, kinds)
-                        try:
-                            col.run(block, inputs)
-                        finally:
-                            gathered = col.remove()
-                        sample()
-                        compress(info, {n: gathered[n] for n in group})
-                        report["groups"] += 1
-                        report["layers"] += len(group)
-                    del gathered
-                sample()
+                    _compress_block(BlockInfo(i, f"{prefix}.{i}", block), wanted, inputs, kinds, sequential,
+                                    compress, report, lambda: _sample_peaks(model, device, peaks))
+                _sample_peaks(model, device, peaks)
                 if i < last:
                     inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
-                if store is not None:
-                    store.drop(i, block)
-                elif offload == "cpu":
-                    block.to("cpu")
+                place.release(i)
             del inputs
     finally:
-        if store is not None:
-            for i, block in enumerate(blocks):
-                if any(p.device.type == "meta" for p in block.parameters()):
-                    store.load(i, block, home if offload != "none" else device)
-            store.close()
-        if offload != "none":
-            blocks.to(home)
+        place.close()
         model.train(was_training)
     report["seconds"] = round(time.perf_counter() - start, 3)
-    report["peak_resident_param_bytes"] = int(peaks["resident"])
-    report["peak_compute_param_bytes"] = int(peaks["compute"])
+    report.update({k: int(v) for k, v in peaks.items()})
     return report
+
+
+def _checked_options(stats, offload: str) -> tuple:
+    kinds = tuple(stats)
+    for k in kinds:
+        if k not in STAT_KINDS:
+            raise ValueError(f"unknown statistic '{k}'; use {', '.join(STAT_KINDS)}")
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {offload!r}")
+    return kinds
+
+
+def _compress_block(info: BlockInfo, wanted: dict, inputs, kinds, sequential: bool, compress, report: dict,
+                    sample) -> None:
+    """Collect the statistics of one block's ``wanted`` layers (group by group when ``sequential``) and hand each
+    group to ``compress``."""
+    groups = [list(wanted)]
+    if sequential:  # which layers read the same input, in data-flow order: one batch tells
+        col = _Collector(wanted, (), record_order=True)
+        try:
+            col.run(info.module, inputs[:1])
+        finally:
+            col.remove()
+        groups = col.groups()
+    for group in groups:  # each group calibrates on the block with the groups before it compressed
+        col = _Collector({n: wanted[n] for n in group}, kinds)
+        try:
+            col.run(info.module, inputs)
+        finally:
+            gathered = col.remove()
+        sample()
+        compress(info, {n: gathered[n] for n in group})
+        report["groups"] += 1
+        report["layers"] += len(group)
+
+
+def _sample_peaks(model, device, peaks: dict) -> None:
+    peaks["peak_resident_param_bytes"] = max(peaks["peak_resident_param_bytes"], resident_param_bytes(model))
+    peaks["peak_compute_param_bytes"] = max(peaks["peak_compute_param_bytes"], resident_param_bytes(model, device))
 
 
 @contextlib.contextmanager

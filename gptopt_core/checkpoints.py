@@ -1,4 +1,4 @@
-"""Resumable training checkpoints under ``--out``.
+"""Resumable training checkpoints under ``--out``, and the training state (optimizer, schedule, RNG, histories) in them.
 
 A training step with ``--checkpoint-every N`` writes, every N optimizer steps and at its end::
 
@@ -116,3 +116,83 @@ def load(trainer, model, path: Path) -> None:
         for n, q in params.items():
             q.copy_(weights[n].to(device=q.device, dtype=q.dtype))
     trainer.load_state_dict(state)
+
+
+def save_trainer(trainer) -> None:
+    """:meth:`gptopt_core.Trainer.save_checkpoint`: the newest checkpoint of a running training step, written by
+    the main process while the others wait."""
+    if trainer.ctx.out_dir is None:
+        raise GptoptError(f"{trainer.name}: --checkpoint-every needs --out DIR")
+    if trainer.accelerator.is_main_process:
+        save(trainer, trainer.accelerator.unwrap_model(trainer.wrapped))
+    trainer.accelerator.wait_for_everyone()
+
+
+def resume_trainer(trainer) -> None:
+    """Under ``--resume``: load the training step's latest checkpoint (weights now, state after setup)."""
+    ctx = trainer.ctx
+    if not getattr(ctx, "resume", False) or ctx.out_dir is None:
+        return
+    path = latest(ctx.out_dir, ctx.step_index, trainer.name)
+    if path is None:
+        ctx.log(f"  {trainer.name}: no checkpoint of this step yet; training from the start")
+        return
+    load(trainer, trainer.model, path)
+    ctx.log(f"  {trainer.name}: resumed at step {trainer.step} from {path}")
+
+
+# -- the trainer's state (trainer.pt) ---------------------------------------------------------------------------
+def trainer_state(trainer) -> dict:
+    """Everything needed to continue a training run at ``trainer.step`` (the weights are saved separately)."""
+    return {"step": trainer.step, "optimizer": trainer.optimizer.state_dict() if trainer.optimizer else None,
+            "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None, "rng": rng_state(),
+            "grad_scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+            "loss_history": list(trainer.loss_history), "ce_history": list(trainer.ce_history),
+            "eval_history": list(trainer.eval_history), "tokens_seen": trainer.tokens_seen,
+            "train_seconds": trainer.train_seconds, "train_cpu_seconds": trainer.train_cpu_seconds,
+            "params": trainer.params.model_dump(mode="json")}
+
+
+def restore_trainer_state(trainer, state: dict) -> None:
+    """Put a :func:`trainer_state` back (before the trainer's setup, it is kept and applied by setup)."""
+    trainer.step = int(state["step"])
+    trainer.loss_history = list(state.get("loss_history", []))
+    trainer.ce_history = list(state.get("ce_history", []))
+    trainer.eval_history = list(state.get("eval_history", []))
+    trainer.tokens_seen = int(state.get("tokens_seen", 0))
+    trainer.train_seconds = float(state.get("train_seconds", 0.0))
+    trainer.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
+    if trainer.optimizer is None:
+        trainer._pending_state = state
+        return
+    if state.get("optimizer") is not None:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scheduler") is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("rng") is not None:
+        set_rng_state(state["rng"])
+    if state.get("grad_scaler") is not None and trainer.scaler is not None:
+        trainer.scaler.load_state_dict(state["grad_scaler"])
+
+
+def rng_state() -> dict:
+    """Python's, torch's and (on a GPU) CUDA's random generator states."""
+    import random
+
+    import torch
+
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

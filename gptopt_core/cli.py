@@ -1,11 +1,19 @@
 """The ``gptopt`` command: ``run`` (a click chain built from the step schemas), ``steps``, ``plugins``."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import typing
+import warnings
+from dataclasses import asdict
 
 import click
+
+from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, shorten, user_error
+from .models import cache_dir
+from .pipeline import Pipeline
+from .plugins import PluginHookError, get_plugins
 
 RUN_OPTIONS = ("model", "data", "eval_data", "seed", "device", "out")
 
@@ -77,21 +85,15 @@ class StepChain(click.Group):
     """Chain group whose commands are the registered steps, loaded only when needed (fast --help)."""
 
     def list_commands(self, ctx):
-        from .plugins import get_plugins
-
         return sorted(get_plugins().steps)
 
     def get_command(self, ctx, name):
-        from .plugins import get_plugins
-
         step_cls = get_plugins().steps.get(name)
         return make_step_command(step_cls) if step_cls else None
 
     def resolve_command(self, ctx, args):
         name = args[0] if args else ""
         if self.get_command(ctx, name) is None and not name.startswith("-"):
-            from .plugins import get_plugins
-
             known = ", ".join(sorted(get_plugins().steps))
             raise click.UsageError(f"unknown step '{name}'; known steps: {known} (see `gptopt steps`)")
         return super().resolve_command(ctx, args)
@@ -130,11 +132,6 @@ def run(**options):
 
 @run.result_callback()
 def run_chain(steps, **options):
-    from .errors import GptoptError
-    from .pipeline import Pipeline
-
-    from .errors import shorten
-
     seed = options.get("seed")
     if seed is not None:
         try:
@@ -164,8 +161,6 @@ def run_chain(steps, **options):
 @click.argument("name", required=False)
 def steps(name):
     """List the steps, or show one step's options (the same schema as CLI, recipes and Python)."""
-    from .plugins import get_plugins
-
     plugins = get_plugins()
     if name is None:
         width = max((len(n) for n in plugins.steps), default=4)
@@ -183,12 +178,7 @@ def steps(name):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(as_json):
-    """List installed plugins: distribution, version, steps, hooks and load errors."""
-    import json
-    from dataclasses import asdict
-
-    from .plugins import get_plugins
-
+    """List installed plugins: distribution, version, steps, save formats, hooks and load errors."""
     infos = list(get_plugins().info.values())
     if as_json:
         click.echo(json.dumps([asdict(i) for i in infos], indent=2))
@@ -202,6 +192,10 @@ def plugins(as_json):
             click.echo(f"    WARNING: {i.warning}")
         if i.steps:
             click.echo(f"    steps: {', '.join(i.steps)}")
+        if i.save_formats:
+            click.echo(f"    save formats: {', '.join(i.save_formats)}")
+        if i.columns:
+            click.echo(f"    columns: {', '.join(i.columns)}")
         if i.hooks:
             click.echo(f"    hooks: {', '.join(i.hooks)}")
 
@@ -243,8 +237,6 @@ def _caches_under_gptopt_cache() -> None:
     $TMPDIR/torchinductor_USER by default; a run writes only to --out, --to and GPTOPT_CACHE, so it goes there
     (unless TORCHINDUCTOR_CACHE_DIR is set)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from .models import cache_dir
-
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torchinductor")
 
 
@@ -252,8 +244,6 @@ def _terminate_like_ctrl_c() -> None:
     """SIGTERM unwinds like Ctrl-C: temporary directories are removed, run.json says "interrupted" and one line
     is printed. A second SIGTERM during that cleanup kills at once."""
     import signal
-
-    from .errors import Terminated
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -267,11 +257,6 @@ def _terminate_like_ctrl_c() -> None:
 
 def main(argv=None):
     """Console entry point: user errors are one line on stderr and exit code 2, never a traceback."""
-    import warnings
-
-    from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, shorten, user_error
-    from .plugins import PluginHookError
-
     warnings.showwarning = _one_line_warning
     _terminate_like_ctrl_c()
     _caches_under_gptopt_cache()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SourceError, shorten
+from .models import cache_dir
 
 VALID_EVERY = 10  # every 10th document (by position) is held out for validation
 
@@ -145,8 +146,6 @@ def _text_column(rows, spec: str) -> list[str]:
 def _hub_documents(spec: str) -> list[str]:
     """A hub dataset through `datasets`, its download cache under ``GPTOPT_CACHE`` (not ~/.cache/huggingface)."""
     import datasets
-
-    from .models import cache_dir
 
     datasets.disable_progress_bars()
     try:

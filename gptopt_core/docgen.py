@@ -10,16 +10,20 @@ Only the steps of the ``gptopt`` distribution itself are documented (third-party
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 
+import gptopt_core
+
 from . import hookspecs
+from .architectures import architecture_table
+from .cli import option_specs, run
+from .hookspecs import hook_names
+from .matrix import CELLS, supported
+from .plugins import get_plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def hook_names() -> list[str]:
-    return [n for n, f in vars(hookspecs).items() if n.startswith("gptopt_") and callable(f)]
 
 
 def _signature(fn) -> str:
@@ -31,23 +35,40 @@ def _signature(fn) -> str:
     return f"{fn.__name__}({args}){ret}"
 
 
+_ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):`~?([^`]+)`")
+_FIELD = re.compile(r"^:(param (\w+)|returns?|raises? (\w+)):\s*", re.M)
+
+
+def markdown_doc(doc: str) -> str:
+    """A docstring (reStructuredText conventions) as Markdown: ``:class:`X``` → `` `X` ``, ``:param a:`` → a list
+    item ``- `a`: ``, ``:returns:`` → ``- returns: ``, ``.. versionadded:: V`` → *New in V.*, ``::`` → ``:``."""
+    text = _ROLE.sub(lambda m: f"`{m.group(1)}`", inspect.cleandoc(doc or ""))
+
+    def field(m):
+        if m.group(2):
+            return f"- `{m.group(2)}`: "
+        return f"- raises `{m.group(3)}`: " if m.group(3) else "- returns: "
+
+    text = _FIELD.sub(field, text)
+    text = re.sub(r"^\.\. versionadded:: (\S+)$", r"*New in version \1.*", text, flags=re.M)
+    text = re.sub(r"^\.\. versionchanged:: (\S+)(.*)$", r"*Changed in version \1:*\2", text, flags=re.M)
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+
+
 def hooks_markdown() -> str:
     lines = ["# Hook reference", "",
              "Generated from `gptopt_core/hookspecs.py` by `python -m gptopt_core.docgen`; do not edit by hand.", "",
-             inspect.cleandoc(hookspecs.__doc__ or ""), ""]
+             markdown_doc(hookspecs.__doc__), ""]
     for name in hook_names():
         fn = getattr(hookspecs, name)
         opts = getattr(fn, "gptopt_spec", {}) or {}
         sig = _signature(fn)
         kind = " (firstresult)" if opts.get("firstresult") else ""
-        lines += [f"## `{sig}`{kind}", "", inspect.cleandoc(fn.__doc__ or ""), ""]
+        lines += [f"## `{sig}`{kind}", "", markdown_doc(fn.__doc__), ""]
     return "\n".join(lines)
 
 
 def cli_markdown() -> str:
-    from .cli import option_specs, run
-    from .plugins import get_plugins
-
     plugins = get_plugins()
     lines = ["# CLI reference", "",
              "Generated from the step params schemas by `python -m gptopt_core.docgen`; do not edit by hand. The same",
@@ -89,8 +110,6 @@ API_END = "<!-- end of generated public API -->"
 
 def _api_entry(name: str, obj) -> list[str]:
     """One public name: heading with its signature, where it lives, its docstring (a table for the key tables)."""
-    import gptopt_core
-
     where = getattr(obj, "__module__", None) or f"gptopt_core.{gptopt_core._LAZY.get(name, '')}".rstrip(".")
     if isinstance(obj, dict):  # STATE_KEYS, FACTS: (owner, meaning) tables
         rows = [f"| `{key}` | {owner} | {meaning.replace('|', '&#124;')} |" for key, (owner, meaning) in obj.items()]
@@ -109,7 +128,7 @@ def _api_entry(name: str, obj) -> list[str]:
     head = f"{kind}{name}{_plain_signature(sig) if sig is not None else ''}"
     if kind:
         head = head.removesuffix(" -> None")
-    doc = inspect.cleandoc(obj.__doc__ or "") if (inspect.isclass(obj) or callable(obj)) else ""
+    doc = markdown_doc(obj.__doc__) if (inspect.isclass(obj) or callable(obj)) else ""
     module = obj.__module__ if hasattr(obj, "__module__") else where
     return [f"### `{head}`", "", f"`from gptopt_core import {name}` (defined in `{module}`)", "", doc, ""]
 
@@ -139,8 +158,6 @@ def _plain_signature(sig) -> str:
 
 def api_markdown() -> str:
     """The generated reference of every public name, in ``__all__`` order."""
-    import gptopt_core
-
     lines = [API_BEGIN, "", "## Reference: every public name", "",
              "Everything a plugin, benchmark or script may import, from `gptopt_core.__all__` (import it from "
              "`gptopt_core`; the submodule a name is defined in may change). Anything else is private.", ""]
@@ -169,9 +186,6 @@ def _gguf_keys(arch) -> str:
 
 def architectures_markdown() -> str:
     """docs/architectures.md: the architecture table and the family matrix."""
-    from .architectures import architecture_table
-    from .matrix import CELLS, supported
-
     table = architecture_table()
     lines = ["# Architectures", "",
              "Generated from the architecture table (`gptopt_core/families.py`, the `gptopt_register_architectures` "
@@ -193,8 +207,12 @@ def architectures_markdown() -> str:
         tiny = f"`tiny-random-{arch.name}`" if arch.tiny else "—"
         lines.append(f"| `{arch.model_type}` | {tiny} | `{arch.blocks}` | {_groups(arch)} | {norms} | {arch.rotary} | "
                      f"{arch.embedding_scale} | {gguf} | {arch.notes or ''} |")
+    return "\n".join(lines + _matrix_lines(table) + _gguf_lines(table) + [""])
+
+
+def _matrix_lines(table) -> list[str]:
     names = list(table)
-    lines += ["", "## Which step runs on which family", "",
+    lines = ["", "## Which step runs on which family", "",
               "`tests/test_families.py` runs each cell as a short chain on the family's tiny random model and "
               "asserts what the step is for: a finite held-out perplexity; bitsandbytes layers in place; every "
               "linear layer on its integer grid (RTN, GPTQ); 50 % zeros and the 2:4 pattern (prune); changed, "
@@ -216,8 +234,11 @@ def architectures_markdown() -> str:
                 row.append(f"no ({mark})")
         lines.append(f"| {cell} | " + " | ".join(row) + " |")
     lines.append("")
-    lines += [f"({n}) {why}." for why, n in reasons.items()]
-    lines += ["", "## GGUF: how each family is written", "",
+    return lines + [f"({n}) {why}." for why, n in reasons.items()]
+
+
+def _gguf_lines(table) -> list[str]:
+    lines = ["", "## GGUF: how each family is written", "",
               "Tensor names come from gguf-py's `TensorNameMap` for the llama.cpp architecture (the mapping the "
               "converter uses); the layout says what differs from a plain copy.", "",
               "| family | llama.cpp arch | rows reordered | norm shift | head | family keys |", "|---|---|---|---|---|---|"]
@@ -233,7 +254,7 @@ def architectures_markdown() -> str:
         head = "written even when tied" if g.head == "always" else "written when not tied"
         lines.append(f"| `{arch.model_type}` | `{g.arch}` | {'; '.join(rows) or '—'} | "
                      f"{g.norm_shift:+g} | {head} | {_gguf_keys(arch)} |")
-    return "\n".join(lines + [""])
+    return lines
 
 
 def generated() -> dict[Path, str]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .modules import weight_matrix
+
 GRID_ATTR = "gptopt_grid"
 
 
@@ -228,8 +230,6 @@ def detach_grid(module) -> None:
 
 def grid_codes(module):
     """The integer codes of a grid layer's weight, ``(out, in)`` int32 (``Conv1D`` transposed)."""
-    from .modules import weight_matrix
-
     grid = grid_of(module)
     if grid is None:
         raise ValueError("the layer has no integer grid")
@@ -238,8 +238,6 @@ def grid_codes(module):
 
 def on_grid(module, grid: Optional[WeightGrid] = None) -> bool:
     """Whether the layer's weight equals the de-quantization of its codes (it was not changed since)."""
-    from .modules import weight_matrix
-
     grid = grid or grid_of(module)
     if grid is None:
         return False
@@ -255,8 +253,6 @@ def grid_layers(model):
 def round_to_grid(module, grid: WeightGrid) -> None:
     """Round ``module``'s weight to ``grid`` in place (round-to-nearest) and attach the grid."""
     import torch
-
-    from .modules import weight_matrix
 
     with torch.no_grad():
         view = weight_matrix(module)

@@ -15,6 +15,52 @@ device, data, seed, the model's facts (``ctx.facts``), data shared between plugi
 
 An exception a hook raises is reported with the plugin's name and the hook's (``plugin X failed in HOOK: ...``);
 raise :class:`gptopt_core.GptoptError` for something the user can fix (one line, exit code 2).
+
+The hooks come in four kinds; one example of each (all from one plugin module, ``gptopt_depth/__init__.py``,
+registered by an entry point ``gptopt-depth = "gptopt_depth"`` in the ``gptopt`` group):
+
+```python
+from gptopt_core import LoadedModel, hookimpl, tiny_model
+
+from .step import DropBlocksStep   # Params + Step (docs/plugin-guide.md)
+
+
+# 1. registry: called once as the plugin loads, with a register callback (gptopt_register_steps,
+#    gptopt_register_save_formats, gptopt_register_columns); a bad registration rejects the plugin then
+@hookimpl
+def gptopt_register_steps(register):
+    register(DropBlocksStep)
+
+
+@hookimpl
+def gptopt_register_columns(register):
+    register("depth", "blocks")          # metric "depth" shown as column "blocks" (numbers and text)
+
+
+# 2. firstresult: the first implementation that returns something other than None answers
+#    (gptopt_resolve_model, gptopt_save_model); return None for what is not yours
+@hookimpl
+def gptopt_resolve_model(spec, options):
+    if not spec.startswith("depth-zoo:"):
+        return None
+    model, tokenizer = tiny_model("tiny-random-llama")
+    return LoadedModel(model, tokenizer, source="depth-zoo")
+
+
+# 3. observers: every implementation is called, the return value is ignored (gptopt_step_started,
+#    gptopt_step_finished, gptopt_after_optimizer_step)
+@hookimpl
+def gptopt_step_finished(ctx, step, record):
+    ctx.log(f"  {step.name}: {len(record['metrics'])} metrics")
+
+
+# 4. collected: every implementation is called and the core merges what they return (a dict of metrics,
+#    loss terms to add, report sections: gptopt_collect_metrics, gptopt_training_loss, gptopt_run_finished)
+@hookimpl
+def gptopt_collect_metrics(ctx):
+    layers = getattr(ctx.model.config, "num_hidden_layers", None)
+    return {"depth": layers} if layers is not None else None
+```
 """
 from __future__ import annotations
 
@@ -99,7 +145,24 @@ def gptopt_collect_metrics(ctx: RunContext) -> Optional[dict]:
 
     :param ctx: the run's :class:`gptopt_core.RunContext`; measure ``ctx.model``.
     :returns: a dict of metric name to JSON-serialisable value, or ``None``. All results are merged into the
-        step record's ``metrics``; the core contributes ``model_bytes``, ``num_params`` and ``sparsity``.
+        step record's ``metrics``; the core contributes ``model_bytes``, ``num_params`` and ``sparsity``. A metric
+        is shown in the summary table and report.md only where a column is registered for its name
+        (:func:`gptopt_register_columns`, or a step's ``columns``); every metric is kept in run.json.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gptopt_register_columns(register: Callable[..., None]) -> None:
+    """Show metrics as columns of the end-of-run summary table and report.md (and the one-line step log).
+
+    :param register: callable ``register(key, title, spec="")``: the metric named ``key`` (from any step's metrics
+        or from :func:`gptopt_collect_metrics`) gets the column ``title``. An ``int`` / ``float`` value is written
+        with the format spec ``spec`` (``".1%"``, ``".3f"``, ``""``: as ``str()``), a ``str`` value as it is
+        (shortened to 40 characters); other values (``None``, ``bool``, lists, dicts) leave the cell empty. A key the
+        core shows (``perplexity``, ``model_bytes``, ``sparsity``, ...) or another plugin registered rejects the
+        plugin as it loads. A step may instead declare columns for its own metrics with ``Step.columns``.
 
     .. versionadded:: 0.1
     """
@@ -194,3 +257,8 @@ def gptopt_run_finished(ctx: RunContext, records: list, out_dir: Optional[Path])
 
     .. versionadded:: 0.1
     """
+
+
+def hook_names() -> list[str]:
+    """Every hook of the contract, in the order declared here (what docs/hooks.md lists)."""
+    return [name for name, fn in globals().items() if name.startswith("gptopt_") and hasattr(fn, "gptopt_spec")]

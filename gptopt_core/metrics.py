@@ -1,7 +1,8 @@
 """The one way every number is measured: bytes, parameters, sparsity."""
 from __future__ import annotations
 
-from .modules import weight_modules
+from .grids import grid_layers
+from .modules import weight_matrix, weight_modules
 
 
 def model_bytes(model) -> int:
@@ -9,9 +10,6 @@ def model_bytes(model) -> int:
 
     A layer on an integer grid (:mod:`gptopt_core.grids`) counts its weight as the packed codes and scales that
     savers and exporters write, not as the de-quantized copy it computes with."""
-    from .grids import grid_layers
-    from .modules import weight_matrix
-
     gridded = {}
     for _, module, grid in grid_layers(model):
         out_features, in_features = weight_matrix(module).shape

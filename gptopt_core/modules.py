@@ -62,3 +62,43 @@ def apply_masks(model, masks) -> None:
                 continue
             weight = module.weight
             weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
+
+
+def dequantized_weight(module):
+    """The float32 ``(out_features, in_features)`` weight of a bitsandbytes layer (``Linear8bitLt``,
+    ``Linear4bit``, or an embedding / layer with its own ``dequantized_weight()`` method), through bitsandbytes' own
+    functions: what exporters and savers write for a layer they cannot keep packed."""
+    own = getattr(module, "dequantized_weight", None)
+    if callable(own):
+        return own().float()
+    import bitsandbytes as bnb
+    import torch
+
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None:  # nf4 / fp4
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    codes = weight.data if weight.data.dtype == torch.int8 else module.state.CB
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(codes, scb).float()
+
+
+def mask_targets(model, masks: dict) -> list:
+    """``[(weight_parameter, bool_mask)]`` for the masks whose weights are being trained.
+
+    Mask names are those of the plain model (``model.named_modules()``); in a PEFT-wrapped model the module
+    is found by name suffix and its base layer's weight is used. Frozen weights (e.g. a LoRA base) are left
+    out: they cannot move during training.
+    """
+    modules = dict(model.named_modules())
+    out = []
+    for name, keep in (masks or {}).items():
+        module = modules.get(name)
+        if module is None:
+            module = next((m for n, m in modules.items() if n.endswith("." + name) and hasattr(m, "weight")), None)
+        if module is None:
+            continue
+        base = getattr(module, "base_layer", module)
+        weight = base.weight
+        if weight.requires_grad and tuple(weight.shape) == tuple(keep.shape):
+            out.append((weight, keep.to(device=weight.device)))
+    return out

@@ -28,7 +28,9 @@ __all__ = ["as_percent", "as_group_size", "as_choice", "group_columns"]
 
 
 def as_percent() -> pydantic.BeforeValidator:
-    """A relative amount: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1 (:func:`gptopt_core.parse_percent`)."""
+    """A fraction (a sparsity, a relative increase, a share of the steps): ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` →
+    0.1 (:func:`gptopt_core.parse_percent`). Every fraction option of the core and its plugins takes it, so ``50%``
+    works wherever ``0.5`` does; the field's own bounds (``ge``, ``lt``, ...) apply to the converted value."""
     return pydantic.BeforeValidator(parse_percent)
 
 

@@ -1,15 +1,27 @@
 """Pipeline: validate the whole chain first (params and ordering), then run it and record every step."""
 from __future__ import annotations
 
+import copy
+import json
+import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import chain_of, check_resumable, write_chain
+from .context import RunContext
+from .data import TextData
 from .errors import GptoptError, PlanError, StepFailed, user_error
-from .paths import LOCK_NAME
+from .models import content_hash, max_positions
+from .paths import LOCK_NAME, RunLock, check_output_path, check_path_lengths
+from .plugins import get_plugins
+from .recipes import check_recipe_path, normalize_recipe, parse_recipe
+from .report import finish_run, step_line
 from .steps import find_fact
+from .version import installed_version
 
 
 @dataclass
@@ -34,8 +46,6 @@ class Pipeline:
                  device: str = "auto", out: str | Path | None = None, eval_data: str | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False, quiet: bool = False,
                  resume: bool = False, plugins=None):
-        from .plugins import get_plugins
-
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise GptoptError(f"--device must be auto, cpu or cuda, got '{device}'")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -54,21 +64,18 @@ class Pipeline:
     # -- building -------------------------------------------------------------------------------------
     def add(self, name: str, /, **params) -> "Pipeline":
         """Append a step by name; its params are validated now (raises :class:`gptopt_core.ParamsError`)."""
-        step_cls = self.plugins.step_class(name)
-        self.steps.append(step_cls(**params))
+        step = self.plugins.step_class(name)(**params)
+        step.plugins = self.plugins
+        self.steps.append(step)
         return self
 
     @classmethod
     def from_recipe(cls, path, **overrides) -> "Pipeline":
-        from .recipes import parse_recipe
-
         return cls.from_dict(parse_recipe(path), where=str(path), **overrides)
 
     @classmethod
     def from_dict(cls, recipe: dict, where: str = "recipe", **overrides) -> "Pipeline":
         """A pipeline from a parsed recipe (see :func:`gptopt_core.recipes.normalize_recipe`)."""
-        from .recipes import check_recipe_path, normalize_recipe
-
         if "steps" not in recipe or (recipe["steps"] and not isinstance(recipe["steps"][0], tuple)):
             recipe = {**normalize_recipe(recipe, where), "expect": recipe.get("expect", {})}
         kwargs = {k: recipe[k] for k in ("model", "data", "seed", "device", "eval_data") if k in recipe}
@@ -85,10 +92,8 @@ class Pipeline:
 
     def recipe(self) -> dict:
         """The resolved recipe (every param explicit): replaying it gives the same chain."""
-        from .plugins import _version
-
-        recipe = {"gptopt": _version(), "model": self.model_spec, "data": self.data_spec, "seed": self.seed,
-                  "device": self.device}
+        recipe = {"gptopt": installed_version(), "model": self.model_spec, "data": self.data_spec,
+                  "seed": self.seed, "device": self.device}
         if self.eval_data_spec:
             recipe["eval_data"] = self.eval_data_spec
         recipe["steps"] = [{s.name: s.params_dict()} for s in self.steps]
@@ -103,6 +108,7 @@ class Pipeline:
         facts = set(facts or ())
         for i, step in enumerate(self.steps):
             where = f"step {i + 1} '{step.name}'"
+            step.plugins = self.plugins  # the registry a step's check_plan consults (e.g. save's formats)
             for pattern, reason in step.forbidden_facts().items():
                 fact = find_fact(pattern, facts)
                 if fact:
@@ -111,7 +117,12 @@ class Pipeline:
             for pattern, hint in step.required_facts().items():
                 if not find_fact(pattern, facts):
                     raise PlanError(f"{where} needs {pattern}: {hint}")
-            step.check_plan(self.steps[:i], self.steps[i + 1:], facts)
+            try:
+                step.check_plan(self.steps[:i], self.steps[i + 1:], facts)
+            except PlanError:
+                raise
+            except GptoptError as exc:  # the contract says PlanError; a plugin's plain GptoptError reads the same
+                raise PlanError(str(exc)) from exc
             facts = step.next_facts(facts)
             if getattr(step.params, "checkpoint_every", 0) and self.out is None:
                 raise PlanError(f"{where}: --checkpoint-every needs `gptopt run --out DIR` (checkpoints go to "
@@ -141,8 +152,6 @@ class Pipeline:
         """Every output location, resolved (symlinks followed), checked by :func:`gptopt_core.paths.check_output_path`
         before anything loads: writable, not a file or a dangling symlink, inside the working directory for
         recipes, not written by two steps, not the run's own ``--out``."""
-        from .paths import check_output_path
-
         seen = {}
         for where, value, step in self.output_paths():
             overwrite = step is not None and bool(getattr(step.params, "overwrite", False)
@@ -159,8 +168,6 @@ class Pipeline:
 
     def check_inputs(self) -> None:
         """Input specs that are paths: a component too long for the file system is named before any loading."""
-        from .paths import check_path_lengths
-
         for where, spec in (("--model", self.model_spec), ("--data", self.data_spec),
                             ("--eval-data", self.eval_data_spec)):
             if isinstance(spec, str):
@@ -168,8 +175,6 @@ class Pipeline:
 
     def check_out_dir(self) -> None:
         if self.resume:
-            from .checkpoints import check_resumable
-
             check_resumable(self.out, self.recipe())
             self.mark_resumed_outputs()
             return
@@ -180,10 +185,6 @@ class Pipeline:
     def mark_resumed_outputs(self) -> None:
         """On ``--resume``, a step's output directory that the interrupted run already wrote (its run.json
         records this same chain) may be replaced: the replayed chain writes it again."""
-        import json
-
-        from .checkpoints import chain_of
-
         now = json.loads(json.dumps(chain_of(self.recipe())))
         for _, value, step in self.output_paths():
             manifest = Path(value).expanduser() / "run.json"
@@ -206,8 +207,6 @@ class Pipeline:
         self.check_inputs()
         lock = None
         if self.out is not None and _is_main_process():
-            from .paths import RunLock
-
             lock = RunLock(self.out).acquire()
         try:
             self.check_out_dir()  # again, under the lock: a run that started meanwhile has written here
@@ -216,13 +215,11 @@ class Pipeline:
             if lock is not None:
                 lock.release()
 
-    def _run(self) -> RunResult:
+    def prepare(self) -> RunContext:
+        """Load the data and the model and return the run's context as the first step finds it (no step runs):
+        the chain validated against the loaded model's facts, positions checked, seeds set, the manifest's inputs
+        recorded. :meth:`run` starts with it; :func:`gptopt_core.make_context` is it with no steps."""
         from rich.console import Console
-
-        from .context import RunContext
-        from .data import TextData
-        from .models import content_hash
-        from .report import finish_run, step_line
 
         data = TextData.load(self.data_spec)
         eval_data = TextData.load(self.eval_data_spec) if self.eval_data_spec else None
@@ -232,17 +229,16 @@ class Pipeline:
         for d in (data, eval_data):
             if d is not None:
                 d.tokenizer = loaded.tokenizer
-        self.validate(loaded.facts)
+        if self.steps:
+            self.validate(loaded.facts)
         self.check_positions(loaded.model)
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
                          facts=set(loaded.facts), out_dir=self.out, plugins=self.plugins, console=console,
                          model_spec=self.model_spec, data_spec=self.data_spec, eval_data=eval_data,
                          quiet=self.quiet)
         ctx.pipeline = self
         if any(s.wants_original_model() for s in self.steps):
-            import copy
-
             ctx._original_state = copy.deepcopy(loaded.model)
         ctx.manifest = {"model": {"spec": self.model_spec, "source": loaded.source,
                                   "hash": content_hash(loaded.model)},
@@ -251,15 +247,17 @@ class Pipeline:
                                  "valid_tokens": int(data.valid_ids.numel())},
                         "device": str(device), "loaded": self.collect_metrics(ctx)}
         self.warn_on_changed_inputs(ctx)
+        ctx.resume = self.resume
+        return ctx
+
+    def _run(self) -> RunResult:
+        ctx = self.prepare()
         for step in self.steps:
             step.preflight(ctx)
-        ctx.resume = self.resume
         if self.out is not None and not self.resume and any(getattr(s.params, "checkpoint_every", 0)
                                                             for s in self.steps):
-            from .checkpoints import write_chain
-
             write_chain(self.out, self.recipe())
-        ctx.log(f"[bold]gptopt[/] {self.model_spec} on {device}: {len(self.steps)} step(s)")
+        ctx.log(f"[bold]gptopt[/] {self.model_spec} on {ctx.device}: {len(self.steps)} step(s)")
         error = None
         try:
             for i, step in enumerate(self.steps):
@@ -287,8 +285,6 @@ class Pipeline:
                                       f"model's {limit} positions; use at most {limit}")
 
     def warn_on_changed_inputs(self, ctx) -> None:
-        import warnings
-
         for key in ("model", "data"):
             recorded, now = self.expect.get(key), ctx.manifest[key]["hash"]
             if recorded and recorded != now:
@@ -347,22 +343,11 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeding limit
 
 
 def _is_main_process() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def max_positions(model) -> int | None:
-    """The longest token sequence ``model`` accepts (from its config), or ``None`` when the config does not say."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's and (when installed) numpy's random generators."""
     import torch
 
     random.seed(seed)

@@ -6,8 +6,13 @@ Loading one plugin is a transaction (after tox 4's plugin manager: validate, war
 2. register its hook implementations with pluggy (pluggy checks their arguments against the hookspecs);
 3. validate them: a ``@hookimpl`` for a hook that does not exist (e.g. a misspelled name) is an error, and so is a
    function named like a known hook but not marked ``@hookimpl`` (pluggy would silently skip it);
-4. register its steps: a step class that is not a :class:`gptopt_core.Step`, has no ``name``, or whose name the
-   core or another plugin already registered (e.g. ``eval``) is an error naming both plugins.
+4. register its steps and its save formats (``gptopt_register_steps`` / ``gptopt_register_save_formats``, both
+   called through :meth:`Plugins._call_registry_hook`): a class that is not a :class:`gptopt_core.Step` /
+   :class:`gptopt_core.SaveFormat`, has no ``name``, or whose name the core or another plugin already registered
+   (e.g. ``eval``, ``safetensors``) is an error naming both plugins.
+
+A name that ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` excludes cannot be registered at all (pluggy would
+silently register nothing): :meth:`Plugins.register` rejects it with the variable's name.
 
 If any part fails, the plugin is unregistered completely (its hooks and any steps it gave) and kept in
 :attr:`Plugins.info` with a one-line ``error``; a warning names it and every other plugin keeps working. A module
@@ -33,35 +38,24 @@ is warned about and turned into a report section saying so, and the other plugin
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib.metadata
-import inspect
 import os
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import pluggy
 
-from . import hookspecs
+from . import architectures, builtin, hookspecs
 from .errors import GptoptError
+from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
+from .hookspecs import hook_names
+from .report import COLUMNS
+from .saveformats import AUTO, SaveFormat
+from .steps import Step
+from .version import installed_version
 
 GROUP = "gptopt"
 CORE = "gptopt-core"
-
-
-class PluginLoadWarning(UserWarning):
-    """A plugin was not loaded (or loaded but provides nothing); the message names it and says why."""
-
-
-class PluginHookError(Exception):
-    """A hook implementation raised something unexpected: a bug in the plugin named by ``plugin``."""
-
-    def __init__(self, plugin: str, hook: str, error: BaseException):
-        self.plugin, self.hook, self.error = plugin, hook, error
-        detail = " ".join(str(error).split())
-        super().__init__(f"plugin {plugin} failed in {hook}: {type(error).__name__}: {detail}")
 
 
 class _Rejected(Exception):
@@ -76,6 +70,9 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     steps: list = field(default_factory=list)
+    save_formats: list = field(default_factory=list)
+    columns: list = field(default_factory=list)
+    architectures: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -93,6 +90,14 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.steps: dict[str, type] = {}
+        #: save format name -> (plugin name, :class:`gptopt_core.SaveFormat` subclass), in registration order
+        self.formats: dict[str, tuple[str, type]] = {}
+        #: metric key -> (plugin name, column title, format spec): ``gptopt_register_columns``
+        self.columns: dict[str, tuple[str, str, str]] = {}
+        #: ``config.model_type`` -> :class:`gptopt_core.Architecture` (its ``plugin`` says who gave it)
+        self.architectures: dict = {}
+        #: entry-point name -> the environment variable that keeps it from loading
+        self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
         self.trace = os.environ.get("GPTOPT_TRACE_PLUGINS") == "1"
 
@@ -115,7 +120,8 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.hooks, info.error = [], [], _one_line(str(exc))
+            info.steps, info.save_formats, info.columns, info.hooks = [], [], [], []
+            info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
             return info
@@ -127,6 +133,9 @@ class Plugins:
 
     def _register(self, module, info: PluginInfo) -> None:
         name = info.name
+        if self.pm.is_blocked(name):  # pluggy would register nothing and say nothing
+            raise _Rejected(f"the name {name} is excluded by {self.excluded_by.get(name, 'a block list')}; "
+                            "register it under another name or change that variable")
         _check_unmarked(module)
         try:
             self.pm.register(module, name=name)
@@ -142,11 +151,12 @@ class Plugins:
                         raise _Rejected(f"implements unknown hook {caller.name}{_did_you_mean(caller.name)}")
         info.hooks = sorted(c.name for c in callers)
         info.steps = self._register_steps(module, name)
+        info.save_formats = self._register_save_formats(module, name)
+        info.columns = self._register_columns(module, name)
+        info.architectures = self._register_architectures(module, name)
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
-        from .steps import Step
-
         new: dict[str, type] = {}
 
         def register(step_cls):
@@ -161,19 +171,78 @@ class Plugins:
                 raise _Rejected(f"registers step '{step_name}' twice")
             new[step_name] = step_cls
 
-        for impl in self.pm.hook.gptopt_register_steps.get_hookimpls():
-            if impl.plugin is not module:
-                continue
-            try:
-                impl.function(*[{"register": register}[a] for a in impl.argnames])
-            except _Rejected:
-                raise
-            except (Exception, SystemExit) as exc:
-                raise _Rejected(f"gptopt_register_steps raised {type(exc).__name__}: {exc}") from None
+        self._call_registry_hook(module, "gptopt_register_steps", register)
         for step_name, step_cls in new.items():  # only now: a rejected plugin leaves no step behind
             step_cls.plugin = name
             self.steps[step_name] = step_cls
         return list(new)
+
+    def _register_save_formats(self, module, name: str) -> list[str]:
+        new: dict[str, type] = {}
+
+        def register(fmt_cls):
+            if not (isinstance(fmt_cls, type) and issubclass(fmt_cls, SaveFormat)) or not fmt_cls.name:
+                raise _Rejected(f"registered {fmt_cls!r} as a save format: give a gptopt_core.SaveFormat subclass "
+                                "with a name")
+            if fmt_cls.name == AUTO or fmt_cls.name in self.formats or fmt_cls.name in new:
+                owner = ("the core (auto picks a format)" if fmt_cls.name == AUTO else
+                         "this plugin" if fmt_cls.name in new else f"plugin {self.formats[fmt_cls.name][0]}")
+                raise _Rejected(f"save format '{fmt_cls.name}' is already registered by {owner}")
+            new[fmt_cls.name] = fmt_cls
+
+        self._call_registry_hook(module, "gptopt_register_save_formats", register)
+        for fmt_name, fmt_cls in new.items():  # only now: a rejected plugin leaves no format behind
+            self.formats[fmt_name] = (name, fmt_cls)
+        return list(new)
+
+    def _register_columns(self, module, name: str) -> list[str]:
+        new: dict[str, tuple] = {}
+
+        def register(key, title, spec=""):
+            if not all(isinstance(v, str) for v in (key, title, spec)) or not key or not title:
+                raise _Rejected(f"registered column {key!r}: give register(key, title, spec='') as strings")
+            if key in COLUMNS or key in self.columns or key in new:
+                owner = ("the core" if key in COLUMNS else "this plugin" if key in new else
+                         f"plugin {self.columns[key][0]}")
+                raise _Rejected(f"column '{key}' is already shown by {owner}")
+            try:
+                format(0.5, spec)
+            except ValueError:
+                raise _Rejected(f"column '{key}': '{spec}' is not a format spec for numbers (e.g. '.1%')") from None
+            new[key] = (title, spec)
+
+        self._call_registry_hook(module, "gptopt_register_columns", register)
+        for key, (title, spec) in new.items():
+            self.columns[key] = (name, title, spec)
+        return list(new)
+
+    def _register_architectures(self, module, name: str) -> list[str]:
+        new: dict = {}
+
+        def register(arch):
+            why = architectures.refusal(arch, self.architectures, new)
+            if why:
+                raise _Rejected(why)
+            new[arch.model_type] = arch
+
+        self._call_registry_hook(module, "gptopt_register_architectures", register)
+        for model_type, arch in new.items():  # only now: a rejected plugin leaves no family behind
+            object.__setattr__(arch, "plugin", name)
+            self.architectures[model_type] = arch
+        return list(new)
+
+    def _call_registry_hook(self, module, hook: str, register) -> None:
+        """Call ``module``'s implementation of the registry hook ``hook`` with the ``register`` callback (the one
+        way the core calls a ``gptopt_register_*`` hook); anything it raises rejects the plugin."""
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if impl.plugin is not module:
+                continue
+            try:
+                impl.function(*[{"register": register}[a] for a in impl.argnames])  # hooks may take any subset
+            except _Rejected:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise _Rejected(f"{hook} raised {type(exc).__name__}: {exc}") from None
 
     def _wrap(self, module, name: str, callers) -> None:
         """Blame and trace: every hook implementation of this plugin names it when it raises."""
@@ -190,16 +259,25 @@ class Plugins:
         warnings.warn(message, PluginLoadWarning, stacklevel=3)
 
     def _drop(self, name: str, module=None) -> None:
-        """Remove everything plugin ``name`` registered (hooks and steps)."""
+        """Remove everything plugin ``name`` registered (hooks, steps and save formats)."""
         plugin = self.pm.get_plugin(name)
         if plugin is not None and (module is None or plugin is module):
             self.pm.unregister(plugin)
         for step_name, cls in list(self.steps.items()):
             if cls.plugin == name and (module is None or plugin is module):
                 del self.steps[step_name]
+        for fmt_name, (owner, _) in list(self.formats.items()):
+            if owner == name and (module is None or plugin is module):
+                del self.formats[fmt_name]
+        for key, (owner, _, _) in list(self.columns.items()):
+            if owner == name and (module is None or plugin is module):
+                del self.columns[key]
+        for key, arch in list(self.architectures.items()):
+            if arch.plugin == name and (module is None or plugin is module):
+                del self.architectures[key]
 
     def unregister(self, name: str) -> None:
-        """Remove plugin ``name`` entirely: its hooks, its steps and its listing."""
+        """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""
         if name in self.info and self.info[name].error is None:
             self._drop(name)
         self.info.pop(name, None)
@@ -219,6 +297,8 @@ class Plugins:
         for ep_name in known:
             if ep_name in blocked or (only is not None and ep_name not in only):
                 self.pm.set_blocked(ep_name)
+                self.excluded_by[ep_name] = ("GPTOPT_BLOCK_PLUGINS" if ep_name in blocked else
+                                             "GPTOPT_LOAD_PLUGINS (not in the list)")
         for ep in eps:
             if self.pm.is_blocked(ep.name) or ep.name == CORE:
                 continue
@@ -243,43 +323,6 @@ class Plugins:
         return self.steps[name]
 
 
-def _blamed(function, plugin: str, hook: str, trace: bool):
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        start = time.perf_counter()
-        outcome = ""
-        try:
-            return function(*args, **kwargs)
-        except GptoptError as exc:
-            outcome = f" raised {type(exc).__name__}"
-            if hook in _ISOLATED:
-                return _ISOLATED[hook](plugin, exc)
-            raise
-        except Exception as exc:
-            outcome = f" raised {type(exc).__name__}"
-            if isinstance(exc, PluginHookError):
-                raise
-            if hook in _ISOLATED:
-                return _ISOLATED[hook](plugin, exc)
-            raise PluginHookError(plugin, hook, exc) from exc
-        finally:
-            if trace:
-                ms = (time.perf_counter() - start) * 1000
-                print(f"gptopt trace: {plugin} {hook} {ms:.2f} ms{outcome}", file=sys.stderr)
-
-    return call
-
-
-def _report_hook_failed(plugin: str, error: BaseException) -> list[str]:
-    message = _one_line(f"plugin {plugin} failed in gptopt_run_finished: {type(error).__name__}: {error}")
-    warnings.warn(message, PluginLoadWarning, stacklevel=2)
-    return [f"> {message}"]
-
-
-#: hooks where one plugin's failure must not stop the others: failure → the returned value
-_ISOLATED = {"gptopt_run_finished": _report_hook_failed}
-
-
 def _check_unmarked(module) -> None:
     """A function named like a known hook but not marked ``@hookimpl`` would be skipped silently by pluggy."""
     specs = set(hook_names())
@@ -290,18 +333,9 @@ def _check_unmarked(module) -> None:
                 raise _Rejected(f"{attr} is not marked @hookimpl (from gptopt_core import hookimpl)")
 
 
-def hook_names() -> list[str]:
-    """Every hook in the contract (:mod:`gptopt_core.hookspecs`)."""
-    return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("gptopt_")]
-
-
 def _did_you_mean(name: str) -> str:
     close = difflib.get_close_matches(name, hook_names(), n=1)
     return f" (did you mean {close[0]}?)" if close else " (see docs/hooks.md for the hooks that exist)"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _env_list(var: str):
@@ -319,17 +353,11 @@ def get_plugins() -> Plugins:
     """The process-wide plugin set, loaded on first use (core built-ins + entry points)."""
     global _plugins
     if _plugins is None:
-        from . import builtin
-
         plugins = Plugins()
-        plugins.register(builtin, CORE, "gptopt", _version(), builtin=True)
+        plugins.register(builtin, CORE, "gptopt", installed_version(), builtin=True)
         plugins.load_entry_points()
         _plugins = plugins
     return _plugins
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("gptopt")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
+architectures.use_registry(get_plugins)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Mapping, Optional
 
+from .sensitivity import calibration_nll, replace_module
+
 __all__ = ["swapped_modules", "nll_with_modules", "smallest_within"]
 
 
@@ -28,8 +30,6 @@ def swapped_modules(model, replacements: Mapping[str, object]) -> Iterator[objec
     as before. Build a replacement that depends on another replaced module (e.g. an output head computing with
     the quantized embedding's storage) from that replacement itself, not from the model.
     """
-    from .sensitivity import replace_module
-
     saved = []
     try:
         for name, new in replacements.items():
@@ -47,8 +47,6 @@ def nll_with_modules(model, blocks, replacements: Mapping[str, object]) -> float
     :returns: the NLL as :func:`gptopt_core.calibration_nll` gives it; ``math.exp`` of a difference is a
         perplexity ratio.
     """
-    from .sensitivity import calibration_nll
-
     with swapped_modules(model, replacements):
         return calibration_nll(model, blocks)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import GptoptError, shorten
+from .version import installed_version
 
 TOP_KEYS = {"gptopt", "model", "data", "eval_data", "seed", "device", "steps"}
 
@@ -25,7 +26,7 @@ def _recipe_loader():
     plain keys.
     """
     import yaml
-    from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent
+    from yaml.events import CollectionStartEvent
 
     plain = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -43,14 +44,7 @@ def _recipe_loader():
         def compose_node(self, parent, index):
             event = self.peek_event()
             mark = getattr(event, "start_mark", None)
-            if isinstance(event, AliasEvent):
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
-            if isinstance(event, NodeEvent) and event.anchor is not None:
-                raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
-            if isinstance(event, NodeEvent) and event.tag is not None:
-                raise yaml.composer.ComposerError(
-                    None, None, f"tags such as {shorten(event.tag.replace('tag:yaml.org,2002:', '!!'), 40)!r} are not allowed in a recipe: plain "
-                    "strings, numbers, booleans, null, lists and mappings only", mark)
+            _refuse_aliases_anchors_tags(event, mark)
             self._nodes += 1
             if self._nodes > MAX_NODES:
                 raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values", mark)
@@ -81,6 +75,22 @@ def _recipe_loader():
             return super().construct_mapping(node, deep=deep)
 
     return RecipeLoader
+
+
+def _refuse_aliases_anchors_tags(event, mark) -> None:
+    """A recipe is plain data: an alias, an anchor or an explicit tag is a yaml error at ``mark``."""
+    import yaml
+    from yaml.events import AliasEvent, NodeEvent
+
+    if isinstance(event, AliasEvent):
+        raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
+    if isinstance(event, NodeEvent) and event.anchor is not None:
+        raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
+    if isinstance(event, NodeEvent) and event.tag is not None:
+        tag = shorten(event.tag.replace("tag:yaml.org,2002:", "!!"), 40)
+        raise yaml.composer.ComposerError(
+            None, None, f"tags such as {tag!r} are not allowed in a recipe: plain strings, numbers, booleans, null, "
+            "lists and mappings only", mark)
 
 
 def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe"):
@@ -208,8 +218,6 @@ def normalize_recipe(doc, where: str = "recipe") -> dict:
 def check_version(version, where: str) -> None:
     if version is None:
         return
-    from .plugins import _version
-
     def key(v):
         parts = []
         for p in str(v).split(".")[:3]:
@@ -217,6 +225,6 @@ def check_version(version, where: str) -> None:
             parts.append(int(digits) if digits else 0)
         return tuple(parts + [0] * (3 - len(parts)))
 
-    if key(version) > key(_version()):
-        raise GptoptError(f"{where} was written by gptopt {version}, newer than this gptopt {_version()}; "
+    if key(version) > key(installed_version()):
+        raise GptoptError(f"{where} was written by gptopt {version}, newer than this gptopt {installed_version()}; "
                           "upgrade gptopt to replay it")

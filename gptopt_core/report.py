@@ -8,6 +8,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .paths import clean_stale_partials
+
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {
     "perplexity": ("ppl", lambda v: f"{v:.3f}"),
@@ -45,35 +47,53 @@ def build_manifest(ctx, error=None) -> dict:
 
 
 def columns(ctx=None) -> dict:
-    """The core's columns, then every column a step of this run declares (``Step.columns``: metric key →
+    """Metric key → (title, formatter): the core's columns, then the ones plugins register
+    (``gptopt_register_columns``), then every column a step of this run declares (``Step.columns``: metric key →
     (title, format spec), e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}``)."""
     out = dict(COLUMNS)
     plugins = getattr(ctx, "plugins", None)
+    for key, (_, title, spec) in (getattr(plugins, "columns", None) or {}).items():
+        out.setdefault(key, (title, _formatter(spec)))
     for record in getattr(ctx, "records", None) or []:
         cls = plugins.steps.get(record.get("name")) if plugins is not None else None
         for key, (title, spec) in (getattr(cls, "columns", None) or {}).items():
-            out.setdefault(key, (title, lambda v, _spec=spec: format(v, _spec)))
+            out.setdefault(key, (title, _formatter(spec)))
     return out
+
+
+def _formatter(spec: str):
+    return lambda v: format(v, spec)
+
+
+def _shown(value) -> bool:
+    """Values a column shows: numbers (not booleans) and text."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def _cell(column, value) -> str:
+    if isinstance(value, str):
+        return value if len(value) <= 40 else value[:39] + "…"
+    return column[1](value)
 
 
 def step_line(i: int, n: int, record: dict, ctx=None) -> str:
     m = record.get("metrics", {})
     cols = columns(ctx)
-    parts = [f"{cols[k][0]} {cols[k][1](m[k])}" for k in cols if isinstance(m.get(k), (int, float))]
+    parts = [f"{cols[k][0]} {_cell(cols[k], m[k])}" for k in cols if _shown(m.get(k))]
     return f"[green]✓[/] [{i + 1}/{n}] [bold]{record['name']}[/] {record['seconds']:.1f}s  " + "  ".join(parts)
 
 
 def summary_rows(ctx):
     records = [r for r in ctx.records if r.get("status") == "ok"]
     cols = columns(ctx)
-    keys = [k for k in cols if any(isinstance(r.get("metrics", {}).get(k), (int, float)) for r in records)]
+    keys = [k for k in cols if any(_shown(r.get("metrics", {}).get(k)) for r in records)]
     header = ["#", "step", "seconds"] + [cols[k][0] for k in keys]
     rows = []
     for i, r in enumerate(ctx.records, 1):
         m = r.get("metrics", {})
         cells = [str(i), r["name"] + ("" if r.get("status") == "ok" else f" ({r.get('status')})"),
                  f"{r.get('seconds', 0):.1f}"]
-        cells += [cols[k][1](m[k]) if isinstance(m.get(k), (int, float)) else "" for k in keys]
+        cells += [_cell(cols[k], m[k]) if _shown(m.get(k)) else "" for k in keys]
         rows.append(cells)
     return header, rows
 
@@ -138,8 +158,6 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> li
 
     ``write(path)`` writes the model (a save format's writer); by default the ``gptopt_save_model`` hooks do."""
     import yaml
-
-    from .paths import clean_stale_partials
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

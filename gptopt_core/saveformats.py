@@ -10,7 +10,12 @@ that *claims* the model (it is what the format is for, e.g. integer grids for co
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .errors import GptoptError, PlanError
+from .grids import grid_layers
+from .metrics import model_bytes
 
 AUTO = "auto"
 
@@ -48,27 +53,15 @@ class SaveFormat:
 
 
 def save_formats(plugins) -> dict:
-    """``{name: SaveFormat instance}`` from every plugin's ``gptopt_register_save_formats``, plugins' formats first
-    and the core's last (the order ``auto`` tries them in). The core registers first, so a plugin that registers a
-    name already taken is the one blamed."""
-    from . import builtin
+    """``{name: SaveFormat instance}`` of the formats ``plugins`` (a :class:`gptopt_core.plugins.Plugins`) registered
+    through ``gptopt_register_save_formats`` when each plugin loaded, plugins' formats first and the core's last
+    (the order ``auto`` tries them in)."""
+    def core(owner):
+        info = plugins.info.get(owner)
+        return bool(info and info.builtin)
 
-    found: dict = {}
-    owners: dict = {}
-    impls = plugins.pm.hook.gptopt_register_save_formats.get_hookimpls()
-    for impl in sorted(impls, key=lambda impl: impl.plugin is not builtin):
-        def register(fmt_cls, _plugin=impl.plugin_name, _core=impl.plugin is builtin):
-            if not (isinstance(fmt_cls, type) and issubclass(fmt_cls, SaveFormat)) or not fmt_cls.name:
-                raise GptoptError(f"plugin {_plugin} registered {fmt_cls!r} as a save format: give a "
-                                  "gptopt_core.saveformats.SaveFormat subclass with a name")
-            if fmt_cls.name == AUTO or fmt_cls.name in found:
-                raise GptoptError(f"plugin {_plugin}: save format '{fmt_cls.name}' is already registered by "
-                                  f"{owners.get(fmt_cls.name, ('the core', False))[0]}")
-            found[fmt_cls.name] = fmt_cls()
-            owners[fmt_cls.name] = (_plugin, _core)
-
-        impl.function(*[{"register": register}[a] for a in impl.argnames])  # hooks may take any subset
-    return {n: found[n] for n in sorted(found, key=lambda n: owners[n][1])}  # stable: plugins' first
+    ordered = sorted(plugins.formats.items(), key=lambda item: core(item[1][0]))  # stable: registration order
+    return {name: fmt_cls() for name, (_, fmt_cls) in ordered}
 
 
 def format_names(plugins) -> list[str]:
@@ -112,9 +105,6 @@ def choose(ctx, model, options: dict) -> SaveFormat:
 
 def tensor_bytes(path) -> int:
     """Bytes of tensor data in every ``*.safetensors`` file under ``path`` (headers not counted)."""
-    import json
-    from pathlib import Path
-
     total = 0
     for f in sorted(Path(path).rglob("*.safetensors")):
         with f.open("rb") as fh:
@@ -144,15 +134,11 @@ class SafetensorsFormat(SaveFormat):
         return True
 
     def refusal(self, ctx, model, options):
-        from .grids import grid_layers
-
         if grid_layers(model) and not options.get("allow_dequantized"):
             return self.GRID_HINT
         return None
 
     def write(self, ctx, model, path, options):
-        from .metrics import model_bytes
-
         ctx.hook.gptopt_save_model(ctx=ctx, model=model, path=path)
         if options.get("allow_dequantized"):
             return

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
+from .calibration import find_blocks  # the one block-list finder (calibration engine, prune, here)
+
 
 def get_module(model, name: str):
     """The submodule at qualified ``name`` (``""`` is the model)."""
@@ -79,8 +81,6 @@ class BlockCache:
         import torch
 
         self.model = model
-        from .calibration import find_blocks  # the one block-list finder (calibration engine, prune, here)
-
         self.prefix, self.layers = find_blocks(model)
         self.outputs: list[list] = []
         if self.layers is None:

@@ -1,6 +1,7 @@
 """Steps: one params schema gives the CLI options, the recipe keys and the Python keyword arguments."""
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import pydantic
@@ -19,12 +20,17 @@ class Params(pydantic.BaseModel):
 
     @pydantic.field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value, info):
+    def _from_any_door(cls, value, info):
         """``steps: true`` is not 1: a boolean given for an int or float option is an error (pydantic's lax
-        mode would take it), while text such as ``"5"`` from the command line still converts."""
+        mode would take it), while text such as ``"5"`` from the command line still converts. A path
+        (``pathlib.Path``, any ``os.PathLike``) given for a text option is its text, as from the command line."""
         if isinstance(value, bool) and info.field_name in cls.model_fields:
             if _numeric_only(cls.model_fields[info.field_name].annotation):
                 raise ValueError("Input should be a number, not a boolean")
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
+            return type(value)(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
         return value
 
 
@@ -41,7 +47,7 @@ def _numeric_only(annotation) -> bool:
 
 
 def parse_percent(value):
-    """A relative amount from any door: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1, ``None`` stays ``None``.
+    """A fraction from any door: ``"10%"`` → 0.10, ``"0.1"`` / ``0.1`` → 0.1, ``None`` stays ``None``.
 
     Use it as a pydantic ``mode="before"`` validator of a float option; raises ``ValueError`` (which pydantic
     reports as the option's error) for anything else.
@@ -54,7 +60,7 @@ def parse_percent(value):
             return float(text[:-1]) / 100 if text.endswith("%") else float(text)
         except ValueError:
             pass
-    raise ValueError("give a relative increase like 10% or 0.1")
+    raise ValueError("give a fraction as a percent or a number, like 10% or 0.1")
 
 
 def parse_choice(value, choices, message: str):
@@ -111,10 +117,14 @@ class Step:
     #: once it is loaded, before the first step runs (params a step does not have are ignored)
     position_params: ClassVar[tuple[str, ...]] = ("seq_len", "calib_seq_len", "prompt_tokens")
     #: metrics of this step shown as columns of the summary table and report.md: key → (title, format spec),
-    #: e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}`` (the core shows perplexity, size, sparsity, speed)
+    #: e.g. ``{"l1_sparsity_target": ("l1 target", ".0%")}`` (the core shows perplexity, size, sparsity, speed);
+    #: numbers are formatted with the spec, text is shown as it is (see ``gptopt_register_columns``)
     columns: ClassVar[dict[str, tuple[str, str]]] = {}
     #: set by the core: the plugin that registered this step
     plugin: ClassVar[str] = "?"
+    #: set by the pipeline before it plans or runs this step: the plugin set (:class:`gptopt_core.plugins.Plugins`)
+    #: the run uses, e.g. to look up save formats in :meth:`check_plan` (at run time it is also ``ctx.plugins``)
+    plugins: Any = None
 
     def __init__(self, **kwargs: Any):
         self.params = self.validate(kwargs)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+from .errors import GptoptError
+from .pipeline import Pipeline
 from .plugins import get_plugins
 
 
@@ -24,8 +26,6 @@ def register_plugin(module, name: str):
     Registration is checked as for an installed plugin (hooks against the hookspecs, step names unique); a plugin
     the core would reject raises :class:`gptopt_core.GptoptError` with the reason here, so a test sees it at once.
     """
-    from .errors import GptoptError
-
     plugins = get_plugins()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -50,23 +50,9 @@ def make_context(model: str = "tiny-random-llama", data: str = "builtin:pydoc", 
         step = MyStep(sparsity=0.5)          # or get_plugins().step_class("prune")(sparsity=0.5)
         metrics = step.apply(ctx)            # ctx.model, ctx.state, ctx.facts as the pipeline leaves them
 
-    ``kwargs`` go to :class:`gptopt_core.Pipeline` (e.g. ``out=``). Facts a step adds are not applied by
-    ``apply``; use ``ctx.facts = step.next_facts(ctx.facts)`` to follow it with another step.
+    ``kwargs`` go to :class:`gptopt_core.Pipeline` (e.g. ``out=``); the context is the one
+    :meth:`gptopt_core.Pipeline.run` builds before its first step (:meth:`~gptopt_core.Pipeline.prepare`). Facts a
+    step adds are not applied by ``apply``; use ``ctx.facts = step.next_facts(ctx.facts)`` to follow it with another
+    step.
     """
-    from rich.console import Console
-
-    from .context import RunContext
-    from .data import TextData
-    from .pipeline import Pipeline, _seed_everything
-
-    pipe = Pipeline(model=model, data=data, seed=seed, device=device, quiet=True, **kwargs)
-    dev = pipe.resolve_device()
-    loaded = pipe.load_model(dev)
-    _seed_everything(seed)
-    ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=dev,
-                     data=TextData.load(data, loaded.tokenizer), seed=seed, facts=set(loaded.facts),
-                     plugins=pipe.plugins, console=Console(stderr=True, quiet=True), model_spec=model,
-                     data_spec=data, quiet=True)
-    ctx.pipeline = pipe
-    ctx.manifest = {}
-    return ctx
+    return Pipeline(model=model, data=data, seed=seed, device=device, quiet=True, **kwargs).prepare()

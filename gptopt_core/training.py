@@ -42,94 +42,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Literal, Optional
+from typing import Any
 
-import pydantic
-
-from .errors import GptoptError, SourceError
-from .steps import Params
+from . import checkpoints
+from .errors import GptoptError
+from .evaluate import perplexity
+from .modules import mask_targets
+from .train_options import DEFAULT_STEPS, TrainParams, resolve_precision, train_blocks
 
 __all__ = ["TrainParams", "Trainer", "train", "train_blocks", "resolve_precision", "mask_targets"]
-
-DEFAULT_STEPS = 100
-
-
-class TrainParams(Params):
-    """Options every training step shares (``lora``, ``finetune`` subclass it and may change defaults)."""
-
-    lr: float = pydantic.Field(1e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
-    steps: Optional[int] = pydantic.Field(None, ge=1, le=10_000_000,
-                                          description=f"optimizer steps (default {DEFAULT_STEPS} unless --epochs)")
-    epochs: Optional[float] = pydantic.Field(None, gt=0, le=10_000,
-                                             description="passes over the train split (instead of --steps)")
-    batch_size: int = pydantic.Field(4, ge=1, le=65_536, description="blocks per micro-batch per process")
-    seq_len: int = pydantic.Field(256, ge=8, le=131_072, description="tokens per training block")
-    grad_accum: int = pydantic.Field(1, ge=1, le=65_536, description="micro-batches per optimizer step")
-    warmup_steps: Optional[int] = pydantic.Field(None, ge=0,
-                                                 description="linear warmup steps (default: 10% of the steps)")
-    weight_decay: float = pydantic.Field(0.0, ge=0, le=10, description="AdamW weight decay (matrices only)")
-    max_grad_norm: float = pydantic.Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
-    eval_every: int = pydantic.Field(0, ge=0, description="held-out perplexity every N steps and at the end (0: off)")
-    eval_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens scored by --eval-every")
-    checkpoint_every: int = pydantic.Field(
-        0, ge=0, description="write a resumable checkpoint to --out every N optimizer steps and at the end (0: off); "
-                             "continue an interrupted run with `gptopt run --resume`")
-    gradient_checkpointing: bool = pydantic.Field(False, description="recompute activations to save memory")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = pydantic.Field(
-        "auto", description="autocast: auto = bf16/fp16 on a GPU, fp32 on CPU")
-
-    @pydantic.model_validator(mode="after")
-    def _check(self):
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give --steps or --epochs, not both")
-        return self
-
-
-def resolve_precision(precision: str, device) -> str:
-    """The accelerate ``mixed_precision`` value ("no" | "bf16" | "fp16") for a precision option on a device."""
-    import torch
-
-    is_cuda = getattr(device, "type", str(device)).startswith("cuda")
-    if precision == "auto":
-        if is_cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    if precision == "fp16" and not is_cuda:
-        raise GptoptError("--precision fp16 needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
-def train_blocks(data, seq_len: int):
-    """The train split cut into non-overlapping blocks: a LongTensor [n_blocks, seq_len] (tail dropped)."""
-    ids = data.train_ids
-    n = int(ids.numel()) // seq_len
-    if n < 1:
-        raise SourceError(
-            f"no train data: the train split of '{data.spec}' has {int(ids.numel())} tokens, fewer than one "
-            f"training block of --seq-len {seq_len}; give more text with --data or a smaller --seq-len")
-    return ids[: n * seq_len].view(n, seq_len)
-
-
-def mask_targets(model, masks: dict) -> list:
-    """``[(weight_parameter, bool_mask)]`` for the masks whose weights are being trained.
-
-    Mask names are those of the plain model (``model.named_modules()``); in a PEFT-wrapped model the module
-    is found by name suffix and its base layer's weight is used. Frozen weights (e.g. a LoRA base) are left
-    out: they cannot move during training.
-    """
-    modules = dict(model.named_modules())
-    out = []
-    for name, keep in (masks or {}).items():
-        module = modules.get(name)
-        if module is None:
-            module = next((m for n, m in modules.items() if n.endswith("." + name) and hasattr(m, "weight")), None)
-        if module is None:
-            continue
-        base = getattr(module, "base_layer", module)
-        weight = base.weight
-        if weight.requires_grad and tuple(weight.shape) == tuple(keep.shape):
-            out.append((weight, keep.to(device=weight.device)))
-    return out
 
 
 class Trainer:
@@ -298,59 +219,14 @@ class Trainer:
         progress = (step - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    # -- checkpoint state -----------------------------------------------------------------------------------
+    # -- checkpoint state (gptopt_core.checkpoints) --------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue this run at :attr:`step` (model weights are saved separately)."""
-        return {"step": self.step, "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "rng": self._get_rng(),
-                "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-                "loss_history": list(self.loss_history), "ce_history": list(self.ce_history),
-                "eval_history": list(self.eval_history), "tokens_seen": self.tokens_seen,
-                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
-                "params": self.params.model_dump(mode="json")}
+        return checkpoints.trainer_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (call after :meth:`setup`, or before: it is applied by setup)."""
-        self.step = int(state["step"])
-        self.loss_history = list(state.get("loss_history", []))
-        self.ce_history = list(state.get("ce_history", []))
-        self.eval_history = list(state.get("eval_history", []))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
-        if self.optimizer is None:
-            self._pending_state = state
-            return
-        if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("rng") is not None:
-            self._set_rng(state["rng"])
-        if state.get("grad_scaler") is not None and self.scaler is not None:
-            self.scaler.load_state_dict(state["grad_scaler"])
-
-    @staticmethod
-    def _get_rng() -> dict:
-        import random
-
-        import torch
-
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return rng
-
-    @staticmethod
-    def _set_rng(rng: dict) -> None:
-        import random
-
-        import torch
-
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        checkpoints.restore_trainer_state(self, state)
 
     # -- the loop -------------------------------------------------------------------------------------------
     def extra_loss(self, model, batch, outputs):
@@ -407,8 +283,6 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Held-out perplexity (the core's one method) on the main process; others wait."""
-        from .evaluate import perplexity
-
         acc, p = self.accelerator, self.params
         ppl = None
         if acc.is_main_process:
@@ -458,26 +332,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write the run's state and trainable weights to ``--out`` (main process; the others wait)."""
-        from . import checkpoints
-
-        if self.ctx.out_dir is None:
-            raise GptoptError(f"{self.name}: --checkpoint-every needs --out DIR")
-        if self.accelerator.is_main_process:
-            checkpoints.save(self, self.accelerator.unwrap_model(self.wrapped))
-        self.accelerator.wait_for_everyone()
+        checkpoints.save_trainer(self)
 
     def _resume_from_checkpoint(self) -> None:
         """Under ``--resume``: load this step's latest checkpoint (weights now, state after setup)."""
-        from . import checkpoints
-
-        if not getattr(self.ctx, "resume", False) or self.ctx.out_dir is None:
-            return
-        path = checkpoints.latest(self.ctx.out_dir, self.ctx.step_index, self.name)
-        if path is None:
-            self.ctx.log(f"  {self.name}: no checkpoint of this step yet; training from the start")
-            return
-        checkpoints.load(self, self.model, path)
-        self.ctx.log(f"  {self.name}: resumed at step {self.step} from {path}")
+        checkpoints.resume_trainer(self)
 
     def finish(self) -> None:
         """Drop the accelerate wrappers and restore the model's inference settings."""

@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
+#: a script whose save hangs (tests that interrupt a save run it: see its docstring)
+SLOW_SAVE = str(ROOT / "tests" / "slow_save.py")
 
 
 def gptopt_exe():

@@ -3,7 +3,7 @@ the (compressed) model gives, the groups follow the data flow, and offloading to
 import pytest
 import torch
 
-from gptopt_core.calibration import LayerStats, find_blocks, resident_param_bytes, run_blockwise
+from gptopt_core.calibration import LayerStats, find_blocks, resident_param_bytes, run_blockwise, split_by_block
 from gptopt_core.models import tiny_model
 from gptopt_core.modules import weight_modules
 
@@ -142,3 +142,17 @@ def test_bad_arguments():
         run_blockwise(model, batches(1), lambda b, s: None, offload="tape")
     with pytest.raises(ValueError, match="unknown statistic"):
         run_blockwise(model, batches(1), lambda b, s: None, stats=("curvature",))
+
+
+@pytest.mark.parametrize("name", ["tiny-random-gpt2", "tiny-random-llama"])
+def test_find_blocks_finds_the_one_block_of_a_one_block_model(name):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_model(name)
+    config = model.config
+    config.num_hidden_layers = 1  # GPT-2's n_layer is the same attribute
+    one = AutoModelForCausalLM.from_config(config)
+    prefix, blocks = find_blocks(one)
+    assert prefix == {"tiny-random-gpt2": "transformer.h", "tiny-random-llama": "model.layers"}[name]
+    assert len(blocks) == 1
+    assert set(split_by_block(one, [n for n, _ in weight_modules(one)])[0]) == {0}

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from gptopt_core import Pipeline, SourceError, hookimpl
+from gptopt_core import GptoptError, Pipeline, SourceError, hookimpl
 from gptopt_core.models import LoadedModel, tiny_model
 from gptopt_core.testing import register_plugin
 
@@ -57,6 +57,34 @@ def test_observer_metric_model_source_save_and_report_hooks(tmp_path):
     assert manifest["model"]["source"] == "my-zoo" and manifest["steps"][1]["metrics"]["observed"]
     assert "## Extra section" in (tmp_path / "o" / "report.md").read_text()
     assert (tmp_path / "o" / "extra.txt").exists() and (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_collected_metrics_become_summary_columns_through_gptopt_register_columns(tmp_path):
+    @hookimpl
+    def gptopt_register_columns(register):
+        register("layers", "layers")
+        register("arch", "arch")  # a text metric: shown as it is
+        register("half_layers", "half", ".1%")
+
+    @hookimpl
+    def gptopt_collect_metrics(ctx):
+        n = sum(1 for _ in ctx.model.modules())
+        return {"layers": n, "arch": type(ctx.model).__name__, "half_layers": 0.5, "hidden": 1}
+
+    plugin = types.SimpleNamespace(gptopt_register_columns=gptopt_register_columns,
+                                   gptopt_collect_metrics=gptopt_collect_metrics)
+    with register_plugin(plugin, "columns") as plugins:
+        assert plugins.info["columns"].columns == ["layers", "arch", "half_layers"]
+        Pipeline(model="tiny-random-llama", out=tmp_path / "o", quiet=True, device="cpu").add(
+            "eval", max_tokens=600).run()
+    report = (tmp_path / "o" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| #"))
+    assert header.endswith("| layers | arch | half |") and "hidden" not in header
+    assert "| LlamaForCausalLM | 50.0% |" in report
+    clash = types.SimpleNamespace(gptopt_register_columns=hookimpl(lambda register: register("perplexity", "ppl")))
+    with pytest.raises(GptoptError, match="column 'perplexity' is already shown by the core"):
+        with register_plugin(clash, "clash"):
+            pass
 
 
 def test_resolve_hook_errors_are_clean():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from gptopt_core import GptoptError, Pipeline, PlanError
+from gptopt_core import GptoptError, Pipeline, PlanError, get_plugins
 from gptopt_core.evaluate import perplexity
 from gptopt_core.grids import grid_layers
 from gptopt_core.metrics import model_bytes
@@ -310,9 +310,36 @@ def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_p
 
     dup = types.SimpleNamespace()
     dup.gptopt_register_save_formats = __import__("gptopt_core").hookimpl(lambda register: register(Twice))
-    with register_plugin(dup, "dup-format"):
-        with pytest.raises(GptoptError, match="plugin dup-format: save format 'safetensors' is already registered"):
-            run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "y")}))
+    with pytest.raises(GptoptError, match="plugin dup-format: save format 'safetensors' is already registered by "
+                                          "plugin gptopt-core"):  # rejected as it loads, not when a save runs
+        with register_plugin(dup, "dup-format"):
+            pass
+    assert "dup-format" not in get_plugins().info and get_plugins().formats["safetensors"][0] == "gptopt-core"
+
+
+def test_save_format_is_planned_against_the_pipelines_own_plugins(tmp_path):
+    """``Pipeline(plugins=X)`` checks ``save --format`` against X's formats, the ones it will save with (not the
+    process-wide set's)."""
+    import types
+
+    from gptopt_core import SaveFormat, builtin, hookimpl
+    from gptopt_core.plugins import CORE, Plugins
+
+    class Own(SaveFormat):
+        name = "own-format"
+
+        def write(self, ctx, model, path, options):
+            (path / "own.txt").write_text("x")
+
+    plugins = Plugins(strict=True)
+    plugins.register(builtin, CORE, builtin=True)
+    plugins.register(types.SimpleNamespace(gptopt_register_save_formats=hookimpl(lambda register: register(Own))),
+                     "own")
+    res = Pipeline(model="tiny-random-gpt2", device="cpu", quiet=True, plugins=plugins).add(
+        "save", to=tmp_path / "m", format="own-format").run()  # a Path is taken for --to, as for out=
+    assert res.records[0]["metrics"]["format"] == "own-format" and (tmp_path / "m" / "own.txt").is_file()
+    with pytest.raises(PlanError, match="unknown format 'own-format'"):
+        Pipeline(model="tiny-random-gpt2", device="cpu").add("save", to=tmp_path / "n", format="own-format").validate()
 
 
 @pytest.mark.slow

@@ -88,3 +88,26 @@ def test_guide_family_example_installs_and_runs_verbatim(tmp_path):
                             str(tmp_path / "gptopt-starcoder2" / "tests")], env={**__import__("os").environ, **env},
                            capture_output=True, text=True, cwd=tmp_path)
     assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr
+
+
+def test_save_format_worked_example_runs_as_written(tmp_path):
+    """docs/save-formats.md's worked example: registered from the page's code, it writes and plan-refuses as the
+    page says."""
+    import types
+
+    import pytest
+
+    from gptopt_core import Pipeline, PlanError
+    from gptopt_core.testing import register_plugin
+
+    text = (ROOT / "docs" / "save-formats.md").read_text()
+    code = re.search(r"A worked example.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    module = types.ModuleType("torch_state_example")
+    exec(compile(code, "save-formats.md", "exec"), module.__dict__)
+    with register_plugin(module, "torch-state-example"):
+        Pipeline(model="tiny-random-llama", device="cpu", quiet=True).add(
+            "save", to=tmp_path / "m", format="torch-state").run()
+        assert {"state.pt", "config.json", "recipe.yaml", "run.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+        with pytest.raises(PlanError, match="save --format torch-state: 4-bit bitsandbytes weights"):
+            Pipeline(model="tiny-random-llama").add("save", to=tmp_path / "n", format="torch-state").validate(
+                {"quantized:4bit"})

@@ -168,6 +168,41 @@ def test_register_plugin_fixture_raises_the_reason_and_leaves_nothing():
     assert get_plugins().steps["eval"].plugin == "gptopt-core"
 
 
+@pytest.mark.parametrize("var, value", [("GPTOPT_BLOCK_PLUGINS", "gptopt-prune"),
+                                        ("GPTOPT_LOAD_PLUGINS", "gptopt-bench")])
+def test_registering_under_a_name_the_environment_excludes_is_an_error(monkeypatch, var, value):
+    """pluggy registers nothing, silently, under a blocked name: the core says so instead."""
+    monkeypatch.setenv(var, value)
+    plugins = Plugins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugins.load_entry_points()
+        info = plugins.register(plugin(gptopt_register_steps=steps_hook(Other)), "gptopt-prune")
+    assert info.error.startswith(f"the name gptopt-prune is excluded by {var}") and "other" not in plugins.steps
+    with pytest.raises(GptoptError, match=f"gptopt-prune: the name gptopt-prune is excluded by {var}"):
+        strict = Plugins(strict=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            strict.load_entry_points()
+        strict.register(plugin(gptopt_register_steps=steps_hook(Other)), "gptopt-prune")
+
+
+def test_a_check_plan_that_raises_gptopt_error_is_a_plan_error(tmp_path):
+    class Picky(Step):
+        """Refuses every plan."""
+
+        name = "picky"
+
+        def check_plan(self, before, after, facts):
+            raise GptoptError("picky: never")
+
+    from gptopt_core import Pipeline, PlanError
+
+    with register_plugin(plugin(gptopt_register_steps=steps_hook(Picky)), "test-picky"):
+        with pytest.raises(PlanError, match="picky: never"):
+            Pipeline(model="tiny-random-gpt2").add("picky").validate()
+
+
 # -- as a user meets them: real distributions on the path, the real CLI ------------------------------------------
 GOOD_PLUGIN = '''
 from gptopt_core import Step, hookimpl

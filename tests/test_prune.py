@@ -89,6 +89,23 @@ def test_bad_params_are_refused_with_the_reason(params, message):
     assert message in str(info.value)
 
 
+def test_fractions_take_percent_from_every_door():
+    """One percent type everywhere: ``prune --sparsity 50%`` as ``quantize --max-ppl-increase 5%``."""
+    assert PruneStep(sparsity="50%").params.sparsity == 0.5 == PruneStep(sparsity="0.5").params.sparsity
+    assert PruneStep(method="sparsegpt", sparsity=0.5, dampening="1%").params.dampening == 0.01
+    with pytest.raises(ParamsError, match="sparsity: Input should be less than 1"):
+        PruneStep(sparsity="100%")
+    proc = run_gptopt("run", "--model", "tiny-random-gpt2", "prune", "--sparsity", "half")
+    assert proc.returncode == 2 and "like 10% or 0.1" in proc.stderr
+    from gptopt_core import get_plugins
+
+    for step, option in [("l1", {"weight": 1, "sparsity": "30%", "warmup_fraction": "25%"}),
+                         ("bench", {"target_cv": "5%"}), ("quantize", {"method": "gptq", "bits": 4, "dampening": "1%"})]:
+        params = get_plugins().step_class(step)(**option).params
+        assert all(getattr(params, k) == pytest.approx(float(v[:-1]) / 100) for k, v in option.items()
+                   if str(v).endswith("%")), step
+
+
 def test_n_m_implies_its_sparsity():
     assert PruneStep(pattern="2:4").params.target_sparsity == 0.5
     assert PruneStep(pattern="2:4", sparsity=0.5).params.target_sparsity == 0.5

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, error_lines, run_gptopt
+from conftest import ROOT, SLOW_SAVE, error_lines, run_gptopt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,30 +86,9 @@ def test_replayed_run_json_warns_when_inputs_changed(tmp_path):
     assert "REPLAY MISMATCH: the data 'builtin:pydoc'" in changed.stderr
 
 
-SLOW_SAVE_PLUGIN = textwrap.dedent('''
-    import signal, sys, time, types
-    from pathlib import Path
-    # a test runner started in the background (nohup ... &) hands its children SIGINT ignored; a user's terminal
-    # does not: give the child the interactive default so Ctrl-C is what this test sends
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    from gptopt_core import Pipeline, hookimpl
-    from gptopt_core.testing import register_plugin
-
-    @hookimpl(tryfirst=True)
-    def gptopt_save_model(ctx, model, path):
-        model.save_pretrained(str(path))
-        Path(sys.argv[2]).write_text("saving")
-        time.sleep(60)
-        return True
-
-    with register_plugin(types.SimpleNamespace(gptopt_save_model=gptopt_save_model), "slow-save"):
-        Pipeline(model="tiny-random-gpt2", quiet=True, out=sys.argv[1] + "/run").add("save", to=sys.argv[1] + "/m").run()
-''')
-
-
 def test_sigint_during_save_leaves_no_partial_directory(tmp_path):
     flag = tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE_PLUGIN, str(tmp_path), str(flag)],
+    proc = subprocess.Popen([sys.executable, SLOW_SAVE, "pipeline", str(tmp_path), str(flag)],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not flag.exists() and time.time() < deadline and proc.poll() is None:

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import click
 import pytest
-from conftest import error_lines, gptopt_exe, run_gptopt
+from conftest import SLOW_SAVE, error_lines, gptopt_exe, run_gptopt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,31 +54,10 @@ def test_stale_partial_directories_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.partial-" + str(alive), ".other.partial-1", "m"]
 
 
-SLOW_SAVE_CLI = textwrap.dedent('''
-    import sys, time, types
-    from pathlib import Path
-    from gptopt_core import hookimpl
-    from gptopt_core.cli import main
-    from gptopt_core.testing import register_plugin
-
-    @hookimpl(tryfirst=True)
-    def gptopt_save_model(ctx, model, path):
-        model.save_pretrained(str(path))
-        Path(sys.argv[2]).write_text("saving")
-        time.sleep(60)
-        return True
-
-    with register_plugin(types.SimpleNamespace(gptopt_save_model=gptopt_save_model), "slow-save"):
-        Path(sys.argv[1], "d.txt").write_text("A little text to load. " * 50)
-        main(["run", "--model", "tiny-random-gpt2", "--data", sys.argv[1] + "/d.txt", "--quiet", "--out",
-              sys.argv[1] + "/run", "save", "--to", sys.argv[1] + "/m"])
-''')
-
-
 def test_sigterm_during_save_is_like_ctrl_c(tmp_path):
     flag = tmp_path / "flag"
     (tmp_path / f".m.partial-{dead_pid()}").mkdir()  # left by an earlier save killed with -9
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE_CLI, str(tmp_path), str(flag)], stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, SLOW_SAVE, "cli", str(tmp_path), str(flag)], stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
     while not flag.exists() and time.time() < deadline and proc.poll() is None:

@@ -1,7 +1,10 @@
-"""gptopt-bnb: the ``quantize`` step (bitsandbytes int8 / nf4 / fp4; full, partial and sensitivity-planned).
+"""gptopt-bnb: the ``quantize`` step: integer grids (``--method rtn|gptq``) and bitsandbytes int8 / nf4 / fp4 (full,
+partial and sensitivity-planned).
 
-Heavy imports (torch, bitsandbytes, transformers) happen inside the step body and the hooks, so importing
-this module stays cheap.
+The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step;
+the torch work is in the engine modules (:mod:`.grid`, :mod:`.gptq` for the grids; :mod:`.workflow`,
+:mod:`.convert`, :mod:`.planner`, :mod:`.saving` for bitsandbytes), imported where they run, so that importing this
+module (``gptopt --help``) loads no torch.
 """
 from gptopt_core import hookimpl
 
@@ -20,7 +23,7 @@ def gptopt_save_model(ctx, model, path):
     """Save a model quantized by this plugin so plain ``AutoModelForCausalLM.from_pretrained(dir)`` loads it."""
     if getattr(model, "gptopt_bnb", None) is None:
         return None
-    from .convert import save_quantized
+    from .saving import save_quantized  # bitsandbytes and torch: imported when such a model is saved
 
     save_quantized(model, path)
     return True

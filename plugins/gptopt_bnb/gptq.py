@@ -43,6 +43,28 @@ def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, bl
     return group_size * max(1, block_size // group_size)
 
 
+def static_scales(W, gs: int, bits: int, symmetric: bool, observer: str, fit: bool) -> tuple[list, list]:
+    """One ``(scale, zero)`` slot per group; filled now when ``fit`` (act-order or per-channel: scales fitted before
+    any update), else left ``None`` for the loop to fit as it reaches each group."""
+    n_groups = W.shape[1] // gs
+    scales, zeros = [None] * n_groups, [None] * n_groups
+    if fit:
+        for g in range(n_groups):
+            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
+    return scales, zeros
+
+
+def column_order(W, H, M, gs: int, act_order: bool):
+    """``(W, H, M, perm, group_of)``: with act-order the columns by decreasing Hessian diagonal (``perm``), else as
+    they are (``perm`` ``None``); ``group_of[c]`` is the group of the column now at ``c``."""
+    import torch
+
+    if not act_order:
+        return W, H, M, None, [c // gs for c in range(W.shape[1])]
+    perm = torch.argsort(torch.diag(H), descending=True)
+    return W[:, perm], H[perm][:, perm], None if M is None else M[:, perm], perm, (perm // gs).tolist()
+
+
 def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
                   act_order: bool = False, dampening: float = 0.01, block_size: int = 128, observer: str = "minmax",
                   mask=None):
@@ -64,20 +86,8 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     gs = group_size or columns
     if columns % gs:
         raise ValueError(f"group size {group_size} does not divide the input width {columns}")
-    n_groups = columns // gs
-    scales, zeros = [None] * n_groups, [None] * n_groups
-    perm = None
-    if act_order or group_size is None:  # static scales, fitted before any update
-        for g in range(n_groups):
-            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        M = None if M is None else M[:, perm]
-        group_of = (perm // gs).tolist()
-    else:
-        group_of = [c // gs for c in range(columns)]
+    scales, zeros = static_scales(W, gs, bits, symmetric, observer, act_order or group_size is None)
+    W, H, M, perm, group_of = column_order(W, H, M, gs, act_order)
     U, damp = inverse_hessian_cholesky(H, dampening)
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=W.dtype, device=W.device)

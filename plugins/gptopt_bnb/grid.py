@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import time
 
-from gptopt_core import (GptoptError, attach_grid, fit_grid, grid_layers, grid_of, round_to_grid, weight_matrix,
-                         weight_modules)
+from gptopt_core import (GptoptError, attach_grid, calibration_batches, fit_grid, grid_layers, grid_of, is_conv1d,
+                         round_to_grid, run_blockwise, split_by_block, torch_threads, weight_matrix, weight_modules)
+
+from .gptq import gptq_quantize
 
 
 def targets(model, p):
@@ -108,8 +110,6 @@ def kept_masks(ctx, modules: dict) -> dict:
     are still zero everywhere outside the mask (a merged adapter or an unmasked fine-tune has undone the others)."""
     import torch
 
-    from gptopt_core import is_conv1d
-
     out = {}
     for name, mask in ((getattr(ctx, "state", None) or {}).get("masks") or {}).items():
         module = modules.get(name)
@@ -124,8 +124,6 @@ def kept_masks(ctx, modules: dict) -> dict:
 
 def quantize_grid(ctx, step) -> dict:
     import torch
-
-    from gptopt_core import calibration_batches, run_blockwise, split_by_block, torch_threads
 
     p = step.params
     model = ctx.model
@@ -143,40 +141,7 @@ def quantize_grid(ctx, step) -> dict:
             for _, module in layers:
                 rtn(module, bits, gs, symmetric, observer)
         else:
-            from .gptq import gptq_quantize
-
-            act_order = p.act_order is not False  # on unless --no-act-order
-            damp = 0.01 if p.dampening is None else p.dampening
-            n_blocks, seq_len = p.calibration()
-            by_block, outside = split_by_block(model, [n for n, _ in layers])
-            losses, damps = {}, {}
-            masks = kept_masks(ctx, dict(layers))
-
-            def compress(block, stats):
-                for name, st in stats.items():
-                    view = st.weight()
-                    with torch_threads(1):
-                        q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
-                                                      act_order, damp, observer=observer, mask=masks.get(name))
-                    view.copy_(q.to(view.dtype))
-                    attach_grid(st.module, grid)
-                    st.hessian = None
-                    losses[name] = info["loss"]
-                    if info["dampening"] != damp:
-                        damps[name] = info["dampening"]
-
-            batches = calibration_batches(ctx, n_blocks, seq_len)
-            report = run_blockwise(model, batches, compress, layers=[n for b in by_block.values() for n in b],
-                                   stats=("hessian",), sequential=p.sequential is not False,
-                                   offload=p.offload or "none", device=ctx.device, progress=ctx.progress)
-            modules = dict(layers)
-            for name in outside:
-                rtn(modules[name], bits, gs, symmetric, observer)
-                fallback.append(name)
-            metrics.update({"act_order": act_order, "dampening": damp, "calib_tokens": report["calib_tokens"],
-                            "sequential": p.sequential is not False, "offload": report["offload"],
-                            "engine": report, "gptq_loss": round(sum(losses.values()), 6),
-                            "raised_dampening": damps, "rtn_layers": fallback, "masked_layers": len(masks)})
+            fallback = gptq_layers(ctx, p, layers, (bits, gs, symmetric, observer), metrics)
         if p.embeddings == "8":
             embedded = embeddings_to_int8(model)
             layers = layers + [(n, m) for n, m in embedded if all(m is not other for _, other in layers)]
@@ -194,3 +159,44 @@ def quantize_grid(ctx, step) -> dict:
     ctx.log(f"  quantize {p.method}: {len(described)} layers on {kind} grids ({seconds:.1f}s, {cpu:.1f} CPU-s)"
             + (f"; round-to-nearest outside the blocks: {', '.join(fallback)}" if fallback else ""))
     return metrics
+
+
+def gptq_layers(ctx, p, layers, grid_spec, metrics: dict) -> list[str]:
+    """GPTQ on the layers inside the decoder blocks, block by block on the calibration engine (round-to-nearest for
+    the ones outside them); adds its figures to ``metrics``; returns the names that fell back to round-to-nearest."""
+    import torch
+
+    bits, gs, symmetric, observer = grid_spec
+    model = ctx.model
+    act_order = p.act_order is not False  # on unless --no-act-order
+    damp = 0.01 if p.dampening is None else p.dampening
+    n_blocks, seq_len = p.calibration()
+    by_block, outside = split_by_block(model, [n for n, _ in layers])
+    losses, damps = {}, {}
+    masks = kept_masks(ctx, dict(layers))
+
+    def compress(block, stats):
+        for name, st in stats.items():
+            view = st.weight()
+            with torch_threads(1):
+                q, grid, info = gptq_quantize(view.detach().float(), st.hessian, bits, gs, symmetric,
+                                              act_order, damp, observer=observer, mask=masks.get(name))
+            view.copy_(q.to(view.dtype))
+            attach_grid(st.module, grid)
+            st.hessian = None
+            losses[name] = info["loss"]
+            if info["dampening"] != damp:
+                damps[name] = info["dampening"]
+
+    batches = calibration_batches(ctx, n_blocks, seq_len)
+    report = run_blockwise(model, batches, compress, layers=[n for b in by_block.values() for n in b],
+                           stats=("hessian",), sequential=p.sequential is not False,
+                           offload=p.offload or "none", device=ctx.device, progress=ctx.progress)
+    modules = dict(layers)
+    for name in outside:
+        rtn(modules[name], bits, gs, symmetric, observer)
+    metrics.update({"act_order": act_order, "dampening": damp, "calib_tokens": report["calib_tokens"],
+                    "sequential": p.sequential is not False, "offload": report["offload"],
+                    "engine": report, "gptq_loss": round(sum(losses.values()), 6),
+                    "raised_dampening": damps, "rtn_layers": list(outside), "masked_layers": len(masks)})
+    return list(outside)

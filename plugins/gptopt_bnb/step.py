@@ -7,7 +7,9 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_choice, as_group_size, as_percent, group_columns
+from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, group_columns
+
+from .grid import preflight, quantize_grid
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
 METHODS = ("bnb", "rtn", "gptq")
@@ -115,7 +117,7 @@ class QuantizeParams(Params):
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
                           "their scales are fitted before the updates) [default: on]")
-    dampening: Optional[float] = pydantic.Field(
+    dampening: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=1.0, description="gptq: added to the Hessian diagonal, as a fraction of its mean "
                                           "[default: 0.01]")
     offload: Optional[Literal["none", "cpu", "disk"]] = pydantic.Field(
@@ -247,15 +249,11 @@ class QuantizeStep(Step):
 
     def preflight(self, ctx):
         if self.params.method != "bnb":
-            from .grid import preflight
-
             preflight(ctx, self)
 
     def apply(self, ctx):
         if self.params.method != "bnb":
-            from .grid import quantize_grid
-
             return quantize_grid(ctx, self)
-        from .convert import quantize_model
+        from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
         return quantize_model(ctx, self)

@@ -10,7 +10,7 @@ from gptopt_core import GptoptError, model_bytes, perplexity
 
 from .convert import BF16_BASED, INT8_FORMATS, compile_model, convert_model, float_dtype, torchao_problem
 from .guard import guard_plan
-from .step import AUTO_DEFAULT, AUTO_DEFAULT_COMPILED
+from .report import table_lines
 from .timing import interleaved
 
 
@@ -79,7 +79,7 @@ def _note(ctx, fmt, metrics):
 
 
 def candidate_list(params, log) -> list[str]:
-    wanted = list(params.candidates) or list(AUTO_DEFAULT_COMPILED if params.compile else AUTO_DEFAULT)
+    wanted = params.wanted_candidates()
     problem = torchao_problem() if any(c.startswith("ao-") for c in wanted) else None
     out = []
     for c in wanted:
@@ -214,34 +214,6 @@ def _prompt(ctx, p):
     if ids.numel() < p.prompt_tokens:
         ids = ids.repeat(p.prompt_tokens // max(ids.numel(), 1) + 1)
     return ids[:p.prompt_tokens].unsqueeze(0).to(ctx.device)
-
-
-def table_markdown(table: list[dict], budget: float, split: str) -> str:
-    lines = [f"cpu-fast auto (ppl on the {split} split; budget ppl x{1 + budget:.3f}; decode speed interleaved, "
-             "medians)", "",
-             "| format | kept float layers | ppl | ppl ratio | decode tok/s | speedup | prefill ms | MB | within | chosen |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in table:
-        name = r["format"] + (" (compiled)" if r.get("compiled") else "")
-        lines.append(f"| {name} | {r['kept_layers']} | {r['perplexity']:.3f} | x{r['ppl_ratio']:.3f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | x{r['decode_speedup']:.2f} | {r['prefill_ms']:.0f} | "
-                     f"{r['model_bytes'] / 1e6:.1f} | {'yes' if r['within_budget'] else 'no'} | "
-                     f"{'**yes**' if r['chosen'] else ''} |")
-    return "\n".join(lines)
-
-
-def table_lines(table: list[dict]) -> list[str]:
-    """The auto table as fixed-width text lines (fits 100 columns; no markup)."""
-    head = f"{'format (+c: compiled)':<21} {'kept':>4} {'ppl':>9} {'ratio':>7} {'tok/s':>7} {'speedup':>7} " \
-           f"{'prefill':>8} {'MB':>7}  within"
-    lines = [head]
-    for r in table:
-        name = r["format"] + ("+c" if r.get("compiled") else "")
-        lines.append(f"{name:<21} {r['kept_layers']:>4} {r['perplexity']:>9.3f} {r['ppl_ratio']:>6.3f}x "
-                     f"{r['decode_tokens_per_s']:>7.1f} {r['decode_speedup']:>6.2f}x {r['prefill_ms']:>6.0f}ms "
-                     f"{r['model_bytes'] / 1e6:>7.1f}  {'yes' if r['within_budget'] else 'no '}"
-                     + ("  <- chosen" if r["chosen"] else ""))
-    return lines
 
 
 def _print_table(ctx, table, p) -> None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptopt_core import LoadedModel, SourceError
+
 RECORD = "gptopt_cpu.json"
 WEIGHTS = "gptopt_cpu.safetensors"
 
@@ -112,7 +114,7 @@ def read_record(path: Path) -> dict | None:
 
 def load_converted(path, trust_remote_code: bool = False):
     """Load a directory saved after ``cpu-fast``: ``(model, tokenizer, record)``, the model converted again."""
-    from .convert import quiet
+    from .convert import quiet  # torch: the engine, imported where it runs
 
     with quiet():
         return _load_converted(Path(path), trust_remote_code)
@@ -122,7 +124,7 @@ def _load_converted(path: Path, trust_remote_code: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .convert import convert_model
+    from .convert import convert_model  # torch: the engine, imported where it runs
 
     record = read_record(path)
     if record is None:
@@ -158,7 +160,7 @@ def _load_converted(path: Path, trust_remote_code: bool):
     model.eval()
     model.gptopt_cpu = {k: v for k, v in record.items() if k not in ("torch", "aliases")}
     if record.get("compile"):
-        from .convert import compile_model
+        from .convert import compile_model  # torch: the engine, imported where it runs
 
         compile_model(model)  # as saved: compiled again (at the first call)
     return model, tokenizer, record
@@ -219,3 +221,20 @@ def _fill_dynamic(model, tensors: dict, converted) -> None:
         else:
             weight = torch._make_per_tensor_quantized_tensor(q, float(scale[0]), int(zero[0]))
         module.set_weight_bias(weight, tensors.get(f"{name}.bias"))
+
+
+def resolve(spec: str, options: dict):
+    """A :class:`gptopt_core.LoadedModel` for a directory written by ``save`` after ``cpu-fast`` (it holds
+    ``gptopt_cpu.json``), converted again; ``None`` for any other spec."""
+    path = Path(spec).expanduser()
+    if not (path / RECORD).is_file():
+        return None
+    if not str(options.get("device", "cpu")).startswith("cpu"):
+        raise SourceError(f"{spec} holds a cpu-fast model, which runs on CPU only; run with --device cpu")
+    try:
+        model, tokenizer, record = load_converted(path, trust_remote_code=bool(options.get("trust_remote_code")))
+    except Exception as exc:  # safetensors / transformers / torch raise many types for broken files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot load the cpu-fast model in {spec}: {first}") from None
+    facts = {"cpu-only", "quantized:cpu-bf16" if record["format"] == "bf16" else "quantized:cpu-int8"}
+    return LoadedModel(model, tokenizer, "gptopt-cpu", facts)

@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_percent
+from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, matches
 
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)
@@ -72,6 +72,10 @@ class CpuFastParams(Params):
                     raise ValueError(f"--{field} applies to --format auto only; drop it or use --format auto")
         return self
 
+    def wanted_candidates(self) -> list[str]:
+        """The formats ``auto`` measures: ``--candidates``, or the default for ``--compile`` or not."""
+        return list(self.candidates) or list(AUTO_DEFAULT_COMPILED if self.compile else AUTO_DEFAULT)
+
 
 class CpuFastStep(Step):
     """Convert the model for fast CPU inference: bf16, torch dynamic int8 or torchao int8; auto picks the fastest
@@ -113,21 +117,21 @@ class CpuFastStep(Step):
     def check_plan(self, before, after, facts):
         p = self.params
         if p.compile:
-            from .convert import compiler_problem
+            from .convert import compiler_problem  # torch: the engine, imported where it runs
 
             problem = compiler_problem()
             if problem:
-                raise GptoptError(f"cpu-fast --compile: {problem}")
+                raise PlanError(f"cpu-fast --compile: {problem}")
         if p.format.startswith("ao-") or any(c.startswith("ao-") for c in p.candidates):
-            from .convert import torchao_problem
+            from .convert import torchao_problem  # torch: the engine, imported where it runs
 
             problem = torchao_problem()
             if problem:
-                raise GptoptError(f"cpu-fast --format {p.format}: {problem}")
+                raise PlanError(f"cpu-fast --format {p.format}: {problem}")
         trains = [s.name for s in after if getattr(s, "trains", False)]
         if trains:
-            raise GptoptError(f"cpu-fast converts for inference; '{trains[0]}' after it cannot train the converted "
-                              f"model: put cpu-fast after the training steps")
+            raise PlanError(f"cpu-fast converts for inference; '{trains[0]}' after it cannot train the converted "
+                            f"model: put cpu-fast after the training steps")
 
     def preflight(self, ctx):
         import torch
@@ -135,7 +139,7 @@ class CpuFastStep(Step):
         if torch.device(ctx.device).type != "cpu":
             raise GptoptError(f"cpu-fast converts for CPU inference but the model is on {ctx.device}; run the "
                               f"chain with --device cpu")
-        from .convert import linear_names
+        from .convert import linear_names  # torch: the engine, imported where it runs
 
         dtypes = {str(p.dtype).replace("torch.", "") for p in ctx.model.parameters()}
         if not dtypes <= {"float32", "bfloat16", "float16"}:
@@ -144,13 +148,11 @@ class CpuFastStep(Step):
         if not linear_names(ctx.model):
             raise GptoptError("cpu-fast: the model has no linear layers to convert")
         if self.params.keep:
-            from gptopt_core import matches
-
             if not any(matches(n, self.params.keep) for n in linear_names(ctx.model)):
                 raise GptoptError(f"cpu-fast --keep {' '.join(self.params.keep)} matches no linear layer (names look "
                                   f"like {linear_names(ctx.model)[0]})")
 
     def apply(self, ctx):
-        from .run import run_cpu_fast
+        from .run import run_cpu_fast  # torch
 
         return run_cpu_fast(ctx, self)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import statistics
 
+from gptopt_core import generation_kwargs, time_generate
+
 
 def time_decode(model, input_ids, new_tokens: int, pad_token_id=0) -> dict:
     """One greedy generate (the core's decode timing); returns ``{"decode_tokens_per_s", "prefill_ms"}``
     (prefill = call → first token)."""
     import torch
-
-    from gptopt_core import generation_kwargs, time_generate
 
     t = time_generate(model, input_ids, torch.ones_like(input_ids), new_tokens,
                       gen_kwargs=generation_kwargs(model, new_tokens, pad_token_id))

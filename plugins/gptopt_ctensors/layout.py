@@ -18,6 +18,8 @@ Conventions (compressed-tensors 0.20.1; see docs/save-formats.md for why each la
 """
 from __future__ import annotations
 
+from gptopt_core import is_conv1d, weight_matrix
+
 FORMAT = "pack-quantized"
 NAIVE = "naive-quantized"
 FORMATS = {"pack": FORMAT, "naive": NAIVE, "block": FORMAT}
@@ -28,7 +30,6 @@ def kind_of(model, module, grid=None) -> str:
     Conv1D) or ``"pack"`` (nn.Linear)."""
     import torch.nn as nn
 
-    from gptopt_core import is_conv1d
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(module, nn.Embedding) or (module is head and grid is not None and grid.bits == 8):
@@ -114,7 +115,6 @@ def quantization_config(model, grid_layers):
 
 
 def _in_features(module) -> int:
-    from gptopt_core import weight_matrix
 
     return int(weight_matrix(module).shape[1])
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptopt_core import LoadedModel, SourceError, WeightGrid, attach_grid, check_local_dir, is_conv1d
+
 
 def is_compressed_dir(path: Path) -> bool:
     try:
@@ -40,7 +42,6 @@ def _grid_from(tensors, name, args):
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from gptopt_core import WeightGrid
 
     if args.type != "int" or args.strategy not in ("group", "channel", "block"):
         raise ValueError(f"{name}: only integer group / channel / block weights are read, not {args.type} "
@@ -93,7 +94,6 @@ def load(path, trust_remote_code: bool = False):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gptopt_core import attach_grid, is_conv1d
 
     path = Path(path)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -142,3 +142,23 @@ def load(path, trust_remote_code: bool = False):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "quantization_config": qc}
+
+
+def load_model(path, trust_remote_code: bool = False):
+    """``(model, tokenizer, info)`` from a compressed-tensors directory (grids re-attached): :func:`load`."""
+    return load(path, trust_remote_code=trust_remote_code)
+
+
+def resolve(spec: str, options: dict):
+    """A :class:`gptopt_core.LoadedModel` for a directory whose config.json says ``quant_method:
+    compressed-tensors``, or ``None`` for any other spec (the plugin's ``gptopt_resolve_model``)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir() or not is_compressed_dir(path):
+        return None
+    check_local_dir(path, allow_pickle=False)
+    try:
+        model, tokenizer, info = load_model(path, trust_remote_code=bool(options.get("trust_remote_code")))
+    except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None
+    return LoadedModel(model, tokenizer, "compressed-tensors", {"quantized:grid"} if info["grids"] else set())

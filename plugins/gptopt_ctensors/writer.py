@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 
-from gptopt_core import GptoptError
+from gptopt_core import GptoptError, grid_codes, grid_layers, is_conv1d, weight_matrix
 
 from . import layout
 
 
 def sparse_masks(ctx, model, gridded: set) -> dict:
     """``{name: bool mask (out, in)}`` of the pruned layers not on a grid (from ``ctx.state["masks"]``)."""
-    from gptopt_core import is_conv1d
 
     masks = (getattr(ctx, "state", None) or {}).get("masks") or {}
     modules = dict(model.named_modules())
@@ -37,7 +36,6 @@ def packed_tensors(name, module, grid, kind: str = "pack") -> dict:
     asymmetric (packed along the output dimension for ``pack``, int8 otherwise)."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from gptopt_core import grid_codes
 
     codes = grid_codes(module).cpu()  # (out, in), int32
     offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
@@ -78,10 +76,7 @@ def bitmask_tensors(name, weight, mask, two_four: bool) -> dict:
 def write(ctx, model, path) -> dict:
     """Write ``model`` into ``path``: config.json (with ``quantization_config``), model.safetensors,
     generation_config.json. Returns a summary (layers packed / sparse, formats)."""
-    import torch
     from safetensors.torch import save_file
-
-    from gptopt_core import grid_layers, is_conv1d, weight_matrix
 
     grids = grid_layers(model)
     gridded = {n for n, _, _ in grids}
@@ -117,6 +112,20 @@ def write(ctx, model, path) -> dict:
                                   "mask (changed after prune); prune again or save --format safetensors")
             tensors.update(bitmask_tensors(name, weight, mask, two_four))
             replaced.add(f"{name}.weight")
+    add_plain_tensors(model, state, replaced, tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_configs(model, path, layout.config_dict(qconfig, sconfig, plain["dequantize"]))
+    return {"packed_layers": len(grids), "sparse_layers": len(sparse),
+            "sparsity_format": sconfig.format if sconfig is not None else None,
+            "zeros_in_codes": 0 if compress_sparse else len(set(masked) & gridded),
+            "schemes": sorted({g.describe() for _, _, g in grids}),
+            "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
+            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
+
+
+def add_plain_tensors(model, state: dict, replaced: set, tensors: dict) -> None:
+    """Every state-dict tensor not written packed or sparse, as it is; a tensor sharing storage with one already
+    written is written again (cloned), except a head tied to the embedding, which transformers ties on load."""
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
     seen: dict = {(state[k].data_ptr(), state[k].numel()): k for k in replaced if k in state}
     for key, value in state.items():
@@ -129,18 +138,14 @@ def write(ctx, model, path) -> dict:
             value = value.clone()
         seen[ptr] = key
         tensors[key] = value.detach().cpu().contiguous()
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
+
+def write_configs(model, path, quantization_config: dict) -> None:
+    """config.json with ``quantization_config``, and generation_config.json where the model has one."""
     model.config.save_pretrained(str(path))
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = layout.config_dict(qconfig, sconfig, plain["dequantize"])
+    config["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(path))
-    return {"packed_layers": len(grids), "sparse_layers": len(sparse),
-            "sparsity_format": sconfig.format if sconfig is not None else None,
-            "zeros_in_codes": 0 if compress_sparse else len(set(masked) & gridded),
-            "schemes": sorted({g.describe() for _, _, g in grids}),
-            "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
-            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}

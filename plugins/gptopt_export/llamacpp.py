@@ -9,7 +9,7 @@ import os
 import statistics
 import time
 
-from gptopt_core import GptoptError
+from gptopt_core import GptoptError, perplexity_of
 
 INSTALL_HINT = "pip install 'gptopt[llamacpp]' (llama-cpp-python builds llama.cpp from source, ~11 min on 2 cores)"
 
@@ -83,8 +83,6 @@ def perplexity(path, ids, block_size: int = 512, stride: int = 512, max_tokens: 
     """``eval``'s perplexity, with the logits computed by llama.cpp from the GGUF file at ``path``."""
     import numpy as np
     import torch
-
-    from gptopt_core import perplexity_of
 
     llm = load(path, n_ctx=block_size, logits_all=True, threads=threads or available_cores())
     try:

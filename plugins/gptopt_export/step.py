@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step
+from gptopt_core import GptoptError, Params, PlanError, Step
 
 from .blocks import TYPES
 
@@ -61,9 +61,9 @@ class ExportStep(Step):
     def check_target(self) -> Path:
         target = self.target()
         if target.is_dir():
-            raise GptoptError(f"export: {target} is a directory; give a file name ending in .gguf")
+            raise PlanError(f"export: {target} is a directory; give a file name ending in .gguf")
         if target.exists() and not self.params.overwrite:
-            raise GptoptError(f"export: {target} exists; pass --overwrite or choose another --to")
+            raise PlanError(f"export: {target} exists; pass --overwrite or choose another --to")
         return target
 
     def check_plan(self, before, after, facts):
@@ -136,12 +136,12 @@ class LlamacppStep(Step):
 
         problem = missing()
         if problem:
-            raise GptoptError(f"llamacpp: {problem}")
+            raise PlanError(f"llamacpp: {problem}")
         if self.params.file:
             written = {str(Path(s.params.to).expanduser()) for s in before if s.name == "export"}
             path = Path(self.params.file).expanduser()
             if str(path) not in written and not path.is_file():
-                raise GptoptError(f"llamacpp --file {path}: no such file")
+                raise PlanError(f"llamacpp --file {path}: no such file")
 
     def preflight(self, ctx):
         if self.params.eval:

@@ -84,19 +84,10 @@ def _bnb_kind(module) -> Optional[str]:
 
 
 def dequantized(module):
-    """float32 ``(out, in)`` weight of a bitsandbytes layer, through bitsandbytes' own functions."""
-    import bitsandbytes as bnb
-    import torch
+    """float32 ``(out, in)`` weight of a bitsandbytes layer: the core's one :func:`gptopt_core.dequantized_weight`."""
+    from gptopt_core import dequantized_weight
 
-    weight = module.weight
-    kind = _bnb_kind(module)
-    if kind == "bnb-int8":
-        if hasattr(module, "dequantized_weight"):  # 8-bit embedding keeping its own row scales
-            return module.dequantized_weight().float()
-        codes = weight.data if weight.data.dtype == torch.int8 else module.state.CB
-        scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-        return bnb.functional.int8_vectorwise_dequant(codes, scb).float()
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return dequantized_weight(module)
 
 
 def _source(name, module, role, hf_name, rows=None) -> Source:

@@ -40,6 +40,29 @@ def lazy_block_size(columns: int, m: Optional[int], group_size: Optional[int], b
     return min(columns, unit * max(1, block_size // unit))
 
 
+def _start(W, H, nm, bits, group_size, symmetric):
+    """Copies of ``W`` and ``H`` with dead inputs (zero Hessian diagonal) zeroed, the group width, and one
+    ``(scale, zero)`` slot per group (per channel: fitted now, on the weights before pruning, as the reference)."""
+    import torch
+
+    W = W.clone()
+    H = H.to(W.dtype).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    columns = W.shape[1]
+    if nm is not None and columns % nm[1]:
+        raise ValueError(f"the input width {columns} is not a multiple of M={nm[1]}")
+    gs = group_size or columns
+    if bits and columns % gs:
+        raise ValueError(f"group size {group_size} does not divide the input width {columns}")
+    n_groups = columns // gs
+    scales, zeros = [None] * n_groups, [None] * n_groups
+    if bits and group_size is None:
+        scales[0], zeros[0] = fit_group(W, bits, symmetric)
+    return W, H, gs, scales, zeros
+
+
 def sparsegpt_prune(W, H, sparsity: Optional[float] = None, nm: Optional[tuple[int, int]] = None,
                     bits: Optional[int] = None, group_size: Optional[int] = None, symmetric: bool = True,
                     dampening: float = 0.01, block_size: int = 128):
@@ -53,21 +76,8 @@ def sparsegpt_prune(W, H, sparsity: Optional[float] = None, nm: Optional[tuple[i
     """
     import torch
 
-    W = W.clone()
-    H = H.to(W.dtype).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H, gs, scales, zeros = _start(W, H, nm, bits, group_size, symmetric)
     rows, columns = W.shape
-    if nm is not None and columns % nm[1]:
-        raise ValueError(f"the input width {columns} is not a multiple of M={nm[1]}")
-    gs = group_size or columns
-    if bits and columns % gs:
-        raise ValueError(f"group size {group_size} does not divide the input width {columns}")
-    n_groups = columns // gs
-    scales, zeros = [None] * n_groups, [None] * n_groups
-    if bits and group_size is None:  # per channel: fitted on the weights before pruning, as the reference does
-        scales[0], zeros[0] = fit_group(W, bits, symmetric)
     dynamic = bool(bits) and group_size is not None
     U, damp = inverse_hessian_cholesky(H, dampening)
     pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)

@@ -6,13 +6,13 @@ integer grid (:mod:`gptopt_core.grids`) and ``ctx.state["quantized"]`` names eac
 """
 from __future__ import annotations
 
-from gptopt_core import GptoptError, attach_grid
+from gptopt_core import GptoptError, attach_grid, run_blockwise, split_by_block, torch_threads
+
+from .sparsegpt import sparsegpt_prune
 
 
 def check_sparsegpt_targets(model, targets, params) -> None:
     import torch
-
-    from gptopt_core import split_by_block
 
     _, outside = split_by_block(model, [t.name for t in targets])
     if outside:
@@ -35,9 +35,7 @@ def check_sparsegpt_targets(model, targets, params) -> None:
 def run_sparsegpt(ctx, model, targets, batches, params) -> dict:
     import torch
 
-    from gptopt_core import run_blockwise, torch_threads
 
-    from .sparsegpt import sparsegpt_prune
 
     check_sparsegpt_targets(model, targets, params)
     by_name = {t.name: t for t in targets}

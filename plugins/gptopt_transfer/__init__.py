@@ -5,242 +5,19 @@ masks (``ctx.state["masks"]``) survive: full fine-tuning keeps pruned weights ex
 optimizer step, and a LoRA ``--merge`` re-applies the masks to the merged weights, so the saved model has the
 pruned sparsity exactly. ``--distill-from original`` adds a KL term against the model as it was loaded.
 
-Heavy imports (torch, peft) happen inside the step bodies only.
+The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the
+steps, :mod:`.masked`, :mod:`.distill` and :mod:`.adapter` the torch / peft work (imported where it runs).
 """
-from __future__ import annotations
+from gptopt_core import PlanError, hookimpl
 
-from typing import List, Literal, Optional
+from .adapter import is_peft_model, load_with_adapter, save_with_adapter
+from .distill import distill_loss
+from .step import FinetuneParams, FinetuneStep, LoraParams, LoraStep, resolve_targets
 
-import pydantic
-
-from gptopt_core import GptoptError, PlanError, Step, TrainParams, architecture_of, hookimpl
-
-DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0
-
-
-class DistillParams(TrainParams):
-    """The core's training options plus distillation, which this plugin implements (``gptopt_training_loss``)."""
-
-    distill_from: Optional[Literal["original"]] = pydantic.Field(
-        None, description="add a KL term against the model as it was loaded (before lossy steps)")
-    distill_weight: Optional[float] = pydantic.Field(None, gt=0, le=1000,
-                                                     description=f"weight of the KL term [default: {DISTILL_WEIGHT}]")
-    temperature: Optional[float] = pydantic.Field(None, gt=0, le=100,
-                                                  description=f"distillation temperature [default: {TEMPERATURE}]")
-
-    @pydantic.model_validator(mode="after")
-    def _check_distill(self):
-        if self.distill_from is None and (self.distill_weight is not None or self.temperature is not None):
-            raise ValueError("--distill-weight/--temperature need --distill-from original")
-        return self
+__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets",
+           "PlanError"]
 
 
-class FinetuneParams(DistillParams):
-    lr: float = pydantic.Field(5e-5, gt=0, le=1.0, description="peak learning rate (AdamW)")
-
-
-class LoraParams(DistillParams):
-    lr: float = pydantic.Field(5e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
-    r: int = pydantic.Field(16, ge=1, le=4096, description="LoRA rank")
-    alpha: float = pydantic.Field(32.0, gt=0, le=1e6, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = pydantic.Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: List[str] = pydantic.Field(
-        default_factory=lambda: ["auto"],
-        description="'auto' (per architecture) or glob patterns on module names, e.g. '*q_proj' (repeatable)")
-    merge: bool = pydantic.Field(False, description="merge the adapter into the weights (a plain model)")
-    masked_update: bool = pydantic.Field(
-        True, description="with --merge on a pruned model: train the update the merge keeps (mask * B@A), so the "
-                          "merged model is the trained one")
-
-    @pydantic.field_validator("target_modules")
-    @classmethod
-    def _targets(cls, value):
-        value = [v.strip() for v in value]
-        if not value or any(not v for v in value):
-            raise ValueError("give 'auto' or non-empty glob patterns")
-        if "auto" in value and len(value) > 1:
-            raise ValueError("'auto' cannot be combined with other patterns")
-        return value
-
-
-class _TrainingStep(Step):
-    trains = True
-
-    def wants_original_model(self) -> bool:
-        """``--distill-from original``: the pipeline keeps a copy of the model as loaded (``ctx.original_model()``)."""
-        return self.params.distill_from == "original"
-
-    def preflight(self, ctx):
-        from gptopt_core import resolve_precision, train_blocks
-
-        train_blocks(ctx.data, self.params.seq_len)  # "no train data" fails before anything runs
-        resolve_precision(self.params.precision, ctx.device)
-
-    def _train(self, ctx, model):
-        from gptopt_core import Trainer
-
-        p = self.params
-        if p.distill_from:
-            ctx.state["distill"] = {"weight": p.distill_weight or DISTILL_WEIGHT,
-                                    "temperature": p.temperature or TEMPERATURE}
-        try:
-            trainer = Trainer(ctx, model, p, name=self.name)
-            metrics = trainer.run()
-        finally:
-            ctx.state.pop("distill", None)
-        return trainer.model, metrics
-
-
-class FinetuneStep(_TrainingStep):
-    """Full fine-tuning of every weight on the train split (sparsity-preserving when masks are present)."""
-
-    name = "finetune"
-    Params = FinetuneParams
-    forbids = {
-        "quantized": "full fine-tuning cannot update packed low-bit weights; put finetune before quantize, "
-                     "or use lora (QLoRA) on the quantized model",
-        "adapter": "the model carries an unmerged LoRA adapter; use lora --merge before finetune",
-    }
-
-    def apply(self, ctx):
-        model = ctx.model
-        model.requires_grad_(True)
-        model, metrics = self._train(ctx, model)
-        ctx.model = model
-        if ctx.state.get("masks"):
-            from gptopt_core import sparsity
-
-            metrics["masked_sparsity_kept"] = _masks_hold(model, ctx.state["masks"])
-            metrics["sparsity"] = sparsity(model)
-        return metrics
-
-
-class LoraStep(_TrainingStep):
-    """LoRA adapters (PEFT) trained on the train split; QLoRA on a 4-bit base; optional sparsity-keeping merge."""
-
-    name = "lora"
-    Params = LoraParams
-    forbids = {
-        "adapter": "the model already carries an unmerged LoRA adapter; give the earlier lora step --merge",
-    }
-
-    def next_facts(self, facts):
-        facts = super().next_facts(facts)
-        return facts if self.params.merge else facts | {"adapter"}
-
-    def check_plan(self, before, after, facts):
-        quantized = any(f.startswith("quantized") for f in facts)
-        if self.params.merge and quantized and "masks" in facts:
-            raise PlanError("lora --merge on a quantized, pruned model cannot keep the pruned weights exactly zero "
-                            "(the merge re-quantizes them); run lora --merge before quantize, or keep the adapter "
-                            "unmerged (--no-merge)")
-
-    def preflight(self, ctx):
-        super().preflight(ctx)
-        resolve_targets(ctx.model, self.params.target_modules)
-
-    def apply(self, ctx):
-        import warnings
-
-        import peft
-
-        p = self.params
-        model = ctx.model
-        targets, conv1d = resolve_targets(model, p.target_modules)
-        four_bit = "quantized:4bit" in ctx.facts or bool(getattr(model, "is_loaded_in_4bit", False))
-        k_bit = four_bit or any(f.startswith("quantized") for f in ctx.facts)
-        config = peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
-                                 fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            if k_bit:  # QLoRA-style: freeze the base, upcast non-quantized params, enable input grads
-                model = peft.prepare_model_for_kbit_training(
-                    model, use_gradient_checkpointing=p.gradient_checkpointing,
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.requires_grad_(False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            model = peft.get_peft_model(model, config)
-        masks = ctx.state.get("masks")
-        masked = []
-        if p.merge and p.masked_update and masks and not k_bit:
-            from .masked import mask_lora_updates
-
-            masked = mask_lora_updates(model, masks)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
-            model, metrics = self._train(ctx, model)
-        metrics["lora_targets"] = len(targets)
-        metrics["qlora"] = bool(k_bit)
-        if masks:
-            metrics["lora_masked_layers"] = len(masked)
-        if p.merge:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*[Mm]erg.*")
-                model = model.merge_and_unload()
-            if masks:
-                from gptopt_core import apply_masks, sparsity
-
-                apply_masks(model, masks)
-                metrics["masked_sparsity_kept"] = _masks_hold(model, masks)
-                metrics["sparsity"] = sparsity(model)
-        model.eval()
-        ctx.model = model
-        return metrics
-
-
-def resolve_targets(model, patterns) -> tuple[list[str], bool]:
-    """The qualified names of the layers LoRA adapts, and whether they are GPT-2 ``Conv1D`` layers.
-
-    ``auto``: the block's linear layers of the model's family in the architecture table
-    (``gptopt_core.architecture_of``), else every linear layer but the output head.
-    Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
-    Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
-    """
-    from gptopt_core import is_conv1d, weight_modules
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = weight_modules(base)
-    if patterns == ["auto"]:
-        kind = getattr(getattr(base, "config", None), "model_type", "")
-        arch = architecture_of(base)
-        leaf = arch.lora_targets if arch is not None else None
-        chosen = [(n, m) for n, m in layers if leaf is None or n.rsplit(".", 1)[-1] in leaf]
-        what = f"auto targets for model type '{kind}' ({', '.join(leaf) if leaf else 'all linear layers'})"
-    else:
-        chosen = [(n, m) for n, m in weight_modules(base, include=patterns)]
-        what = f"--target-modules {' '.join(patterns)}"
-    if not chosen:
-        examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, _ in layers})[:8])
-        raise GptoptError(f"lora: {what} matched no linear layer of this model; its layers are named like: "
-                          f"{examples}")
-    conv = {is_conv1d(m) for _, m in chosen}
-    if len(conv) > 1:
-        raise GptoptError(f"lora: {what} mixes GPT-2 Conv1D and nn.Linear layers; target one kind at a time")
-    return [n for n, _ in chosen], conv.pop()
-
-
-def _masks_hold(model, masks) -> bool:
-    """True when every pruned (mask False) weight is exactly zero."""
-    import torch
-
-    modules = dict(model.named_modules())
-    for name, keep in masks.items():
-        module = modules.get(name)
-        if module is None:
-            continue
-        w = getattr(module, "base_layer", module).weight
-        if w.shape != keep.shape:
-            continue
-        with torch.no_grad():
-            if bool((w[~keep.to(w.device)] != 0).any()):
-                return False
-    return True
-
-
-# -- hooks ------------------------------------------------------------------------------------------------
 @hookimpl
 def gptopt_register_steps(register):
     register(LoraStep)
@@ -249,81 +26,22 @@ def gptopt_register_steps(register):
 
 @hookimpl
 def gptopt_training_loss(ctx, model, batch, outputs):
-    """Distillation: ``weight * T^2 * KL(teacher_T || student_T)`` per token, teacher = the model as loaded."""
+    """Distillation (``--distill-from original``) while its training step runs."""
     cfg = ctx.state.get("distill")
-    if not cfg:
-        return None
-    import torch
-    import torch.nn.functional as F
-
-    teacher = ctx.original_model()
-    with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"]).logits.float()
-    T = cfg["temperature"]
-    s = F.log_softmax(outputs.logits.float() / T, dim=-1)
-    t = F.log_softmax(t_logits / T, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
-    return cfg["weight"] * T * T * kl
+    return distill_loss(ctx, cfg, batch, outputs) if cfg else None
 
 
 @hookimpl(tryfirst=True)
 def gptopt_save_model(ctx, model, path):
-    """A PEFT model: the base model (LoRA layers swapped out) in ``path``, saved by whichever plugin saves
-    such a base (e.g. a 4-bit one), and the adapter in ``path/adapter`` (``PeftModel.from_pretrained``)."""
-    if type(model).__module__.split(".")[0] != "peft":
+    """A PEFT model: the base model in ``path`` (saved by whichever plugin saves such a base), the adapter in
+    ``path/adapter``."""
+    if not is_peft_model(model):
         return None
-    base = model.get_base_model()
-    with _without_lora_layers(base):
-        ctx.hook.gptopt_save_model(ctx=ctx, model=base, path=path)
-    model.save_pretrained(str(path / "adapter"), safe_serialization=True)
+    save_with_adapter(ctx, model, path)
     return True
-
-
-class _without_lora_layers:
-    """Temporarily put each PEFT-wrapped layer's ``base_layer`` back in its place (nothing is merged)."""
-
-    def __init__(self, model):
-        self.model, self.swapped = model, []
-
-    def __enter__(self):
-        from gptopt_core import replace_module
-
-        for name, module in list(self.model.named_modules()):
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-                self.swapped.append((name, replace_module(self.model, name, module.base_layer)))
-        return self.model
-
-    def __exit__(self, *exc):
-        from gptopt_core import replace_module
-
-        for name, module in reversed(self.swapped):
-            replace_module(self.model, name, module)
-        return False
 
 
 @hookimpl
 def gptopt_resolve_model(spec, options):
     """A directory saved by ``save`` after an unmerged ``lora``: load the base, then its ``adapter/``."""
-    from pathlib import Path
-
-    path = Path(spec).expanduser()
-    if not (path / "adapter" / "adapter_config.json").is_file() or not (path / "config.json").is_file():
-        return None
-    from gptopt_core import load_local_dir
-
-    loaded = load_local_dir(path, options)
-    try:
-        import peft
-
-        loaded.model = peft.PeftModel.from_pretrained(loaded.model, str(path / "adapter"))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        from gptopt_core import SourceError
-
-        raise SourceError(f"cannot load the LoRA adapter in {path / 'adapter'}: {exc}"[:300]) from None
-    loaded.model.eval()
-    loaded.facts = set(loaded.facts) | {"adapter"}
-    return loaded
-
-
-__all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_targets",
-           "PlanError"]
+    return load_with_adapter(spec, options)

@@ -65,3 +65,19 @@ def _masked_forward(self, x, *args, **kwargs):
     # one matmul with the weight the merge will produce
     weight = base.weight + delta.to(base.weight.dtype)
     return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs)
+
+
+def masks_hold(model, masks) -> bool:
+    """True when every pruned (mask False) weight is exactly zero."""
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        w = getattr(module, "base_layer", module).weight
+        if w.shape != keep.shape:
+            continue
+        with torch.no_grad():
+            if bool((w[~keep.to(w.device)] != 0).any()):
+                return False
+    return True
