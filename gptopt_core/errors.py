@@ -44,8 +44,15 @@ class StepFailed(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (partial output removed, run.json
-    records the run as interrupted)."""
+    """SIGTERM (or SIGHUP: the terminal went away), raised in the main thread so that it unwinds like Ctrl-C
+    (partial output removed, run.json records the run as interrupted); exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int = 15):
+        import signal
+
+        self.signum = int(signum)
+        self.signame = signal.Signals(self.signum).name if self.signum in set(signal.Signals) else str(signum)
+        super().__init__(self.signame)
 
 
 #: OS errors a user causes and can fix (a path too long, a read-only or full disk, a file where a directory goes)

@@ -175,8 +175,7 @@ class RunLock:
         missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         self.created = missing  # innermost first
-        path = self.out / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -189,6 +188,27 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
+
+    def _open_lock_file(self) -> int:
+        """The lock file, never through a symlink (``O_NOFOLLOW``: a planted ``.gptopt.lock`` link to a file
+        outside ``--out`` is refused, not truncated) and only a regular file (a FIFO would block the open)."""
+        import stat
+
+        path = self.out / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            self._remove_created()
+            if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+                raise GptoptError(f"--out {self.out}: {LOCK_NAME} is a symlink; gptopt writes its lock only as a "
+                                  "regular file inside --out (remove the link)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            self._remove_created()
+            raise GptoptError(f"--out {self.out}: {LOCK_NAME} is not a regular file; remove it")
+        return fd
 
     def release(self) -> None:
         if self.fd is None:
