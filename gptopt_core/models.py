@@ -103,12 +103,12 @@ def tiny_model(name: str, seed: int = 0):
 # -- local directories and files ----------------------------------------------------------------------
 def check_local_dir(path: Path, allow_pickle: bool) -> None:
     """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks)."""
-    if not (path / "config.json").is_file():
+    from .model_files import check_before_loading, check_directory_files, read_config
+
+    if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
         raise SourceError(f"{path} has no config.json: give a directory written by save_pretrained or gptopt save")
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}/config.json is not valid JSON ({shorten(exc, 120)}); re-save the model") from None
+    check_directory_files(path, f"--model {shorten(path, 160)}")
+    cfg = read_config(path, "--model")
     check_config(cfg, path / "config.json")
     shards = sorted(path.glob("*.safetensors"))
     pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")))
@@ -142,6 +142,7 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
                 raise ValueError(f"file is truncated ({size} of {needed} bytes)")
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
+    check_before_loading(path, cfg, f"--model {shorten(path, 160)}")  # claims vs tensors, nothing allocated
 
 
 def check_config(cfg, where) -> None:
@@ -176,9 +177,12 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     check_local_dir(path, options.get("allow_pickle", False))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model_files import check_loading_info, read_config
+
     trust = bool(options.get("trust_remote_code"))
-    cfg = json.loads((path / "config.json").read_text())
-    kwargs = {"trust_remote_code": trust}
+    cfg = read_config(path, "--model")
+    where = f"--model {shorten(path, 160)}"
+    kwargs = {"trust_remote_code": trust, "output_loading_info": True}
     if any(path.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
     else:  # only reached with --allow-pickle: unpickle tensors only, never arbitrary objects
@@ -190,39 +194,38 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     else:
         facts.add("quantized:4bit" if qc.get("load_in_4bit") else "quantized:8bit" if qc.get("load_in_8bit") else "quantized")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
+    except SourceError:
+        raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load model from {path}: {first}") from None
+    check_loading_info(info, where)
     model.eval()
     return LoadedModel(model, tokenizer, "local", facts)
 
 
-def load_gguf(path: Path) -> LoadedModel:
-    """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config."""
-    if not path.is_file():
-        raise SourceError(f"GGUF file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SourceError(f"{path} is not a GGUF file (bad magic); give a .gguf file or a model directory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import torch
+def load_tokenizer(*args, **kwargs):
+    """``AutoTokenizer.from_pretrained``, with a panic of the tokenizers library (a ``pyo3_runtime.PanicException``,
+    which is a ``BaseException``, not an ``Exception``) turned into one line."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except Exception as exc:  # gguf reader raises assorted errors on corrupt files
-        raise SourceError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}"[:300]) from None
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.eval()
-    return LoadedModel(model, tokenizer, "gguf")
+        return AutoTokenizer.from_pretrained(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, Exception):
+        raise
+    except BaseException as exc:
+        raise SourceError(f"cannot read the tokenizer of {shorten(args[0], 160)}: the tokenizers library failed "
+                          f"({type(exc).__name__}: {shorten(exc, 120)})") from None
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config (its
+    header is checked against its tensors first: :mod:`gptopt_core.gguf_files`)."""
+    from .gguf_files import load_gguf as load
+
+    return load(path)
 
 
 def smollm2_dir() -> Path:

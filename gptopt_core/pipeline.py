@@ -173,8 +173,9 @@ class Pipeline:
             check_resumable(self.out, self.recipe())
             self.mark_resumed_outputs()
             return
-        if self.out is not None and self.out.exists() and (
-                not self.out.is_dir() or any(p.name != LOCK_NAME for p in self.out.iterdir())):
+        if self.out is not None and self.out.exists() and (  # a lock counts as empty only as a regular file
+                not self.out.is_dir() or any(p.name != LOCK_NAME or p.is_symlink() or not p.is_file()
+                                             for p in self.out.iterdir())):
             raise GptoptError(f"--out {self.out} exists and is not empty; choose a new directory or remove it")
 
     def mark_resumed_outputs(self) -> None:
@@ -303,6 +304,9 @@ class Pipeline:
         loaded = self.plugins.hook.gptopt_resolve_model(spec=self.model_spec, options=options)
         if loaded is None:
             raise GptoptError(f"no model source understands '{self.model_spec}'")
+        from .model_files import check_finite
+
+        check_finite(loaded.model, f"--model {str(self.model_spec)[:160]}")  # every source: NaN/inf is exit 2
         if not loaded.facts:
             loaded.model.to(device)
         return loaded
@@ -347,9 +351,9 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeding limit
 
 
 def _is_main_process() -> bool:
-    import os
+    from .context import main_process
 
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    return main_process()
 
 
 def max_positions(model) -> int | None:
