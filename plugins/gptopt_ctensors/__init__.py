@@ -139,11 +139,13 @@ def gptopt_resolve_model(spec, options):
 
     if not is_compressed_dir(path):
         return None
-    from gptopt_core import LoadedModel, SourceError, check_local_dir
+    from gptopt_core import GptoptError, LoadedModel, SourceError, check_local_dir
 
     check_local_dir(path, allow_pickle=False)
     try:
         model, tokenizer, info = load_model(path, trust_remote_code=bool(options.get("trust_remote_code")))
+    except GptoptError:
+        raise
     except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None
