@@ -4,6 +4,7 @@ the windows ``eval`` scores (``gptopt_core.evaluate.perplexity_of``), and prefil
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -38,10 +39,43 @@ def load(path, n_ctx: int, logits_all: bool, threads: int):
     import llama_cpp
 
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-                               n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+        with _no_amx_buffers(llama_cpp):
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                   logits_all=logits_all, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                                   verbose=False)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
         raise GptoptError(f"llama.cpp cannot load {path}: {exc}") from None
+
+
+def has_amx() -> bool:
+    """Whether this llama.cpp build uses Intel AMX (``AMX_INT8 = 1`` in its system info)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def _no_amx_buffers(llama_cpp):
+    """On a CPU with AMX, load weights without llama.cpp's extra CPU buffer types (``use_extra_bufts = false``, what
+    ``llama-cli --no-repack`` sets): llama.cpp 0.3.36's AMX buffer segfaults on q8_0 / q4_0 matrices here
+    (seen on a 2-core Xeon VM with AMX: the first quantized matmul crashes the process). llama-cpp-python has no
+    argument for it, so its default model parameters are wrapped while the model loads."""
+    if not has_amx():
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
 
 
 def perplexity(path, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096,
