@@ -222,9 +222,13 @@ class _DiskStore:
     """Blocks written to safetensors files and replaced by ``meta`` tensors until they are loaded again."""
 
     def __init__(self, directory: Optional[str] = None):
+        import os
         import tempfile
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="gptopt-offload-", dir=directory)
+        from .paths import remove_stale_temporaries
+
+        remove_stale_temporaries(directory or tempfile.gettempdir(), "gptopt-offload-")  # of runs killed with -9
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"gptopt-offload-{os.getpid()}-", dir=directory)
         self.dir = self._tmp.name
 
     def path(self, index: int) -> str:

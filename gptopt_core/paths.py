@@ -64,7 +64,7 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def check_output_path(value, where: str = "output", *, confine_to=None, overwrite: bool = False,
-                      protect=(), file: bool = False) -> Path:
+                      protect=(), file: bool = False, temporary: bool = True) -> Path:
     """Check one output location and return it resolved; raise a one-line :class:`GptoptError` otherwise.
 
     :param value: the path as the step will use it (a ``str`` or ``os.PathLike``; bytes are refused).
@@ -76,6 +76,8 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
     :param protect: paths this output must neither be nor contain (e.g. the run's ``--out``).
     :param file: the output is one file (e.g. ``export --to FILE.gguf``), not a directory: an existing directory
         there is refused, an existing file is the step's to refuse or replace (its ``--overwrite``).
+    :param temporary: the output is written through a temporary name beside it (a save, an export): its last
+        component must leave room for that name (:data:`TEMP_NAME_ROOM` bytes).
     :returns: the resolved :class:`~pathlib.Path` (symlinks followed).
 
     Refused: a non-text value, an empty path, NUL bytes, components longer than the file system allows, a
@@ -90,6 +92,11 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
     if "\x00" in text:
         raise GptoptError(f"{where}: the path contains a NUL byte")
     check_path_lengths(text, where)
+    last = os.fsencode(Path(text).name)
+    if temporary and len(last) + TEMP_NAME_ROOM > _name_max(Path(".")):
+        raise GptoptError(f"{where}: the name '{shorten(Path(text).name, 40)}' is {len(last)} bytes; gptopt writes it "
+                          f"through a temporary name beside it, so it may have at most "
+                          f"{_name_max(Path('.')) - TEMP_NAME_ROOM}")
     shown = shorten(text, 120)
     raw = expand_user(text, where)
     try:
@@ -153,9 +160,45 @@ def clean_stale_partials(target: Path) -> list[Path]:
                 continue
             if kind == "old" and not target.exists():
                 continue  # the only copy of the previous target (killed between the two renames): keep it
-            shutil.rmtree(d, ignore_errors=True)
+            _remove(d)
             removed.append(d)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """A file, a symlink (never what it points to) or a directory tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the entries of ``directory`` named ``PREFIX<pid><anything>SUFFIX`` whose process ``pid`` no longer
+    runs (temporaries of a run killed with -9: an export's ``.NAME.<pid>.*.part``, a ``--offload disk``
+    directory); returns what was removed. Temporaries of live processes are left alone."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.glob(f"{glob_escape(prefix)}*{glob_escape(suffix)}"):
+        rest = entry.name[len(prefix):]
+        pid = rest.split(".", 1)[0].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+#: bytes a temporary name beside an output adds to its last component (``.NAME.partial-PID``, ``.NAME.PID.XXXXXXXX.part``)
+TEMP_NAME_ROOM = 32
 
 
 class RunLock:

@@ -152,7 +152,8 @@ class Pipeline:
             is_file = step is not None and any(value == getattr(step.params, key, None)
                                                for key in getattr(step, "file_params", ()))
             resolved = check_output_path(value, where, confine_to=self.confine_to if step is not None else None,
-                                         overwrite=overwrite, protect=protect, file=is_file)
+                                         overwrite=overwrite, protect=protect, file=is_file,
+                                         temporary=step is not None)
             if resolved in seen:
                 raise PlanError(f"{where} writes {resolved}, as {seen[resolved]} does; give each its own path")
             seen[resolved] = where

@@ -139,8 +139,11 @@ class LlamacppStep(Step):
         if self.params.file:
             written = {str(Path(s.params.to).expanduser()) for s in before if s.name == "export"}
             path = Path(self.params.file).expanduser()
-            if str(path) not in written and not path.is_file():
-                raise GptoptError(f"llamacpp --file {path}: no such file")
+            if str(path) not in written:
+                from gptopt_core import check_input_file
+
+                if not check_input_file(path, f"llamacpp --file", missing_ok=True):
+                    raise GptoptError(f"llamacpp --file {path}: no such file")
 
     def preflight(self, ctx):
         if self.params.eval:
