@@ -29,6 +29,11 @@ def check_path_lengths(value, where: str) -> None:
     """Raise a one-line error when a path (input or output) has a component or a length the file system
     cannot hold, before anything tries to open it."""
     text = os.fspath(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a name with undecodable bytes (surrogate-escaped): run.json/report.md are UTF-8
+        byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else ord(text[exc.start])
+        raise GptoptError(f"{where}: the path is not valid UTF-8 (byte 0x{byte:02x} at {exc.start}); rename it") from None
     limit = _name_max(Path("."))
     for part in expand_user(text, where).parts:
         size = len(os.fsencode(part))

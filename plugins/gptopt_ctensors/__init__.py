@@ -141,7 +141,10 @@ def gptopt_resolve_model(spec, options):
         return None
     from gptopt_core import GptoptError, LoadedModel, SourceError, check_local_dir
 
-    check_local_dir(path, allow_pickle=False)
+    check_local_dir(path, allow_pickle=bool(options.get("allow_pickle")))
+    if not any(path.glob("*.safetensors")):
+        raise SourceError(f"{spec}: a compressed-tensors model is read from *.safetensors files only; pickle "
+                          "weights are not read (with or without --allow-pickle)")
     try:
         model, tokenizer, info = load_model(path, trust_remote_code=bool(options.get("trust_remote_code")))
     except GptoptError:
