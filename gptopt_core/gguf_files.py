@@ -8,6 +8,8 @@ gigabytes, or abort inside llama.cpp. :func:`check_gguf_file` reads only the hea
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import re
 
 from .errors import SourceError, shorten
@@ -150,8 +152,9 @@ def load_gguf(path):
     check_gguf_file(path, where)
     try:
         tokenizer = gguf_tokenizer(path)
-        loaded, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32, output_loading_info=True)
+        with _quiet_conversion():
+            loaded, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32, output_loading_info=True)
     except SourceError:
         raise
     except Exception as exc:  # the gguf reader and transformers raise assorted errors on corrupt files
@@ -166,3 +169,25 @@ def load_gguf(path):
         model.tie_weights()
     model.eval()
     return LoadedModel(model, tokenizer, "gguf")
+
+
+@contextlib.contextmanager
+def _quiet_conversion():
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is plain tqdm, which reads ``TQDM_DISABLE`` only
+    when first imported: under ``-q`` (which sets it) the bar is switched off here too, for a process that imported
+    tqdm before (``gptopt_core.cli.main`` called in-process)."""
+    import os
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    if os.environ.get("TQDM_DISABLE") != "1" or module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    saved = module.tqdm
+    module.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        module.tqdm = saved

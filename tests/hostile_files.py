@@ -29,8 +29,10 @@ def rewrite_gguf(src, dst, fields=None, drop_fields=(), drop_tensors=(), arch=No
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for name, spec in fields.items():
-        writer.add_key_value(name, *spec)
+    for name, spec in fields.items():  # (value, type[, sub type]); types by name or GGUFValueType
+        value, *types = spec
+        types = [gguf.GGUFValueType[t] if isinstance(t, str) else t for t in types]
+        writer.add_key_value(name, value, types[0], sub_type=types[1] if len(types) > 1 else None)
     if keep_tensors:
         for t in reader.tensors:
             if t.name in drop_tensors or (tensor_filter and not tensor_filter(t.name)):

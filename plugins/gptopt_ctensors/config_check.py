@@ -8,6 +8,8 @@ QuantizationConfig" becomes the first real error, located.
 """
 from __future__ import annotations
 
+import re
+
 from gptopt_core import GptoptError
 
 #: longest target / ignore entry accepted
@@ -108,6 +110,7 @@ def validation_message(exc) -> str:
     if not errors:
         return str(exc).splitlines()[0]
     first = errors[0]
-    loc = ".".join(str(p) for p in first.get("loc", ())) or "quantization_config"
+    # pydantic names validators in the location ("function-after[validate_model_after(), ...]"): keep field names
+    loc = ".".join(str(p) for p in first.get("loc", ()) if re.fullmatch(r"[\w.-]+", str(p))) or "quantization_config"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{loc}: {str(first.get('msg', ''))[:200]}{more}"

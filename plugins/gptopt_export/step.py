@@ -142,8 +142,11 @@ class LlamacppStep(Step):
             if str(path) not in written:
                 from gptopt_core import check_input_file
 
-                if not check_input_file(path, f"llamacpp --file", missing_ok=True):
+                if not check_input_file(path, "llamacpp --file", missing_ok=True):
                     raise GptoptError(f"llamacpp --file {path}: no such file")
+                from .measure import check_llama_limits
+
+                check_llama_limits(path, self.params)  # what llama.cpp aborts on, before anything loads
 
     def preflight(self, ctx):
         if self.params.eval:
