@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import error_lines
+from conftest import ROOT, error_lines
 from hostile_files import copy_model_dir, rewrite_gguf
 
 G2, LL = "tiny-random-gpt2", "tiny-random-llama"
@@ -449,6 +449,8 @@ def test_the_table_has_80_new_cases_across_every_kind():
     assert {"lock", "model-dir", "special-file", "size-cap", "plan-yaml", "gguf", "llama.cpp", "compressed-tensors",
             "codes"} <= set(kinds), kinds
     assert all(n >= 3 for n in kinds.values()), kinds
+    doc = (ROOT / "docs" / "trust-model.md").read_text()
+    assert f"`tests/test_hostile_formats.py` ({len(CASES)} cases" in doc, "docs/trust-model.md has another count"
 
 
 def snapshot(root):
