@@ -99,6 +99,7 @@ def check_gguf_file(path, where: str | None = None) -> dict:
         raise SourceError(f"{where}: '{arch}.embedding_length' is {width} but token_embd.weight is {embd[0]} wide")
     if isinstance(vocab, int) and len(embd) > 1 and vocab != embd[1]:
         raise SourceError(f"{where}: the tokenizer has {vocab} tokens but token_embd.weight has {embd[1]} rows")
+    check_widths(reader, tensors, arch, width, embd, where)
     context = _int(reader, f"{arch}.context_length", where)
     pos = tensors.get("position_embd.weight")
     if arch == "gpt2" and (pos is None or len(pos) < 2 or pos[1] != context):
@@ -106,6 +107,27 @@ def check_gguf_file(path, where: str | None = None) -> dict:
                           f"{pos[1] if pos and len(pos) > 1 else 0} positions")
     return {"architecture": arch, "blocks": claimed, "tensors": len(tensors), "context_length": context,
             "embedding_length": width, "vocab": embd[1] if len(embd) > 1 else vocab}
+
+
+def check_widths(reader, tensors, arch, width, embd, where) -> None:
+    """The sizes transformers builds the model from, against the tensors: MLP width, vocabulary, heads."""
+    ffn = _int(reader, f"{arch}.feed_forward_length", where, required=False)
+    up = tensors.get("blk.0.ffn_up.weight")
+    if ffn is not None and up is not None and len(up) > 1 and up[1] != ffn:
+        raise SourceError(f"{where}: '{arch}.feed_forward_length' is {ffn} but blk.0.ffn_up.weight is {up[1]} wide")
+    vocab = _int(reader, f"{arch}.vocab_size", where, required=False)
+    if vocab is not None and len(embd) > 1 and vocab != embd[1]:
+        raise SourceError(f"{where}: '{arch}.vocab_size' is {vocab} but token_embd.weight has {embd[1]} rows")
+    heads = _int(reader, f"{arch}.attention.head_count", where, required=False)
+    kv = _int(reader, f"{arch}.attention.head_count_kv", where, required=False) or heads
+    if heads is None:
+        return
+    if width % heads or heads % kv:
+        raise SourceError(f"{where}: {heads} attention heads ({kv} key/value) do not divide the width {width}")
+    k = tensors.get("blk.0.attn_k.weight")
+    if arch == "llama" and k is not None and len(k) > 1 and k[1] != kv * (width // heads):
+        raise SourceError(f"{where}: {heads} heads with {kv} key/value heads need blk.0.attn_k.weight "
+                          f"{kv * (width // heads)} wide, not {k[1]}")
 
 
 def gguf_tokenizer(path):

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import GptoptError, SourceError, shorten
+from .errors import SourceError, shorten
 
 #: the cap of :func:`read_input_file` when the caller gives none: a config, a plan, a recipe is a few KiB
 MAX_SMALL_FILE = 4 * 2**20
@@ -107,9 +107,3 @@ def check_no_special_files(directory: Path, where: str) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise SourceError(f"{where}: {shorten(entry, 160)} is {_kind(mode)}, not a regular file; remove it")
 
-
-def check_size(value: int, limit: int, what: str) -> None:
-    """A count claimed by a file header that exceeds what the file itself could hold: one line, nothing
-    allocated."""
-    if value > limit:
-        raise GptoptError(f"{what}: {value} claimed, at most {limit} possible")

@@ -347,6 +347,14 @@ case("gguf", "GPT-2 GGUF claiming 2**30 positions", gguf(G2, fields={"gpt2.conte
 case("gguf", "GGUF with fewer tokens than embedding rows",
      gguf(LL, fields={"tokenizer.ggml.tokens": ([chr(0x100 + i) for i in range(200)], "ARRAY", "STRING")}), GG,
      "the tokenizer has 200 tokens but token_embd.weight has 257 rows")
+case("gguf", "GGUF claiming an MLP of 10**7", gguf(LL, fields={"llama.feed_forward_length": (10**7, "UINT32")}), GG,
+     "'llama.feed_forward_length' is 10000000 but blk.0.ffn_up.weight is 128 wide")
+case("gguf", "GGUF claiming a vocabulary of 10**8", gguf(LL, fields={"llama.vocab_size": (10**8, "UINT32")}), GG,
+     "'llama.vocab_size' is 100000000 but token_embd.weight has 257 rows")
+case("gguf", "GGUF with heads not dividing the width", gguf(LL, fields={"llama.attention.head_count": (3, "UINT32")}),
+     GG, "3 attention heads (2 key/value) do not divide the width 64")
+case("gguf", "GGUF claiming 4 key/value heads of 2", gguf(LL, fields={"llama.attention.head_count_kv": (4, "UINT32")}),
+     GG, "need blk.0.attn_k.weight 64 wide, not 32")
 case("gguf", "GGUF of an architecture transformers lacks", gguf(LL, arch="mistral"), GG, "cannot read GGUF file")
 case("gguf", "GGUF with an architecture name that is not one", gguf(LL, arch="llama; rm -rf"), GG,
      "'general.architecture' is")
