@@ -281,3 +281,16 @@ def test_unquoted_n_m_patterns_stay_strings_in_every_yaml_gptopt_reads():
 
     doc = load_recipe_text("pattern: 2:4\nother: 1:30:00\nn: 12\nx: 1.5\nh: 0x1f\n")
     assert doc == {"pattern": "2:4", "other": "1:30:00", "n": 12, "x": 1.5, "h": 31}
+
+
+def test_a_quantized_model_reads_back_from_its_gguf_and_compressed_tensors_at_the_same_perplexity(tmp_path):
+    """int8 grids written exactly (q8_0 blocks; packed compressed-tensors) read back as the same weights."""
+    first = Pipeline(model=LL, quiet=True).add("quantize", method="rtn", bits=8, group_size=32).add(
+        "eval", **EVAL).add("export", to=str(tmp_path / "q.gguf")).add("save", to=str(tmp_path / "q")).run()
+    ppl = first.records[1]["metrics"]["perplexity"]
+    assert first.records[2]["metrics"]["gguf_exact_grid_tensors"] > 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "compressed-tensors"
+    for spec in (tmp_path / "q.gguf", tmp_path / "q"):
+        again = Pipeline(model=str(spec), quiet=True).add("eval", **EVAL).run()
+        assert again.records[0]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-4), spec
