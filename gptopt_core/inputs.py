@@ -96,14 +96,18 @@ def load_structured_file(path, where: str, max_bytes: int = MAX_SMALL_FILE, kind
     return load_recipe_text(text, kind, f"{where}: {shorten(os.fspath(path), 160)}", limit=max_bytes)
 
 
-def check_no_special_files(directory: Path, where: str) -> None:
-    """Every entry of a model directory that a loader may open is a regular file or a directory: a FIFO, a device
-    or a dangling link named like a tokenizer or weights file would hang or flood the reader."""
+def check_no_special_files(directory: Path, where: str, depth: int = 2) -> None:
+    """Every entry of a model directory that a loader may open (and of its subdirectories, e.g. a LoRA
+    ``adapter/``, ``depth`` levels down) is a regular file or a directory: a FIFO, a device or a dangling link
+    named like a tokenizer or weights file would hang or flood the reader."""
     for entry in sorted(Path(directory).iterdir()):
         try:
             mode = entry.stat().st_mode
         except OSError:
             raise SourceError(f"{where}: {shorten(entry, 160)} is a dangling symlink or cannot be read") from None
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if stat.S_ISDIR(mode):
+            if depth > 1 and not entry.is_symlink():
+                check_no_special_files(entry, where, depth - 1)
+        elif not stat.S_ISREG(mode):
             raise SourceError(f"{where}: {shorten(entry, 160)} is {_kind(mode)}, not a regular file; remove it")
 

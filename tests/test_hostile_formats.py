@@ -271,6 +271,8 @@ case("special-file", "vocab.json a dangling link", model_file("g", "vocab.json",
 case("special-file", "merges.txt a socket", model_file("g", "merges.txt", "socket"), M, "merges.txt is a socket")
 case("special-file", "config.json a directory", model_file("g", "config.json", "dir"), M,
      "config.json is a directory, not a regular file")
+case("special-file", "LoRA adapter weights a FIFO", lambda w, b: _adapter_fifo(w, b), M,
+     "adapter/adapter_model.safetensors is a FIFO")
 case("special-file", "compressed-tensors config.json a FIFO", model_file("ct", "config.json", "fifo"), M,
      "config.json is a FIFO")
 case("special-file", "recipe a FIFO", lambda w, b: special("fifo", w / "r.yaml"), ["--recipe", "{m}"],
@@ -287,6 +289,14 @@ case("special-file", "GGUF a FIFO", lambda w, b: special("fifo", w / "m.gguf"), 
 case("special-file", "GGUF /dev/zero", lambda w, b: special("zero", w / "m.gguf"), GG, "is a character device")
 case("special-file", "GGUF a dangling link", lambda w, b: special("dangling", w / "m.gguf"), GG,
      "is a dangling symlink")
+
+def _adapter_fifo(w, b):
+    d = copy_model_dir(b / G2, w / "m")
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    special("fifo", d / "adapter" / "adapter_model.safetensors")
+    return d
+
 
 # -- size caps: refused from the size, nothing read ---------------------------------------------------------------
 case("size-cap", "config.json of 5 GiB (sparse)", lambda w, b: (sparse(copy_model_dir(b / G2, w / "m") / "config.json",
@@ -392,6 +402,9 @@ case("llama.cpp", "llamacpp --block-size beyond the file's positions", lambda w,
 case("llama.cpp", "llamacpp prompt + new tokens beyond the positions", lambda w, b: rewrite_gguf(
     b / f"{LL}.gguf", w / "m.gguf"), ["--model", LL, "llamacpp", "--file", "{m}", "--no-eval", "--prompt-tokens",
                                        "1000", "--new-tokens", "100"], "is 1100 tokens, longer than the 1024 positions")
+case("llama.cpp", "llamacpp after export, --block-size beyond the positions", lambda w, b: w,
+     ["--model", G2, "export", "--to", "x.gguf", "llamacpp", "--no-bench", "--block-size", "2048", "--max-tokens",
+      "3000"], "step 2 'llamacpp': --block-size 2048 is longer than the model's 1024 positions")
 case("llama.cpp", "llamacpp --file a FIFO", lambda w, b: special("fifo", w / "m.gguf"), LLC,
      "is a FIFO (named pipe), not a regular file")
 case("llama.cpp", "llamacpp --file with no tensors", gguf(G2, keep_tensors=False), LLC, "holds no tensors")

@@ -125,6 +125,12 @@ class LlamacppStep(Step):
     name = "llamacpp"
     Params = LlamacppParams
 
+    @property
+    def position_params(self):
+        """Measuring this run's own export: its window and prompt must fit the model's positions (checked before
+        the first step; a --file is checked against its own header at plan time)."""
+        return () if self.params.file else ("block_size", "prompt_tokens")
+
     def required_facts(self):
         if self.params.file:
             return {}
