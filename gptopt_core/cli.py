@@ -230,7 +230,7 @@ def _quiet_libraries() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (transformers' GGUF conversion); read at its import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "huggingface_hub"):
+    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "huggingface_hub", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
