@@ -101,8 +101,11 @@ def tiny_model(name: str, seed: int = 0):
 
 
 # -- local directories and files ----------------------------------------------------------------------
-def check_local_dir(path: Path, allow_pickle: bool) -> None:
-    """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks)."""
+def check_local_dir(path: Path, allow_pickle: bool, exact: bool = True) -> None:
+    """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks): no FIFO,
+    device or dangling link in it, config.json through the safe loader, readable shards, the layer count and
+    (``exact``, for layouts whose tensors are the model's own parameters) every parameter's tensor and shape
+    against the safetensors headers, else the files' size against the parameters config.json describes."""
     from .model_files import check_before_loading, check_directory_files, read_config
 
     if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
@@ -142,7 +145,7 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
                 raise ValueError(f"file is truncated ({size} of {needed} bytes)")
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
-    check_before_loading(path, cfg, f"--model {shorten(path, 160)}")  # claims vs tensors, nothing allocated
+    check_before_loading(path, cfg, f"--model {shorten(path, 160)}", exact)  # claims vs tensors, nothing allocated
 
 
 def check_config(cfg, where) -> None:

@@ -61,6 +61,8 @@ def base(tmp_path_factory):
         Pipeline(model=name, quiet=True).add("export", to=str(d / f"{name}.gguf"), type="f32").run()
     Pipeline(model=LL, quiet=True).add("quantize", method="rtn", bits=4, group_size=32).add(
         "save", to=str(d / "ct"), format="compressed-tensors").run()
+    Pipeline(model=LL, quiet=True, device="cpu").add("cpu-fast", format="int8-dynamic").add(
+        "save", to=str(d / "cpu")).run()
     return d
 
 
@@ -94,13 +96,13 @@ def sparse(path: Path, size: int):
 
 def model_dir(name, **kw):
     def build(w, b):
-        return copy_model_dir(b / (G2 if name == "g" else LL if name == "l" else "ct"), w / "m", **kw)
+        return copy_model_dir(b / {"g": G2, "l": LL}.get(name, name), w / "m", **kw)
     return build
 
 
 def model_file(name, file, kind):
     def build(w, b):
-        d = copy_model_dir(b / (G2 if name == "g" else LL if name == "l" else "ct"), w / "m")
+        d = copy_model_dir(b / {"g": G2, "l": LL}.get(name, name), w / "m")
         special(kind, d / file)
         return d
     return build
@@ -108,7 +110,7 @@ def model_file(name, file, kind):
 
 def edit_config(name, edit):
     def build(w, b):
-        d = copy_model_dir(b / (G2 if name == "g" else LL if name == "l" else "ct"), w / "m")
+        d = copy_model_dir(b / {"g": G2, "l": LL}.get(name, name), w / "m")
         cfg = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(edit(cfg) if callable(edit) else edit)
         return d
@@ -452,6 +454,17 @@ def _ct_pickle(w, b):
     return d
 
 
+# -- cpu-fast directories: the same checks before its own loader runs -------------------------------------------
+case("cpu-fast", "cpu-fast dir whose config.json is a FIFO", model_file("cpu", "config.json", "fifo"), M,
+     "config.json is a FIFO (named pipe)")
+case("cpu-fast", "cpu-fast dir claiming 100,000 layers",
+     edit_config("cpu", lambda c: json.dumps({**c, "num_hidden_layers": 100000})), M,
+     "claims num_hidden_layers = 100000 but the weights hold 2 layers")
+case("cpu-fast", "cpu-fast dir claiming a width of 2**16",
+     edit_config("cpu", lambda c: json.dumps({**c, "hidden_size": 2**16, "head_dim": 16})), M,
+     "parameters but the weights are")
+
+
 # -- exit codes and messages ---------------------------------------------------------------------------------------
 case("codes", "--data named with undecodable bytes", file_of("Some text. " * 100, "caf\udce9.txt"),
      ["--model", G2, "--data", "caf\udce9.txt", "eval"],
@@ -473,7 +486,7 @@ def test_the_table_has_80_new_cases_across_every_kind():
         kinds[kind] = kinds.get(kind, 0) + 1
     assert len(CASES) >= 80, len(CASES)
     assert {"lock", "model-dir", "special-file", "size-cap", "plan-yaml", "gguf", "llama.cpp", "compressed-tensors",
-            "codes"} <= set(kinds), kinds
+            "cpu-fast", "codes"} <= set(kinds), kinds
     assert all(n >= 3 for n in kinds.values()), kinds
     doc = (ROOT / "docs" / "trust-model.md").read_text()
     assert f"`tests/test_hostile_formats.py` ({len(CASES)} cases" in doc, "docs/trust-model.md has another count"

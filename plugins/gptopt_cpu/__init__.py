@@ -42,8 +42,10 @@ def gptopt_resolve_model(spec, options):
     path = Path(spec).expanduser()
     if not (path / "gptopt_cpu.json").is_file():
         return None
-    from gptopt_core import LoadedModel, SourceError
+    from gptopt_core import LoadedModel, SourceError, check_local_dir
 
+    # FIFOs / devices, config.json, layer count and size against the files (int8 layers are packed: not exact)
+    check_local_dir(path, allow_pickle=False, exact=False)
     if not str(options.get("device", "cpu")).startswith("cpu"):
         raise SourceError(f"{spec} holds a cpu-fast model, which runs on CPU only; run with --device cpu")
     try:
