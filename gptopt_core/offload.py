@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import Optional
 
+from .paths import remove_stale_temporaries
+
 OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
@@ -105,7 +107,8 @@ class DiskStore:
     """Blocks written to safetensors files and replaced by ``meta`` tensors until they are loaded again."""
 
     def __init__(self, directory: Optional[str] = None):
-        self._tmp = tempfile.TemporaryDirectory(prefix="gptopt-offload-", dir=directory)
+        remove_stale_temporaries(directory or tempfile.gettempdir(), "gptopt-offload-")  # of runs killed with -9
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"gptopt-offload-{os.getpid()}-", dir=directory)
         self.dir = self._tmp.name
 
     def path(self, index: int) -> str:

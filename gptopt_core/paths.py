@@ -29,6 +29,11 @@ def check_path_lengths(value, where: str) -> None:
     """Raise a one-line error when a path (input or output) has a component or a length the file system
     cannot hold, before anything tries to open it."""
     text = os.fspath(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a name with undecodable bytes (surrogate-escaped): run.json/report.md are UTF-8
+        byte = ord(text[exc.start]) - 0xDC00 if 0xDC80 <= ord(text[exc.start]) <= 0xDCFF else ord(text[exc.start])
+        raise GptoptError(f"{where}: the path is not valid UTF-8 (byte 0x{byte:02x} at {exc.start}); rename it") from None
     limit = _name_max(Path("."))
     for part in expand_user(text, where).parts:
         size = len(os.fsencode(part))
@@ -64,7 +69,7 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def check_output_path(value, where: str = "output", *, confine_to=None, overwrite: bool = False,
-                      protect=(), file: bool = False) -> Path:
+                      protect=(), file: bool = False, temporary: bool = True) -> Path:
     """Check one output location and return it resolved; raise a one-line :class:`GptoptError` otherwise.
 
     :param value: the path as the step will use it (a ``str`` or ``os.PathLike``; bytes are refused).
@@ -76,6 +81,8 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
     :param protect: paths this output must neither be nor contain (e.g. the run's ``--out``).
     :param file: the output is one file (e.g. ``export --to FILE.gguf``), not a directory: an existing directory
         there is refused, an existing file is the step's to refuse or replace (its ``--overwrite``).
+    :param temporary: the output is written through a temporary name beside it (a save, an export): its last
+        component must leave room for that name (:data:`TEMP_NAME_ROOM` bytes).
     :returns: the resolved :class:`~pathlib.Path` (symlinks followed).
 
     Refused: a non-text value, an empty path, NUL bytes, components longer than the file system allows, a
@@ -90,6 +97,11 @@ def check_output_path(value, where: str = "output", *, confine_to=None, overwrit
     if "\x00" in text:
         raise GptoptError(f"{where}: the path contains a NUL byte")
     check_path_lengths(text, where)
+    last = os.fsencode(Path(text).name)
+    if temporary and len(last) + TEMP_NAME_ROOM > _name_max(Path(".")):
+        raise GptoptError(f"{where}: the name '{shorten(Path(text).name, 40)}' is {len(last)} bytes; gptopt writes it "
+                          f"through a temporary name beside it, so it may have at most "
+                          f"{_name_max(Path('.')) - TEMP_NAME_ROOM}")
     shown = shorten(text, 120)
     raw = expand_user(text, where)
     try:
@@ -153,9 +165,45 @@ def clean_stale_partials(target: Path) -> list[Path]:
                 continue
             if kind == "old" and not target.exists():
                 continue  # the only copy of the previous target (killed between the two renames): keep it
-            shutil.rmtree(d, ignore_errors=True)
+            _remove(d)
             removed.append(d)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """A file, a symlink (never what it points to) or a directory tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the entries of ``directory`` named ``PREFIX<pid><anything>SUFFIX`` whose process ``pid`` no longer
+    runs (temporaries of a run killed with -9: an export's ``.NAME.<pid>.*.part``, a ``--offload disk``
+    directory); returns what was removed. Temporaries of live processes are left alone."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.glob(f"{glob_escape(prefix)}*{glob_escape(suffix)}"):
+        rest = entry.name[len(prefix):]
+        pid = rest.split(".", 1)[0].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+#: bytes a temporary name beside an output adds to its last component (``.NAME.partial-PID``, ``.NAME.PID.XXXXXXXX.part``)
+TEMP_NAME_ROOM = 32
 
 
 class RunLock:
@@ -175,8 +223,7 @@ class RunLock:
         missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         self.created = missing  # innermost first
-        path = self.out / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -189,6 +236,27 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
+
+    def _open_lock_file(self) -> int:
+        """The lock file, never through a symlink (``O_NOFOLLOW``: a planted ``.gptopt.lock`` link to a file
+        outside ``--out`` is refused, not truncated) and only a regular file (a FIFO would block the open)."""
+        import stat
+
+        path = self.out / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            self._remove_created()
+            if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+                raise GptoptError(f"--out {self.out}: {LOCK_NAME} is a symlink; gptopt writes its lock only as a "
+                                  "regular file inside --out (remove the link)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            self._remove_created()
+            raise GptoptError(f"--out {self.out}: {LOCK_NAME} is not a regular file; remove it")
+        return fd
 
     def release(self) -> None:
         if self.fd is None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 import warnings
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import chain_of, check_resumable, write_chain
-from .context import RunContext
+from .context import RunContext, main_process
 from .data import TextData
 from .errors import GptoptError, PlanError, StepFailed, user_error
 from .models import content_hash, max_positions
@@ -161,7 +160,8 @@ class Pipeline:
             is_file = step is not None and any(value == getattr(step.params, key, None)
                                                for key in getattr(step, "file_params", ()))
             resolved = check_output_path(value, where, confine_to=self.confine_to if step is not None else None,
-                                         overwrite=overwrite, protect=protect, file=is_file)
+                                         overwrite=overwrite, protect=protect, file=is_file,
+                                         temporary=step is not None)
             if resolved in seen:
                 raise PlanError(f"{where} writes {resolved}, as {seen[resolved]} does; give each its own path")
             seen[resolved] = where
@@ -178,8 +178,9 @@ class Pipeline:
             check_resumable(self.out, self.recipe())
             self.mark_resumed_outputs()
             return
-        if self.out is not None and self.out.exists() and (
-                not self.out.is_dir() or any(p.name != LOCK_NAME for p in self.out.iterdir())):
+        if self.out is not None and self.out.exists() and (  # a lock counts as empty only as a regular file
+                not self.out.is_dir() or any(p.name != LOCK_NAME or p.is_symlink() or not p.is_file()
+                                             for p in self.out.iterdir())):
             raise GptoptError(f"--out {self.out} exists and is not empty; choose a new directory or remove it")
 
     def mark_resumed_outputs(self) -> None:
@@ -299,6 +300,9 @@ class Pipeline:
         loaded = self.plugins.hook.gptopt_resolve_model(spec=self.model_spec, options=options)
         if loaded is None:
             raise GptoptError(f"no model source understands '{self.model_spec}'")
+        from .model_files import check_finite
+
+        check_finite(loaded.model, f"--model {str(self.model_spec)[:160]}")  # every source: NaN/inf is exit 2
         if not loaded.facts:
             loaded.model.to(device)
         return loaded
@@ -343,7 +347,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's seeding limit
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    return main_process()
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,7 @@
 """Recipes: YAML files (or a run.json manifest) that replay a chain."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import GptoptError, shorten
@@ -17,7 +18,16 @@ MAX_DEPTH = 32
 MAX_NODES = 100_000
 
 
-def _recipe_loader():
+#: YAML 1.1's int and float patterns without their base-60 forms: ``pattern: 2:4`` is the string "2:4", not 124
+SEXAGESIMAL_FREE = {
+    "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+        |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+}
+
+
+def _recipe_loader(what: str = "a recipe"):
     """A yaml SafeLoader that builds plain data only: str, int, float, bool, null, lists and mappings.
 
     Refused: every explicit tag (``!!binary``, ``!!python/...``, ``!!set``, even ``!!str``), anchors and aliases
@@ -32,7 +42,7 @@ def _recipe_loader():
 
     class RecipeLoader(yaml.SafeLoader):
         yaml_implicit_resolvers = {
-            first: [(tag, rx) for tag, rx in resolvers if tag in plain]
+            first: [(tag, SEXAGESIMAL_FREE.get(tag, rx)) for tag, rx in resolvers if tag in plain]
             for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
         yaml_constructors = {tag: fn for tag, fn in yaml.SafeLoader.yaml_constructors.items() if tag in plain}
 
@@ -44,7 +54,7 @@ def _recipe_loader():
         def compose_node(self, parent, index):
             event = self.peek_event()
             mark = getattr(event, "start_mark", None)
-            _refuse_aliases_anchors_tags(event, mark)
+            _refuse_aliases_anchors_tags(event, mark, what)
             self._nodes += 1
             if self._nodes > MAX_NODES:
                 raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values", mark)
@@ -77,31 +87,34 @@ def _recipe_loader():
     return RecipeLoader
 
 
-def _refuse_aliases_anchors_tags(event, mark) -> None:
+def _refuse_aliases_anchors_tags(event, mark, what: str = "a recipe") -> None:
     """A recipe is plain data: an alias, an anchor or an explicit tag is a yaml error at ``mark``."""
     import yaml
     from yaml.events import AliasEvent, NodeEvent
 
     if isinstance(event, AliasEvent):
-        raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
+        raise yaml.composer.ComposerError(None, None, f"aliases (*name) are not allowed in {what}", mark)
     if isinstance(event, NodeEvent) and event.anchor is not None:
-        raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe", mark)
+        raise yaml.composer.ComposerError(None, None, f"anchors (&name) are not allowed in {what}", mark)
     if isinstance(event, NodeEvent) and event.tag is not None:
         tag = shorten(event.tag.replace("tag:yaml.org,2002:", "!!"), 40)
         raise yaml.composer.ComposerError(
-            None, None, f"tags such as {tag!r} are not allowed in a recipe: plain strings, numbers, booleans, null, "
+            None, None, f"tags such as {tag!r} are not allowed in {what}: plain strings, numbers, booleans, null, "
             "lists and mappings only", mark)
 
 
-def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe"):
+def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe", limit: int = MAX_RECIPE_BYTES,
+                     what: str = "a recipe"):
     """Parse recipe text (``kind`` YAML or JSON) into plain data with the limits of :func:`_recipe_loader`;
-    raises a one-line :class:`GptoptError` that never echoes more than a few characters of the input."""
+    raises a one-line :class:`GptoptError` that never echoes more than a few characters of the input. Every
+    YAML or JSON file gptopt reads from a user goes through here (plan files and configs through
+    :func:`gptopt_core.inputs.load_structured_file`); ``what`` names the kind of file in messages."""
     import json
 
     import yaml
 
-    if len(text) > MAX_RECIPE_BYTES:
-        raise GptoptError(f"{where} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
+    if len(text) > limit:
+        raise GptoptError(f"{where} is larger than {limit // 2**20} MiB; {what} is a few lines")
     try:
         if kind == "JSON":
             def no_duplicates(pairs):
@@ -114,7 +127,7 @@ def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe"):
             doc = json.loads(text, object_pairs_hook=no_duplicates)
             _check_shape(doc)
         else:
-            doc = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 -- the loader only builds plain types
+            doc = yaml.load(text, Loader=_recipe_loader(what))  # noqa: S506 -- the loader only builds plain types
     except RecursionError:
         raise GptoptError(f"{where} is not valid {kind}: nested deeper than {MAX_DEPTH} levels") from None
     except (yaml.YAMLError, ValueError) as exc:

@@ -179,7 +179,10 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> li
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # --to named a link: the link is replaced, what it pointed to is left
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
     except BaseException:

@@ -125,6 +125,9 @@ class SafetensorsFormat(SaveFormat):
     GRID_HINT = ("its integer-grid layers would be written de-quantized; use --format compressed-tensors "
                  "(or auto), or pass --allow-dequantized")
 
+    MIXED_HINT = ("one BitsAndBytesConfig cannot describe int8 layers beside 4-bit ones: the int8 layers would be "
+                  "written de-quantized; quantize with one precision, or pass --allow-dequantized")
+
     def plan_refusal(self, facts, options):
         if "quantized:grid" in facts and not options.get("allow_dequantized"):
             return self.GRID_HINT
@@ -136,6 +139,9 @@ class SafetensorsFormat(SaveFormat):
     def refusal(self, ctx, model, options):
         if grid_layers(model) and not options.get("allow_dequantized"):
             return self.GRID_HINT
+        kinds = {type(m).__name__ for m in model.modules()} & {"Linear8bitLt", "Linear4bit"}
+        if len(kinds) == 2 and not options.get("allow_dequantized"):  # the byte count below misses small models
+            return self.MIXED_HINT
         return None
 
     def write(self, ctx, model, path, options):

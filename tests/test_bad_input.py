@@ -16,7 +16,8 @@ def run_in_process(*args, cwd):
 
     from gptopt_core.cli import main
 
-    err, saved = io.StringIO(), (os.getcwd(), signal.getsignal(signal.SIGTERM), warnings.showwarning)
+    err, saved = io.StringIO(), (os.getcwd(), signal.getsignal(signal.SIGTERM), warnings.showwarning,
+                                 signal.getsignal(signal.SIGHUP))
     os.chdir(cwd)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -28,6 +29,7 @@ def run_in_process(*args, cwd):
     finally:
         os.chdir(saved[0])
         signal.signal(signal.SIGTERM, saved[1])
+        signal.signal(signal.SIGHUP, saved[3])  # main() handles SIGHUP like SIGTERM
         warnings.showwarning = saved[2]
     return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 

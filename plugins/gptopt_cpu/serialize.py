@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptopt_core import LoadedModel, SourceError
+from gptopt_core import LoadedModel, SourceError, check_local_dir
 
 RECORD = "gptopt_cpu.json"
 WEIGHTS = "gptopt_cpu.safetensors"
@@ -229,6 +229,8 @@ def resolve(spec: str, options: dict):
     path = Path(spec).expanduser()
     if not (path / RECORD).is_file():
         return None
+    # FIFOs / devices, config.json, layer count and size against the files (int8 layers are packed: not exact)
+    check_local_dir(path, allow_pickle=False, exact=False)
     if not str(options.get("device", "cpu")).startswith("cpu"):
         raise SourceError(f"{spec} holds a cpu-fast model, which runs on CPU only; run with --device cpu")
     try:

@@ -8,16 +8,24 @@ layers get their :class:`gptopt_core.grids.WeightGrid` back, so ``model_bytes`` 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from gptopt_core import LoadedModel, SourceError, WeightGrid, attach_grid, check_local_dir, is_conv1d
+from gptopt_core import GptoptError, LoadedModel, SourceError, WeightGrid, attach_grid, check_local_dir, is_conv1d
+
+
+def read_config(path: Path) -> dict:
+    """config.json through the core's safe loader (regular file, size-capped, plain JSON)."""
+    from gptopt_core import load_structured_file
+
+    return load_structured_file(Path(path) / "config.json", "--model", kind="JSON")
 
 
 def is_compressed_dir(path: Path) -> bool:
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    from gptopt_core import GptoptError
+
+    try:  # a FIFO or device named config.json is refused here, not read (the core's loader then says why)
+        cfg = read_config(path)
+    except GptoptError:
         return False
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
@@ -49,6 +57,10 @@ def _grid_from(tensors, name, args):
     packed = f"{name}.weight_packed" in tensors
     if packed:
         shape = torch.Size(tensors.pop(f"{name}.weight_shape").flatten().tolist())
+        held = tuple(tensors[f"{name}.weight_packed"].shape)
+        if args.num_bits not in (2, 4, 8) or len(shape) != 2 or held != (shape[0], -(-shape[1] * args.num_bits // 32)):
+            raise ValueError(f"{name}: weight_packed is {list(held)}, not {args.num_bits}-bit codes of "
+                             f"weight_shape {list(shape)} (num_bits contradicts the packed data)")
         q = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape).to(torch.int32)
     else:  # naive-quantized: the codes as an int8 weight
         q = tensors.pop(f"{name}.weight").to(torch.int32)
@@ -89,14 +101,19 @@ def _dense_from_bitmask(tensors, name):
 def load(path, trust_remote_code: bool = False):
     """``(model, tokenizer, info)`` from a compressed-tensors directory; ``info`` has ``grids`` (number of layers
     on a grid), ``sparse`` (layers read from a bitmask) and the ``quantization_config`` dict."""
+    import pydantic
     import torch
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
+
+    from gptopt_core import GptoptError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .config_check import check_quantization_config, validation_message
 
     path = Path(path)
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    qc = read_config(path)["quantization_config"]
+    check_quantization_config(qc, f"--model {str(path)[:160]}")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -104,7 +121,10 @@ def load(path, trust_remote_code: bool = False):
     tensors: dict = {}
     for shard in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
-    qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
+    try:
+        qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
+    except pydantic.ValidationError as exc:  # "2 validation errors for ...": the first one, located
+        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.{validation_message(exc)}") from None
     modules = dict(model.named_modules())
     grids, sparse = {}, []
     for key in [k for k in tensors if k.endswith(".weight_scale")]:
@@ -127,21 +147,26 @@ def load(path, trust_remote_code: bool = False):
         dense = _dense_from_bitmask(tensors, name).float()
         tensors[f"{name}.weight"] = dense.t().contiguous() if is_conv1d(modules[name]) else dense
         sparse.append(name)
+    _load_strictly(model, config, tensors)
+    for name, grid in grids.items():
+        attach_grid(modules[name], grid)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "quantization_config": qc}
+
+
+def _load_strictly(model, config, tensors: dict) -> None:
+    """Every parameter from the file (a head tied to the embedding aside), no tensor the model has no place for."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ValueError(f"tensors the model has no place for: {', '.join(sorted(unexpected)[:3])}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     head = model.get_output_embeddings()
-    tied = {n for n, m in modules.items() if m is head and head.weight is model.get_input_embeddings().weight}
+    tied = {n for n, m in model.named_modules() if m is head and head.weight is model.get_input_embeddings().weight}
     left = [k for k in missing if k.rsplit(".", 1)[0] not in tied and not k.endswith(("inv_freq", "masked_bias"))]
     if left:
         raise ValueError(f"missing tensors: {', '.join(sorted(left)[:3])}")
-    for name, grid in grids.items():
-        attach_grid(modules[name], grid)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "quantization_config": qc}
 
 
 def load_model(path, trust_remote_code: bool = False):
@@ -155,9 +180,14 @@ def resolve(spec: str, options: dict):
     path = Path(spec).expanduser()
     if not path.is_dir() or not is_compressed_dir(path):
         return None
-    check_local_dir(path, allow_pickle=False)
+    check_local_dir(path, allow_pickle=bool(options.get("allow_pickle")))
+    if not any(path.glob("*.safetensors")):
+        raise SourceError(f"{spec}: a compressed-tensors model is read from *.safetensors files only; pickle "
+                          "weights are not read (with or without --allow-pickle)")
     try:
         model, tokenizer, info = load_model(path, trust_remote_code=bool(options.get("trust_remote_code")))
+    except GptoptError:
+        raise
     except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None

@@ -11,7 +11,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from gptopt_core import GptoptError
+from gptopt_core import GptoptError, remove_stale_temporaries
 
 from . import blocks, tensors, types, vocab
 
@@ -105,7 +105,8 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
     file_type = types.FILE_TYPES[weight_types.most_common(1)[0][0]] if weight_types else 0
 
     target = Path(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=str(target.parent))
+    remove_stale_temporaries(target.parent, f".{target.name}.", ".part")  # left by an export killed with -9
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=str(target.parent))
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -51,10 +51,31 @@ def compare(ctx, params, metrics: dict) -> dict:
     return out
 
 
+def check_llama_limits(path, params, ids=None) -> None:
+    """What llama.cpp aborts on (exit 134, no message), refused before it is called: a header whose claims its
+    tensors contradict (:func:`gptopt_core.check_gguf_file`: e.g. 200,000 blocks), a window or a prompt longer
+    than the file's context, token ids beyond its vocabulary."""
+    from gptopt_core import check_gguf_file
+
+    info = check_gguf_file(path, f"llamacpp: {path}")
+    limit = info["context_length"]
+    for flag, need, used in (("--block-size", params.block_size, params.eval),
+                             ("--prompt-tokens + --new-tokens", params.prompt_tokens + params.new_tokens,
+                              params.bench)):
+        if used and need > limit:
+            raise GptoptError(f"llamacpp: {flag} is {need} tokens, longer than the {limit} positions of {path}; "
+                              f"use at most {limit}")
+    top = int(ids.max()) if ids is not None and ids.numel() else -1
+    if isinstance(info["vocab"], int) and top >= info["vocab"]:
+        raise GptoptError(f"llamacpp: the data has token id {top} but {path} has a vocabulary of {info['vocab']}; "
+                          "measure a GGUF of this run's model (its tokenizer)")
+
+
 def measure(ctx, params) -> dict:
     path = Path(params.file).expanduser() if params.file else Path(ctx.state.get("gguf", ""))
-    if not path.is_file():
+    if not path.exists():
         raise GptoptError(f"llamacpp: {path} does not exist")
+    check_llama_limits(path, params, getattr(ctx.data, "valid_ids", None))
     threads = params.threads or llamacpp.available_cores()
     metrics = {"gguf_path": str(path), "gguf_bytes": path.stat().st_size, "llamacpp_threads": threads}
     try:

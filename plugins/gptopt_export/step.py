@@ -126,6 +126,12 @@ class LlamacppStep(Step):
     name = "llamacpp"
     Params = LlamacppParams
 
+    @property
+    def position_params(self):
+        """Measuring this run's own export: its window and prompt must fit the model's positions (checked before
+        the first step; a --file is checked against its own header at plan time)."""
+        return () if self.params.file else ("block_size", "prompt_tokens")
+
     def required_facts(self):
         if self.params.file:
             return {}
@@ -140,8 +146,14 @@ class LlamacppStep(Step):
         if self.params.file:
             written = {str(Path(s.params.to).expanduser()) for s in before if s.name == "export"}
             path = Path(self.params.file).expanduser()
-            if str(path) not in written and not path.is_file():
-                raise PlanError(f"llamacpp --file {path}: no such file")
+            if str(path) not in written:
+                from gptopt_core import check_input_file
+
+                if not check_input_file(path, "llamacpp --file", missing_ok=True):
+                    raise PlanError(f"llamacpp --file {path}: no such file")
+                from .measure import check_llama_limits
+
+                check_llama_limits(path, self.params)  # what llama.cpp aborts on, before anything loads
 
     def preflight(self, ctx):
         if self.params.eval:

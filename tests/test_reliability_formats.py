@@ -1,0 +1,297 @@
+"""Round 3 of reliability (issue 29), beyond the one-line table of tests/test_hostile_formats.py: the run lock
+against planted links, RANK without a distributed run, SIGHUP, a full disk, stale temporaries, round trips of
+what export and save write, and fuzzing of GGUF headers and compressed-tensors configs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from conftest import SLOW_SAVE
+from test_reliability_runs import dead_pid
+
+from gptopt_core import GptoptError, Pipeline
+from gptopt_core.errors import MAX_MESSAGE, user_error
+from gptopt_core.paths import LOCK_NAME, RunLock, clean_stale_partials
+
+G2, LL = "tiny-random-gpt2", "tiny-random-llama"
+
+
+# -- the run lock --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["link", "dangling"])
+def test_the_lock_is_never_opened_through_a_link(tmp_path, kind):
+    """Even past the emptiness check (e.g. --resume): O_NOFOLLOW refuses the link; nothing outside is touched."""
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    out.mkdir()
+    if kind == "link":
+        victim.write_text("precious")
+        (out / LOCK_NAME).symlink_to(victim)
+    else:
+        (out / LOCK_NAME).symlink_to(tmp_path / "made-by-lock")
+    with pytest.raises(GptoptError, match=f"{LOCK_NAME} is a symlink"):
+        RunLock(out).acquire()
+    assert not (tmp_path / "made-by-lock").exists()
+    if kind == "link":
+        assert victim.read_text() == "precious"
+
+
+def test_a_fifo_lock_is_refused_without_blocking(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / LOCK_NAME)
+    start = time.perf_counter()
+    with pytest.raises(GptoptError, match="is not a regular file"):
+        RunLock(out).acquire()
+    assert time.perf_counter() - start < 2
+
+
+def test_rank_alone_does_not_skip_the_lock_or_the_save(tmp_path, monkeypatch):
+    from gptopt_core.context import main_process
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main_process()
+    seen = []
+    original = RunLock.acquire
+
+    def acquire(self):
+        seen.append(self.out)
+        return original(self)
+
+    monkeypatch.setattr(RunLock, "acquire", acquire)
+    Pipeline(model=G2, quiet=True, out=tmp_path / "out").add("save", to=str(tmp_path / "m")).run()
+    assert seen == [tmp_path / "out"] and (tmp_path / "m" / "model.safetensors").is_file()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a real distributed run: rank 1 does not write
+    assert not main_process()
+
+
+# -- signals -------------------------------------------------------------------------------------------------------
+def test_sighup_during_save_unwinds_like_sigterm(tmp_path):
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, SLOW_SAVE, "cli", str(tmp_path), str(flag)], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not flag.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert flag.exists(), proc.stderr.read() if proc.poll() is not None else "save never started"
+    proc.send_signal(signal.SIGHUP)
+    stderr = proc.communicate(timeout=180)[1]
+    assert proc.returncode == 128 + signal.SIGHUP, stderr
+    assert "Error: terminated (SIGHUP)" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+# -- a full disk is the machine's fault: exit 2 --------------------------------------------------------------------
+@pytest.mark.parametrize("error", [
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    OSError("8192 requested and 1288 written"),  # numpy tofile (the GGUF writer)
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed"),  # torch
+    OSError(28, "No space left on device"),
+])
+def test_disk_full_however_a_library_says_it_is_exit_2(error):
+    from gptopt_core.errors import StepFailed
+    from gptopt_core.plugins import PluginHookError
+
+    for wrapped in (error, PluginHookError("gptopt-core", "gptopt_save_model", error),
+                    StepFailed("save", "gptopt-core", PluginHookError("p", "h", error))):
+        mapped = user_error(wrapped)
+        assert mapped is not None and mapped.exit_code == 2, wrapped
+        assert str(mapped).startswith("no space left on the device") or "no space left" in str(mapped)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KiB tmpfs (root only); skipped where it cannot be mounted."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.parametrize("steps", [["save", "--to", "{d}/m"], ["export", "--to", "{d}/m.gguf", "--type", "f32"]])
+def test_a_disk_that_fills_during_save_or_export_is_exit_2_and_leaves_nothing(small_disk, tmp_path, steps):
+    from test_hostile_formats import run_in_process
+
+    args = [a.replace("{d}", str(small_disk)) for a in steps]
+    proc = run_in_process("run", "-q", "--model", LL, *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "no space left on the device" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(small_disk.iterdir()) == []  # the temporary directory / .part file is gone
+
+
+# -- stale temporaries of runs killed with -9 ----------------------------------------------------------------------
+def test_the_next_export_removes_part_files_of_dead_exports(tmp_path):
+    dead, alive = dead_pid(), os.getppid()
+    stale, live = tmp_path / f".m.gguf.{dead}.abc123.part", tmp_path / f".m.gguf.{alive}.def456.part"
+    other = tmp_path / f".n.gguf.{dead}.x.part"
+    for p in (stale, live, other):
+        p.write_bytes(b"GGUF")
+    Pipeline(model=LL, quiet=True).add("export", to=str(tmp_path / "m.gguf"), type="f32").run()
+    assert not stale.exists() and live.exists() and other.exists() and (tmp_path / "m.gguf").is_file()
+
+
+def test_offload_dirs_of_dead_processes_are_removed(tmp_path):
+    from gptopt_core.calibration import _DiskStore
+
+    dead = tmp_path / f"gptopt-offload-{dead_pid()}-abcd"
+    live = tmp_path / f"gptopt-offload-{os.getppid()}-efgh"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "block-0000.safetensors").write_bytes(b"x")
+    store = _DiskStore(str(tmp_path))
+    assert not dead.exists() and live.exists()
+    assert os.path.basename(store.dir).startswith(f"gptopt-offload-{os.getpid()}-")
+
+
+def test_save_over_a_symlink_leaves_no_old_link(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("x")
+    (tmp_path / "m").symlink_to(tmp_path / "real")
+    Pipeline(model=G2, quiet=True).add("save", to="m", overwrite=True).run()
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m").is_symlink()
+    assert not list(tmp_path.glob(".m.*"))
+    # and a stale .old-PID link of a killed save is removed (the link, not what it points to)
+    (tmp_path / f".m.old-{dead_pid()}").symlink_to(tmp_path / "real")
+    assert len(clean_stale_partials(tmp_path / "m")) == 1 and (tmp_path / "real" / "old.txt").exists()
+
+
+# -- round trips: what export and save write reads back with the same perplexity -----------------------------------
+EVAL = {"max_tokens": 600, "block_size": 64}
+
+
+@pytest.mark.parametrize("model", [G2, LL])
+def test_gptopt_reads_its_own_gguf_and_safetensors_back_with_the_same_perplexity(tmp_path, model):
+    first = Pipeline(model=model, quiet=True).add("eval", **EVAL).add(
+        "export", to=str(tmp_path / "m.gguf"), type="f32").add("save", to=str(tmp_path / "m")).run()
+    ppl = first.records[0]["metrics"]["perplexity"]
+    for spec in (tmp_path / "m.gguf", tmp_path / "m"):
+        again = Pipeline(model=str(spec), quiet=True).add("eval", **EVAL).run()
+        assert again.records[0]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-5), spec
+
+
+# -- fuzzing -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_gguf(tmp_path_factory):
+    import gguf
+
+    d = tmp_path_factory.mktemp("fuzz")
+    Pipeline(model=LL, quiet=True).add("export", to=str(d / "m.gguf"), type="f32").run()
+    data = (d / "m.gguf").read_bytes()
+    return data, gguf.GGUFReader(str(d / "m.gguf")).data_offset
+
+
+def one_line(exc):
+    text = str(exc)
+    return "\n" not in text and 0 < len(text) <= MAX_MESSAGE
+
+
+@settings(max_examples=40, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_path_factory, data):
+    """Bytes of the header (keys, values, tensor table) overwritten, or the file cut: a model comes back or one
+    SourceError line; nothing else escapes, each case in seconds and bounded memory."""
+    import resource
+
+    from gptopt_core.gguf_files import load_gguf
+
+    raw, header_end = llama_gguf
+    blob = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(4, header_end - 1))
+        value = data.draw(st.sampled_from([0, 1, 2, 0x7F, 0x80, 0xFF]) | st.integers(0, 255))
+        width = data.draw(st.sampled_from([1, 4, 8]))
+        blob[at:at + width] = value.to_bytes(1, "little") * min(width, len(blob) - at)
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(8, len(blob)))]
+    path = tmp_path_factory.mktemp("case") / "m.gguf"
+    path.write_bytes(bytes(blob))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        loaded = load_gguf(path)
+    except GptoptError as exc:
+        assert one_line(exc), str(exc)
+    else:
+        assert loaded.model is not None
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 500
+
+
+TARGETS = st.sampled_from(["Linear", "lm_head", "re:.*", "re:.*mlp.*", r"re:model\.layers\.\d+\..*", "re:(a+)+$",
+                           "re:(a|aa)*b", r"re:(a)\1", "re:(", "re:" + "a*" * 5, "x" * 300, "re:[a-z]{1,5000}"]) | \
+    st.text(max_size=20).map(lambda t: "re:" + t)
+WEIGHTS = st.fixed_dictionaries({}, optional={
+    "num_bits": st.sampled_from([2, 4, 8, 16, 0, -1, "x", None]), "type": st.sampled_from(["int", "float", "x"]),
+    "strategy": st.sampled_from(["group", "channel", "tensor", "block", "x"]),
+    "group_size": st.sampled_from([32, 0, -5, None]), "symmetric": st.booleans(),
+    "block_structure": st.sampled_from([[32, 1], [1], "x"])})
+QCONFIG = st.fixed_dictionaries({"quant_method": st.just("compressed-tensors")}, optional={
+    "config_groups": st.dictionaries(st.sampled_from(["group_0", "g"]), st.fixed_dictionaries(
+        {"targets": st.lists(TARGETS, max_size=3) | st.integers()}, optional={"weights": WEIGHTS}), max_size=2)
+    | st.lists(st.integers(), max_size=2),
+    "ignore": st.lists(TARGETS, max_size=3), "format": st.sampled_from(["pack-quantized", "naive-quantized", "x"]),
+    "sparsity_config": st.fixed_dictionaries({"format": st.sampled_from(["sparse-bitmask", "dense"])},
+                                             optional={"targets": st.lists(TARGETS, max_size=2)})})
+NAMES = [f"model.layers.{i}.{p}" for i in range(30) for p in ("self_attn.q_proj", "mlp.down_proj")] + ["a" * 200]
+
+
+@settings(max_examples=150, deadline=5_000)
+@given(QCONFIG)
+def test_any_compressed_tensors_config_validates_or_fails_in_one_line_and_matches_fast(qc):
+    """A quantization_config passes the guard and compressed-tensors' validation, or fails in one line; the
+    targets that pass are matched against real and long module names in bounded time."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from gptopt_ctensors.config_check import check_quantization_config, validation_message
+
+    import pydantic
+
+    try:
+        check_quantization_config(qc, "--model m")
+        config = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
+    except GptoptError as exc:
+        assert one_line(exc)
+        return
+    except pydantic.ValidationError as exc:
+        assert "\n" not in validation_message(exc)
+        return
+    patterns = [t for g in (config.config_groups.values() if config else []) for t in g.targets] + list(qc.get(
+        "ignore") or [])
+    start = time.perf_counter()
+    for target in patterns:
+        if target.startswith("re:"):
+            for name in NAMES:
+                re.match(target[3:], name)
+    assert time.perf_counter() - start < 2
+
+
+def test_unquoted_n_m_patterns_stay_strings_in_every_yaml_gptopt_reads():
+    from gptopt_core.recipes import load_recipe_text
+
+    doc = load_recipe_text("pattern: 2:4\nother: 1:30:00\nn: 12\nx: 1.5\nh: 0x1f\n")
+    assert doc == {"pattern": "2:4", "other": "1:30:00", "n": 12, "x": 1.5, "h": 31}
+
+
+def test_a_quantized_model_reads_back_from_its_gguf_and_compressed_tensors_at_the_same_perplexity(tmp_path):
+    """int8 grids written exactly (q8_0 blocks; packed compressed-tensors) read back as the same weights."""
+    first = Pipeline(model=LL, quiet=True).add("quantize", method="rtn", bits=8, group_size=32).add(
+        "eval", **EVAL).add("export", to=str(tmp_path / "q.gguf")).add("save", to=str(tmp_path / "q")).run()
+    ppl = first.records[1]["metrics"]["perplexity"]
+    assert first.records[2]["metrics"]["gguf_exact_grid_tensors"] > 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "compressed-tensors"
+    for spec in (tmp_path / "q.gguf", tmp_path / "q"):
+        again = Pipeline(model=str(spec), quiet=True).add("eval", **EVAL).run()
+        assert again.records[0]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-4), spec
