@@ -113,4 +113,5 @@ def validation_message(exc) -> str:
     # pydantic names validators in the location ("function-after[validate_model_after(), ...]"): keep field names
     loc = ".".join(str(p) for p in first.get("loc", ()) if re.fullmatch(r"[\w.-]+", str(p))) or "quantization_config"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{loc}: {str(first.get('msg', ''))[:200]}{more}"
+    msg = " ".join(str(first.get("msg", "")).split())  # pydantic's text may span lines (a model's repr)
+    return f"{loc}: {msg[:200]}{more}"
