@@ -10,7 +10,7 @@ from other processes hits both alike; medians over rounds.
   (``time.perf_counter`` on CPU; on CUDA ``torch.cuda.Event`` pairs + ``synchronize``), decode tokens/s =
   (N - 1) / (T_N - T_1): the generation time beyond the first token, per token.
 
-Variants: fp32 (as loaded), nf4 (bitsandbytes 4-bit, fp32 compute as gptopt_bnb's default, loaded with BitsAndBytesConfig), bf16,
+Variants: fp32 (as loaded), nf4 (bitsandbytes 4-bit, fp32 compute as gptopt_quantize's default, loaded with BitsAndBytesConfig), bf16,
 int8dyn (torch dynamic int8 on the Linear layers, CPU only). Writes the figures and the command into
 docs/bench.md between the bench_vs_generate markers.
 
@@ -46,7 +46,7 @@ def load_variant(name: str, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     elif name == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.float32)  # gptopt_bnb's default
+                                    bnb_4bit_compute_dtype=torch.float32)  # gptopt_quantize's default
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map=str(device)).eval()
     elif name == "int8dyn":
         if device.type != "cpu":

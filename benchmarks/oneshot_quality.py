@@ -138,7 +138,7 @@ def fresh(ctx, base):
 
 
 def run_config(ctx, base, name, spec, dense_ppl, max_tokens):
-    from gptopt_bnb.step import QuantizeStep
+    from gptopt_quantize.step import QuantizeStep
     from gptopt_core.evaluate import perplexity
     from gptopt_core.metrics import model_bytes
     from gptopt_prune import PruneStep
@@ -163,7 +163,7 @@ def memory_child(offload: str, max_tokens: int, calib_blocks: int) -> dict:
     """One GPTQ run in this (fresh) process: RSS before / peak during the step, engine counts, perplexity."""
     import gc
 
-    from gptopt_bnb.step import QuantizeStep
+    from gptopt_quantize.step import QuantizeStep
     from gptopt_core.calibration import resident_param_bytes
     from gptopt_core.evaluate import perplexity
     from gptopt_core.testing import make_context

@@ -55,7 +55,7 @@ def timing(repeats=3):
 
     from gptopt_core.models import smollm2_dir
     from gptopt_core.testing import make_context
-    from gptopt_bnb import QuantizeStep
+    from gptopt_quantize import QuantizeStep
 
     path = str(smollm2_dir())
     out = {}

@@ -13,7 +13,7 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
     "masks": ("gptopt-prune", "{qualified module name: bool tensor shaped like module.weight as stored, True = "
                               "kept}; the prune plugin keeps these weights at zero while later steps train, lora "
                               "--merge re-applies them, savers may store them sparse"),
-    "quantized": ("gptopt-bnb, gptopt-prune, gptopt-cpu", "{qualified module name: format, e.g. 'int8', 'nf4', "
+    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu", "{qualified module name: format, e.g. 'int8', 'nf4', "
                                                           "'fp4', 'int4-g64', 'cpu-int8'}: which layers are quantized "
                                                           "and how (bench, savers and exporters read it)"),
     "trainer": ("core (training)", "the running gptopt_core.Trainer while a training loop runs (.step, "
@@ -31,7 +31,7 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
 #: without a detail matches the family and every detail (``quantized`` matches ``quantized:8bit``); a pattern
 #: with a detail matches only itself (``quantized:4bit`` does not match ``quantized:8bit``).
 FACTS: dict[str, tuple[str, str]] = {
-    "quantized": ("gptopt-bnb, gptopt-prune, gptopt-cpu, model sources",
+    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu, model sources",
                   "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes), quantized:grid "
                   "(integer grids), quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning "
                   "refuse it"),

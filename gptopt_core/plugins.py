@@ -25,7 +25,8 @@ Environment:
   ``gptopt-core``, always loads). Set but empty: no entry-point plugin loads.
 * ``GPTOPT_BLOCK_PLUGINS=a,b``: comma-separated names that never load (pluggy's ``set_blocked``; the module is
   not even imported). Applied after the allow-list.
-* Names in either list that no installed plugin has are warned about. Whitespace around names is ignored.
+* Names in either list that no installed plugin has are warned about. Whitespace around names is ignored. A
+  renamed plugin's old name (:data:`RENAMED`: ``gptopt-bnb`` is ``gptopt-quantize``) means the plugin.
 * ``GPTOPT_STRICT_PLUGINS=1``: a plugin that fails to load, or provides nothing, is an error.
 * ``GPTOPT_TRACE_PLUGINS=1``: one stderr line per hook implementation call: plugin, hook, milliseconds (and what
   it raised).
@@ -56,6 +57,9 @@ from .version import installed_version
 
 GROUP = "gptopt"
 CORE = "gptopt-core"
+#: entry-point names a built-in plugin had before a rename -> its name now: the old name keeps working in
+#: ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` (recipes name steps, not plugins, so they need nothing)
+RENAMED = {"gptopt-bnb": "gptopt-quantize"}
 
 
 class _Rejected(Exception):
@@ -339,11 +343,12 @@ def _did_you_mean(name: str) -> str:
 
 
 def _env_list(var: str):
-    """Names in a comma-separated environment variable; ``None`` when it is not set."""
+    """Names in a comma-separated environment variable (old names of renamed plugins as their names now, see
+    :data:`RENAMED`); ``None`` when it is not set."""
     value = os.environ.get(var)
     if value is None:
         return None
-    return {v.strip() for v in value.split(",") if v.strip()}
+    return {RENAMED.get(v.strip(), v.strip()) for v in value.split(",") if v.strip()}
 
 
 _plugins: Plugins | None = None

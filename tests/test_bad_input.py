@@ -326,6 +326,6 @@ def test_the_table_covers_the_core_and_every_plugin():
 
     steps = {a for args, _ in PLUGIN_CASES.values() for a in args if not str(a).startswith(("-", "*", "."))}
     plugins = {get_plugins().steps[s].plugin for s in steps if s in get_plugins().steps}
-    assert {"gptopt-bnb", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu",
+    assert {"gptopt-quantize", "gptopt-prune", "gptopt-transfer", "gptopt-l1", "gptopt-bench", "gptopt-cpu",
             "gptopt-export"} <= plugins
     assert len(CASES) >= 100

@@ -1,4 +1,4 @@
-"""quantize (gptopt-bnb) on the tiny GPT-2 (Conv1D) and tiny Llama (nn.Linear) models: every option, tied heads,
+"""quantize (gptopt-quantize) on the tiny GPT-2 (Conv1D) and tiny Llama (nn.Linear) models: every option, tied heads,
 chain position, save → plain from_pretrained, plan auto / file / replay, bad input through the real CLI."""
 import json
 import math
@@ -25,7 +25,7 @@ def run(model, *steps, **kw):
 
 
 def quantize_ctx(model, **params):
-    from gptopt_bnb import QuantizeStep
+    from gptopt_quantize import QuantizeStep
 
     ctx = make_context(model=model)
     dense = perplexity(ctx.model, ctx.data.valid_ids, **{"block_size": 128, "stride": 128, "max_tokens": 512})
@@ -75,7 +75,7 @@ def test_every_layer_quantized_and_ppl_close(arch, params, expect):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_outputs_match_dense(arch):
     """The quantized layer computes x @ W^T (+ b) for Conv1D (stored (in, out)) and Linear alike."""
-    from gptopt_bnb.convert import make_linear
+    from gptopt_quantize.convert import make_linear
     from gptopt_core.modules import weight_matrix, weight_modules
 
     ctx = make_context(model=arch)
@@ -127,7 +127,7 @@ def test_full_quantization_embeddings_and_head(arch, emb):
 
 def test_quantize_after_weights_changed_in_chain():
     """The step quantizes the model as it stands: zeros written by an earlier step stay zeros (int8)."""
-    from gptopt_bnb import QuantizeStep
+    from gptopt_quantize import QuantizeStep
     from gptopt_core.modules import weight_matrix, weight_modules
 
     ctx = make_context(model="tiny-random-gpt2")

@@ -7,7 +7,7 @@ from gptopt_core.testing import make_context
 
 @pytest.mark.parametrize("arch", ["tiny-random-gpt2", "tiny-random-llama"])
 def test_block_cache_matches_full_forward(arch):
-    from gptopt_bnb.convert import make_linear
+    from gptopt_quantize.convert import make_linear
     from gptopt_core.modules import weight_modules
 
     ctx = make_context(model=arch)

@@ -6,8 +6,8 @@ import torch
 from gptopt_core.grids import fake_quantize, fit_grid, fit_group, grid_of, on_grid
 from gptopt_core.modules import weight_matrix, weight_modules
 from gptopt_core.testing import make_context
-from gptopt_bnb.gptq import gptq_quantize
-from gptopt_bnb.step import QuantizeStep
+from gptopt_quantize.gptq import gptq_quantize
+from gptopt_quantize.step import QuantizeStep
 
 
 def random_layer(rows=24, cols=64, n=400, seed=0, dead=(5,)):

@@ -29,7 +29,7 @@ def ppl_after(smollm2, step):
 
 
 def test_gptq_beats_round_to_nearest_on_smollm2_blocks(smollm2):
-    from gptopt_bnb.step import QuantizeStep
+    from gptopt_quantize.step import QuantizeStep
 
     grid = dict(bits=4, group_size="channel", include=FIRST_BLOCKS)  # per channel: RTN's worst grid
     rtn, _ = ppl_after(smollm2, QuantizeStep(method="rtn", **grid))
@@ -54,7 +54,7 @@ def test_gptq_after_2of4_keeps_the_masks_and_beats_round_to_nearest_on_smollm2_b
     """Wanda 2:4 on the first two blocks, then int4 per channel: GPTQ keeps every pruned weight at zero and lands
     closer to the pruned model than round-to-nearest does (ad-hoc run: pruned 13.634, GPTQ 13.604, RTN 15.067 on
     1,024 held-out tokens)."""
-    from gptopt_bnb.step import QuantizeStep
+    from gptopt_quantize.step import QuantizeStep
     from gptopt_core import weight_modules
     from gptopt_prune import PruneStep
 

@@ -187,6 +187,20 @@ def test_registering_under_a_name_the_environment_excludes_is_an_error(monkeypat
         strict.register(plugin(gptopt_register_steps=steps_hook(Other)), "gptopt-prune")
 
 
+@pytest.mark.parametrize("var", ["GPTOPT_BLOCK_PLUGINS", "GPTOPT_LOAD_PLUGINS"])
+def test_a_renamed_plugins_old_name_still_works_in_the_lists(monkeypatch, var):
+    """gptopt-bnb is gptopt-quantize now; lists written for the old name keep their meaning, unwarned."""
+    monkeypatch.setenv(var, "gptopt-bnb")
+    plugins = Plugins()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugins.load_entry_points()
+    assert not [w for w in caught if "gptopt-bnb" in str(w.message)]
+    loaded = "quantize" in plugins.steps
+    assert loaded == (var == "GPTOPT_LOAD_PLUGINS")
+    assert (set(plugins.info) == {"gptopt-quantize"}) == (var == "GPTOPT_LOAD_PLUGINS")
+
+
 def test_a_check_plan_that_raises_gptopt_error_is_a_plan_error(tmp_path):
     class Picky(Step):
         """Refuses every plan."""

@@ -1,5 +1,6 @@
-"""gptopt-bnb: the ``quantize`` step: integer grids (``--method rtn|gptq``) and bitsandbytes int8 / nf4 / fp4 (full,
-partial and sensitivity-planned).
+"""gptopt-quantize: the ``quantize`` step: integer grids (``--method rtn|gptq``) and bitsandbytes int8 / nf4 / fp4
+(full, partial and sensitivity-planned). Formerly ``gptopt-bnb``; that name still works in ``GPTOPT_LOAD_PLUGINS`` /
+``GPTOPT_BLOCK_PLUGINS`` (``gptopt_core.plugins.RENAMED``).
 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step;
 the torch work is in the engine modules (:mod:`.grid`, :mod:`.gptq` for the grids; :mod:`.workflow`,
