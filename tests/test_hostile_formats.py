@@ -8,44 +8,19 @@ peak memory.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import resource
-import signal
 import socket
 import time
-import types
-import warnings
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, error_lines
 from hostile_files import copy_model_dir, rewrite_gguf
+from test_bad_input import run_in_process
 
 G2, LL = "tiny-random-gpt2", "tiny-random-llama"
-
-
-def run_in_process(*args, cwd):
-    from gptopt_core.cli import main
-
-    err = io.StringIO()
-    saved = (os.getcwd(), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP), warnings.showwarning)
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                main([str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        os.chdir(saved[0])
-        signal.signal(signal.SIGTERM, saved[1])
-        signal.signal(signal.SIGHUP, saved[2])
-        warnings.showwarning = saved[3]
-    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")
