@@ -144,14 +144,14 @@ def test_the_next_export_removes_part_files_of_dead_exports(tmp_path):
 
 
 def test_offload_dirs_of_dead_processes_are_removed(tmp_path):
-    from gptopt_core.calibration import _DiskStore
+    from gptopt_core.offload import DiskStore
 
     dead = tmp_path / f"gptopt-offload-{dead_pid()}-abcd"
     live = tmp_path / f"gptopt-offload-{os.getppid()}-efgh"
     for d in (dead, live):
         d.mkdir()
         (d / "block-0000.safetensors").write_bytes(b"x")
-    store = _DiskStore(str(tmp_path))
+    store = DiskStore(str(tmp_path))
     assert not dead.exists() and live.exists()
     assert os.path.basename(store.dir).startswith(f"gptopt-offload-{os.getpid()}-")
 
