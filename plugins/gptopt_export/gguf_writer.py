@@ -117,7 +117,8 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         tmp.unlink(missing_ok=True)
         raise
     exact = sum(1 for _, c in chosen if c.how == "exact grid")
-    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and c.how.startswith("re-rounded")]
+    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and "re-rounded" in c.how]
+    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK)]
     from_bnb = sum(1 for s, _ in chosen if s.origin.startswith("bnb-"))
     min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
     changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
@@ -135,6 +136,8 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],
         "gguf_bitsandbytes_tensors": from_bnb,
+        "gguf_fallback_tensors": len(fallback),
+        "gguf_fallback_examples": fallback[:3],
         **vocab_info,
     }
 
