@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docblock import write_block  # noqa: E402
 
 LLAMACPP_TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "iq4_nl", "q4_k_m"]
-DENSE = [("q8_0", None), ("q4_0", "q8_0"), ("q4_1", "q8_0"), ("iq4_nl", "q8_0"), ("q4_k", "q8_0"),
-         ("q5_k", "q8_0"), ("q6_k", "q8_0")]
+#: (type, embeddings, weight the re-rounding by the imatrix)
+DENSE = [("q8_0", None, False), ("q4_0", "q8_0", False), ("q4_0", "q8_0", True), ("q4_1", "q8_0", False),
+         ("iq4_nl", "q8_0", False), ("iq4_nl", "q8_0", True), ("q4_k", "q8_0", False), ("q5_k", "q8_0", False),
+         ("q6_k", "q8_0", False)]
 G32 = {"bits": 4, "group_size": 32}
 CHAINS = [
     ("rtn g32 sym, mse observer -> q4_0 codes", {"method": "rtn", **G32, "symmetric": True, "observer": "mse"}),
@@ -65,18 +67,23 @@ def run_dense(work: Path, args):
     pipe = Pipeline(model=args.model, device="cpu", quiet=True).add("eval")
     pipe.add("export", to=str(work / "f16.gguf"), type="f16", imatrix=str(work / "imatrix.gguf"),
              imatrix_blocks=args.imatrix_blocks, imatrix_seq_len=args.imatrix_seq_len).add("llamacpp")
-    for t, emb in DENSE:
-        pipe.add("export", to=str(work / f"gptopt-{t}.gguf"), type=t, embeddings=emb).add("llamacpp")
+    for t, emb, weighted in DENSE:
+        pipe.add("export", to=str(work / f"gptopt-{t}{'-w' if weighted else ''}.gguf"), type=t, embeddings=emb,
+                 imatrix_in=str(work / "imatrix.gguf") if weighted else None).add("llamacpp")
     recs = [r["metrics"] for r in pipe.run().records]
     torch_m, f16_export = recs[0], recs[1]
     rows = [file_row("f16 (gptopt export of the dense model)", "reference", work / "f16.gguf", recs[2])]
-    for i, (t, emb) in enumerate(DENSE):
+    for i, (t, emb, weighted) in enumerate(DENSE):
         ex, lm = recs[3 + 2 * i], recs[4 + 2 * i]
-        rows.append(file_row(f"gptopt dense -> {t}" + (f" (embeddings {emb})" if emb else ""), "gptopt",
-                             work / f"gptopt-{t}.gguf", lm, fallback_tensors=ex.get("gguf_fallback_tensors"),
+        label = f"gptopt dense -> {t}" + (" imatrix-weighted" if weighted else "") + (
+            f" (embeddings {emb})" if emb else "")
+        rows.append(file_row(label, "gptopt", work / f"gptopt-{t}{'-w' if weighted else ''}.gguf", lm,
+                             fallback_tensors=ex.get("gguf_fallback_tensors"),
+                             imatrix_weighted_tensors=ex.get("gguf_imatrix_weighted_tensors"),
                              produce_seconds=ex["export_seconds"],
                              command=f"gptopt run --model smollm2-135m export --to m.gguf --type {t}"
-                                     + (f" --embeddings {emb}" if emb else "") + " llamacpp"))
+                                     + (f" --embeddings {emb}" if emb else "")
+                                     + (" --imatrix imatrix.gguf" if weighted else "") + " llamacpp"))
     info = {"torch_ppl": torch_m["perplexity"], "eval_tokens": torch_m.get("eval_tokens"),
             "imatrix": {k: v for k, v in f16_export.items() if k.startswith("imatrix_")}}
     return rows, info

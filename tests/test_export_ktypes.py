@@ -167,6 +167,16 @@ def test_imatrix_is_read_back_and_used_by_llamacpps_quantizer(tmp_path):
     from gptopt_export.llamacpp import next_token_logits
 
     assert np.isfinite(next_token_logits(weighted, list(range(1, 20)), threads=1)).all()
+    # gptopt's own q4_0 weighted by the same imatrix writes llama.cpp's bytes
+    ours = tmp_path / "ours.gguf"
+    m = Pipeline(model="tiny-random-llama", data=str(text), quiet=True).add(
+        "export", to=str(ours), type="q4_0", imatrix_in=str(imat)).run().records[0]["metrics"]
+    assert m["gguf_imatrix_weighted_tensors"] == 14  # every block weight (embedding and head have no imatrix row)
+    import gguf
+
+    raw = {p: {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(str(p)).tensors} for p in (ours, weighted)}
+    assert raw[ours]["blk.1.attn_v.weight"] == raw[weighted]["blk.1.attn_v.weight"]
+    assert raw[ours]["blk.0.ffn_down.weight"] == raw[weighted]["blk.0.ffn_down.weight"]
 
 
 def test_imatrix_file_name_is_checked():

@@ -18,6 +18,7 @@ from __future__ import annotations
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 K_TYPES = ("q4_k", "q5_k", "q6_k", "iq4_nl")  # .kquants (q*_k: 256-weight super-blocks)
+WEIGHTED = ("q4_0", "iq4_nl")  # encoders that take an importance vector (imatrix), .kquants.WEIGHTED
 TYPES = FLOAT_TYPES + QUANT_TYPES + K_TYPES
 BLOCK = 32  # the 32-weight block every type but the q*_k super-blocks quantizes along the row
 
@@ -95,8 +96,10 @@ def pack_exact(type_name: str, grid, codes):
     return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(rows, -1))
 
 
-def encode(values, type_name: str):
-    """numpy array for the writer: float32/float16 values, or uint8 block bytes (bf16 and q types)."""
+def encode(values, type_name: str, importance=None):
+    """numpy array for the writer: float32/float16 values, or uint8 block bytes (bf16 and q types). ``importance``
+    (mean squared activation per input column, an imatrix row): q4_0 and iq4_nl pick their block scales weighted
+    by it, as llama.cpp's quantizer does with ``--imatrix``."""
     import numpy as np
 
     data = values.detach().cpu().float().numpy()
@@ -104,10 +107,10 @@ def encode(values, type_name: str):
         return data.astype(np.float32)
     if type_name == "f16":
         return data.astype(np.float16)
-    if type_name in K_TYPES:
+    if type_name in K_TYPES or (importance is not None and type_name == "q4_0"):
         from .kquants import quantize
 
-        return quantize(data, type_name)
+        return quantize(data, type_name, importance)
     import gguf
 
     return gguf.quants.quantize(data, ggml_type(type_name))

@@ -64,11 +64,12 @@ def add_hparams(writer, model, arch: str) -> None:
         writer.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
 
 
-def tensor_bytes(src, choice):
-    """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16)."""
+def tensor_bytes(src, choice, importance=None):
+    """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16); ``importance``: the
+    tensor's imatrix row, or ``None``."""
     if choice.how == "exact grid" or choice.how.startswith(types.GRID_CODES):
         return blocks.pack_exact(choice.type, src.grid, src.codes), blocks.ggml_type(choice.type)
-    data = blocks.encode(src.values, choice.type)
+    data = blocks.encode(src.values, choice.type, importance)
     return data, (None if choice.type in ("f32", "f16") else blocks.ggml_type(choice.type))
 
 
@@ -81,8 +82,10 @@ def check_model(model) -> str:
 
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
-               name: str = "", log=None) -> dict:
-    """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts."""
+               name: str = "", log=None, importance: dict | None = None) -> dict:
+    """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
+    ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
+    q4_0 / iq4_nl tensors' block scales."""
     import gguf
 
     arch = check_model(model)
@@ -104,8 +107,9 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         with tempfile.TemporaryDirectory(prefix="gptopt-export-tok-") as workdir:
             vocab_info = vocab.add_vocab(writer, tokenizer, int(model.config.vocab_size), Path(workdir))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        importance = importance or {}
         for src, choice in chosen:
-            data, raw = tensor_bytes(src, choice)
+            data, raw = tensor_bytes(src, choice, importance.get(src.name))
             writer.add_tensor(src.name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -136,6 +140,9 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],
         "gguf_bitsandbytes_tensors": from_bnb,
+        "gguf_imatrix_weighted_tensors": sum(1 for s, c in chosen if s.name in importance and c.type in
+                                             blocks.WEIGHTED and not (c.how == "exact grid"
+                                                                      or c.how.startswith(types.GRID_CODES))),
         "gguf_fallback_tensors": len(fallback),
         "gguf_fallback_examples": fallback[:3],
         **vocab_info,

@@ -84,8 +84,9 @@ def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     return scale.astype(f32), (-np.where(flat, mn0, mn)).astype(f32), L
 
 
-def make_qx(x, nmax: int):
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` over blocks ``x (B, n)``: ``(scale (B,), codes + nmax)``."""
+def make_qx(x, nmax: int, w=None):
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` over blocks ``x (B, n)`` (weights ``w``, default
+    ``x^2``): ``(scale (B,), codes + nmax)``."""
     import numpy as np
 
     f32 = np.float32
@@ -93,7 +94,7 @@ def make_qx(x, nmax: int):
     mx = x[np.arange(x.shape[0]), idx]
     zero = np.abs(mx) < 1e-15
     mx = np.where(zero, f32(1), mx)
-    w = x * x
+    w = x * x if w is None else w
 
     def fit(iscale):
         l = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1)
@@ -219,8 +220,9 @@ def _best_index(values, a):
     return np.where(a - values[lo] < values[hi] - a, lo, hi)
 
 
-def quantize_iq4_nl(x, ntry: int = 7):
-    """float32 ``(rows, cols)``, cols a multiple of 32 -> uint8 ``(rows, cols / 32 * 18)``."""
+def quantize_iq4_nl(x, ntry: int = 7, qw=None):
+    """float32 ``(rows, cols)``, cols a multiple of 32 -> uint8 ``(rows, cols / 32 * 18)``; with an importance
+    ``qw (cols,)`` the weights are ``qw * sqrt(sigma2 + x^2)`` as in ``quantize_row_iq4_nl_impl``."""
     import numpy as np
 
     f32 = np.float32
@@ -228,7 +230,11 @@ def quantize_iq4_nl(x, ntry: int = 7):
     b = x.astype(f32).reshape(-1, 32)
     B = b.shape[0]
     values = np.array(KVALUES_IQ4NL, dtype=f32)
-    w = b * b
+    if qw is None:
+        w = b * b
+    else:
+        sigma2 = (b * b).sum(1, keepdims=True) * f32(2.0 / 32)
+        w = np.tile(np.asarray(qw, dtype=f32).reshape(-1, 32), (rows, 1)) * np.sqrt(sigma2 + b * b)
     idx = np.abs(b).argmax(1)
     mx = b[np.arange(B), idx]
     zero = np.abs(mx) < 1e-15
@@ -256,11 +262,34 @@ def quantize_iq4_nl(x, ntry: int = 7):
     return np.ascontiguousarray(out.reshape(rows, -1))
 
 
+def quantize_q4_0_weighted(x, qw):
+    """``quantize_row_q4_0_impl`` with an importance ``qw (cols,)``: per 32-block, the scale of 19 candidates
+    that minimizes ``sum qw * sqrt(sigma2 + x^2) * (x - d*q)^2`` (``sigma2``: the row's mean ``x^2``)."""
+    import numpy as np
+
+    f32 = np.float32
+    rows, cols = x.shape
+    x = x.astype(f32)
+    sigma2 = (x * x).sum(1, keepdims=True) / f32(cols)
+    w = (np.asarray(qw, dtype=f32).reshape(1, cols) * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
+    d, L = make_qx(x.reshape(-1, 32), 8, w)
+    L = L.astype(np.uint8)
+    qs = L[:, :16] | (L[:, 16:] << 4)
+    out = np.concatenate([_f16(d).reshape(-1, 1).view(np.uint8), qs], axis=1)
+    return np.ascontiguousarray(out.reshape(rows, -1))
+
+
 ENCODERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k, "iq4_nl": quantize_iq4_nl}
+#: types whose encoder takes an importance vector (llama.cpp's ``quantize_*`` with ``quant_weights``)
+WEIGHTED = {"q4_0": quantize_q4_0_weighted, "iq4_nl": lambda x, qw: quantize_iq4_nl(x, 7, qw)}
 
 
-def quantize(x, type_name: str):
-    """uint8 block bytes of float32 ``x (rows, cols)`` in ``type_name`` (one of :data:`TYPES`)."""
-    if x.shape[-1] % BLOCK_OF[type_name]:
+def quantize(x, type_name: str, importance=None):
+    """uint8 block bytes of float32 ``x (rows, cols)`` in ``type_name`` (one of :data:`TYPES`, or q4_0 with an
+    ``importance``: mean squared activation per column, as llama.cpp's quantizer uses an imatrix)."""
+    if x.shape[-1] % BLOCK_OF.get(type_name, 32):
         raise ValueError(f"{type_name}: rows of {x.shape[-1]} are not whole {BLOCK_OF[type_name]}-weight blocks")
-    return ENCODERS[type_name](x.reshape(-1, x.shape[-1]))
+    x = x.reshape(-1, x.shape[-1])
+    if importance is not None and type_name in WEIGHTED:
+        return WEIGHTED[type_name](x, importance)
+    return ENCODERS[type_name](x)

@@ -32,6 +32,22 @@ class ExportParams(Params):
     imatrix_blocks: int = pydantic.Field(64, ge=1, le=4096, description="--imatrix: calibration blocks (train split)")
     imatrix_seq_len: int = pydantic.Field(512, ge=16, le=8192, description="--imatrix: tokens per calibration block "
                                                                            "(llama.cpp's imatrix chunk)")
+    imatrix_weighting: bool = pydantic.Field(
+        True, description="--imatrix: also weight gptopt's own re-rounding by it (q4_0 / iq4_nl block scales, as "
+                          "llama.cpp's quantizer does); grids written from their codes are not touched")
+
+    imatrix_in: Optional[str] = pydantic.Field(
+        None, min_length=1, description="weight gptopt's re-rounding (q4_0 / iq4_nl block scales) by this existing "
+                                        "importance matrix (.gguf or .dat, e.g. llama.cpp's imatrix tool's or an "
+                                        "earlier export --imatrix) instead of calibrating")
+
+    @pydantic.model_validator(mode="after")
+    def _one_imatrix(self):
+        if self.imatrix and self.imatrix_in:
+            raise ValueError("give --imatrix (calibrate and write one) or --imatrix-in (read one), not both")
+        if self.imatrix_in and not self.imatrix_in.endswith((".gguf", ".dat")):
+            raise ValueError("give an imatrix file name ending in .gguf (llama.cpp's format) or .dat (legacy)")
+        return self
 
     @pydantic.field_validator("to")
     @classmethod
@@ -88,6 +104,12 @@ class ExportStep(Step):
 
     def check_plan(self, before, after, facts):
         self.check_target()
+        if self.params.imatrix_in:
+            written = {str(Path(s.params.imatrix).expanduser()) for s in before
+                       if s.name == "export" and s.params.imatrix}
+            path = Path(self.params.imatrix_in).expanduser()
+            if str(path) not in written and not path.is_file():
+                raise GptoptError(f"export --imatrix-in {path}: no such file")
 
     def preflight(self, ctx):
         from .gguf_writer import check_model
@@ -101,21 +123,27 @@ class ExportStep(Step):
 
         target = self.check_target()
         target.parent.mkdir(parents=True, exist_ok=True)
+        imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
+        if self.params.imatrix_in:
+            from .imatrix import read
+
+            importance = read(Path(self.params.imatrix_in).expanduser())
+            imatrix_metrics = {"imatrix_in": self.params.imatrix_in, "imatrix_entries": len(importance)}
         started = time.perf_counter()
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec)
+                             name=ctx.model_spec, importance=importance if self.params.imatrix_weighting else None)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
+        metrics.update(imatrix_metrics)
         ctx.state["gguf"] = str(target)
-        if self.params.imatrix:
-            metrics.update(self.write_imatrix(ctx))
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
                 f"{metrics['gguf_exact_grid_tensors']} grids written exactly, {metrics['gguf_grid_min_rounded_tensors']} "
                 f"from their codes with q4_1's min rounded to fp16, {metrics['gguf_rerounded_grid_tensors']} "
                 f"re-rounded)")
         return metrics
 
-    def write_imatrix(self, ctx) -> dict:
-        """Calibrate (train split), write the importance matrix under llama.cpp's tensor names; its metrics."""
+    def write_imatrix(self, ctx):
+        """Calibrate (train split), write the importance matrix under llama.cpp's tensor names; ``(metrics,
+        {name: mean x^2 per column})``."""
         from . import imatrix, tensors
 
         path = Path(self.params.imatrix).expanduser()
@@ -127,8 +155,9 @@ class ExportStep(Step):
         size = imatrix.write(path, entries, self.params.imatrix_blocks, self.params.imatrix_seq_len,
                              f"{ctx.data_spec or 'data'} (train split)")
         ctx.log(f"  wrote {path}: importance matrix of {len(entries)} weights, {got['tokens']} calibration tokens")
+        means = {name: (sums / max(tokens, 1)).astype("float32") for name, (sums, tokens) in entries.items()}
         return {"imatrix_path": str(path), "imatrix_bytes": size, "imatrix_entries": len(entries),
-                "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}
+                "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}, means
 
 
 class LlamacppParams(Params):
