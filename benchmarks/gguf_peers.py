@@ -46,6 +46,7 @@ CHAINS = [
     ("gptq g32 asym, mse observer -> q4_1 codes", {"method": "gptq", **G32, "symmetric": False, "observer": "mse"}),
 ]
 START, END = "<!-- gguf-peers:start -->", "<!-- gguf-peers:end -->"
+BENCH = {"warmup": 1, "repeats": 3}  # llamacpp step's decode timing (its defaults: 2 and 5); the machine is shared
 
 
 def file_row(label, source, path, llama_m, **extra):
@@ -66,10 +67,10 @@ def run_dense(work: Path, args):
 
     pipe = Pipeline(model=args.model, device="cpu", quiet=True).add("eval")
     pipe.add("export", to=str(work / "f16.gguf"), type="f16", imatrix=str(work / "imatrix.gguf"),
-             imatrix_blocks=args.imatrix_blocks, imatrix_seq_len=args.imatrix_seq_len).add("llamacpp")
+             imatrix_blocks=args.imatrix_blocks, imatrix_seq_len=args.imatrix_seq_len).add("llamacpp", **BENCH)
     for t, emb, weighted in DENSE:
         pipe.add("export", to=str(work / f"gptopt-{t}{'-w' if weighted else ''}.gguf"), type=t, embeddings=emb,
-                 imatrix_in=str(work / "imatrix.gguf") if weighted else None).add("llamacpp")
+                 imatrix_in=str(work / "imatrix.gguf") if weighted else None).add("llamacpp", **BENCH)
     recs = [r["metrics"] for r in pipe.run().records]
     torch_m, f16_export = recs[0], recs[1]
     rows = [file_row("f16 (gptopt export of the dense model)", "reference", work / "f16.gguf", recs[2])]
@@ -109,7 +110,7 @@ def measure_files(made, source, args, extra):
 
     pipe = Pipeline(model=args.model, device="cpu", quiet=True)
     for _, path, _ in made:
-        pipe.add("llamacpp", file=str(path))
+        pipe.add("llamacpp", file=str(path), **BENCH)
     recs = [r["metrics"] for r in pipe.run().records]
     return [file_row(label, source, path, m, **extra(label, q)) for (label, path, q), m in zip(made, recs)]
 
@@ -146,7 +147,7 @@ def run_chains(work: Path, args):
             params = {**params, "calib_blocks": args.calib_blocks}
         path = work / f"chain-{i}.gguf"
         res = (Pipeline(model=args.model, device="cpu", quiet=True).add("quantize", **params).add("eval")
-               .add("export", to=str(path), type="auto", embeddings="q8_0").add("llamacpp").run())
+               .add("export", to=str(path), type="auto", embeddings="q8_0").add("llamacpp", **BENCH).run())
         q, ev, ex, lm = (r["metrics"] for r in res.records)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
                          f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in params.items())
@@ -225,7 +226,10 @@ def main():
     ap.add_argument("--json", default="docs/gguf_peers.json")
     ap.add_argument("--doc", default="docs/export.md")
     ap.add_argument("--workdir", default=None, help="keep the files here (default: a temporary directory)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: llamacpp, autoround, gptq")
+    ap.add_argument("--parts", default="dense,llamacpp,autoround,gptq",
+                    help="comma-separated parts to run (llamacpp needs dense's f16 file and imatrix in --workdir)")
+    ap.add_argument("--assemble", nargs="+", metavar="LOG", help="build the JSON and doc block from the rows earlier "
+                                                                 "runs printed (one JSON object per line)")
     ap.add_argument("--imatrix-blocks", type=int, default=16)
     ap.add_argument("--imatrix-seq-len", type=int, default=512)
     ap.add_argument("--calib-blocks", type=int, default=64, help="gptq calibration blocks (of 128 tokens)")
@@ -235,22 +239,33 @@ def main():
     ap.add_argument("--ar-nsamples", type=int, default=32)
     ap.add_argument("--ar-seqlen", type=int, default=256)
     args = ap.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    parts = set(filter(None, args.parts.split(",")))
     import llama_cpp
 
     from gptopt_export.llamacpp import available_cores
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gptopt-peers-") as tmp:
-        work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        rows, info = run_dense(work, args)
-        if "llamacpp" not in skip:
-            rows += run_llamacpp(work, args)
-        if "autoround" not in skip and args.autoround_python:
-            rows += run_autoround(work, args)
-        if "gptq" not in skip:
-            rows += run_chains(work, args)
+    rows, info = [], {}
+    if args.assemble:
+        for log in args.assemble:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith('{"label"'):
+                    rows.append(json.loads(line))
+                elif line.startswith('{"info"'):
+                    info.update(json.loads(line)["info"])
+    else:
+        with tempfile.TemporaryDirectory(prefix="gptopt-peers-") as tmp:
+            work = Path(args.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            if "dense" in parts:
+                rows, info = run_dense(work, args)
+                print(json.dumps({"info": info}), flush=True)
+            if "llamacpp" in parts:
+                rows += run_llamacpp(work, args)
+            if "autoround" in parts and args.autoround_python:
+                rows += run_autoround(work, args)
+            if "gptq" in parts:
+                rows += run_chains(work, args)
     one, five, _ = os.getloadavg()
     result = {**info, "rows": rows, "figures": figures(rows), "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -259,7 +274,7 @@ def main():
               "llamacpp_version": llama_cpp.__version__, "threads": available_cores(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load": f"load average {one:.1f} / {five:.1f} (1 / 5 min) at the end, machine shared",
-              "seconds": round(time.perf_counter() - started)}
+              "seconds": round(time.perf_counter() - started), "assembled_from": args.assemble}
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json} ({result['seconds']} s)")
     write_block(Path(args.doc), START, END, markdown(result))
