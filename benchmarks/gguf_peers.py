@@ -43,7 +43,7 @@ CHAINS = [
     ("gptq g32 sym, act-order -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True}),
     ("gptq g32 sym, no act-order -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "act_order": False}),
     ("gptq g32 sym, mse observer -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "observer": "mse"}),
-    ("gptq g32 asym, mse observer -> q4_1 codes", {"method": "gptq", **G32, "symmetric": False, "observer": "mse"}),
+    ("gptq g32 sym, hmse observer -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "observer": "hmse"}),
 ]
 START, END = "<!-- gguf-peers:start -->", "<!-- gguf-peers:end -->"
 BENCH = {"warmup": 1, "repeats": 3}  # llamacpp step's decode timing (its defaults: 2 and 5); the machine is shared
@@ -122,7 +122,9 @@ def run_autoround(work: Path, args):
     texts = work / "train.json"
     texts.write_text(json.dumps(TextData.load(args.data).train_docs))
     made = []
-    for iters, nsamples, seqlen in ((0, args.ar_nsamples, 512), (args.ar_iters, args.ar_nsamples, args.ar_seqlen)):
+    configs = [(0, args.ar_nsamples, 512)] + ([(args.ar_iters, args.ar_nsamples, args.ar_seqlen)]
+                                              if args.ar_iters > 0 else [])
+    for iters, nsamples, seqlen in configs:
         out = work / f"autoround-{iters}"
         cmd = [args.autoround_python, str(Path(__file__).with_name("gguf_peers_autoround.py")), "--model-dir",
                str(smollm2_dir()), "--texts", str(texts), "--out-dir", str(out), "--format", "gguf:q4_0",
@@ -143,6 +145,8 @@ def run_chains(work: Path, args):
 
     rows = []
     for i, (label, params) in enumerate(CHAINS):
+        if args.chains and not any(c in label for c in args.chains.split(",")):
+            continue
         if params["method"] == "gptq":
             params = {**params, "calib_blocks": args.calib_blocks}
         path = work / f"chain-{i}.gguf"
@@ -177,6 +181,10 @@ def figures(rows) -> dict:
                               "gptopt_best": b and b["label"], "gptopt_ppl": b and b["ppl"],
                               "gptopt_bytes": b and b["bytes"],
                               "ppl_ratio": b and b["ppl"] / peer["ppl"], "beats": bool(b and b["ppl"] < peer["ppl"])}
+    ar0 = next((r for r in rows if r["source"] == "AutoRound" and "iters=0" in r["label"]), None)
+    if ar0:  # cost: each gptopt quantize chain's quantize step against AutoRound iters=0's whole run
+        out["cost vs AutoRound iters=0"] = {r["label"]: round(r["produce_seconds"] / ar0["produce_seconds"], 2)
+                                            for r in mine if "quantize_metrics" in r}
     f16 = next((r for r in rows if r["source"] == "reference"), None)
     q8 = next((r for r in mine if r["label"].startswith("gptopt dense -> q8_0")), None)
     if f16 and q8:
@@ -213,6 +221,9 @@ def markdown(result) -> str:
         if "peer_ppl" in f:
             fig.append(f"| {peer} | {f['peer_bytes']:,} | {f['peer_ppl']:.3f} | {f['gptopt_best'] or '-'} | "
                        f"{num(f['gptopt_ppl'], '.3f')} | {num(f['ppl_ratio'], '.4f')}{' (beats)' if f['beats'] else ''} |")
+    cost = result["figures"].get("cost vs AutoRound iters=0")
+    if cost:
+        fig.append("\nquantize wall time over AutoRound iters=0's: " + "; ".join(f"{k}: x{v}" for k, v in cost.items()))
     q8 = result["figures"].get("gptopt q8_0 vs f16")
     if q8:
         fig.append(f"\ngptopt q8_0 vs f16 in llama.cpp: x{q8['ratio']:.4f} (target <= x1.002)")
@@ -232,10 +243,12 @@ def main():
                                                                  "runs printed (one JSON object per line)")
     ap.add_argument("--imatrix-blocks", type=int, default=16)
     ap.add_argument("--imatrix-seq-len", type=int, default=512)
+    ap.add_argument("--chains", default="", help="gptq part: only the chains whose label holds one of these "
+                                                 "comma-separated strings")
     ap.add_argument("--calib-blocks", type=int, default=64, help="gptq calibration blocks (of 128 tokens)")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp quantizer threads (0: all)")
     ap.add_argument("--autoround-python", default=None, help="python of AutoRound's environment (no: skip)")
-    ap.add_argument("--ar-iters", type=int, default=50)
+    ap.add_argument("--ar-iters", type=int, default=50, help="AutoRound's tuned row (0: only the iters=0 row)")
     ap.add_argument("--ar-nsamples", type=int, default=32)
     ap.add_argument("--ar-seqlen", type=int, default=256)
     args = ap.parse_args()

@@ -48,7 +48,8 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
                   mask=None):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
-    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``).
+    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``;
+    ``"hmse"``: mse with each column's error weighted by ``H``'s diagonal, the columns' mean squared activation).
     ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
@@ -67,9 +68,11 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     n_groups = columns // gs
     scales, zeros = [None] * n_groups, [None] * n_groups
     perm = None
+    hdiag = torch.diag(H).clone() if observer == "hmse" else None
+    observer, imp = ("mse", lambda c: hdiag[c:c + gs]) if hdiag is not None else (observer, lambda c: None)
     if act_order or group_size is None:  # static scales, fitted before any update
         for g in range(n_groups):
-            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
+            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer, imp(g * gs))
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
@@ -95,7 +98,7 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
             if dynamic and col % gs == 0:
                 group = W1[:, i:i + gs]
                 scales[g], zeros[g] = fit_group(group if M is None else group * M[:, col:col + gs], bits,
-                                                symmetric, observer)
+                                                symmetric, observer, imp(col))
             w = W1[:, i]
             d = U1[i, i]
             q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)
