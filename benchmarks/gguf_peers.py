@@ -145,7 +145,7 @@ def run_chains(work: Path, args):
 
     rows = []
     for i, (label, params) in enumerate(CHAINS):
-        if args.chains and not any(c in label for c in args.chains.split(",")):
+        if args.chains and not any(c in label for c in args.chains.split("|")):
             continue
         if params["method"] == "gptq":
             params = {**params, "calib_blocks": args.calib_blocks}
@@ -244,7 +244,7 @@ def main():
     ap.add_argument("--imatrix-blocks", type=int, default=16)
     ap.add_argument("--imatrix-seq-len", type=int, default=512)
     ap.add_argument("--chains", default="", help="gptq part: only the chains whose label holds one of these "
-                                                 "comma-separated strings")
+                                                 "|-separated strings")
     ap.add_argument("--calib-blocks", type=int, default=64, help="gptq calibration blocks (of 128 tokens)")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp quantizer threads (0: all)")
     ap.add_argument("--autoround-python", default=None, help="python of AutoRound's environment (no: skip)")
