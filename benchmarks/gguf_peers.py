@@ -230,7 +230,7 @@ def markdown(result) -> str:
     return "\n".join(head + lines + fig + [END])
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="builtin:pydoc")
@@ -251,7 +251,11 @@ def main():
     ap.add_argument("--ar-iters", type=int, default=50, help="AutoRound's tuned row (0: only the iters=0 row)")
     ap.add_argument("--ar-nsamples", type=int, default=32)
     ap.add_argument("--ar-seqlen", type=int, default=256)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     parts = set(filter(None, args.parts.split(",")))
     import llama_cpp
 

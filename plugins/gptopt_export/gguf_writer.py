@@ -122,7 +122,6 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         raise
     exact = sum(1 for _, c in chosen if c.how == "exact grid")
     rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and "re-rounded" in c.how]
-    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK)]
     from_bnb = sum(1 for s, _ in chosen if s.origin.startswith("bnb-"))
     min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
     changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
@@ -140,13 +139,18 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],
         "gguf_bitsandbytes_tensors": from_bnb,
-        "gguf_imatrix_weighted_tensors": sum(1 for s, c in chosen if s.name in importance and c.type in
-                                             blocks.WEIGHTED and not (c.how == "exact grid"
-                                                                      or c.how.startswith(types.GRID_CODES))),
-        "gguf_fallback_tensors": len(fallback),
-        "gguf_fallback_examples": fallback[:3],
+        **_peer_metrics(chosen, importance),
         **vocab_info,
     }
+
+
+def _peer_metrics(chosen, importance) -> dict:
+    """K-quant fallbacks (rows not whole super-blocks) and imatrix-weighted re-rounding, counted."""
+    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK)]
+    weighted = sum(1 for s, c in chosen if s.name in importance and c.type in blocks.WEIGHTED
+                   and not (c.how == "exact grid" or c.how.startswith(types.GRID_CODES)))
+    return {"gguf_imatrix_weighted_tensors": weighted, "gguf_fallback_tensors": len(fallback),
+            "gguf_fallback_examples": fallback[:3]}
 
 
 def _umask() -> int:
