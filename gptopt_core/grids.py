@@ -132,9 +132,9 @@ def _scale_zero(lo, hi, bits: int, symmetric: bool):
     return scale, zero
 
 
-def _round_error(g, scale, zero, bits: int, symmetric: bool, buf):
+def _round_error(g, scale, zero, bits: int, symmetric: bool, buf, importance=None):
     """Per group ``sum |w - q|^MSE_NORM`` of ``g`` ``(out, groups, size)`` rounded to the grid (``buf``: scratch
-    of ``g``'s shape)."""
+    of ``g``'s shape), each column's term times ``importance`` ``(1, groups, size)`` when given."""
     import torch
 
     s = scale[..., None]
@@ -144,22 +144,23 @@ def _round_error(g, scale, zero, bits: int, symmetric: bool, buf):
     else:
         z = zero[..., None].float()
         buf.add_(z).clamp_(0, 2 ** bits - 1).sub_(z)
-    return buf.mul_(s).sub_(g).abs_().pow_(MSE_NORM).sum(-1)
+    err = buf.mul_(s).sub_(g).abs_().pow_(MSE_NORM)
+    return (err if importance is None else err.mul_(importance)).sum(-1)
 
 
-def _mse_search(g, lo, hi, bits: int, symmetric: bool):
+def _mse_search(g, lo, hi, bits: int, symmetric: bool, importance=None):
     """Per-group shrink of ``[lo, hi]`` with the lowest rounding error (coarse, then fine around each best)."""
     import torch
 
     buf = torch.empty_like(g)
     best_p = torch.ones_like(lo)
     scale, zero = _scale_zero(lo, hi, bits, symmetric)
-    best = _round_error(g, scale, zero, bits, symmetric, buf)
+    best = _round_error(g, scale, zero, bits, symmetric, buf, importance)
 
     def trial(p):
         nonlocal best, best_p, scale, zero
         s, z = _scale_zero(p * lo, p * hi, bits, symmetric)
-        err = _round_error(g, s, z, bits, symmetric, buf)
+        err = _round_error(g, s, z, bits, symmetric, buf, importance)
         better = err < best
         best = torch.where(better, err, best)
         best_p = torch.where(better, p, best_p)
@@ -180,14 +181,15 @@ def _mse_search(g, lo, hi, bits: int, symmetric: bool):
 
 
 def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
-             observer: str = "minmax") -> WeightGrid:
+             observer: str = "minmax", importance=None) -> WeightGrid:
     """Scales for ``weight`` (``(out, in)``): the round-to-nearest grid.
 
     Symmetric: ``scale = max|w| / ((2**bits - 1) / 2)`` per group (as GPTQ and compressed-tensors do).
     Asymmetric: the group's range, widened to include 0, split into ``2**bits - 1`` steps.
     ``observer="minmax"`` takes the range as it is; ``"mse"`` shrinks it per group where clipping the extremes
     lowers the rounding error (see ``MSE_COARSE``), as the ``mse`` observers of the GPTQ reference code and
-    llm-compressor do.
+    llm-compressor do. ``importance`` ``(in,)`` (mse only): weight each input column's rounding error by it, e.g.
+    the calibration Hessian's diagonal (the mean squared activation, llama.cpp's imatrix).
     """
     import torch
 
@@ -201,7 +203,8 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
     lo = g.amin(dim=2).clamp(max=0)
     hi = g.amax(dim=2).clamp(min=0)
     if observer == "mse":
-        scale, zero = _mse_search(g, lo, hi, bits, symmetric)
+        imp = None if importance is None else importance.detach().float().reshape(1, in_features // size, size)
+        scale, zero = _mse_search(g, lo, hi, bits, symmetric, imp)
     else:
         scale, zero = _scale_zero(lo, hi, bits, symmetric)
     return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
@@ -261,13 +264,14 @@ def round_to_grid(module, grid: WeightGrid) -> None:
 
 
 # -- helpers for quantizers that fit a grid group by group (GPTQ, SparseGPT's joint quantization) -----------------
-def fit_group(columns, bits: int, symmetric: bool = True, observer: str = "minmax"):
-    """``(scale, zero)`` of one group: ``columns`` is ``(out, k)``, the group's input columns.
+def fit_group(columns, bits: int, symmetric: bool = True, observer: str = "minmax", importance=None):
+    """``(scale, zero)`` of one group: ``columns`` is ``(out, k)``, the group's input columns (``importance``
+    ``(k,)``: see :func:`fit_grid`).
 
     The same numbers :func:`fit_grid` gives that group (``scale`` float32, fp16-exact; ``zero`` int32 or ``None``),
     each shaped ``(out,)``; assemble a layer's groups with :func:`grid_from_groups`.
     """
-    g = fit_grid(columns, bits, None, symmetric, observer)
+    g = fit_grid(columns, bits, None, symmetric, observer, importance)
     return g.scale[:, 0], (g.zero[:, 0] if g.zero is not None else None)
 
 

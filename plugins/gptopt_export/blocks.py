@@ -10,14 +10,17 @@ re-rounding (ggml's block layouts, ``ggml-common.h``):
   asymmetric, group 32, with ``m = -zero * scale``; exact where ``m`` is an fp16 value, elsewhere the codes and
   scale are kept and ``m`` is rounded to fp16).
 
-Everything else is quantized from its float values by gguf-py (``gguf.quants``, ggml's reference rounding).
+Everything else is quantized from its float values by gguf-py (``gguf.quants``, ggml's reference rounding), and
+the K-quants and IQ4_NL by :mod:`.kquants` (ggml's functions in numpy; gguf-py only de-quantizes those).
 """
 from __future__ import annotations
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-TYPES = FLOAT_TYPES + QUANT_TYPES
-BLOCK = 32  # every type above quantizes 32-weight blocks along the row
+K_TYPES = ("q4_k", "q5_k", "q6_k", "iq4_nl")  # .kquants (q*_k: 256-weight super-blocks)
+WEIGHTED = ("q4_0", "iq4_nl")  # encoders that take an importance vector (imatrix), .kquants.WEIGHTED
+TYPES = FLOAT_TYPES + QUANT_TYPES + K_TYPES
+BLOCK = 32  # the 32-weight block every type but the q*_k super-blocks quantizes along the row
 
 
 def ggml_type(name: str):
@@ -93,8 +96,10 @@ def pack_exact(type_name: str, grid, codes):
     return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(rows, -1))
 
 
-def encode(values, type_name: str):
-    """numpy array for the writer: float32/float16 values, or uint8 block bytes (bf16 and q types)."""
+def encode(values, type_name: str, importance=None):
+    """numpy array for the writer: float32/float16 values, or uint8 block bytes (bf16 and q types). ``importance``
+    (mean squared activation per input column, an imatrix row): q4_0 and iq4_nl pick their block scales weighted
+    by it, as llama.cpp's quantizer does with ``--imatrix``."""
     import numpy as np
 
     data = values.detach().cpu().float().numpy()
@@ -102,11 +107,18 @@ def encode(values, type_name: str):
         return data.astype(np.float32)
     if type_name == "f16":
         return data.astype(np.float16)
+    if type_name in K_TYPES or (importance is not None and type_name == "q4_0"):
+        from .kquants import quantize
+
+        return quantize(data, type_name, importance)
     import gguf
 
     return gguf.quants.quantize(data, ggml_type(type_name))
 
 
 def fits(type_name: str, row_len: int) -> bool:
-    """Whether a row of ``row_len`` weights can be stored as ``type_name`` (whole 32-weight blocks)."""
-    return type_name in FLOAT_TYPES or row_len % BLOCK == 0
+    """Whether a row of ``row_len`` weights can be stored as ``type_name`` (whole blocks: 32 weights, 256 for the
+    q*_k super-blocks)."""
+    from .kquants import BLOCK_OF
+
+    return type_name in FLOAT_TYPES or row_len % BLOCK_OF.get(type_name, BLOCK) == 0

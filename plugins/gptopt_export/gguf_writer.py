@@ -59,11 +59,12 @@ def add_hparams(writer, model, arch) -> None:
         getattr(writer, method)(value)
 
 
-def tensor_bytes(src, choice):
-    """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16)."""
+def tensor_bytes(src, choice, importance=None):
+    """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16); ``importance``: the
+    tensor's imatrix row, or ``None``."""
     if choice.how == "exact grid" or choice.how.startswith(types.GRID_CODES):
         return blocks.pack_exact(choice.type, src.grid, src.codes), blocks.ggml_type(choice.type)
-    data = blocks.encode(src.values, choice.type)
+    data = blocks.encode(src.values, choice.type, importance)
     return data, (None if choice.type in ("f32", "f16") else blocks.ggml_type(choice.type))
 
 
@@ -94,8 +95,10 @@ def check_model(model, plugins=None):
 
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
-               name: str = "", log=None, plugins=None) -> dict:
-    """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts."""
+               name: str = "", log=None, plugins=None, importance: dict | None = None) -> dict:
+    """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
+    ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
+    q4_0 / iq4_nl tensors' block scales."""
     import gguf
 
     arch = check_model(model, plugins)
@@ -119,8 +122,9 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         with tempfile.TemporaryDirectory(prefix="gptopt-export-tok-") as workdir:
             vocab_info = vocab.add_vocab(writer, tokenizer, int(model.config.vocab_size), Path(workdir))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        importance = importance or {}
         for src, choice in chosen:
-            data, raw = tensor_bytes(src, choice)
+            data, raw = tensor_bytes(src, choice, importance.get(src.name))
             writer.add_tensor(src.name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -131,16 +135,25 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    exact = sum(1 for _, c in chosen if c.how == "exact grid")
-    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and c.how.startswith("re-rounded")]
-    from_bnb = sum(1 for s, _ in chosen if s.origin.startswith("bnb-"))
-    min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
-    changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
     return {
         "gguf_path": str(target),
         "gguf_bytes": target.stat().st_size,
         "gguf_architecture": arch.gguf.arch,
         "gguf_file_type": weight_types.most_common(1)[0][0] if weight_types else "f32",
+        **_grid_metrics(chosen),
+        **_peer_metrics(chosen, importance),
+        **vocab_info,
+    }
+
+
+def _grid_metrics(chosen) -> dict:
+    """Tensor types, and how the chain's grids and bitsandbytes layers were written."""
+    exact = sum(1 for _, c in chosen if c.how == "exact grid")
+    rerounded = [f"{s.name}: {c.how}" for s, c in chosen if s.origin == "grid" and "re-rounded" in c.how]
+    from_bnb = sum(1 for s, _ in chosen if s.origin.startswith("bnb-"))
+    min_rounded = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.GRID_CODES)]
+    changed = [s.name for s, _ in chosen if s.origin == "grid-changed"]
+    return {
         "gguf_tensor_types": dict(sorted(Counter(c.type for _, c in chosen).items())),
         "gguf_tensors": len(chosen),
         "gguf_exact_grid_tensors": exact,
@@ -150,8 +163,16 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_rerounded_examples": rerounded[:5],
         "gguf_grid_changed_tensors": changed[:5],
         "gguf_bitsandbytes_tensors": from_bnb,
-        **vocab_info,
     }
+
+
+def _peer_metrics(chosen, importance) -> dict:
+    """K-quant fallbacks (rows not whole super-blocks) and imatrix-weighted re-rounding, counted."""
+    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK)]
+    weighted = sum(1 for s, c in chosen if s.name in importance and c.type in blocks.WEIGHTED
+                   and not (c.how == "exact grid" or c.how.startswith(types.GRID_CODES)))
+    return {"gguf_imatrix_weighted_tensors": weighted, "gguf_fallback_tensors": len(fallback),
+            "gguf_fallback_examples": fallback[:3]}
 
 
 def _umask() -> int:

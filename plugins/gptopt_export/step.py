@@ -24,12 +24,43 @@ class ExportParams(Params):
     embeddings: Optional[Literal[TYPE_CHOICES]] = pydantic.Field(
         None, description="type of the token embeddings and the output head [default: as --type]")
     overwrite: bool = pydantic.Field(False, description="replace an existing file")
+    imatrix: Optional[str] = pydantic.Field(
+        None, min_length=1, description="also write an importance matrix for llama.cpp's quantizer (llama-quantize "
+                                        "--imatrix FILE): mean squared activations per input column of every block "
+                                        "weight, from calibration on the train split; FILE.gguf (llama.cpp's format) "
+                                        "or FILE.dat (legacy)")
+    imatrix_blocks: int = pydantic.Field(64, ge=1, le=4096, description="--imatrix: calibration blocks (train split)")
+    imatrix_seq_len: int = pydantic.Field(512, ge=16, le=8192, description="--imatrix: tokens per calibration block "
+                                                                           "(llama.cpp's imatrix chunk)")
+    imatrix_weighting: bool = pydantic.Field(
+        True, description="--imatrix: also weight gptopt's own re-rounding by it (q4_0 / iq4_nl block scales, as "
+                          "llama.cpp's quantizer does); grids written from their codes are not touched")
+
+    imatrix_in: Optional[str] = pydantic.Field(
+        None, min_length=1, description="weight gptopt's re-rounding (q4_0 / iq4_nl block scales) by this existing "
+                                        "importance matrix (.gguf or .dat, e.g. llama.cpp's imatrix tool's or an "
+                                        "earlier export --imatrix) instead of calibrating")
+
+    @pydantic.model_validator(mode="after")
+    def _one_imatrix(self):
+        if self.imatrix and self.imatrix_in:
+            raise ValueError("give --imatrix (calibrate and write one) or --imatrix-in (read one), not both")
+        if self.imatrix_in and not self.imatrix_in.endswith((".gguf", ".dat")):
+            raise ValueError("give an imatrix file name ending in .gguf (llama.cpp's format) or .dat (legacy)")
+        return self
 
     @pydantic.field_validator("to")
     @classmethod
     def _suffix(cls, value):
         if not value.endswith(".gguf"):
             raise ValueError("give a file name ending in .gguf")
+        return value
+
+    @pydantic.field_validator("imatrix")
+    @classmethod
+    def _imatrix_suffix(cls, value):
+        if value is not None and not value.endswith((".gguf", ".dat")):
+            raise ValueError("give an imatrix file name ending in .gguf (llama.cpp's format) or .dat (legacy)")
         return value
 
 
@@ -45,8 +76,8 @@ class ExportStep(Step):
 
     name = "export"
     Params = ExportParams
-    path_params = ("to",)
-    file_params = ("to",)  # one file, not a directory (the core's output-path check)
+    path_params = ("to", "imatrix")
+    file_params = ("to", "imatrix")  # one file each, not a directory (the core's output-path check)
     provides = frozenset({"gguf"})
     forbids = {
         "adapter": "the model carries an unmerged LoRA adapter; give lora --merge so the adapter is folded into the "
@@ -64,10 +95,22 @@ class ExportStep(Step):
             raise PlanError(f"export: {target} is a directory; give a file name ending in .gguf")
         if target.exists() and not self.params.overwrite:
             raise PlanError(f"export: {target} exists; pass --overwrite or choose another --to")
+        if self.params.imatrix:
+            imatrix = Path(self.params.imatrix).expanduser()
+            if imatrix.resolve() == target.resolve():
+                raise PlanError("export: --imatrix and --to name the same file; give each its own")
+            if imatrix.exists() and not self.params.overwrite:
+                raise PlanError(f"export: {imatrix} exists; pass --overwrite or choose another --imatrix")
         return target
 
     def check_plan(self, before, after, facts):
         self.check_target()
+        if self.params.imatrix_in:
+            written = {str(Path(s.params.imatrix).expanduser()) for s in before
+                       if s.name == "export" and s.params.imatrix}
+            path = Path(self.params.imatrix_in).expanduser()
+            if str(path) not in written and not path.is_file():
+                raise GptoptError(f"export --imatrix-in {path}: no such file")
 
     def preflight(self, ctx):
         from .gguf_writer import check_model
@@ -81,16 +124,42 @@ class ExportStep(Step):
 
         target = self.check_target()
         target.parent.mkdir(parents=True, exist_ok=True)
+        imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
+        if self.params.imatrix_in:
+            from .imatrix import read
+
+            importance = read(Path(self.params.imatrix_in).expanduser())
+            imatrix_metrics = {"imatrix_in": self.params.imatrix_in, "imatrix_entries": len(importance)}
         started = time.perf_counter()
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec, plugins=ctx.plugins)
+                             name=ctx.model_spec, plugins=ctx.plugins,
+                             importance=importance if self.params.imatrix_weighting else None)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
+        metrics.update(imatrix_metrics)
         ctx.state["gguf"] = str(target)
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
                 f"{metrics['gguf_exact_grid_tensors']} grids written exactly, {metrics['gguf_grid_min_rounded_tensors']} "
                 f"from their codes with q4_1's min rounded to fp16, {metrics['gguf_rerounded_grid_tensors']} "
                 f"re-rounded)")
         return metrics
+
+    def write_imatrix(self, ctx):
+        """Calibrate (train split), write the importance matrix under llama.cpp's tensor names; ``(metrics,
+        {name: mean x^2 per column})``."""
+        from . import imatrix, tensors
+
+        path = Path(self.params.imatrix).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        got = imatrix.collect(ctx, self.params.imatrix_blocks, self.params.imatrix_seq_len)
+        entries = imatrix.named(got["sums"], tensors.sources(ctx.model))
+        if not entries:
+            raise GptoptError("export --imatrix: no weight of the transformer blocks was calibrated")
+        size = imatrix.write(path, entries, self.params.imatrix_blocks, self.params.imatrix_seq_len,
+                             f"{ctx.data_spec or 'data'} (train split)")
+        ctx.log(f"  wrote {path}: importance matrix of {len(entries)} weights, {got['tokens']} calibration tokens")
+        means = {name: (sums / max(tokens, 1)).astype("float32") for name, (sums, tokens) in entries.items()}
+        return {"imatrix_path": str(path), "imatrix_bytes": size, "imatrix_entries": len(entries),
+                "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}, means
 
 
 class LlamacppParams(Params):

@@ -28,6 +28,7 @@ class Source:
     role: str = "weight"  # "weight" | "embedding" | "head" | "norm" | "bias" | "position"
     hf_name: str = ""
     float_dtype: str = "float32"  # the dtype the layer computed in (auto keeps float layers there)
+    module: Any = None  # the torch module the weight belongs to (imatrix: statistics by module -> GGUF name)
 
 
 def family(model, plugins=None):
@@ -117,7 +118,7 @@ def _source(name, module, role, hf_name, rows=None) -> Source:
             codes = codes[rows]
             grid = WeightGrid(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,
                               scale=grid.scale[rows], zero=None if grid.zero is None else grid.zero[rows])
-    return Source(name, values.contiguous(), origin, grid, codes, role, hf_name, dtype)
+    return Source(name, values.contiguous(), origin, grid, codes, role, hf_name, dtype, module)
 
 
 def _plain(name, tensor, role, hf_name, rows=None) -> Source:

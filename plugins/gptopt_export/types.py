@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from .blocks import FLOAT_TYPES, exact_type, fits, nearest_type
 
 #: GGUF ``general.file_type`` (llama.cpp's ``LlamaFileType``) for the type most weights have
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32,
+              "q4_k": 14, "q5_k": 16, "q6_k": 18, "iq4_nl": 25}
+#: how a tensor whose rows are not whole 256-weight super-blocks is described (llama.cpp's fallback type)
+FALLBACK = "fallback, "
 #: bitsandbytes layers under ``--type auto``: int8 -> q8_0; NF4/FP4 -> q4_1 (32-blocks with a min, the closest
 #: GGUF 4-bit type to their 64-block absmax codebooks; re-rounded from bitsandbytes' own de-quantization)
 BNB_AUTO = {"bnb-int8": "q8_0", "bnb-nf4": "q4_1", "bnb-fp4": "q4_1"}
@@ -47,5 +50,11 @@ def choose(src, requested: str, embeddings: str | None) -> Choice:
             "de-quantized" if target in FLOAT_TYPES else f"quantized from {src.origin}")
         choice = Choice(target, how)
     if not fits(choice.type, row):
+        from .kquants import fallback
+
+        other = fallback(choice.type, row)
+        if other != choice.type and fits(other, row):
+            return Choice(other, f"{FALLBACK}{choice.type} -> {other} as llama.cpp (rows of {row} are not whole "
+                                 f"256-weight super-blocks); {choice.how}")
         return Choice("f32", f"kept f32: rows of {row} are not whole 32-weight blocks")
     return choice

@@ -43,14 +43,26 @@ def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, bl
     return group_size * max(1, block_size // group_size)
 
 
-def static_scales(W, gs: int, bits: int, symmetric: bool, observer: str, fit: bool) -> tuple[list, list]:
+def hessian_weighting(H, observer: str, gs: int):
+    """``(observer, importance)``: ``hmse`` is the mse search with each column's error weighted by ``H``'s
+    diagonal (``importance(c)`` gives the group starting at column ``c``); other observers weight nothing."""
+    import torch
+
+    if observer != "hmse":
+        return observer, lambda c: None
+    hdiag = torch.diag(H).clone()
+    return "mse", lambda c: hdiag[c:c + gs]
+
+
+def static_scales(W, gs: int, bits: int, symmetric: bool, observer: str, fit: bool,
+                  importance=lambda c: None) -> tuple[list, list]:
     """One ``(scale, zero)`` slot per group; filled now when ``fit`` (act-order or per-channel: scales fitted before
     any update), else left ``None`` for the loop to fit as it reaches each group."""
     n_groups = W.shape[1] // gs
     scales, zeros = [None] * n_groups, [None] * n_groups
     if fit:
         for g in range(n_groups):
-            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer)
+            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer, importance(g * gs))
     return scales, zeros
 
 
@@ -70,7 +82,8 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
                   mask=None):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
-    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``).
+    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``;
+    ``"hmse"``: mse with each column's error weighted by ``H``'s diagonal, the columns' mean squared activation).
     ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
@@ -86,7 +99,8 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     gs = group_size or columns
     if columns % gs:
         raise ValueError(f"group size {group_size} does not divide the input width {columns}")
-    scales, zeros = static_scales(W, gs, bits, symmetric, observer, act_order or group_size is None)
+    observer, imp = hessian_weighting(H, observer, gs)
+    scales, zeros = static_scales(W, gs, bits, symmetric, observer, act_order or group_size is None, imp)
     W, H, M, perm, group_of = column_order(W, H, M, gs, act_order)
     U, damp = inverse_hessian_cholesky(H, dampening)
     Q = torch.zeros_like(W)
@@ -105,7 +119,7 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
             if dynamic and col % gs == 0:
                 group = W1[:, i:i + gs]
                 scales[g], zeros[g] = fit_group(group if M is None else group * M[:, col:col + gs], bits,
-                                                symmetric, observer)
+                                                symmetric, observer, imp(col))
             w = W1[:, i]
             d = U1[i, i]
             q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)

@@ -83,6 +83,7 @@ def preflight(ctx, step) -> None:
 
 
 def rtn(module, bits: int, group_size, symmetric: bool, observer: str = "minmax"):
+    observer = "mse" if observer == "hmse" else observer  # no Hessian outside gptq's blocks
     grid = fit_grid(weight_matrix(module), bits, group_size, symmetric, observer)
     round_to_grid(module, grid)
     return grid

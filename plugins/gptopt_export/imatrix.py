@@ -1,0 +1,118 @@
+"""Importance matrices for llama.cpp's quantizer (``llama-quantize --imatrix FILE``) from gptopt's calibration.
+
+llama.cpp weights each input column of a weight matrix by the mean squared activation it saw (its ``imatrix``
+tool runs the model over text and sums ``x^2`` per column of every ``blk.*`` matmul input). gptopt's layer-by-layer
+calibration engine (``gptopt_core.run_blockwise``, statistic ``sq_norms``) collects exactly that sum, so the export
+step writes it under llama.cpp's tensor names, on the model as the chain left it, from the train split (never the
+held-out text). Two file formats, as llama.cpp's ``tools/imatrix/imatrix.cpp`` writes them and its
+``common/imatrix-loader.cpp`` reads them:
+
+* GGUF (any name but ``*.dat``; llama.cpp's current format): ``general.type = imatrix``, ``imatrix.datasets``
+  (strings), ``imatrix.chunk_count`` / ``imatrix.chunk_size`` (u32), and per weight ``NAME.in_sum2`` (f32, the raw
+  sums of ``x^2``, ``(n_mat, n_cols)``) and ``NAME.counts`` (f32, tokens summed, ``(n_mat, 1)``); the quantizer
+  divides one by the other.
+* legacy ``*.dat``: int32 entry count; per entry int32 name length, name, int32 ``ncall``, int32 ``nval``, then
+  ``nval`` floats ``mean(x^2) * ncall`` (``ncall`` = chunks seen); then int32 chunk count, int32 length + dataset.
+
+Layers outside the transformer blocks (an untied output head) are not in the file: llama.cpp's ``imatrix`` tool
+leaves ``output.weight`` out by default too.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+
+def collect(ctx, n_blocks: int, seq_len: int) -> dict:
+    """``{module: (sum of x^2 per input column, float64 numpy; tokens)}`` for every weight layer inside the
+    transformer blocks, from ``n_blocks`` train blocks of ``seq_len`` tokens through the model as it stands."""
+    from gptopt_core import calibration_batches, run_blockwise
+
+    sums = {}
+
+    def keep(block, stats):
+        for st in stats.values():
+            sums[st.module] = (st.sq_norms.detach().double().cpu().numpy(), int(st.samples))
+
+    batches = calibration_batches(ctx, n_blocks, seq_len)
+    report = run_blockwise(ctx.model, batches, keep, stats=("sq_norms",), sequential=False)
+    return {"sums": sums, "tokens": report["calib_tokens"], "seconds": report["seconds"]}
+
+
+def named(sums: dict, srcs) -> dict:
+    """``{GGUF tensor name: (sums, tokens)}`` for the export's tensors (``tensors.Source`` list) that have them."""
+    out = {}
+    for src in srcs:
+        if src.module is not None and src.module in sums and src.role == "weight":
+            out[src.name] = sums[src.module]
+    return out
+
+
+def write(path, entries: dict, chunk_count: int, chunk_size: int, dataset: str) -> int:
+    """Write ``entries`` (``{name: (sums, tokens)}``) to ``path``: legacy format for ``*.dat``, GGUF otherwise.
+    Returns the bytes written."""
+    path = Path(path)
+    if path.suffix == ".dat":
+        _write_legacy(path, entries, chunk_count, chunk_size, dataset)
+    else:
+        _write_gguf(path, entries, chunk_count, chunk_size, dataset)
+    return path.stat().st_size
+
+
+def _write_gguf(path, entries, chunk_count, chunk_size, dataset):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "imatrix")
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", [dataset])
+    writer.add_uint32("imatrix.chunk_count", int(chunk_count))
+    writer.add_uint32("imatrix.chunk_size", int(chunk_size))
+    for name, (sums, tokens) in sorted(entries.items()):
+        writer.add_tensor(f"{name}.in_sum2", np.asarray(sums, dtype=np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[float(tokens)]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_legacy(path, entries, chunk_count, chunk_size, dataset):
+    import numpy as np
+
+    with open(path, "wb") as out:
+        out.write(struct.pack("<i", len(entries)))
+        for name, (sums, tokens) in sorted(entries.items()):
+            ncall = max(1, -(-int(tokens) // max(int(chunk_size), 1)))  # ceiling, as imatrix.cpp
+            raw = name.encode()
+            out.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, len(sums)))
+            mean = np.asarray(sums, dtype=np.float64) / max(int(tokens), 1)
+            out.write((mean * ncall).astype("<f4").tobytes())
+        data = dataset.encode()
+        out.write(struct.pack("<i", int(chunk_count)) + struct.pack("<i", len(data)) + data)
+
+
+def read(path) -> dict:
+    """``{name: mean x^2 per column (float32 numpy)}`` from either format, normalized as llama.cpp's quantizer
+    does (GGUF: ``in_sum2 / counts``; legacy: ``values / ncall``)."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix == ".dat":
+        out, raw = {}, path.read_bytes()
+        (n,), pos = struct.unpack_from("<i", raw), 4
+        for _ in range(n):
+            (length,) = struct.unpack_from("<i", raw, pos)
+            name = raw[pos + 4:pos + 4 + length].decode()
+            ncall, nval = struct.unpack_from("<ii", raw, pos + 4 + length)
+            pos += 12 + length
+            values = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos)
+            out[name] = (values / ncall if ncall > 0 else values).astype(np.float32)
+            pos += 4 * nval
+        return out
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    return {name[:-len(".in_sum2")]: (tensors[name].reshape(-1) / float(tensors[name[:-8] + ".counts"].reshape(-1)[0]))
+            for name in tensors if name.endswith(".in_sum2")}
