@@ -37,16 +37,21 @@ def test_guide_files_are_the_example_package():
         assert (ROOT / "docs" / "examples" / rel).read_text() == content
 
 
-def test_guide_example_installs_and_runs_verbatim(tmp_path):
+def install_guide_package(tmp_path, package: str) -> dict:
+    """Write the guide's files of ``package`` as a user would copy them, pip-install it into a target dir and
+    return the environment that puts it on the path."""
     for rel, content in guide_files().items():
-        if not rel.startswith("gptopt-hello/"):
-            continue
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(content)
+        if rel.startswith(package + "/"):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(content)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    str(tmp_path / "gptopt-hello")], check=True, capture_output=True)
-    env = {"PYTHONPATH": str(target)}
+                    str(tmp_path / package)], check=True, capture_output=True)
+    return {"PYTHONPATH": str(target)}
+
+
+def test_guide_example_installs_and_runs_verbatim(tmp_path):
+    env = install_guide_package(tmp_path, "gptopt-hello")
     assert "hello" in run_gptopt("steps", env=env).stdout
     proc = run_gptopt("run", "--model", "tiny-random-llama", "hello", "--name", "you", "--times", "2", "eval",
                       "--max-tokens", "600", env=env, cwd=tmp_path)
@@ -71,14 +76,7 @@ def test_every_committed_recipe_validates():
 def test_guide_family_example_installs_and_runs_verbatim(tmp_path):
     """The plugin guide's StarCoder2 row (gptopt_register_architectures): installed as a user would, the family's
     tiny model runs a chain into llama.cpp, its own test passes, and the CLI lists it."""
-    for rel, content in guide_files().items():
-        if rel.startswith("gptopt-starcoder2/"):
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / rel).write_text(content)
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    str(tmp_path / "gptopt-starcoder2")], check=True, capture_output=True)
-    env = {"PYTHONPATH": str(target)}
+    env = install_guide_package(tmp_path, "gptopt-starcoder2")
     proc = run_gptopt("run", "--model", "tiny-random-starcoder2", "export", "--to", tmp_path / "s.gguf", "--type",
                       "f32", env=env, cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "s.gguf").is_file(), proc.stderr
