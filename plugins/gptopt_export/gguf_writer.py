@@ -83,6 +83,13 @@ def loadable_name(name: str, tokenizer) -> str:
     return name
 
 
+def choices(srcs, type_name: str, embeddings: str | None, plan: dict | None = None) -> list:
+    """``[(source, Choice)]``: ``--type`` / ``--embeddings``, or the plan's type for a tensor it names."""
+    plan = plan or {}
+    return [(src, types.choose(src, plan[src.name], None) if src.name in plan
+             else types.choose(src, type_name, embeddings)) for src in srcs]
+
+
 def check_model(model, plugins=None):
     """Plan-independent refusals that need the model: unmerged adapter, a family the table cannot export, what
     llama.cpp would compute differently. Returns the model's row of the architecture table."""
@@ -95,15 +102,17 @@ def check_model(model, plugins=None):
 
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
-               name: str = "", log=None, plugins=None, importance: dict | None = None) -> dict:
+               name: str = "", log=None, plugins=None, importance: dict | None = None,
+               plan: dict | None = None) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
     ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
-    q4_0 / iq4_nl tensors' block scales."""
+    q4_0 / iq4_nl tensors' block scales; ``plan``: ``{GGUF tensor name: type}`` (``--plan``), over ``type_name``
+    and ``embeddings`` for the tensors it names."""
     import gguf
 
     arch = check_model(model, plugins)
     srcs = tensors.sources(model, plugins)
-    chosen = [(src, types.choose(src, type_name, embeddings)) for src in srcs]
+    chosen = choices(srcs, type_name, embeddings, plan)
     weight_types = Counter(c.type for s, c in chosen if s.values.dim() >= 2 and s.role != "position")
     file_type = types.FILE_TYPES[weight_types.most_common(1)[0][0]] if weight_types else 0
 

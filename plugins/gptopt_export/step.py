@@ -41,6 +41,31 @@ class ExportParams(Params):
                                         "importance matrix (.gguf or .dat, e.g. llama.cpp's imatrix tool's or an "
                                         "earlier export --imatrix) instead of calibrating")
 
+    plan: Optional[str] = pydantic.Field(
+        None, min_length=1, description="a type per tensor: auto (measure each block weight's calibration-loss change "
+                                        "at --type, give the most sensitive per byte --upgrade-type within "
+                                        "--max-bpw) or a JSON/YAML file mapping tensor names to types")
+    upgrade_type: Literal[TYPES] = pydantic.Field("q8_0", description="--plan auto: the type the most sensitive "
+                                                                      "tensors get")
+    max_bpw: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=32.0, description="--plan auto: the file's size, in bits per weight over its 2-D tensors "
+                                           "(the BPW llama.cpp reports)")
+    plan_blocks: int = pydantic.Field(4, ge=1, le=1024, description="--plan auto: calibration blocks of 256 tokens "
+                                                                    "(train split)")
+
+    @pydantic.model_validator(mode="after")
+    def _plan_budget(self):
+        if self.plan == "auto" and self.max_bpw is None:
+            raise ValueError("--plan auto needs --max-bpw, the file's size in bits per weight (e.g. 5.5)")
+        if self.plan != "auto" and self.max_bpw is not None:
+            raise ValueError("--max-bpw is the budget of --plan auto; give --plan auto with it")
+        if self.plan == "auto" and self.type == "auto":
+            raise ValueError("--plan auto chooses between --type and --upgrade-type per tensor; give --type (e.g. "
+                             "q4_0), not auto")
+        if self.plan not in (None, "auto") and not self.plan.endswith((".json", ".yaml", ".yml")):
+            raise ValueError("give --plan auto or a plan file ending in .json, .yaml or .yml")
+        return self
+
     @pydantic.model_validator(mode="after")
     def _one_imatrix(self):
         if self.imatrix and self.imatrix_in:
@@ -111,11 +136,20 @@ class ExportStep(Step):
             path = Path(self.params.imatrix_in).expanduser()
             if str(path) not in written and not path.is_file():
                 raise GptoptError(f"export --imatrix-in {path}: no such file")
+        if self.params.plan not in (None, "auto") and not Path(self.params.plan).expanduser().is_file():
+            raise GptoptError(f"export --plan {self.params.plan}: no such file")
 
     def preflight(self, ctx):
-        from .gguf_writer import check_model
+        from .gguf_writer import check_model, choices
 
         check_model(ctx.model, ctx.plugins)
+        from . import mix, tensors
+
+        p = self.params
+        if p.plan == "auto":  # explicit --type: the sizes do not depend on earlier steps
+            mix.check_budget(choices(tensors.sources(ctx.model, ctx.plugins), p.type, p.embeddings), p.max_bpw)
+        elif p.plan is not None:
+            self.planned = mix.file_plan(str(Path(p.plan).expanduser()), tensors.sources(ctx.model, ctx.plugins))
 
     def apply(self, ctx):
         import time
@@ -130,18 +164,37 @@ class ExportStep(Step):
 
             importance = read(Path(self.params.imatrix_in).expanduser())
             imatrix_metrics = {"imatrix_in": self.params.imatrix_in, "imatrix_entries": len(importance)}
+        importance = importance if self.params.imatrix_weighting else None
         started = time.perf_counter()
+        plan, plan_metrics = self.plan(ctx, importance)
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec, plugins=ctx.plugins,
-                             importance=importance if self.params.imatrix_weighting else None)
+                             name=ctx.model_spec, plugins=ctx.plugins, importance=importance, plan=plan)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(imatrix_metrics)
+        metrics.update(plan_metrics)
         ctx.state["gguf"] = str(target)
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
                 f"{metrics['gguf_exact_grid_tensors']} grids written exactly, {metrics['gguf_grid_min_rounded_tensors']} "
                 f"from their codes with q4_1's min rounded to fp16, {metrics['gguf_rerounded_grid_tensors']} "
                 f"re-rounded)")
         return metrics
+
+    def plan(self, ctx, importance) -> tuple[dict | None, dict]:
+        """``--plan``: ``({GGUF name: type}, metrics)``; ``(None, {})`` without one."""
+        p = self.params
+        if p.plan is None:
+            return None, {}
+        if p.plan != "auto":
+            return self.planned, {"gguf_plan": self.planned, "gguf_plan_file": p.plan}
+        from . import mix, tensors
+        from .gguf_writer import choices
+
+        chosen = choices(tensors.sources(ctx.model, ctx.plugins), p.type, p.embeddings)
+        plan, metrics = mix.auto_plan(ctx, chosen, p.upgrade_type, p.max_bpw, p.plan_blocks, p.embeddings,
+                                      importance)
+        ctx.log(f"  plan auto: {len(plan)} of {metrics['gguf_plan_candidates']} tensors to {p.upgrade_type}, "
+                f"{metrics['gguf_plan_bpw']:.3f} bits per weight (budget {p.max_bpw:g})")
+        return plan, metrics
 
     def write_imatrix(self, ctx):
         """Calibrate (train split), write the importance matrix under llama.cpp's tensor names; ``(metrics,
