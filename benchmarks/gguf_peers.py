@@ -2,7 +2,7 @@
 SmolLM2-135M, every file measured the same way in llama.cpp, in one run:
 
     HF_HUB_OFFLINE=1 python benchmarks/gguf_peers.py [--autoround-python /path/venv/bin/python]
-                     [--json docs/gguf_peers.json] [--doc docs/export.md] [--skip gptq,autoround]
+                     [--json docs/gguf_peers.json] [--doc docs/export.md] [--parts dense,llamacpp,autoround,gptq]
 
 Rows (each: file bytes, bits per weight over the 2-D tensors, llama.cpp perplexity on the ``llamacpp`` step's
 held-out windows, decode tokens/s on bench's workload, the tensor types the file really holds):
@@ -10,9 +10,10 @@ held-out windows, decode tokens/s on bench's workload, the tensor types the file
 * f16: gptopt's export of the dense model (the reference; also the input of llama.cpp's quantizer);
 * llama.cpp: ``llama_model_quantize`` from that f16 file, q8_0 / q4_0 / q4_1 / q5_0 / iq4_nl / q4_k_m, each without
   and with the importance matrix ``export --imatrix`` wrote from gptopt's calibration on the train split;
-* AutoRound (its own environment, ``--autoround-python``): GGUF q4_0, ``iters=0`` and tuned;
-* gptopt: the dense model exported as q8_0 / q4_0 / q4_1 / iq4_nl / q4_k / q5_k / q6_k, and quantize chains
-  (RTN, GPTQ with and without act-order, mse observer) written as q4_0 / q4_1 from their codes.
+* AutoRound (its own environment, ``--autoround-python``): GGUF q4_0, ``iters=0`` and tuned (``--ar-iters``);
+* gptopt: the dense model exported as q8_0 / q4_0 / q4_1 / iq4_nl / q4_k / q5_k / q6_k, mixed by ``--plan auto``
+  (imatrix-weighted q4_0, the most sensitive tensors q8_0, within q4_k_m's size), and quantize chains
+  (RTN, GPTQ with and without act-order, mse and hmse observers; GPTQ int8) written from their codes.
 
 4-bit rows carry q8_0 token embeddings (llama.cpp's quantizer gives SmolLM2's tied 576-wide embedding q8_0: its
 q6_K choice falls back because 576 is not a multiple of 256). Writes the JSON and the peer block of docs/export.md.
@@ -33,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docblock import write_block  # noqa: E402
 
 LLAMACPP_TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "iq4_nl", "q4_k_m"]
-#: (type, embeddings, weight the re-rounding by the imatrix)
-DENSE = [("q8_0", None, False), ("q4_0", "q8_0", False), ("q4_0", "q8_0", True), ("q4_1", "q8_0", False),
-         ("iq4_nl", "q8_0", False), ("iq4_nl", "q8_0", True), ("q4_k", "q8_0", False), ("q5_k", "q8_0", False),
-         ("q6_k", "q8_0", False)]
+#: (type, embeddings, weight the re-rounding by the imatrix, --plan auto budget in bits per weight or None)
+PLAN_BPW = 6.15  # --plan auto rows: at most llama.cpp q4_k_m's size (6.159 bits per weight on SmolLM2-135M)
+DENSE = [("q8_0", None, False, None), ("q4_0", "q8_0", False, None), ("q4_0", "q8_0", True, None),
+         ("q4_1", "q8_0", False, None), ("iq4_nl", "q8_0", False, None), ("iq4_nl", "q8_0", True, None),
+         ("q4_k", "q8_0", False, None), ("q5_k", "q8_0", False, None), ("q6_k", "q8_0", False, None),
+         ("q4_0", "q8_0", True, PLAN_BPW)]
 G32 = {"bits": 4, "group_size": 32}
 CHAINS = [
     ("rtn g32 sym, mse observer -> q4_0 codes", {"method": "rtn", **G32, "symmetric": True, "observer": "mse"}),
@@ -44,6 +47,7 @@ CHAINS = [
     ("gptq g32 sym, no act-order -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "act_order": False}),
     ("gptq g32 sym, mse observer -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "observer": "mse"}),
     ("gptq g32 sym, hmse observer -> q4_0 codes", {"method": "gptq", **G32, "symmetric": True, "observer": "hmse"}),
+    ("gptq int8 g32 sym -> q8_0 codes", {"method": "gptq", "bits": 8, "group_size": 32, "symmetric": True}),
 ]
 START, END = "<!-- gguf-peers:start -->", "<!-- gguf-peers:end -->"
 BENCH = {"warmup": 1, "repeats": 3}  # llamacpp step's decode timing (its defaults: 2 and 5); the machine is shared
@@ -68,26 +72,35 @@ def run_dense(work: Path, args):
     pipe = Pipeline(model=args.model, device="cpu", quiet=True).add("eval")
     pipe.add("export", to=str(work / "f16.gguf"), type="f16", imatrix=str(work / "imatrix.gguf"),
              imatrix_blocks=args.imatrix_blocks, imatrix_seq_len=args.imatrix_seq_len).add("llamacpp", **BENCH)
-    for t, emb, weighted in DENSE:
-        pipe.add("export", to=str(work / f"gptopt-{t}{'-w' if weighted else ''}.gguf"), type=t, embeddings=emb,
-                 imatrix_in=str(work / "imatrix.gguf") if weighted else None).add("llamacpp", **BENCH)
+    for t, emb, weighted, bpw in DENSE:
+        plan = {"plan": "auto", "max_bpw": bpw} if bpw else {}
+        pipe.add("export", to=str(work / dense_name(t, weighted, bpw)), type=t, embeddings=emb,
+                 imatrix_in=str(work / "imatrix.gguf") if weighted else None, **plan).add("llamacpp", **BENCH)
     recs = [r["metrics"] for r in pipe.run().records]
     torch_m, f16_export = recs[0], recs[1]
     rows = [file_row("f16 (gptopt export of the dense model)", "reference", work / "f16.gguf", recs[2])]
-    for i, (t, emb, weighted) in enumerate(DENSE):
+    for i, (t, emb, weighted, bpw) in enumerate(DENSE):
         ex, lm = recs[3 + 2 * i], recs[4 + 2 * i]
         label = f"gptopt dense -> {t}" + (" imatrix-weighted" if weighted else "") + (
-            f" (embeddings {emb})" if emb else "")
-        rows.append(file_row(label, "gptopt", work / f"gptopt-{t}{'-w' if weighted else ''}.gguf", lm,
+            f" (embeddings {emb})" if emb else "") + (
+            f", --plan auto: {ex['gguf_plan_upgraded']} tensors q8_0, <= {bpw} bits/weight" if bpw else "")
+        rows.append(file_row(label, "gptopt", work / dense_name(t, weighted, bpw), lm,
                              fallback_tensors=ex.get("gguf_fallback_tensors"),
                              imatrix_weighted_tensors=ex.get("gguf_imatrix_weighted_tensors"),
                              produce_seconds=ex["export_seconds"],
+                             plan={k: v for k, v in ex.items() if k.startswith("gguf_plan") and k not in (
+                                 "gguf_plan_sensitivity",)} or None,
                              command=f"gptopt run --model smollm2-135m export --to m.gguf --type {t}"
                                      + (f" --embeddings {emb}" if emb else "")
-                                     + (" --imatrix imatrix.gguf" if weighted else "") + " llamacpp"))
+                                     + (" --imatrix-in imatrix.gguf" if weighted else "")
+                                     + (f" --plan auto --max-bpw {bpw}" if bpw else "") + " llamacpp"))
     info = {"torch_ppl": torch_m["perplexity"], "eval_tokens": torch_m.get("eval_tokens"),
             "imatrix": {k: v for k, v in f16_export.items() if k.startswith("imatrix_")}}
     return rows, info
+
+
+def dense_name(t, weighted, bpw) -> str:
+    return f"gptopt-{t}{'-w' if weighted else ''}{f'-plan{bpw}' if bpw else ''}.gguf"
 
 
 def run_llamacpp(work: Path, args):
@@ -186,10 +199,13 @@ def figures(rows) -> dict:
         out["cost vs AutoRound iters=0"] = {r["label"]: round(r["produce_seconds"] / ar0["produce_seconds"], 2)
                                             for r in mine if "quantize_metrics" in r}
     f16 = next((r for r in rows if r["source"] == "reference"), None)
-    q8 = next((r for r in mine if r["label"].startswith("gptopt dense -> q8_0")), None)
+    q8 = [r for r in mine if set(r["tensor_types"]) <= {"q8_0", "f32"}]  # every weight q8_0
     if f16 and q8:
-        out["gptopt q8_0 vs f16"] = {"ratio": q8["ppl"] / f16["ppl"], "target": 1.002,
-                                     "beats": q8["ppl"] / f16["ppl"] <= 1.002}
+        best = min(q8, key=lambda r: r["ppl"])
+        out["gptopt q8_0 vs f16"] = {"file": best["label"], "ratio": best["ppl"] / f16["ppl"], "target": 1.002,
+                                     "beats": best["ppl"] / f16["ppl"] <= 1.002,
+                                     "dense_ratio": next((r["ppl"] / f16["ppl"] for r in q8
+                                                          if r["label"].startswith("gptopt dense")), None)}
     return out
 
 
@@ -226,7 +242,9 @@ def markdown(result) -> str:
         fig.append("\nquantize wall time over AutoRound iters=0's: " + "; ".join(f"{k}: x{v}" for k, v in cost.items()))
     q8 = result["figures"].get("gptopt q8_0 vs f16")
     if q8:
-        fig.append(f"\ngptopt q8_0 vs f16 in llama.cpp: x{q8['ratio']:.4f} (target <= x1.002)")
+        fig.append(f"\ngptopt q8_0 vs f16 in llama.cpp: x{q8['ratio']:.4f} ({q8.get('file', 'dense')}; target <= "
+                   f"x1.002)" + (f"; the dense model re-rounded to q8_0: x{q8['dense_ratio']:.4f}"
+                                 if q8.get("dense_ratio") else ""))
     return "\n".join(head + lines + fig + [END])
 
 
