@@ -31,7 +31,9 @@ def test_plan_auto_measures_each_tensor_and_fills_the_budget_greedily(tmp_path):
     metrics = get_plugins().step_class("export")(to=str(tmp_path / "mix.gguf"), type="q4_0", plan="auto",
                                                  max_bpw=5.0).apply(ctx)
     sens = metrics["gguf_plan_sensitivity"]
-    assert len(sens) == metrics["gguf_plan_candidates"] == 14 and metrics["gguf_plan_base_bpw"] == pytest.approx(4.5)
+    # 14 block weights, the untied head and the input embedding
+    assert len(sens) == metrics["gguf_plan_candidates"] == 16 and metrics["gguf_plan_base_bpw"] == pytest.approx(4.5)
+    assert {"output.weight", "token_embd.weight"} <= set(sens)
 
     blocks = ctx.calibration_blocks(4, 256)
     base = calibration_nll(ctx.model, blocks)
@@ -53,7 +55,7 @@ def test_plan_auto_measures_each_tensor_and_fills_the_budget_greedily(tmp_path):
     for n in sens:
         if sens[n] > 1 and extra[n] <= budget:
             picked[n], budget = "q8_0", budget - extra[n]
-    assert metrics["gguf_plan"] == picked and 0 < len(picked) < 14
+    assert metrics["gguf_plan"] == picked and 0 < len(picked) < 16
     types = file_types(tmp_path / "mix.gguf")
     assert {n: t for n, t in types.items() if t == "q8_0"} == picked
     assert {t for n, t in types.items() if n in shapes and n not in picked} == {"q4_0"}

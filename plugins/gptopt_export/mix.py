@@ -3,7 +3,8 @@
 llama.cpp's ``_M`` mixes give some tensors a bigger type by a fixed rule (``attn_v`` and some ``ffn_down`` get
 q6_k). ``--plan auto`` measures instead, on the model as the chain left it:
 
-1. each float block weight, alone in place with its de-quantized ``--type`` values (a quantized type: q4_0,
+1. each float block weight (and an untied output head and input embedding, as llama.cpp's mixes upgrade
+   ``output.weight``), alone in place with its de-quantized ``--type`` values (a quantized type: q4_0,
    q4_1, q4_k, ...; with an imatrix, weighted as the file will be): the calibration loss change
    (:func:`gptopt_core.module_sensitivity`, train split);
 2. the order: that change per byte the upgrade to ``--upgrade-type`` costs, largest first;
@@ -11,9 +12,10 @@ q6_k). ``--plan auto`` measures instead, on the model as the chain left it:
    weight_bits` reads a file) stay within ``--max-bpw``; a tensor that does not fit is passed over for smaller
    ones after it.
 
-Candidates are the float block weights; grids the chain fitted (written exactly) and bitsandbytes layers keep the
-type ``--type`` gives them. ``--plan FILE`` (JSON or YAML) maps GGUF tensor names (``blk.0.attn_v.weight``) or
-model module names (``model.layers.0.self_attn.v_proj``) to types, for a plan kept from an earlier run.
+Grids the chain fitted (written exactly) and bitsandbytes layers keep the type ``--type`` gives them, and
+``--embeddings`` fixes the embedding's and head's. ``--plan FILE`` (JSON or YAML) maps GGUF tensor names
+(``blk.0.attn_v.weight``) or model module names (``model.layers.0.self_attn.v_proj``) to types, for a plan kept
+from an earlier run.
 """
 from __future__ import annotations
 
@@ -74,13 +76,17 @@ def with_weight(module, weight):
 
 
 def candidates(chosen, upgrade: str, embeddings):
-    """``[(source, low Choice, upgraded Choice)]``: float block weights that ``--type`` re-rounds and the upgrade
-    makes bigger."""
+    """``[(source, low Choice, upgraded Choice, weight)]``: float weights that ``--type`` (``--embeddings``)
+    quantizes and the upgrade makes bigger: block weights, and an output head and input embedding that are not
+    tied (a tied pair is one tensor in the file, and replacing one module would measure half of it)."""
     from gptopt_core import weight_matrix
 
+    head = next((s for s, _ in chosen if s.role == "head"), None)
+    untied = head is not None and head.module is not None
     out = []
     for src, low in chosen:
-        if src.role != "weight" or src.origin != "float" or src.module is None or low.type in blocks.FLOAT_TYPES:
+        role_ok = src.role == "weight" or (untied and src.role in ("head", "embedding"))
+        if not role_ok or src.origin != "float" or src.module is None or low.type in blocks.FLOAT_TYPES:
             continue
         high = types.choose(src, upgrade, embeddings)
         if type_bytes(high.type, src.values.shape) > type_bytes(low.type, src.values.shape):
