@@ -10,7 +10,8 @@ held-out windows, decode tokens/s on bench's workload, the tensor types the file
 * f16: gptopt's export of the dense model (the reference; also the input of llama.cpp's quantizer);
 * llama.cpp: ``llama_model_quantize`` from that f16 file, q8_0 / q4_0 / q4_1 / q5_0 / iq4_nl / q4_k_m, each without
   and with the importance matrix ``export --imatrix`` wrote from gptopt's calibration on the train split;
-* AutoRound (its own environment, ``--autoround-python``): GGUF q4_0, ``iters=0`` and tuned (``--ar-iters``);
+* AutoRound (its own environment, ``--autoround-python``): GGUF q4_0, ``iters=0`` and tuned (``--ar-iters``), and
+  q4_1 tuned;
 * gptopt: the dense model exported as q8_0 / q4_0 / q4_1 / iq4_nl / q4_k / q5_k / q6_k, mixed by ``--plan auto``
   (imatrix-weighted q4_0, the most sensitive tensors q8_0, within q4_k_m's size), and quantize chains
   (RTN, GPTQ with and without act-order, mse and hmse observers; GPTQ int8) written from their codes.
@@ -37,7 +38,8 @@ LLAMACPP_TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "iq4_nl", "q4_k_m"]
 #: (type, embeddings, weight the re-rounding by the imatrix, --plan auto budget in bits per weight or None)
 PLAN_BPW = 6.15  # --plan auto rows: at most llama.cpp q4_k_m's size (6.159 bits per weight on SmolLM2-135M)
 DENSE = [("q8_0", None, False, None), ("q4_0", "q8_0", False, None), ("q4_0", "q8_0", True, None),
-         ("q4_1", "q8_0", False, None), ("iq4_nl", "q8_0", False, None), ("iq4_nl", "q8_0", True, None),
+         ("q4_1", "q8_0", False, None), ("q4_1", "q5_0", False, None), ("iq4_nl", "q8_0", False, None),
+         ("iq4_nl", "q8_0", True, None),
          ("q4_k", "q8_0", False, None), ("q5_k", "q8_0", False, None), ("q6_k", "q8_0", False, None),
          ("q4_0", "q8_0", True, PLAN_BPW)]
 G32 = {"bits": 4, "group_size": 32}
@@ -74,7 +76,7 @@ def run_dense(work: Path, args):
              imatrix_blocks=args.imatrix_blocks, imatrix_seq_len=args.imatrix_seq_len).add("llamacpp", **BENCH)
     for t, emb, weighted, bpw in DENSE:
         plan = {"plan": "auto", "max_bpw": bpw} if bpw else {}
-        pipe.add("export", to=str(work / dense_name(t, weighted, bpw)), type=t, embeddings=emb,
+        pipe.add("export", to=str(work / dense_name(t, emb, weighted, bpw)), type=t, embeddings=emb,
                  imatrix_in=str(work / "imatrix.gguf") if weighted else None, **plan).add("llamacpp", **BENCH)
     recs = [r["metrics"] for r in pipe.run().records]
     torch_m, f16_export = recs[0], recs[1]
@@ -84,7 +86,7 @@ def run_dense(work: Path, args):
         label = f"gptopt dense -> {t}" + (" imatrix-weighted" if weighted else "") + (
             f" (embeddings {emb})" if emb else "") + (
             f", --plan auto: {ex['gguf_plan_upgraded']} tensors q8_0, <= {bpw} bits/weight" if bpw else "")
-        rows.append(file_row(label, "gptopt", work / dense_name(t, weighted, bpw), lm,
+        rows.append(file_row(label, "gptopt", work / dense_name(t, emb, weighted, bpw), lm,
                              fallback_tensors=ex.get("gguf_fallback_tensors"),
                              imatrix_weighted_tensors=ex.get("gguf_imatrix_weighted_tensors"),
                              produce_seconds=ex["export_seconds"],
@@ -99,8 +101,8 @@ def run_dense(work: Path, args):
     return rows, info
 
 
-def dense_name(t, weighted, bpw) -> str:
-    return f"gptopt-{t}{'-w' if weighted else ''}{f'-plan{bpw}' if bpw else ''}.gguf"
+def dense_name(t, emb, weighted, bpw) -> str:
+    return f"gptopt-{t}-emb{emb}{'-w' if weighted else ''}{f'-plan{bpw}' if bpw else ''}.gguf"
 
 
 def run_llamacpp(work: Path, args):
@@ -129,18 +131,19 @@ def measure_files(made, source, args, extra):
 
 
 def run_autoround(work: Path, args):
-    """AutoRound GGUF q4_0 (iters=0, then tuned) in its own environment; calibration = gptopt's train split."""
+    """AutoRound GGUF q4_0 (iters=0, then tuned) and q4_1 (tuned) in its own environment; calibration = gptopt's
+    train split."""
     from gptopt_core import TextData, smollm2_dir
 
     texts = work / "train.json"
     texts.write_text(json.dumps(TextData.load(args.data).train_docs))
     made = []
-    configs = [(0, args.ar_nsamples, 512)] + ([(args.ar_iters, args.ar_nsamples, args.ar_seqlen)]
-                                              if args.ar_iters > 0 else [])
-    for iters, nsamples, seqlen in configs:
-        out = work / f"autoround-{iters}"
+    configs = [(0, args.ar_nsamples, 512, "q4_0")] + ([(args.ar_iters, args.ar_nsamples, args.ar_seqlen, fmt)
+                                                      for fmt in ("q4_0", "q4_1")] if args.ar_iters > 0 else [])
+    for iters, nsamples, seqlen, fmt in configs:
+        out = work / f"autoround-{fmt}-{iters}"
         cmd = [args.autoround_python, str(Path(__file__).with_name("gguf_peers_autoround.py")), "--model-dir",
-               str(smollm2_dir()), "--texts", str(texts), "--out-dir", str(out), "--format", "gguf:q4_0",
+               str(smollm2_dir()), "--texts", str(texts), "--out-dir", str(out), "--format", f"gguf:{fmt}",
                "--iters", str(iters), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size",
                str(min(8, nsamples))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -148,7 +151,7 @@ def run_autoround(work: Path, args):
         if proc.returncode or not lines or not lines[0]["autoround_gguf"]:
             print(json.dumps({"autoround_failed": iters, "stderr_tail": proc.stderr[-1500:]}), flush=True)
             continue
-        made.append((f"AutoRound 0.16 q4_0, iters={iters}" + (f", nsamples={nsamples}, seqlen={seqlen}"),
+        made.append((f"AutoRound 0.16 {fmt}, iters={iters}" + (f", nsamples={nsamples}, seqlen={seqlen}"),
                      Path(lines[0]["autoround_gguf"][0]), lines[0]))
     return measure_files(made, "AutoRound", args, lambda label, q: {"produce_seconds": q["seconds"], "autoround": q})
 
