@@ -360,3 +360,61 @@ def test_hostile_side_file_is_refused_in_one_line_before_the_work(name, base, tm
         assert recorder.loads == [], "refused only after the model loaded"
     else:
         assert recorder.loads == [LL], recorder.loads
+
+
+def test_safe_text_escapes_what_a_terminal_acts_on_and_keeps_the_rest():
+    from gptopt_core import GptoptError, safe_text
+
+    assert safe_text(f"a{ESC_TITLE}b{BIDI}c\u200bd\r\n\x00\x7f\x9b\udce9") == (
+        "a\\x1b]0;owned\\x07b\\u202ec\\u200bd\\r\\n\\x00\\x7f\\x9b\\udce9")
+    assert safe_text("café ✓ 日本 blk.0.attn_q.weight") == "café ✓ 日本 blk.0.attn_q.weight"
+    assert safe_text("x" * 100 + "\x1b", 20) == "x" * 20 + "...(+84 chars)"
+    assert str(GptoptError(f"plan: '{ESC_CLEAR}'")) == "plan: '\\x1b[2J\\x1b[H'"
+
+
+def test_a_partial_imatrix_is_used_and_its_gaps_reported(base, tmp_path):
+    """A valid file that misses one block weight and names a norm (no quantizer weights a vector): the export runs,
+    counts both, and writes finite blocks."""
+    import gguf
+    import numpy as np
+
+    from gptopt_core import Pipeline
+
+    def edit(ents):
+        ents.pop("blk.1.ffn_down.weight")
+        ents["blk.0.attn_norm.weight"] = np.ones((1, 64), np.float32)
+        ents["blk.0.attn_q.weight"][0, :32] = 0.0  # a block of columns that never fired: a zero scale, not NaN
+        return ents
+
+    path = imx(edit)(tmp_path, base)
+    res = Pipeline(model=LL, quiet=True).add("export", to=str(tmp_path / "m.gguf"), type="q4_0",
+                                             imatrix_in=str(path)).run()
+    m = res.records[0]["metrics"]
+    assert (m["imatrix_entries"], m["imatrix_unused"], m["imatrix_missing"]) == (14, 1, 1)
+    assert m["gguf_imatrix_weighted_tensors"] == 13
+    for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert np.isfinite(values).all(), t.name
+
+
+@pytest.mark.parametrize("name", ["imatrix .dat of 20 bytes claiming 2**31-1 entries", "plan .json that is a FIFO"])
+def test_refusal_in_a_real_process_is_bounded_in_time_and_memory(name, base, tmp_path):
+    """The console script in its own process, under a subprocess timeout: no hang (a FIFO, a count that would loop)
+    and a bounded peak resident set."""
+    import subprocess
+    import sys
+
+    when, build, args, expected = CASES[name]
+    built = build(tmp_path, base)
+    args = [str(built) if a == "{m}" else a for a in args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = ("import atexit, resource, sys; atexit.register(lambda: print('peak-kib', resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); from gptopt_core.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "-q", *args], cwd=tmp_path, env=env, timeout=120,
+                          capture_output=True, text=True)
+    lines = [l for l in error_lines(proc.stderr) if not l.startswith("peak-kib")]
+    peak_mb = int(proc.stderr.rsplit("peak-kib", 1)[1].split()[0]) / 1024
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert peak_mb < 1500, f"peak {peak_mb:.0f} MB"
+    assert not (tmp_path / "x.gguf").exists()
