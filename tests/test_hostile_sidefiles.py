@@ -279,8 +279,9 @@ case("post", "plan naming a tensor with a right-to-left override", text(json.dum
 # -- recipes and data files ---------------------------------------------------------------------------------------
 case("pre", "recipe .json that is a FIFO", lambda w, b: special("fifo", w / "r.json"), ["--recipe", "{m}"],
      "is not a regular file")
-case("pre", "recipe with a screen-clearing step name", text(json.dumps({"model": LL, "steps": [{ESC_CLEAR + "eval": {}}]}),
-                                                           "r.json"), ["--recipe", "{m}"], "\\x1b[2J\\x1b[Heval")
+case("pre", "recipe with a screen-clearing step name",
+     text(json.dumps({"model": LL, "steps": [{ESC_CLEAR + "eval": {}}]}), "r.json"), ["--recipe", "{m}"],
+     "\\x1b[2J\\x1b[Heval")
 case("pre", "recipe with a title sequence in an option", text(json.dumps(
     {"model": LL, "steps": [{"eval": {ESC_TITLE: 1}}]}), "r.json"), ["--recipe", "{m}"],
      "unknown option '\\x1b]0;owned\\x07'")

@@ -113,8 +113,15 @@ def _legacy(raw: bytes, where: str) -> dict:
 
 
 def _reader(path, where):
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO swapped in: no wait
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GptoptError(f"{where} is not a regular file")
+        magic = os.read(fd, 4)
+    finally:
+        os.close(fd)
     if magic != b"GGUF":
         raise GptoptError(f"{where} is not a GGUF file (bad magic); a legacy importance matrix is read from a name "
                           "ending in .dat")
@@ -168,8 +175,9 @@ def _gguf(path, where: str) -> dict:
                               f"count(s); give one count per matrix ({n_mat})")
         cnt = np.asarray(c.data, dtype=np.float64).reshape(n_mat, 1)
         if not (np.isfinite(cnt).all() and (cnt > 0).all()):
-            raise GptoptError(f"{where}: entry '{_name(name)}' has count(s) {safe_text(cnt.reshape(-1)[:4].tolist(), 60)}"
-                              "; counts (tokens summed) must be positive")
+            shown = safe_text(cnt.reshape(-1)[:4].tolist(), 60)
+            raise GptoptError(f"{where}: entry '{_name(name)}' has count(s) {shown}; counts (tokens summed) must be "
+                              "positive")
         raw = np.asarray(s.data, dtype=np.float64).reshape(n_mat, n_cols)
         check_values(raw, name, where, "sums")
         values = (raw / cnt).reshape(-1)

@@ -135,7 +135,7 @@ class ExportStep(Step):
         if self.params.imatrix_in:
             written = {str(Path(s.params.imatrix).expanduser()) for s in before
                        if s.name == "export" and s.params.imatrix}
-            if str(Path(self.params.imatrix_in).expanduser()) not in written:  # else read once an earlier step wrote it
+            if str(Path(self.params.imatrix_in).expanduser()) not in written:  # else read once written
                 self.importance_in()
         if self.params.plan not in (None, "auto"):
             self.plan_file()
