@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import click
 
-from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, shorten, user_error
+from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, safe_text, shorten, user_error
 from .models import cache_dir
 from .pipeline import Pipeline
 from .plugins import PluginHookError, get_plugins
@@ -201,7 +201,7 @@ def plugins(as_json):
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"Warning: {message}", file=sys.stderr)
+    print(f"Warning: {safe_text(message)}", file=sys.stderr)
 
 
 def _quiet_import_noise() -> None:
@@ -286,7 +286,7 @@ def main(argv=None):
         print("Error: aborted", file=sys.stderr)
         sys.exit(130)
     except click.UsageError as exc:
-        print(f"Error: {shorten(exc.format_message(), MAX_MESSAGE)}", file=sys.stderr)
+        print(f"Error: {safe_text(exc.format_message(), MAX_MESSAGE)}", file=sys.stderr)
         sys.exit(2)
     except GptoptError as exc:
         if debug:
@@ -296,7 +296,7 @@ def main(argv=None):
     except (StepFailed, PluginHookError) as exc:
         if debug:
             raise
-        text = shorten(str(exc).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE)  # a plugin's text: one line
+        text = safe_text(exc, MAX_MESSAGE)  # a plugin's text: one line, no raw control characters
         print(f"Error: {text} (GPTOPT_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     except Terminated as exc:
@@ -311,7 +311,7 @@ def main(argv=None):
         if mapped is not None:
             print(f"Error: {mapped}", file=sys.stderr)
             sys.exit(2)
-        text = shorten(str(exc).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE)
+        text = safe_text(exc, MAX_MESSAGE)
         print(f"Error: internal error: {type(exc).__name__}: {text} (GPTOPT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         sys.exit(1)

@@ -15,6 +15,10 @@ VALID_EVERY = 10  # every 10th document (by position) is held out for validation
 LOCAL_KINDS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
 
+#: the largest local data file read (a corpus to calibrate or fine-tune on; far beyond what a run tokenizes)
+MAX_DATA_BYTES = 16 * 2**30
+
+
 def load_documents(spec: str) -> list[str]:
     """Documents (strings) of a data spec: ``builtin:pydoc``, a local .txt/.jsonl/.json/.csv/.parquet (any case
     of the suffix), or a hub dataset id (read with `datasets`, cached under ``GPTOPT_CACHE``)."""
@@ -27,7 +31,7 @@ def load_documents(spec: str) -> list[str]:
         raise SourceError(f"unknown built-in data '{shorten(spec, 60)}'; the built-in corpus is builtin:pydoc")
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
-    if suffix in LOCAL_KINDS or path.is_file():
+    if suffix in LOCAL_KINDS or path.is_file() or (path.exists() and not path.is_dir()):  # a FIFO, a device
         if not path.is_file():
             what = "is not a regular file" if path.exists() else "does not exist"
             raise SourceError(f"data file {shorten(spec, 200)} {what}")
@@ -42,7 +46,10 @@ def load_documents(spec: str) -> list[str]:
 
 
 def _read_utf8(path: Path, spec: str) -> str:
-    data = path.read_bytes()
+    from .inputs import read_input_file
+
+    # non-blocking open, checked on the descriptor: a file swapped for a FIFO after the check is refused, not waited on
+    data = read_input_file(path, f"data file {shorten(spec, 200)}", MAX_DATA_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -6,6 +6,38 @@ import re
 MAX_MESSAGE = 600
 
 
+#: characters never echoed raw: C0/C1 controls and DEL (a terminal acts on ESC sequences: a title, a cleared screen),
+#: Unicode format characters (bidirectional overrides that reorder a line, zero-width ones), line and paragraph
+#: separators, and lone surrogates (an undecodable file name; printing one raises)
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def safe_text(text, limit: int | None = None) -> str:
+    """``text`` as it may be shown on a terminal: every control character (ESC, BEL, CR, NUL, DEL, C1), Unicode
+    format character (bidirectional overrides, zero-width), line separator and lone surrogate written as a
+    ``\\xNN`` / ``\\uNNNN`` escape; everything else as it is. ``limit``: then cut as :func:`shorten` does.
+
+    Every message that echoes something read from a file or given by a user goes through it (a
+    :class:`GptoptError` applies it to its whole message), so a name in a plan, an imatrix or a recipe cannot
+    set the terminal's title, clear the screen or hide part of the line."""
+    import unicodedata
+
+    text = str(text)
+    if text.isprintable() and text.isascii():  # the common case: nothing to look at
+        out = text
+    else:
+        out = "".join(_escape(ch) if (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or (
+            ord(ch) > 0x9F and unicodedata.category(ch) in _UNSAFE_CATEGORIES)) else ch for ch in text)
+    return out if limit is None else shorten(out, limit)
+
+
 def shorten(text, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters with a marker saying how much was left out (never echo unbounded input)."""
     text = str(text)
@@ -18,8 +50,8 @@ class GptoptError(Exception):
     exit_code = 2
 
     def __init__(self, message=""):
-        # always one line: user-supplied names may carry newlines
-        super().__init__(shorten(str(message).replace("\r", "\\r").replace("\n", "\\n"), MAX_MESSAGE))
+        # always one line, never a raw control character: user-supplied names may carry newlines or ESC sequences
+        super().__init__(shorten(safe_text(message), MAX_MESSAGE))
 
 
 class ParamsError(GptoptError):

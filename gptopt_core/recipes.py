@@ -152,6 +152,26 @@ def _check_shape(doc) -> None:
             stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
 
 
+def _read_regular(path: Path) -> bytes:
+    """The recipe's bytes, opened non-blocking and checked on the open descriptor: a recipe swapped for a FIFO or a
+    device after :func:`parse_recipe`'s check is refused, not waited on (``inputs.read_input_file`` does the same
+    for other files; it uses this module's loader, so it cannot be used here)."""
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GptoptError(f"recipe {shorten(path, 200)} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise GptoptError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
+    return data
+
+
 def parse_recipe(path) -> dict:
     """Read a recipe YAML or a run.json; return ``{model, data, seed, ..., steps: [(name, params)]}``."""
     path = Path(path)
@@ -161,7 +181,7 @@ def parse_recipe(path) -> dict:
             raise GptoptError(f"recipe {shorten(path, 200)} {what}")
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise GptoptError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few lines")
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular(path).decode("utf-8")
     except UnicodeDecodeError:
         raise GptoptError(f"recipe {path} is not UTF-8 text") from None
     except OSError as exc:

@@ -94,25 +94,8 @@ def _write_legacy(path, entries, chunk_count, chunk_size, dataset):
 
 def read(path) -> dict:
     """``{name: mean x^2 per column (float32 numpy)}`` from either format, normalized as llama.cpp's quantizer
-    does (GGUF: ``in_sum2 / counts``; legacy: ``values / ncall``)."""
-    import numpy as np
+    does (GGUF: ``in_sum2 / counts``; legacy: ``values / ncall``), every file-only check of
+    :func:`.imatrix_files.load` passed."""
+    from .imatrix_files import load
 
-    path = Path(path)
-    if path.suffix == ".dat":
-        out, raw = {}, path.read_bytes()
-        (n,), pos = struct.unpack_from("<i", raw), 4
-        for _ in range(n):
-            (length,) = struct.unpack_from("<i", raw, pos)
-            name = raw[pos + 4:pos + 4 + length].decode()
-            ncall, nval = struct.unpack_from("<ii", raw, pos + 4 + length)
-            pos += 12 + length
-            values = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos)
-            out[name] = (values / ncall if ncall > 0 else values).astype(np.float32)
-            pos += 4 * nval
-        return out
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    return {name[:-len(".in_sum2")]: (tensors[name].reshape(-1) / float(tensors[name[:-8] + ".counts"].reshape(-1)[0]))
-            for name in tensors if name.endswith(".in_sum2")}
+    return load(path)

@@ -139,23 +139,52 @@ def auto_plan(ctx, chosen, upgrade: str, max_bpw: float, n_blocks: int, embeddin
                   "gguf_plan": plan, "gguf_plan_seconds": round(time.perf_counter() - started, 3)}
 
 
-def file_plan(path: str, srcs) -> dict:
-    """``{GGUF name: type}`` from a JSON/YAML mapping of GGUF tensor names or module names to types; one-line
-    errors for anything else."""
-    from gptopt_core import load_structured_file
+def read_plan_file(path) -> dict:
+    """``{name: type}`` from a ``--plan`` JSON/YAML file, every check the file alone allows passed (before the model
+    loads): a regular file read by the one safe loader, a non-empty mapping of names (strings) to known GGUF type
+    names (strings). One-line errors, names and values escaped."""
+    from gptopt_core import load_structured_file, safe_text
 
-    data = load_structured_file(path, f"export --plan {path}")
+    where = f"export --plan {path}"
+    data = load_structured_file(path, where)
     if not isinstance(data, dict) or not data:
-        raise GptoptError(f"export --plan {path}: give a mapping of tensor names to GGUF types")
+        raise GptoptError(f"{where}: give a mapping of tensor names to GGUF types (got {_kind(data)})")
+    for key, value in data.items():
+        if not isinstance(key, str) or not key.strip():
+            raise GptoptError(f"{where}: key {safe_text(repr(key), 40)} is not a tensor name")
+        if not isinstance(value, str):
+            raise GptoptError(f"{where}: '{safe_text(key, 80)}': give a type name such as q8_0, not {_kind(value)}")
+        if value not in blocks.TYPES:
+            raise GptoptError(f"{where}: '{safe_text(key, 80)}': type '{safe_text(value, 40)}' unknown; use one of "
+                              f"{', '.join(blocks.TYPES)}")
+    return data
+
+
+def _kind(value) -> str:
+    names = {dict: "a mapping", list: "a list", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    if isinstance(value, dict) and not value:
+        return "an empty mapping"
+    return names.get(type(value), "a string")
+
+
+def file_plan(data: dict, srcs, where: str) -> dict:
+    """``{GGUF name: type}`` from :func:`read_plan_file`'s mapping of GGUF tensor names or module names to types,
+    matched to the model's tensors (``tensors.Source`` list) right after it loads; a name that is no tensor of the
+    model, or two names of one tensor (its GGUF name and its module name), is one line."""
+    from gptopt_core import safe_text
+
     by_name = {s.name: s.name for s in srcs}
     by_name.update({s.hf_name: s.name for s in srcs if s.role in ("weight", "embedding", "head") and s.hf_name})
-    plan = {}
+    plan, given = {}, {}
     for key, value in data.items():
-        if str(key) not in by_name:
-            raise GptoptError(f"export --plan {path}: '{key}' is not a tensor of this model (give GGUF names such "
+        if key not in by_name:
+            raise GptoptError(f"{where}: '{safe_text(key, 80)}' is not a tensor of this model (give GGUF names such "
                               f"as {srcs[-1].name} or module names)")
-        if value not in blocks.TYPES:
-            raise GptoptError(f"export --plan {path}: '{key}': type '{value}' unknown; use one of "
-                              f"{', '.join(blocks.TYPES)}")
-        plan[by_name[str(key)]] = value
+        name = by_name[key]
+        if name in given:
+            raise GptoptError(f"{where}: '{safe_text(given[name], 80)}' and '{safe_text(key, 80)}' name the same "
+                              f"tensor ({name}); give it once")
+        given[name] = key
+        plan[name] = value
     return plan

@@ -129,27 +129,73 @@ class ExportStep(Step):
         return target
 
     def check_plan(self, before, after, facts):
+        """Before the model loads: the output paths, and every side file as far as the file alone allows (an
+        ``--imatrix-in`` in full: sizes, counts, values; a ``--plan`` file: syntax, names, types, duplicates)."""
         self.check_target()
         if self.params.imatrix_in:
             written = {str(Path(s.params.imatrix).expanduser()) for s in before
                        if s.name == "export" and s.params.imatrix}
-            path = Path(self.params.imatrix_in).expanduser()
-            if str(path) not in written and not path.is_file():
-                raise GptoptError(f"export --imatrix-in {path}: no such file")
-        if self.params.plan not in (None, "auto") and not Path(self.params.plan).expanduser().is_file():
-            raise GptoptError(f"export --plan {self.params.plan}: no such file")
+            if str(Path(self.params.imatrix_in).expanduser()) not in written:  # else read once written
+                self.importance_in()
+        if self.params.plan not in (None, "auto"):
+            self.plan_file()
+
+    def importance_in(self) -> dict:
+        """``--imatrix-in``, read and checked once (the chain is validated before and after the model loads)."""
+        from .imatrix_files import load
+
+        path = Path(self.params.imatrix_in).expanduser()
+        key = _file_key(path)
+        if getattr(self, "_importance", (None,))[0] != key:
+            self._importance = (key, load(path, f"export --imatrix-in {path}"))
+        return self._importance[1]
+
+    def plan_file(self) -> dict:
+        """``--plan FILE``, parsed and checked once (names and types; matched to the model by :meth:`preflight`)."""
+        from . import mix
+
+        path = Path(self.params.plan).expanduser()
+        key = _file_key(path)
+        if getattr(self, "_plan_file", (None,))[0] != key:
+            self._plan_file = (key, mix.read_plan_file(path))
+        return self._plan_file[1]
 
     def preflight(self, ctx):
+        """Right after the model loads, before any step runs: the checks that need the model's tensors."""
         from .gguf_writer import check_model, choices
 
         check_model(ctx.model, ctx.plugins)
         from . import mix, tensors
 
         p = self.params
+        srcs = tensors.sources(ctx.model, ctx.plugins) if (p.plan or getattr(self, "_importance", None)) else None
         if p.plan == "auto":  # explicit --type: the sizes do not depend on earlier steps
-            mix.check_budget(choices(tensors.sources(ctx.model, ctx.plugins), p.type, p.embeddings), p.max_bpw)
+            mix.check_budget(choices(srcs, p.type, p.embeddings), p.max_bpw)
         elif p.plan is not None:
-            self.planned = mix.file_plan(str(Path(p.plan).expanduser()), tensors.sources(ctx.model, ctx.plugins))
+            self.planned = mix.file_plan(self.plan_file(), srcs, f"export --plan {p.plan}")
+        if p.imatrix_in and getattr(self, "_importance", None):
+            from .imatrix_files import match_model
+
+            match_model(self._importance[1], srcs, f"export --imatrix-in {p.imatrix_in}")
+
+    def read_imatrix_in(self, ctx) -> tuple[dict, dict]:
+        """``(importance, metrics)`` of ``--imatrix-in``, matched to the model as the chain left it; entries no
+        quantizer uses and block weights without one are counted and named in the log."""
+        from gptopt_core import safe_text
+
+        from . import tensors
+        from .imatrix_files import match_model
+
+        importance = self.importance_in()
+        report = match_model(importance, tensors.sources(ctx.model, ctx.plugins),
+                             f"export --imatrix-in {self.params.imatrix_in}")
+        for what, names in (("entries for tensors no quantizer weights (not matrices)", report["unused"]),
+                            ("block weights without an entry (quantized unweighted)", report["missing"])):
+            if names:
+                ctx.log(f"  imatrix: {len(names)} {what}: {safe_text(', '.join(names[:4]), 200)}"
+                        f"{', ...' if len(names) > 4 else ''}")
+        return importance, {"imatrix_in": self.params.imatrix_in, "imatrix_entries": len(importance),
+                            "imatrix_unused": len(report["unused"]), "imatrix_missing": len(report["missing"])}
 
     def apply(self, ctx):
         import time
@@ -160,10 +206,7 @@ class ExportStep(Step):
         target.parent.mkdir(parents=True, exist_ok=True)
         imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
         if self.params.imatrix_in:
-            from .imatrix import read
-
-            importance = read(Path(self.params.imatrix_in).expanduser())
-            imatrix_metrics = {"imatrix_in": self.params.imatrix_in, "imatrix_entries": len(importance)}
+            importance, imatrix_metrics = self.read_imatrix_in(ctx)
         importance = importance if self.params.imatrix_weighting else None
         started = time.perf_counter()
         plan, plan_metrics = self.plan(ctx, importance)
@@ -213,6 +256,15 @@ class ExportStep(Step):
         means = {name: (sums / max(tokens, 1)).astype("float32") for name, (sums, tokens) in entries.items()}
         return {"imatrix_path": str(path), "imatrix_bytes": size, "imatrix_entries": len(entries),
                 "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}, means
+
+
+def _file_key(path: Path):
+    """What identifies a file's version for the read-once caches (a file replaced between two checks is read again)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class LlamacppParams(Params):
