@@ -42,7 +42,7 @@ import difflib
 import importlib.metadata
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pluggy
 
@@ -60,6 +60,8 @@ CORE = "gptopt-core"
 #: entry-point names a built-in plugin had before a rename -> its name now: the old name keeps working in
 #: ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` (recipes name steps, not plugins, so they need nothing)
 RENAMED = {"gptopt-bnb": "gptopt-quantize"}
+#: how the error of a plugin that failed to import starts; its warning is ``plugin NAME failed to load: ...``
+LOAD_FAILED = "failed to load: "
 
 
 class _Rejected(Exception):
@@ -81,6 +83,10 @@ class PluginInfo:
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
     builtin: bool = False
+    #: older names of this plugin that still work and are listed (:data:`RENAMED`), e.g. ``["gptopt-bnb"]``
+    aliases: list = field(default_factory=list)
+    #: set only on the entry :meth:`Plugins.listing` shows under an old name: the plugin's name now
+    renamed_to: str | None = None
 
 
 class Plugins:
@@ -116,7 +122,8 @@ class Plugins:
         Returns its :class:`PluginInfo`; when the plugin was rejected, ``info.error`` says why and nothing of it is
         registered. Raises :class:`GptoptError` instead under strict mode.
         """
-        info = PluginInfo(name, distribution, version, builtin=builtin)
+        info = PluginInfo(name, distribution, version, builtin=builtin,
+                          aliases=_aliases(name))
         try:
             if name in self.info:
                 raise _Rejected(f"a plugin named {name} is already loaded"
@@ -258,6 +265,8 @@ class Plugins:
     def _complain(self, info: PluginInfo, reason: str) -> None:
         where = f" ({info.distribution})" if info.distribution and info.distribution != info.name else ""
         message = f"plugin {info.name}{where}: {reason}"
+        if reason.startswith(LOAD_FAILED):  # the first contract's sentence, kept (docs/contract.md)
+            message = f"plugin {info.name} {reason}" + (f" (distribution {info.distribution})" if where else "")
         if self.strict:
             raise GptoptError(message + " (GPTOPT_STRICT_PLUGINS=1)")
         warnings.warn(message, PluginLoadWarning, stacklevel=3)
@@ -314,11 +323,18 @@ class Plugins:
                 module = ep.load()
             except (Exception, SystemExit) as exc:  # any import-time fault of a plugin is isolated
                 what = "called sys.exit" if isinstance(exc, SystemExit) else type(exc).__name__
-                info = PluginInfo(ep.name, dist_name, version, error=_one_line(f"failed to load: {what}: {exc}"))
+                info = PluginInfo(ep.name, dist_name, version, error=_one_line(f"{LOAD_FAILED}{what}: {exc}"),
+                                  aliases=_aliases(ep.name))
                 self.info[ep.name] = info
                 self._complain(info, info.error)
                 continue
             self.register(module, ep.name, dist_name, version)
+
+    def listing(self) -> list[PluginInfo]:
+        """What ``gptopt plugins`` lists: every plugin, each followed by an entry under every old name it had
+        (:data:`RENAMED`; ``renamed_to`` set, its other fields the plugin's), until the next major version."""
+        return [entry for info in self.info.values() for entry in
+                [info, *(replace(info, name=old, aliases=[], renamed_to=info.name) for old in info.aliases)]]
 
     def step_class(self, name: str):
         if name not in self.steps:
@@ -340,6 +356,10 @@ def _check_unmarked(module) -> None:
 def _did_you_mean(name: str) -> str:
     close = difflib.get_close_matches(name, hook_names(), n=1)
     return f" (did you mean {close[0]}?)" if close else " (see docs/hooks.md for the hooks that exist)"
+
+
+def _aliases(name: str) -> list:
+    return sorted(old for old, now in RENAMED.items() if now == name)
 
 
 def _env_list(var: str):
