@@ -197,6 +197,8 @@ def plugins(as_json):
             click.echo(f"    save formats: {', '.join(i.save_formats)}")
         if i.columns:
             click.echo(f"    columns: {', '.join(i.columns)}")
+        if i.observers:
+            click.echo(f"    observers: {', '.join(i.observers)}")
         if i.hooks:
             click.echo(f"    hooks: {', '.join(i.hooks)}")
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs
+from . import architectures, builtin, hookspecs, observers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
@@ -79,6 +79,7 @@ class PluginInfo:
     save_formats: list = field(default_factory=list)
     columns: list = field(default_factory=list)
     architectures: list = field(default_factory=list)
+    observers: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -106,6 +107,8 @@ class Plugins:
         self.columns: dict[str, tuple[str, str, str]] = {}
         #: ``config.model_type`` -> :class:`gptopt_core.Architecture` (its ``plugin`` says who gave it)
         self.architectures: dict = {}
+        #: observer name -> :class:`gptopt_core.Observer` (``gptopt_register_observers``)
+        self.observers: dict = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -131,7 +134,7 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.save_formats, info.columns, info.hooks = [], [], [], []
+            info.steps, info.save_formats, info.columns, info.hooks, info.observers = [], [], [], [], []
             info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
@@ -164,7 +167,10 @@ class Plugins:
         info.steps = self._register_steps(module, name)
         info.save_formats = self._register_save_formats(module, name)
         info.columns = self._register_columns(module, name)
-        info.architectures = self._register_architectures(module, name)
+        info.architectures = self._register_records(module, name, "gptopt_register_architectures",
+                                                    self.architectures, architectures.refusal, "model_type")
+        info.observers = self._register_records(module, name, "gptopt_register_observers", self.observers,
+                                                observers.refusal, "name")
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -227,19 +233,21 @@ class Plugins:
             self.columns[key] = (name, title, spec)
         return list(new)
 
-    def _register_architectures(self, module, name: str) -> list[str]:
+    def _register_records(self, module, name: str, hook: str, table: dict, refusal, key: str) -> list[str]:
+        """A registry hook whose ``register`` takes a frozen record (an :class:`gptopt_core.Architecture`, an
+        :class:`gptopt_core.Observer`) keyed by its attribute ``key``; ``refusal(record, table, new)`` says why not."""
         new: dict = {}
 
-        def register(arch):
-            why = architectures.refusal(arch, self.architectures, new)
+        def register(record):
+            why = refusal(record, table, new)
             if why:
                 raise _Rejected(why)
-            new[arch.model_type] = arch
+            new[getattr(record, key)] = record
 
-        self._call_registry_hook(module, "gptopt_register_architectures", register)
-        for model_type, arch in new.items():  # only now: a rejected plugin leaves no family behind
-            object.__setattr__(arch, "plugin", name)
-            self.architectures[model_type] = arch
+        self._call_registry_hook(module, hook, register)
+        for k, record in new.items():  # only now: a rejected plugin leaves nothing behind
+            object.__setattr__(record, "plugin", name)
+            table[k] = record
         return list(new)
 
     def _call_registry_hook(self, module, hook: str, register) -> None:
@@ -285,9 +293,10 @@ class Plugins:
         for key, (owner, _, _) in list(self.columns.items()):
             if owner == name and (module is None or plugin is module):
                 del self.columns[key]
-        for key, arch in list(self.architectures.items()):
-            if arch.plugin == name and (module is None or plugin is module):
-                del self.architectures[key]
+        for table in (self.architectures, self.observers):
+            for key, record in list(table.items()):
+                if record.plugin == name and (module is None or plugin is module):
+                    del table[key]
 
     def unregister(self, name: str) -> None:
         """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""
@@ -386,3 +395,4 @@ def get_plugins() -> Plugins:
 
 
 architectures.use_registry(get_plugins)
+observers.use_registry(get_plugins)
