@@ -21,7 +21,7 @@ _LAZY = {
     "PluginHookError": "plugins", "get_plugins": "plugins",
     # the architecture table
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
-    "architecture_of": "architectures",
+    "architecture_of": "architectures", "check_architecture": "architectures",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
     "smollm2_dir": "models", "TextData": "data",

@@ -87,7 +87,7 @@ def test_guide_family_example_installs_and_runs_verbatim(tmp_path):
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             str(tmp_path / "gptopt-starcoder2" / "tests")], env={**os.environ, **env},
                            capture_output=True, text=True, cwd=tmp_path)
-    assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr
+    assert tests.returncode == 0 and "2 passed" in tests.stdout, tests.stdout + tests.stderr
 
 
 def test_guide_observer_example_installs_and_runs_verbatim(tmp_path):
