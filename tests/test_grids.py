@@ -129,3 +129,32 @@ def test_gptopt_register_observers_adds_an_observer_rtn_and_gptq_use():
     with register_plugin(wrong, "test-flat"):
         with pytest.raises(ValueError, match=r"observer 'flat' \(plugin test-flat\) returned ranges shaped \(\)"):
             fit_grid(torch.randn(8, 64), 4, 32, True, "flat")
+
+
+def test_hmse_observer_is_gptq_only_and_weights_by_the_hessian():
+    """hmse is refused by rtn, weights the rounding error by its importance (strictly better on the weighted
+    columns), and gptq hands it the Hessian's diagonal. (It lived in test_export_ktypes.py, which skips without
+    llama.cpp; it needs none.)"""
+    from gptopt_core import ParamsError, fit_grid, grid_layers
+    from gptopt_core.pipeline import Pipeline
+
+    with pytest.raises(ParamsError, match="observer hmse weights by the calibration Hessian"):
+        Pipeline(model="tiny-random-llama", quiet=True).add("quantize", method="rtn", bits=4, observer="hmse")
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    imp = torch.ones(32)
+    imp[:4] = 1e6  # four columns that matter: their rounding error decides the scale
+    plain, weighted = fit_grid(w, 4, 32, True, "mse"), fit_grid(w, 4, 32, True, "mse", importance=imp)
+
+    def err(grid, cols=slice(0, 4)):
+        return float(((grid.dequantize(grid.codes(w)) - w)[:, cols] ** 2).sum())
+
+    # the importance is used: the four columns come out strictly better, the others pay for it
+    assert err(weighted) < 0.9 * err(plain) and err(weighted, slice(4, None)) > err(plain, slice(4, None))
+    assert torch.equal(fit_grid(w, 4, 32, True, "hmse", importance=imp).scale, weighted.scale)
+    # and quantize --method gptq hands hmse the Hessian's diagonal: its grids differ from mse's on every layer
+    gptq = {"method": "gptq", "bits": 4, "group_size": "32", "calib_blocks": 2, "calib_seq_len": 32}
+    runs = {obs: {n: g.scale for n, _, g in grid_layers(Pipeline(model="tiny-random-llama", quiet=True).add(
+        "quantize", observer=obs, **gptq).run().model)} for obs in ("mse", "hmse")}
+    assert runs["mse"].keys() == runs["hmse"].keys() and len(runs["mse"]) == 14
+    assert all(not runs["mse"][n].equal(runs["hmse"][n]) for n in runs["mse"])
