@@ -68,3 +68,32 @@ def test_a_renamed_plugin_is_listed_under_its_old_name_too():
     assert sum(i.renamed_to is None for i in listing) == len(plugins.info)
     text = run_gptopt("plugins").stdout
     assert "gptopt-bnb  (gptopt" in text and "(renamed: now gptopt-quantize)" in text
+
+
+def test_the_summary_table_goes_to_stderr_unwrapped_without_a_terminal(capsys, monkeypatch):
+    """docs/getting-started.md: the end-of-run table is on stderr, one line per row when stderr is a file or pipe
+    (rich would wrap it at 80 columns), as wide as COLUMNS says when that is set."""
+    import types
+
+    from rich.console import Console
+
+    from gptopt_core.plugins import get_plugins
+    from gptopt_core.report import print_summary
+
+    metrics = {"perplexity": 12345.678, "model_bytes": 123456789012, "sparsity": 0.5, "decode_tokens_per_s": 1234.5,
+               "prefill_ms": 12345.6, "peak_memory_bytes": 123456789012}
+    records = [{"name": name, "status": "ok", "seconds": 1234.5, "metrics": metrics}
+               for name in ("quantize-with-a-long-name", "eval")]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    ctx = types.SimpleNamespace(records=records, plugins=get_plugins(), console=Console(stderr=True), quiet=False,
+                                is_main_process=True, model_spec="tiny-random-llama")
+    print_summary(ctx)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and max(map(len, lines)) > 80
+    rows = [line for line in lines if "quantize-with-a-long-name" in line or " eval " in line]
+    assert len(rows) == 2 and all("123456.8" in row and "1234.5" in row for row in rows), err
+    monkeypatch.setenv("COLUMNS", "80")
+    ctx.console = Console(stderr=True)
+    print_summary(ctx)
+    assert max(map(len, capsys.readouterr().err.splitlines())) <= 80  # what the user asked for

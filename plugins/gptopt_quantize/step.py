@@ -70,7 +70,8 @@ class QuantizeParams(Params):
                            "their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + scales)")
     bits: Annotated[Optional[Literal[8, 4]], as_choice(
             (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")] = pydantic.Field(
-        None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan")
+        None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan. rtn/gptq: the "
+                          "code width, 4 or 8; required (no default: the step asks for it)")
     quant_type: Optional[Literal["nf4", "fp4"]] = pydantic.Field(
         None, description="4-bit data type (4-bit only) [default: nf4]")
     double_quant: Optional[bool] = pydantic.Field(
