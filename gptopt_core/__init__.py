@@ -21,7 +21,7 @@ _LAZY = {
     "PluginHookError": "plugins", "get_plugins": "plugins",
     # the architecture table
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
-    "architecture_of": "architectures",
+    "architecture_of": "architectures", "check_architecture": "architectures",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
     "smollm2_dir": "models", "TextData": "data",
@@ -42,6 +42,7 @@ _LAZY = {
     "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
     "swapped_modules": "precision_search", "nll_with_modules": "precision_search", "smallest_within": "precision_search",
     "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
+    "BlockInfo": "calibration", "LayerStats": "calibration", "Observer": "observers", "get_observer": "observers",
     "resident_param_bytes": "offload", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",

@@ -14,9 +14,11 @@ import pydantic
 from .errors import GptoptError, PlanError
 from .evaluate import generate_sample, perplexity
 from .families import FAMILIES
+from .grids import minmax_range, mse_range
 from .hookspecs import hookimpl
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
+from .observers import Observer
 from .report import save_model_dir
 from .saveformats import SafetensorsFormat, check_plan, choose
 from .steps import Params, Step
@@ -157,6 +159,15 @@ def gptopt_register_save_formats(register):
 def gptopt_register_architectures(register):
     for family in FAMILIES:
         register(family)
+
+
+@hookimpl
+def gptopt_register_observers(register):
+    register(Observer("minmax", minmax_range, help="the group's range as it is"))
+    register(Observer("mse", mse_range, help="the range shrunk, per group, to where rounding error is lowest"))
+    register(Observer("hmse", mse_range, importance=True,
+                      help="gptq: mse with each column's error weighted by the calibration Hessian's diagonal, the "
+                           "mean squared activation llama.cpp's imatrix holds"))
 
 
 @hookimpl(trylast=True)

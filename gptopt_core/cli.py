@@ -179,12 +179,13 @@ def steps(name):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(as_json):
     """List installed plugins: distribution, version, steps, save formats, hooks and load errors."""
-    infos = list(get_plugins().info.values())
+    infos = get_plugins().listing()
     if as_json:
         click.echo(json.dumps([asdict(i) for i in infos], indent=2))
         return
     for i in infos:
         head = f"{i.name}  ({i.distribution or '?'} {i.version or ''})".rstrip()
+        head += f"  (renamed: now {i.renamed_to})" if i.renamed_to else ""
         click.echo(head)
         if i.error:
             click.echo(f"    ERROR: {i.error}")
@@ -196,6 +197,8 @@ def plugins(as_json):
             click.echo(f"    save formats: {', '.join(i.save_formats)}")
         if i.columns:
             click.echo(f"    columns: {', '.join(i.columns)}")
+        if i.observers:
+            click.echo(f"    observers: {', '.join(i.observers)}")
         if i.hooks:
             click.echo(f"    hooks: {', '.join(i.hooks)}")
 

@@ -13,9 +13,11 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
     "masks": ("gptopt-prune", "{qualified module name: bool tensor shaped like module.weight as stored, True = "
                               "kept}; the prune plugin keeps these weights at zero while later steps train, lora "
                               "--merge re-applies them, savers may store them sparse"),
-    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu", "{qualified module name: format, e.g. 'int8', 'nf4', "
-                                                          "'fp4', 'int4-g64', 'cpu-int8'}: which layers are quantized "
-                                                          "and how (bench, savers and exporters read it)"),
+    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu",
+                  "{qualified module name: format}: which layers are quantized and how (bench, savers and exporters "
+                  "read it). Formats: 'int8', 'nf4', 'fp4' (bitsandbytes); an integer grid's WeightGrid.describe(), "
+                  "int<bits>-g<group size>|channel-sym|asym, e.g. 'int4-g64-sym', 'int8-channel-sym' (quantize "
+                  "rtn/gptq, prune sparsegpt --quantize-bits); a cpu-fast --format value, e.g. 'int8-dynamic'"),
     "trainer": ("core (training)", "the running gptopt_core.Trainer while a training loop runs (.step, "
                                    ".total_steps, .params, .accelerator); removed afterwards"),
     "original_model": ("core (RunContext.original_model)", "a frozen copy of the model as loaded, created on "

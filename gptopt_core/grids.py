@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .modules import weight_matrix
+from .observers import get_observer
 
 GRID_ATTR = "gptopt_grid"
 
@@ -109,7 +110,6 @@ def check_group_size(in_features: int, group_size: Optional[int], name: str = "l
         raise ValueError(f"group size {group_size} does not divide {name}'s input width {in_features}")
 
 
-OBSERVERS = ("minmax", "mse")
 #: the mse observer's search, as in the GPTQ reference quantizer (and compressed-tensors' ``mse`` observer): shrink
 #: the min-max range by up to 80 % and keep, per group, the range whose rounding error has the smallest sum of
 #: ``|w - q|^2.4``. The reference tries every 1 % step (80 roundings); here a coarse pass every 4 % is refined
@@ -149,24 +149,21 @@ def _round_error(g, scale, zero, bits: int, symmetric: bool, buf, importance=Non
 
 
 def _mse_search(g, lo, hi, bits: int, symmetric: bool, importance=None):
-    """Per-group shrink of ``[lo, hi]`` with the lowest rounding error (coarse, then fine around each best)."""
+    """Per-group shrink factor of ``[lo, hi]`` with the lowest rounding error (coarse, then fine around each
+    best), ``lo``'s shape."""
     import torch
 
     buf = torch.empty_like(g)
     best_p = torch.ones_like(lo)
-    scale, zero = _scale_zero(lo, hi, bits, symmetric)
-    best = _round_error(g, scale, zero, bits, symmetric, buf, importance)
+    best = _round_error(g, *_scale_zero(lo, hi, bits, symmetric), bits, symmetric, buf, importance)
 
     def trial(p):
-        nonlocal best, best_p, scale, zero
+        nonlocal best, best_p
         s, z = _scale_zero(p * lo, p * hi, bits, symmetric)
         err = _round_error(g, s, z, bits, symmetric, buf, importance)
         better = err < best
         best = torch.where(better, err, best)
         best_p = torch.where(better, p, best_p)
-        scale = torch.where(better, s, scale)
-        if zero is not None:
-            zero = torch.where(better, z, zero)
 
     low = 1 - MSE_MAX_SHRINK
     for i in range(1, round(MSE_MAX_SHRINK / MSE_COARSE)):
@@ -177,7 +174,20 @@ def _mse_search(g, lo, hi, bits: int, symmetric: bool, importance=None):
         for sign in (1, -1):
             p = centre + sign * k * MSE_FINE
             trial(torch.where((p <= 1) & (p > low), p, centre))
-    return scale, zero
+    return best_p
+
+
+def minmax_range(groups, bits: int, symmetric: bool, importance=None):
+    """The ``minmax`` observer: each group's range as it is."""
+    return groups.amin(dim=2), groups.amax(dim=2)
+
+
+def mse_range(groups, bits: int, symmetric: bool, importance=None):
+    """The ``mse`` / ``hmse`` observer: each group's range shrunk to where its rounding error is lowest (see
+    ``MSE_COARSE``), each column's error weighted by ``importance`` when given (``hmse``)."""
+    lo, hi = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
+    p = _mse_search(groups, lo, hi, bits, symmetric, importance)
+    return p * lo, p * hi
 
 
 def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
@@ -186,27 +196,25 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
 
     Symmetric: ``scale = max|w| / ((2**bits - 1) / 2)`` per group (as GPTQ and compressed-tensors do).
     Asymmetric: the group's range, widened to include 0, split into ``2**bits - 1`` steps.
-    ``observer="minmax"`` takes the range as it is; ``"mse"`` shrinks it per group where clipping the extremes
-    lowers the rounding error (see ``MSE_COARSE``), as the ``mse`` observers of the GPTQ reference code and
-    llm-compressor do. ``importance`` ``(in,)`` (mse only): weight each input column's rounding error by it, e.g.
-    the calibration Hessian's diagonal (the mean squared activation, llama.cpp's imatrix).
+    ``observer`` names a registered :class:`gptopt_core.Observer` that picks each group's range:
+    ``"minmax"`` takes it as it is; ``"mse"`` shrinks it per group where clipping the extremes lowers the rounding
+    error (see ``MSE_COARSE``), as the ``mse`` observers of the GPTQ reference code and llm-compressor do;
+    ``"hmse"`` is mse with ``importance``; a plugin adds more (``gptopt_register_observers``). ``importance``
+    ``(in,)``: weight each input column's rounding error by it, e.g. the calibration Hessian's diagonal (the mean
+    squared activation, llama.cpp's imatrix); ``minmax`` ignores it.
     """
-    import torch
-
-    if observer not in OBSERVERS:
-        raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, not {observer!r}")
     w = weight.detach().float()
     out_features, in_features = w.shape
     check_group_size(in_features, group_size)
     size = group_size or in_features
     g = w.reshape(out_features, in_features // size, size)
-    lo = g.amin(dim=2).clamp(max=0)
-    hi = g.amax(dim=2).clamp(min=0)
-    if observer == "mse":
-        imp = None if importance is None else importance.detach().float().reshape(1, in_features // size, size)
-        scale, zero = _mse_search(g, lo, hi, bits, symmetric, imp)
-    else:
-        scale, zero = _scale_zero(lo, hi, bits, symmetric)
+    obs = get_observer(observer)
+    imp = None if importance is None else importance.detach().float().reshape(1, in_features // size, size)
+    lo, hi = obs.fit(g, bits, symmetric, imp)
+    if getattr(lo, "shape", None) != g.shape[:2] or getattr(hi, "shape", None) != g.shape[:2]:
+        raise ValueError(f"observer '{observer}' (plugin {obs.plugin}) returned ranges shaped "
+                         f"{tuple(getattr(lo, 'shape', ()))}, not (out_features, n_groups) = {tuple(g.shape[:2])}")
+    scale, zero = _scale_zero(lo.float().clamp(max=0), hi.float().clamp(min=0), bits, symmetric)
     return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
 
 

@@ -26,7 +26,8 @@ from .step import DropBlocksStep   # Params + Step (docs/plugin-guide.md)
 
 
 # 1. registry: called once as the plugin loads, with a register callback (gptopt_register_steps,
-#    gptopt_register_save_formats, gptopt_register_columns); a bad registration rejects the plugin then
+#    gptopt_register_save_formats, gptopt_register_columns, gptopt_register_architectures,
+#    gptopt_register_observers); a bad registration rejects the plugin then
 @hookimpl
 def gptopt_register_steps(register):
     register(DropBlocksStep)
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # names for the annotations only
     from .architectures import Architecture
     from .context import RunContext
     from .models import LoadedModel
+    from .observers import Observer
     from .steps import Step
 
     Model = Any
@@ -210,6 +212,20 @@ def gptopt_register_architectures(register: Callable[[Architecture], None]) -> N
         an error of the second plugin. ``docs/architectures.md`` lists the table and which step runs on which family.
 
     .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def gptopt_register_observers(register: Callable[[Observer], None]) -> None:
+    """Add observers: ways to choose an integer grid's range per group, for ``quantize --method rtn|gptq
+    --observer NAME`` (and every caller of :func:`gptopt_core.fit_grid`).
+
+    :param register: callable taking an :class:`gptopt_core.Observer`: its ``name``, its ``fit(groups, bits,
+        symmetric, importance) -> (lo, hi)`` and whether it needs the per-column ``importance`` only ``--method
+        gptq`` collects. The core registers ``minmax``, ``mse`` and ``hmse`` first, through this hook; a name
+        registered twice is an error of the second plugin.
+
+    .. versionadded:: 0.3
     """
 
 

@@ -42,11 +42,11 @@ import difflib
 import importlib.metadata
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs
+from . import architectures, builtin, hookspecs, observers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
@@ -60,6 +60,8 @@ CORE = "gptopt-core"
 #: entry-point names a built-in plugin had before a rename -> its name now: the old name keeps working in
 #: ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` (recipes name steps, not plugins, so they need nothing)
 RENAMED = {"gptopt-bnb": "gptopt-quantize"}
+#: how the error of a plugin that failed to import starts; its warning is ``plugin NAME failed to load: ...``
+LOAD_FAILED = "failed to load: "
 
 
 class _Rejected(Exception):
@@ -77,10 +79,15 @@ class PluginInfo:
     save_formats: list = field(default_factory=list)
     columns: list = field(default_factory=list)
     architectures: list = field(default_factory=list)
+    observers: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
     builtin: bool = False
+    #: older names of this plugin that still work and are listed (:data:`RENAMED`), e.g. ``["gptopt-bnb"]``
+    aliases: list = field(default_factory=list)
+    #: set only on the entry :meth:`Plugins.listing` shows under an old name: the plugin's name now
+    renamed_to: str | None = None
 
 
 class Plugins:
@@ -100,6 +107,8 @@ class Plugins:
         self.columns: dict[str, tuple[str, str, str]] = {}
         #: ``config.model_type`` -> :class:`gptopt_core.Architecture` (its ``plugin`` says who gave it)
         self.architectures: dict = {}
+        #: observer name -> :class:`gptopt_core.Observer` (``gptopt_register_observers``)
+        self.observers: dict = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -116,7 +125,8 @@ class Plugins:
         Returns its :class:`PluginInfo`; when the plugin was rejected, ``info.error`` says why and nothing of it is
         registered. Raises :class:`GptoptError` instead under strict mode.
         """
-        info = PluginInfo(name, distribution, version, builtin=builtin)
+        info = PluginInfo(name, distribution, version, builtin=builtin,
+                          aliases=_aliases(name))
         try:
             if name in self.info:
                 raise _Rejected(f"a plugin named {name} is already loaded"
@@ -124,7 +134,7 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.save_formats, info.columns, info.hooks = [], [], [], []
+            info.steps, info.save_formats, info.columns, info.hooks, info.observers = [], [], [], [], []
             info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
@@ -157,7 +167,10 @@ class Plugins:
         info.steps = self._register_steps(module, name)
         info.save_formats = self._register_save_formats(module, name)
         info.columns = self._register_columns(module, name)
-        info.architectures = self._register_architectures(module, name)
+        info.architectures = self._register_records(module, name, "gptopt_register_architectures",
+                                                    self.architectures, architectures.refusal, "model_type")
+        info.observers = self._register_records(module, name, "gptopt_register_observers", self.observers,
+                                                observers.refusal, "name")
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -220,19 +233,21 @@ class Plugins:
             self.columns[key] = (name, title, spec)
         return list(new)
 
-    def _register_architectures(self, module, name: str) -> list[str]:
+    def _register_records(self, module, name: str, hook: str, table: dict, refusal, key: str) -> list[str]:
+        """A registry hook whose ``register`` takes a frozen record (an :class:`gptopt_core.Architecture`, an
+        :class:`gptopt_core.Observer`) keyed by its attribute ``key``; ``refusal(record, table, new)`` says why not."""
         new: dict = {}
 
-        def register(arch):
-            why = architectures.refusal(arch, self.architectures, new)
+        def register(record):
+            why = refusal(record, table, new)
             if why:
                 raise _Rejected(why)
-            new[arch.model_type] = arch
+            new[getattr(record, key)] = record
 
-        self._call_registry_hook(module, "gptopt_register_architectures", register)
-        for model_type, arch in new.items():  # only now: a rejected plugin leaves no family behind
-            object.__setattr__(arch, "plugin", name)
-            self.architectures[model_type] = arch
+        self._call_registry_hook(module, hook, register)
+        for k, record in new.items():  # only now: a rejected plugin leaves nothing behind
+            object.__setattr__(record, "plugin", name)
+            table[k] = record
         return list(new)
 
     def _call_registry_hook(self, module, hook: str, register) -> None:
@@ -258,6 +273,8 @@ class Plugins:
     def _complain(self, info: PluginInfo, reason: str) -> None:
         where = f" ({info.distribution})" if info.distribution and info.distribution != info.name else ""
         message = f"plugin {info.name}{where}: {reason}"
+        if reason.startswith(LOAD_FAILED):  # the first contract's sentence, kept (docs/contract.md)
+            message = f"plugin {info.name} {reason}" + (f" (distribution {info.distribution})" if where else "")
         if self.strict:
             raise GptoptError(message + " (GPTOPT_STRICT_PLUGINS=1)")
         warnings.warn(message, PluginLoadWarning, stacklevel=3)
@@ -276,9 +293,10 @@ class Plugins:
         for key, (owner, _, _) in list(self.columns.items()):
             if owner == name and (module is None or plugin is module):
                 del self.columns[key]
-        for key, arch in list(self.architectures.items()):
-            if arch.plugin == name and (module is None or plugin is module):
-                del self.architectures[key]
+        for table in (self.architectures, self.observers):
+            for key, record in list(table.items()):
+                if record.plugin == name and (module is None or plugin is module):
+                    del table[key]
 
     def unregister(self, name: str) -> None:
         """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""
@@ -314,11 +332,18 @@ class Plugins:
                 module = ep.load()
             except (Exception, SystemExit) as exc:  # any import-time fault of a plugin is isolated
                 what = "called sys.exit" if isinstance(exc, SystemExit) else type(exc).__name__
-                info = PluginInfo(ep.name, dist_name, version, error=_one_line(f"failed to load: {what}: {exc}"))
+                info = PluginInfo(ep.name, dist_name, version, error=_one_line(f"{LOAD_FAILED}{what}: {exc}"),
+                                  aliases=_aliases(ep.name))
                 self.info[ep.name] = info
                 self._complain(info, info.error)
                 continue
             self.register(module, ep.name, dist_name, version)
+
+    def listing(self) -> list[PluginInfo]:
+        """What ``gptopt plugins`` lists: every plugin, each followed by an entry under every old name it had
+        (:data:`RENAMED`; ``renamed_to`` set, its other fields the plugin's), until the next major version."""
+        return [entry for info in self.info.values() for entry in
+                [info, *(replace(info, name=old, aliases=[], renamed_to=info.name) for old in info.aliases)]]
 
     def step_class(self, name: str):
         if name not in self.steps:
@@ -340,6 +365,10 @@ def _check_unmarked(module) -> None:
 def _did_you_mean(name: str) -> str:
     close = difflib.get_close_matches(name, hook_names(), n=1)
     return f" (did you mean {close[0]}?)" if close else " (see docs/hooks.md for the hooks that exist)"
+
+
+def _aliases(name: str) -> list:
+    return sorted(old for old, now in RENAMED.items() if now == name)
 
 
 def _env_list(var: str):
@@ -366,3 +395,4 @@ def get_plugins() -> Plugins:
 
 
 architectures.use_registry(get_plugins)
+observers.use_registry(get_plugins)

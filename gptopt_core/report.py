@@ -99,8 +99,14 @@ def summary_rows(ctx):
 
 
 def print_summary(ctx) -> None:
+    """The end-of-run table, on stderr (the run's console; stdout stays free for a command's own output). Without a
+    terminal (a log, a pipe) and without ``COLUMNS`` it is as wide as its columns need, never wrapped at 80."""
     if ctx.quiet or not ctx.is_main_process or ctx.console is None:
         return
+    import os
+
+    from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     header, rows = summary_rows(ctx)
@@ -109,7 +115,11 @@ def print_summary(ctx) -> None:
         table.add_column(h, justify="left" if h == "step" else "right")
     for row in rows:
         table.add_row(*row)
-    ctx.console.print(table)
+    console = ctx.console
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # rich's own default: 80
+        wide = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        console = Console(file=console.file, width=max(console.width, wide))
+    console.print(table)
 
 
 def report_markdown(ctx, manifest, sections) -> str:

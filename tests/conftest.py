@@ -43,3 +43,23 @@ def example_plugins(tmp_path_factory):
                     str(ROOT / "docs/examples/gptopt-hello"), str(ROOT / "docs/examples/gptopt-broken")],
                    check=True, capture_output=True)
     return target
+
+
+def reset_peak_memory() -> float:
+    """Reset this process's peak-RSS mark to its current RSS (Linux ``/proc/self/clear_refs`` 5) and return that
+    RSS in MB: :func:`peak_memory_mb` after a case is then the case's own peak, whatever earlier tests used (the
+    process-lifetime ``ru_maxrss`` measures nothing once an earlier test raised it)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak RSS (``VmHWM``) since the last :func:`reset_peak_memory`, in MB."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(key: str) -> float:
+    import re
+
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+

@@ -106,7 +106,7 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
     "bnb with --observer": (G2 + ["quantize", "--bits", "4", "--observer", "mse"],
                             "--observer applies to --method rtn/gptq"),
     "rtn: unknown observer": (G2 + ["quantize", "--method", "rtn", "--bits", "4", "--observer", "max"],
-                              "observer: Input should be 'minmax', 'mse' or 'hmse'"),
+                              "observer: Value error, unknown observer 'max'; registered: hmse, minmax, mse"),
     "gptq with a bitsandbytes option": (G2 + ["quantize", "--method", "gptq", "--bits", "4", "--quant-type", "nf4"],
                                         "--quant-type applies to --method bnb"),
     "sparsegpt: N:M and --sparsity": (G2 + ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--sparsity",

@@ -1,5 +1,6 @@
 """The CLI as a user runs it: help speed, listings, a real chain, third-party plugins."""
 import json
+import os
 import time
 
 from conftest import error_lines, run_gptopt
@@ -54,10 +55,10 @@ def test_chain_eval_save_writes_loadable_model_and_manifest(tmp_path):
 
 
 def test_third_party_plugin_adds_a_step_and_broken_one_is_isolated(example_plugins, tmp_path):
-    env = {"PYTHONPATH": str(example_plugins)}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(example_plugins), os.environ.get("PYTHONPATH")]))}
     steps = run_gptopt("steps", env=env)
     assert steps.returncode == 0 and "hello" in steps.stdout
-    assert "plugin gptopt-broken: failed to load" in steps.stderr
+    assert "plugin gptopt-broken failed to load" in steps.stderr
     plugins = json.loads(run_gptopt("plugins", "--json", env=env).stdout)
     by_name = {p["name"]: p for p in plugins}
     assert by_name["gptopt-hello"]["steps"] == ["hello"] and by_name["gptopt-hello"]["distribution"] == "gptopt-hello"

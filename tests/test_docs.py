@@ -1,4 +1,5 @@
 """Docs cannot drift: generated references match the code; the guide's example installs and runs verbatim."""
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def test_guide_files_are_the_example_package():
     assert set(files) == {"gptopt-hello/pyproject.toml", "gptopt-hello/gptopt_hello/__init__.py",
                           "gptopt-hello/tests/test_hello.py", "gptopt-starcoder2/pyproject.toml",
                           "gptopt-starcoder2/gptopt_starcoder2/__init__.py",
-                          "gptopt-starcoder2/tests/test_starcoder2.py"}
+                          "gptopt-starcoder2/tests/test_starcoder2.py", "gptopt-clip/pyproject.toml",
+                          "gptopt-clip/gptopt_clip/__init__.py", "gptopt-clip/tests/test_clip.py"}
     for rel, content in files.items():
         assert (ROOT / "docs" / "examples" / rel).read_text() == content
 
@@ -47,7 +49,7 @@ def install_guide_package(tmp_path, package: str) -> dict:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(tmp_path / package)], check=True, capture_output=True)
-    return {"PYTHONPATH": str(target)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
 def test_guide_example_installs_and_runs_verbatim(tmp_path):
@@ -57,7 +59,7 @@ def test_guide_example_installs_and_runs_verbatim(tmp_path):
                       "--max-tokens", "600", env=env, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.count("Hello, you!") == 2, proc.stderr
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            str(tmp_path / "gptopt-hello" / "tests")], env={**__import__("os").environ, **env},
+                            str(tmp_path / "gptopt-hello" / "tests")], env={**os.environ, **env},
                            capture_output=True, text=True, cwd=tmp_path)
     assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr
 
@@ -83,7 +85,23 @@ def test_guide_family_example_installs_and_runs_verbatim(tmp_path):
     plugins = run_gptopt("plugins", env=env).stdout
     assert "gptopt-starcoder2" in plugins
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            str(tmp_path / "gptopt-starcoder2" / "tests")], env={**__import__("os").environ, **env},
+                            str(tmp_path / "gptopt-starcoder2" / "tests")], env={**os.environ, **env},
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert tests.returncode == 0 and "2 passed" in tests.stdout, tests.stdout + tests.stderr
+
+
+def test_guide_observer_example_installs_and_runs_verbatim(tmp_path):
+    """The plugin guide's clip99 observer (gptopt_register_observers): installed as a user would, it is listed, its
+    own test (quantize --method rtn and gptq with it) passes, and an unknown observer names the registered ones."""
+    env = install_guide_package(tmp_path, "gptopt-clip")
+    plugins = run_gptopt("plugins", env=env).stdout
+    assert "gptopt-clip  (gptopt-clip 0.1.0)\n    observers: clip99" in plugins, plugins
+    bad = run_gptopt("run", "--model", "tiny-random-llama", "quantize", "--method", "rtn", "--bits", "4",
+                     "--observer", "clip98", env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "unknown observer 'clip98'; registered: clip99, hmse, minmax, mse" in bad.stderr
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(tmp_path / "gptopt-clip" / "tests")], env={**os.environ, **env},
                            capture_output=True, text=True, cwd=tmp_path)
     assert tests.returncode == 0 and "1 passed" in tests.stdout, tests.stdout + tests.stderr
 

@@ -185,21 +185,3 @@ def test_imatrix_file_name_is_checked():
 
     with pytest.raises(ParamsError, match="imatrix file name ending in .gguf"):
         Pipeline(model="tiny-random-llama", quiet=True).add("export", to="m.gguf", imatrix="m.txt")
-
-
-def test_hmse_observer_is_gptq_only_and_weights_by_the_hessian():
-    from gptopt_core import ParamsError, fit_grid
-    from gptopt_core.pipeline import Pipeline
-
-    with pytest.raises(ParamsError, match="observer hmse weights by the calibration Hessian"):
-        Pipeline(model="tiny-random-llama", quiet=True).add("quantize", method="rtn", bits=4, observer="hmse")
-    torch.manual_seed(0)
-    w = torch.randn(8, 32)
-    imp = torch.ones(32)
-    imp[:4] = 1e6  # four columns that matter: their rounding error decides the scale
-    plain, weighted = fit_grid(w, 4, 32, True, "mse"), fit_grid(w, 4, 32, True, "mse", importance=imp)
-
-    def err(grid):
-        return ((grid.dequantize(grid.codes(w)) - w)[:, :4] ** 2).sum()
-
-    assert err(weighted) <= err(plain)

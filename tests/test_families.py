@@ -130,8 +130,20 @@ def check_trained(res, arch):
     assert np.isfinite(res.records[-1]["metrics"]["perplexity"])
 
 
+def check_l1(res, arch):
+    """Trained as check_trained, and l1's proximal steps zeroed weights of every block layer (finetune alone
+    zeroes none), as its own metrics report."""
+    check_trained(res, arch)
+    m = res.records[1]["metrics"]
+    assert m["l1_layers_regularized"] >= len(arch.linear_layers) * res.model.config.num_hidden_layers
+    zeros = {n: float((weight_matrix(mod) == 0).float().mean()) for n, mod in block_layers(res.model, arch).items()}
+    assert m["l1_zero_fraction"] > 0.01 and all(z > 0.01 for z in zeros.values()), (m["l1_zero_fraction"], zeros)
+
+
 def check_cpu_fast(res, arch):
     assert res.records[0]["metrics"]["format"] == "bf16"
+    layers = block_layers(res.model, arch)  # the step converted the model: every block layer computes in bf16
+    assert layers and {weight_matrix(m).dtype for m in layers.values()} == {torch.bfloat16}
     assert np.isfinite(res.records[1]["metrics"]["perplexity"])
 
 
@@ -201,7 +213,7 @@ RECIPES = {
     "lora + merge": ([("lora", {"r": 4, "merge": True, "lr": 1e-2, **FAST}), ("eval", EVAL)], check_trained),
     "finetune": ([("finetune", {"lr": 1e-3, **FAST}), ("eval", EVAL)], check_trained),
     "l1 + finetune": ([("l1", {"weight": 5.0}), ("finetune", {"lr": 1e-3, **FAST}), ("eval", EVAL)],
-                      check_trained),
+                      check_l1),
     "cpu-fast": ([("cpu-fast", {"format": "bf16", "guard": False}), ("eval", EVAL)], check_cpu_fast),
     "save safetensors": ([("save", {"format": "safetensors"})], check_saved),
     "save compressed-tensors": ([("quantize", {**RTN, "bits": 4}), ("save", {"format": "compressed-tensors"})],

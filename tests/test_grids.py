@@ -81,3 +81,80 @@ def test_stored_bytes():
                       zero=torch.zeros(8, 2, dtype=torch.int32))
     assert grid.stored_bytes(8, 128) == 8 * 128 // 2 + 16 * 2 + 8
     assert grid.describe() == "int4-g64-asym"
+
+
+def test_gptopt_register_observers_adds_an_observer_rtn_and_gptq_use():
+    """An observer a plugin registers decides the grid's range for fit_grid, quantize --method rtn and gptq; the
+    built-ins are registered the same way; a taken name or a wrong shape is one clear error."""
+    import types
+
+    from gptopt_core import GptoptError, Observer, ParamsError, Pipeline, fit_grid, get_observer, hookimpl
+    from gptopt_core.plugins import get_plugins
+    from gptopt_core.testing import register_plugin
+
+    seen = []
+
+    def half_range(groups, bits, symmetric, importance):
+        seen.append(importance is not None)
+        return groups.amin(dim=2) / 2, groups.amax(dim=2) / 2
+
+    @hookimpl
+    def gptopt_register_observers(register):
+        register(Observer("half", half_range))
+        register(Observer("half-weighted", half_range, importance=True))
+
+    assert {n: get_observer(n).plugin for n in ("minmax", "mse", "hmse")} == dict.fromkeys(
+        ("minmax", "mse", "hmse"), "gptopt-core")
+    with register_plugin(types.SimpleNamespace(gptopt_register_observers=gptopt_register_observers), "test-half"):
+        assert get_plugins().info["test-half"].observers == ["half", "half-weighted"]
+        w = torch.randn(8, 64)
+        full, half = fit_grid(w, 4, 32, True, "minmax"), fit_grid(w, 4, 32, True, "half")
+        assert torch.allclose(half.scale, full.scale / 2, rtol=1e-3)  # fp16-exact halves of the full range
+        rtn = Pipeline(model="tiny-random-llama", quiet=True).add("quantize", method="rtn", bits=4, observer="half")
+        assert rtn.run().records[0]["metrics"]["observer"] == "half" and seen and not any(seen)
+        seen.clear()
+        Pipeline(model="tiny-random-llama", quiet=True).add("quantize", method="gptq", bits=4, calib_blocks=1,
+                                                            calib_seq_len=16, observer="half-weighted").run()
+        assert seen and all(seen)  # gptq hands the Hessian diagonal to an importance observer
+        with pytest.raises(ParamsError, match="--observer half-weighted weights by the calibration Hessian"):
+            Pipeline(model="tiny-random-llama").add("quantize", method="rtn", bits=4, observer="half-weighted")
+        with pytest.raises(GptoptError, match="observer 'mse' is already registered by gptopt-core"):
+            with register_plugin(types.SimpleNamespace(gptopt_register_observers=hookimpl(lambda register: register(
+                    Observer("mse", half_range)))), "test-taken"):
+                pass
+    with pytest.raises(ParamsError, match="unknown observer 'half'; registered: hmse, minmax, mse"):
+        Pipeline(model="tiny-random-llama").add("quantize", method="rtn", bits=4, observer="half")
+    wrong = types.SimpleNamespace(gptopt_register_observers=hookimpl(
+        lambda register: register(Observer("flat", lambda g, b, s, i: (g.amin(), g.amax())))))
+    with register_plugin(wrong, "test-flat"):
+        with pytest.raises(ValueError, match=r"observer 'flat' \(plugin test-flat\) returned ranges shaped \(\)"):
+            fit_grid(torch.randn(8, 64), 4, 32, True, "flat")
+
+
+def test_hmse_observer_is_gptq_only_and_weights_by_the_hessian():
+    """hmse is refused by rtn, weights the rounding error by its importance (strictly better on the weighted
+    columns), and gptq hands it the Hessian's diagonal. (It lived in test_export_ktypes.py, which skips without
+    llama.cpp; it needs none.)"""
+    from gptopt_core import ParamsError, fit_grid, grid_layers
+    from gptopt_core.pipeline import Pipeline
+
+    with pytest.raises(ParamsError, match="observer hmse weights by the calibration Hessian"):
+        Pipeline(model="tiny-random-llama", quiet=True).add("quantize", method="rtn", bits=4, observer="hmse")
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    imp = torch.ones(32)
+    imp[:4] = 1e6  # four columns that matter: their rounding error decides the scale
+    plain, weighted = fit_grid(w, 4, 32, True, "mse"), fit_grid(w, 4, 32, True, "mse", importance=imp)
+
+    def err(grid, cols=slice(0, 4)):
+        return float(((grid.dequantize(grid.codes(w)) - w)[:, cols] ** 2).sum())
+
+    # the importance is used: the four columns come out strictly better, the others pay for it
+    assert err(weighted) < 0.9 * err(plain) and err(weighted, slice(4, None)) > err(plain, slice(4, None))
+    assert torch.equal(fit_grid(w, 4, 32, True, "hmse", importance=imp).scale, weighted.scale)
+    # and quantize --method gptq hands hmse the Hessian's diagonal: its grids differ from mse's on every layer
+    gptq = {"method": "gptq", "bits": 4, "group_size": "32", "calib_blocks": 2, "calib_seq_len": 32}
+    runs = {obs: {n: g.scale for n, _, g in grid_layers(Pipeline(model="tiny-random-llama", quiet=True).add(
+        "quantize", observer=obs, **gptq).run().model)} for obs in ("mse", "hmse")}
+    assert runs["mse"].keys() == runs["hmse"].keys() and len(runs["mse"]) == 14
+    assert all(not runs["mse"][n].equal(runs["hmse"][n]) for n in runs["mse"])

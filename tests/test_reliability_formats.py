@@ -14,7 +14,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import SLOW_SAVE
+from conftest import SLOW_SAVE, peak_memory_mb, reset_peak_memory
 from test_reliability_runs import dead_pid
 
 from gptopt_core import GptoptError, Pipeline
@@ -205,8 +205,6 @@ def one_line(exc):
 def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_path_factory, data):
     """Bytes of the header (keys, values, tensor table) overwritten, or the file cut: a model comes back or one
     SourceError line; nothing else escapes, each case in seconds and bounded memory."""
-    import resource
-
     from gptopt_core.gguf_files import load_gguf
 
     raw, header_end = llama_gguf
@@ -220,14 +218,14 @@ def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_pa
         blob = blob[:data.draw(st.integers(8, len(blob)))]
     path = tmp_path_factory.mktemp("case") / "m.gguf"
     path.write_bytes(bytes(blob))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    held = reset_peak_memory()  # this case's own peak, whatever an earlier case or test used
     try:
         loaded = load_gguf(path)
     except GptoptError as exc:
         assert one_line(exc), str(exc)
     else:
         assert loaded.model is not None
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 500
+    assert peak_memory_mb() - held < 500
 
 
 TARGETS = st.sampled_from(["Linear", "lm_head", "re:.*", "re:.*mlp.*", r"re:model\.layers\.\d+\..*", "re:(a+)+$",

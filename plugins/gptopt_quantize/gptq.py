@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from gptopt_core import fake_quantize, fit_group, grid_from_groups, inverse_hessian_cholesky
+from gptopt_core import fake_quantize, fit_group, get_observer, grid_from_groups, inverse_hessian_cholesky
 
 
 def prepare(W, H):
@@ -44,14 +44,15 @@ def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, bl
 
 
 def hessian_weighting(H, observer: str, gs: int):
-    """``(observer, importance)``: ``hmse`` is the mse search with each column's error weighted by ``H``'s
-    diagonal (``importance(c)`` gives the group starting at column ``c``); other observers weight nothing."""
+    """``(observer, importance)``: an observer registered with ``importance=True`` (``hmse``: the mse search) gets
+    each column's error weighted by ``H``'s diagonal (``importance(c)`` gives the group starting at column ``c``);
+    the others get none."""
     import torch
 
-    if observer != "hmse":
+    if not get_observer(observer).importance:
         return observer, lambda c: None
     hdiag = torch.diag(H).clone()
-    return "mse", lambda c: hdiag[c:c + gs]
+    return observer, lambda c: hdiag[c:c + gs]
 
 
 def static_scales(W, gs: int, bits: int, symmetric: bool, observer: str, fit: bool,
@@ -82,8 +83,8 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
                   mask=None):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
-    ``observer``: how group scales are chosen (:func:`gptopt_core.grids.fit_grid`: ``"minmax"`` or ``"mse"``;
-    ``"hmse"``: mse with each column's error weighted by ``H``'s diagonal, the columns' mean squared activation).
+    ``observer``: a registered :class:`gptopt_core.Observer` (``"minmax"``, ``"mse"``; ``"hmse"`` or any with
+    ``importance=True`` gets ``H``'s diagonal, the columns' mean squared activation, to weight each column's error).
     ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, group_columns
+from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
 
 from .grid import preflight, quantize_grid
 
@@ -70,7 +70,8 @@ class QuantizeParams(Params):
                            "their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + scales)")
     bits: Annotated[Optional[Literal[8, 4]], as_choice(
             (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")] = pydantic.Field(
-        None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan")
+        None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan. rtn/gptq: the "
+                          "code width, 4 or 8; required (no default: the step asks for it)")
     quant_type: Optional[Literal["nf4", "fp4"]] = pydantic.Field(
         None, description="4-bit data type (4-bit only) [default: nf4]")
     double_quant: Optional[bool] = pydantic.Field(
@@ -108,11 +109,12 @@ class QuantizeParams(Params):
     symmetric: Optional[bool] = pydantic.Field(
         None, description="rtn/gptq: signed codes around zero (q4_0/q8_0-style), or unsigned codes with an integer "
                           "zero point per group (q4_1-style) [default: symmetric]")
-    observer: Optional[Literal["minmax", "mse", "hmse"]] = pydantic.Field(
-        None, description="rtn/gptq: how each group's scale is chosen: minmax (the group's range) or mse (the range "
-                          "shrunk, per group, to where rounding error is lowest) or hmse (gptq: mse with each "
-                          "column's error weighted by the calibration Hessian's diagonal, the mean squared "
-                          "activation llama.cpp's imatrix holds) [default: minmax]")
+    observer: Optional[str] = pydantic.Field(
+        None, description="rtn/gptq: how each group's scale is chosen, a registered observer: minmax (the group's "
+                          "range) or mse (the range shrunk, per group, to where rounding error is lowest) or hmse "
+                          "(gptq: mse with each column's error weighted by the calibration Hessian's diagonal, the "
+                          "mean squared activation llama.cpp's imatrix holds); a plugin adds more "
+                          "(gptopt_register_observers; `gptopt plugins` lists them) [default: minmax]")
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
                           "their scales are fitted before the updates) [default: on]")
@@ -130,6 +132,11 @@ class QuantizeParams(Params):
     @classmethod
     def _embeddings(cls, v):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    @pydantic.field_validator("observer")
+    @classmethod
+    def _observer(cls, v):
+        return v if v is None else get_observer(v).name
+
     @pydantic.field_validator("plan", mode="before")
     @classmethod
     def _plan(cls, v):
@@ -180,9 +187,9 @@ class QuantizeParams(Params):
                              "--embeddings 8 (or --method bnb --embeddings 4)")
         if given:
             raise ValueError(f"{_flag(given[0])} applies to --method bnb (bitsandbytes) only; drop it with --method {m}")
-        if m == "rtn" and self.observer == "hmse":
-            raise ValueError("--observer hmse weights by the calibration Hessian, which only --method gptq collects; "
-                             "use --method gptq or --observer mse")
+        if m == "rtn" and self.observer is not None and get_observer(self.observer).importance:
+            raise ValueError(f"--observer {self.observer} weights by the calibration Hessian, which only --method gptq "
+                             "collects; use --method gptq or --observer mse")
         if m == "rtn":
             given = [o for o in GPTQ_ONLY + ("calib_blocks", "calib_seq_len") if getattr(self, o) is not None]
             if given:

@@ -1,4 +1,17 @@
-from gptopt_core import Pipeline, architecture_of
+import dataclasses
+
+import pytest
+from gptopt_starcoder2 import STARCODER2
+
+from gptopt_core import GptoptError, Pipeline, architecture_of, check_architecture, tiny_model
+
+
+def test_the_row_matches_the_model_and_a_wrong_row_fails_loudly():
+    model, _ = tiny_model("tiny-random-starcoder2")
+    check_architecture(model, STARCODER2)
+    wrong = dataclasses.replace(STARCODER2, groups=STARCODER2.groups[:3])  # mlp.c_proj left out
+    with pytest.raises(GptoptError, match="block 0's linear layer 'mlp.c_proj' is in no group"):
+        check_architecture(model, wrong)
 
 
 def test_starcoder2_quantizes_exports_and_runs_in_llamacpp(tmp_path):
