@@ -47,6 +47,21 @@ def _act_refusal(cfg, attr: str, allowed: tuple, family: str):
     return _rope_refusal(cfg)
 
 
+def _window_ignored(family: str, arch: str):
+    """A ``sliding_window`` shorter than the model's positions, which llama.cpp's ``arch`` does not apply: Mistral is
+    written as ``llama`` (no window in that architecture), and llama.cpp 0.3.36 switches Phi-3's window off when it
+    loads the file ("Phi SWA is currently disabled"). A window at least as long as every position is harmless."""
+    def check(cfg):
+        window, positions = getattr(cfg, "sliding_window", None), cfg.max_position_embeddings
+        if not window or window >= positions:
+            return None
+        return (f"{family} with sliding_window {window} (shorter than its {positions} positions): llama.cpp's "
+                f"'{arch}' attends to the whole context, so every token past {window} positions differs from "
+                f"transformers; pass export --ignore-sliding-window to write it anyway (right only for inputs of at "
+                f"most {window} tokens)")
+    return check
+
+
 def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -70,6 +85,9 @@ def _llama_keys(cfg):
 
 LLAMA_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
                         refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Llama"))
+MISTRAL_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
+                          refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Mistral"),
+                          window_ignored=_window_ignored("Mistral", "llama"))
 
 
 # -- Qwen ------------------------------------------------------------------------------------------------------
@@ -213,9 +231,9 @@ FAMILIES = (
     Architecture("llama", "llama", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
                  tiny=_llama_tiny, gguf=LLAMA_GGUF),
     Architecture("mistral", "mistral", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
-                 tiny=_mistral_tiny, gguf=LLAMA_GGUF,
-                 notes="llama.cpp runs Mistral as its llama architecture (as its converter writes it); a sliding "
-                       "window is not written, so contexts beyond it differ from transformers"),
+                 tiny=_mistral_tiny, gguf=MISTRAL_GGUF,
+                 notes="llama.cpp runs Mistral as its llama architecture (as its converter writes it), which has no "
+                       "sliding window: a window shorter than the positions is refused (--ignore-sliding-window)"),
     Architecture("qwen2", "qwen2", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
                  tiny=_qwen2_tiny, notes="biases on q/k/v",
                  gguf=GgufLayout("qwen2", refusal=_qwen_refusal)),
@@ -240,9 +258,12 @@ FAMILIES = (
                                  refusal=lambda cfg: _gemma_refusal(cfg, 62))),
     Architecture("phi3", "phi3", "model.layers",
                  (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-                 "model.embed_tokens", "model.norm", tiny=_phi3_tiny, notes="fused qkv and gate_up projections",
+                 "model.embed_tokens", "model.norm", tiny=_phi3_tiny,
+                 notes="fused qkv and gate_up projections; llama.cpp switches Phi-3's sliding window off: a window "
+                       "shorter than the positions is refused (--ignore-sliding-window)",
                  gguf=GgufLayout("phi3", hparams=_phi3_keys,
-                                 refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Phi-3"))),
+                                 refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Phi-3"),
+                                 window_ignored=_window_ignored("Phi-3", "phi3"))),
     Architecture("gpt_neox", "gpt-neox", "gpt_neox.layers",
                  (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
                   ("mlp.dense_4h_to_h",)),
