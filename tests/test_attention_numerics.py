@@ -270,3 +270,80 @@ def test_the_faults_cover_every_feature_the_issue_names():
             "gemma3_text-window dropped", "gpt_neox-partial rotary changed", "phi3-partial rotary changed"} <= cases
     rotary = {a.model_type for a in FAMILIES if a.rotary != "learned positions"}
     assert {c.split("-")[0] for c in cases if c.endswith("rope layout permuted")} == rotary
+
+
+# -- sliding windows llama.cpp does not apply: refused unless asked for ------------------------------------------
+def _windowed(model_type, window=WINDOW):
+    from transformers import AutoModelForCausalLM
+
+    arch = architecture_table()[model_type]
+    cfg = arch.tiny(len(_tokenizer()))
+    cfg.sliding_window = window
+    if model_type == "qwen2":
+        cfg.use_sliding_window = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    sharpen(model, arch, 4.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3", "qwen2"])
+def test_a_window_llamacpp_ignores_is_refused_in_one_line(model_type, tmp_path):
+    from gptopt_export.gguf_writer import write_gguf
+
+    model = _windowed(model_type)
+    with pytest.raises(GptoptError) as info:
+        write_gguf(model, _tokenizer(), tmp_path / "w.gguf", "f32")
+    message = str(info.value)
+    assert "\n" not in message and "sliding" in message and not list(tmp_path.iterdir())
+    if model_type != "qwen2":
+        assert f"sliding_window {WINDOW}" in message and "--ignore-sliding-window" in message
+    harmless = _windowed(model_type, window=model.config.max_position_embeddings)
+    if model_type != "qwen2":  # a window as long as every position changes nothing: written
+        write_gguf(harmless, _tokenizer(), tmp_path / "long.gguf", "f32")
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])
+def test_ignore_sliding_window_is_right_within_the_window_only(model_type, tmp_path):
+    """What the refusal prevents: written anyway, llama.cpp attends past the window, so positions beyond it differ
+    from torch by far more than the tolerance, while the first ``WINDOW`` positions agree."""
+    model = _windowed(model_type)
+    ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids).logits[0].float().numpy()
+    got = llamacpp_logits(model, tmp_path / "w.gguf", ids, ignore_window=True)
+    assert within_tolerance(differences(want[:WINDOW], got[:WINDOW]), model.config)
+    beyond = differences(want[WINDOW:], got[WINDOW:])
+    assert not within_tolerance(beyond, model.config) and beyond["top1"] < 0.9, beyond
+
+
+def test_the_cli_refuses_a_mistral_window_and_writes_nothing(cli, tmp_path):
+    from gptopt_core.models import byte_tokenizer
+
+    _windowed("mistral").save_pretrained(tmp_path / "mistral")
+    byte_tokenizer().save_pretrained(tmp_path / "mistral")
+    proc = cli("run", "--model", tmp_path / "mistral", "export", "--to", tmp_path / "m.gguf")
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("Error")]
+    assert proc.returncode == 2 and len(lines) == 1 and "--ignore-sliding-window" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")]
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+     "original_max_position_embeddings": 256},
+], ids=lambda s: s["rope_type"])
+def test_rope_scalings_are_refused_in_one_line(scaling):
+    from gptopt_export.gguf_writer import hparams
+
+    family = "phi3" if scaling["rope_type"] == "longrope" else "llama"
+    arch = architecture_table()[family]
+    cfg = arch.tiny(257)
+    cfg.rope_parameters = {**cfg.rope_parameters, **scaling}
+    model = mock.Mock(config=cfg)
+    with pytest.raises(GptoptError) as info:
+        hparams(model, arch)
+    assert "\n" not in str(info.value) and scaling["rope_type"] in str(info.value)
