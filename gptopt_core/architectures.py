@@ -48,6 +48,9 @@ class GgufLayout:
     #: so results differ from transformers past the window; refused unless the user accepts it (``export
     #: --ignore-sliding-window``)
     window_ignored: Optional[Callable[[Any], Optional[str]]] = None
+    #: ``config -> [(GGUF tensor name, list of floats)]``: tensors the converter computes from the config (Llama 3's
+    #: ``rope_freqs``), written in f32
+    extra_tensors: Optional[Callable[[Any], list]] = None
 
 
 @dataclass(frozen=True)

@@ -33,18 +33,46 @@ def rope_parameters(cfg, layer: str = "full_attention") -> dict:
     return rope
 
 
-def _rope_refusal(cfg):
+def _rope_refusal(cfg, written: tuple = ("default",)):
     kind = rope_parameters(cfg).get("rope_type", rope_parameters(cfg).get("type", "default"))
-    if kind not in ("default", None):
-        return f"rope scaling '{kind}' is not supported by this exporter yet; supported: default rotary embeddings"
+    if kind not in written + (None,):
+        return (f"rope scaling '{kind}' is not written by this exporter for this family; written: "
+                f"{', '.join(written)}")
     return None
 
 
-def _act_refusal(cfg, attr: str, allowed: tuple, family: str):
+def _act_refusal(cfg, attr: str, allowed: tuple, family: str, ropes: tuple = ("default",)):
     act = getattr(cfg, attr, None)
     if act not in allowed:
         return f"{family} with {attr} '{act}' is not what llama.cpp computes ({' or '.join(allowed)})"
-    return _rope_refusal(cfg)
+    return _rope_refusal(cfg, ropes)
+
+
+def llama3_rope_factors(cfg) -> list:
+    """``[("rope_freqs.weight", factors)]`` for a ``llama3`` rope scaling (Llama 3.1 / 3.2), as llama.cpp's
+    converter computes them (``LlamaModel.generate_extra_tensors``): per rotary pair, what llama.cpp divides its
+    frequency by (1 for short wavelengths, ``factor`` for long ones, smoothed between), which is transformers'
+    ``_compute_llama3_parameters``; ``[]`` for other rotary embeddings."""
+    import math
+
+    rope = rope_parameters(cfg)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return []
+    dim, base = _head_dim(cfg), float(rope.get("rope_theta", 10000.0))
+    factor, low, high = (float(rope.get(k, d)) for k, d in (("factor", 8.0), ("low_freq_factor", 1.0),
+                                                            ("high_freq_factor", 4.0)))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", factors)]
 
 
 def _window_ignored(family: str, arch: str):
@@ -79,15 +107,19 @@ def _mistral_tiny(vocab):
     return MistralConfig(**TINY, **_ids(vocab), tie_word_embeddings=False, sliding_window=None)
 
 
+LLAMA_ROPES = ("default", "llama3")  # llama3: the rope_freqs tensor (llama3_rope_factors)
+
+
 def _llama_keys(cfg):
     return [("add_vocab_size", cfg.vocab_size), ("add_rope_dimension_count", _head_dim(cfg))]
 
 
 LLAMA_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
-                        refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Llama"))
+                        refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Llama", LLAMA_ROPES),
+                        extra_tensors=llama3_rope_factors)
 MISTRAL_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
-                          refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Mistral"),
-                          window_ignored=_window_ignored("Mistral", "llama"))
+                          refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Mistral", LLAMA_ROPES),
+                          window_ignored=_window_ignored("Mistral", "llama"), extra_tensors=llama3_rope_factors)
 
 
 # -- Qwen ------------------------------------------------------------------------------------------------------

@@ -107,15 +107,25 @@ def attention_entropy(model, ids) -> float:
 _MODELS = {}
 
 
-def peaked_model(arch):
-    """``(model, ids, torch logits, entropy fraction)``: the family's tiny model with its features on, q/k scaled
-    up until attention entropy is under 0.2 of uniform, the final norm scaled so logits reach about +-10."""
-    if arch.model_type in _MODELS:
-        return _MODELS[arch.model_type]
+#: Llama 3.1's rope scaling with the original context shortened to 64 positions, so that the 8 rotary pairs of a
+#: 16-wide head fall in all three regimes (unscaled, smoothed, divided by ``factor``) within 128 tokens
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def peaked_model(arch, rope=None):
+    """``(model, ids, torch logits, entropy fraction)``: the family's tiny model with its features on (``rope``: a
+    rope scaling), q/k scaled up until attention entropy is under 0.2 of uniform, the final norm scaled so logits
+    reach about +-10."""
+    key = (arch.model_type, str(rope))
+    if key in _MODELS:
+        return _MODELS[key]
     from transformers import AutoModelForCausalLM
 
     tok = _tokenizer()
     cfg = features(arch, arch.tiny(len(tok)))
+    if rope:
+        cfg.rope_parameters = {**cfg.rope_parameters, **rope}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
     ids = torch.randint(0, len(tok) - 1, (1, SEQ), generator=torch.Generator().manual_seed(1))
@@ -132,8 +142,8 @@ def peaked_model(arch):
     model.config.final_logit_softcapping = cap
     with torch.inference_mode():
         want = model(ids).logits[0].float().numpy()
-    _MODELS[arch.model_type] = (model, ids, want, entropy)
-    return _MODELS[arch.model_type]
+    _MODELS[key] = (model, ids, want, entropy)
+    return _MODELS[key]
 
 
 def llamacpp_logits(model, path, ids, ignore_window=False):
@@ -329,9 +339,26 @@ def test_the_cli_refuses_a_mistral_window_and_writes_nothing(cli, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf")]
 
 
+@pytest.mark.parametrize("fault", [None, "rope factors dropped"])
+def test_llama3_rope_scaling_matches_torch(fault, tmp_path):
+    """Llama 3.1's rope scaling is written as llama.cpp's converter writes it (a ``rope_freqs`` tensor); without
+    that tensor (the planted fault) llama.cpp rotates unscaled and the check fails."""
+    from gptopt_export import gguf_writer
+
+    arch = architecture_table()["llama"]
+    model, ids, want, entropy = peaked_model(arch, LLAMA3)
+    assert entropy < 0.3, entropy
+    original = gguf_writer.tensors.sources
+
+    def without_factors(model, plugins=None):
+        return [s for s in original(model, plugins) if s.name != "rope_freqs.weight"]
+
+    with mock.patch.object(gguf_writer.tensors, "sources", without_factors if fault else original):
+        got = llamacpp_logits(model, tmp_path / "llama3.gguf", ids)
+    assert within_tolerance(differences(want, got), model.config) is (fault is None), differences(want, got)
+
+
 @pytest.mark.parametrize("scaling", [
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 256},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
     {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
      "original_max_position_embeddings": 256},
@@ -339,7 +366,7 @@ def test_the_cli_refuses_a_mistral_window_and_writes_nothing(cli, tmp_path):
 def test_rope_scalings_are_refused_in_one_line(scaling):
     from gptopt_export.gguf_writer import hparams
 
-    family = "phi3" if scaling["rope_type"] == "longrope" else "llama"
+    family = "phi3" if scaling["rope_type"] == "longrope" else "llama"  # llama3 is written: see above
     arch = architecture_table()[family]
     cfg = arch.tiny(257)
     cfg.rope_parameters = {**cfg.rope_parameters, **scaling}
