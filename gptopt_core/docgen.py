@@ -286,8 +286,10 @@ def _numerics_lines(table) -> list[str]:
             "`export --ignore-sliding-window` writes it anyway; llama.cpp then attends to the whole context, "
             "right only for inputs no longer than the window (tested: past the window top-1 agreement drops "
             "under 90 %). A window at least as long as the positions is written as is.",
-            "- Qwen2 / Qwen3 with `use_sliding_window`; a rope scaling (`llama3`, `yarn`, `longrope`, ...): "
-            "not written by this exporter yet.",
+            "- Qwen2 / Qwen3 with `use_sliding_window`; a rope scaling other than Llama / Mistral's `llama3` "
+            "(`yarn`, `longrope`, `linear`, ...): not written by this exporter yet. `llama3` is written as the "
+            "converter writes it (a `rope_freqs` tensor) and checked like the rest, with its planted fault (the "
+            "tensor dropped).",
             "- an activation, or Gemma's `query_pre_attn_scalar`, other than what llama.cpp computes."]
 
 
