@@ -4,12 +4,12 @@ exports to GGUF.
 On tiny random models attention is almost uniform, so a wrong rope layout, a dropped soft-cap or a dropped window
 still gives torch's predictions. Here each family's tiny model is made to depend on them: q/k (or Qwen 3 / Gemma 3's
 q/k norms) scaled until attention is peaked (entropy under 0.3 of uniform, asserted), the final norm scaled so the
-logits are large, sliding windows of 16 tokens crossed by 128-token inputs, Gemma 2's soft-caps small enough that its
-attention scores and logits pass them, partial rotary for GPT-NeoX (0.25) and Phi-3 (0.5). The model is exported as
-f32 GGUF and llama.cpp (f32 KV cache) must give torch's logits at every position (max |difference| and KL within
-the tolerances below). Each planted fault, put into the exporter by a monkeypatch, must make the same check fail.
+logits are large (standard deviation 3), sliding windows of 16 tokens crossed by 128-token inputs, Gemma 2's
+soft-caps small enough that its attention scores and logits pass them, partial rotary for GPT-NeoX (0.25) and Phi-3
+(0.5), Llama 3.1's rope scaling. The model is exported as f32 GGUF and llama.cpp (f32 KV cache) must give torch's
+logits at every position (max |difference| and KL within the tolerances below). Each planted fault, put into the
+exporter by a monkeypatch, must make the same check fail. Sliding windows llama.cpp does not apply are refused.
 """
-import math
 from unittest import mock
 
 import numpy as np
@@ -116,7 +116,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 def peaked_model(arch, rope=None):
     """``(model, ids, torch logits, entropy fraction)``: the family's tiny model with its features on (``rope``: a
     rope scaling), q/k scaled up until attention entropy is under 0.2 of uniform, the final norm scaled so logits
-    reach about +-10."""
+    have a standard deviation of 3 (before Gemma 2's final soft-cap)."""
     key = (arch.model_type, str(rope))
     if key in _MODELS:
         return _MODELS[key]
