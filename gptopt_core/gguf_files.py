@@ -23,7 +23,7 @@ BLOCK_TENSORS = {"llama": ("attn_q.weight", "attn_k.weight", "attn_v.weight", "a
                  "gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
 #: architectures whose ``ffn_up`` holds gate and up fused (llama.cpp's loader: ``{n_embd, 2 * n_ff}``, split by
 #: ``ggml_swiglu``): ``ffn_up`` is this many times ``feed_forward_length`` wide
-FUSED_UP = {"phi3": 2, "glm4": 2, "chatglm": 2}
+FUSED_UP = {"phi3": 2}
 
 
 def _field(reader, key):
