@@ -53,6 +53,13 @@ class GgufLayout:
     hparams: Optional[Callable[[Any], list]] = None
     #: ``config -> sentence or None``: what llama.cpp would compute differently (an activation, a rope scaling)
     refusal: Optional[Callable[[Any], Optional[str]]] = None
+    #: ``config -> sentence or None``: a sliding window llama.cpp does not apply (it attends to the whole context),
+    #: so results differ from transformers past the window; refused unless the user accepts it (``export
+    #: --ignore-sliding-window``)
+    window_ignored: Optional[Callable[[Any], Optional[str]]] = None
+    #: ``config -> [(GGUF tensor name, list of floats)]``: tensors the converter computes from the config (Llama 3's
+    #: ``rope_freqs``), written in f32
+    extra_tensors: Optional[Callable[[Any], list]] = None
 
 
 @dataclass(frozen=True)

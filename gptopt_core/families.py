@@ -33,18 +33,61 @@ def rope_parameters(cfg, layer: str = "full_attention") -> dict:
     return rope
 
 
-def _rope_refusal(cfg):
+def _rope_refusal(cfg, written: tuple = ("default",)):
     kind = rope_parameters(cfg).get("rope_type", rope_parameters(cfg).get("type", "default"))
-    if kind not in ("default", None):
-        return f"rope scaling '{kind}' is not supported by this exporter yet; supported: default rotary embeddings"
+    if kind not in written + (None,):
+        return (f"rope scaling '{kind}' is not written by this exporter for this family; written: "
+                f"{', '.join(written)}")
     return None
 
 
-def _act_refusal(cfg, attr: str, allowed: tuple, family: str):
+def _act_refusal(cfg, attr: str, allowed: tuple, family: str, ropes: tuple = ("default",)):
     act = getattr(cfg, attr, None)
     if act not in allowed:
         return f"{family} with {attr} '{act}' is not what llama.cpp computes ({' or '.join(allowed)})"
-    return _rope_refusal(cfg)
+    return _rope_refusal(cfg, ropes)
+
+
+def llama3_rope_factors(cfg) -> list:
+    """``[("rope_freqs.weight", factors)]`` for a ``llama3`` rope scaling (Llama 3.1 / 3.2), as llama.cpp's
+    converter computes them (``LlamaModel.generate_extra_tensors``): per rotary pair, what llama.cpp divides its
+    frequency by (1 for short wavelengths, ``factor`` for long ones, smoothed between), which is transformers'
+    ``_compute_llama3_parameters``; ``[]`` for other rotary embeddings."""
+    import math
+
+    rope = rope_parameters(cfg)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return []
+    dim, base = _head_dim(cfg), float(rope.get("rope_theta", 10000.0))
+    factor, low, high = (float(rope.get(k, d)) for k, d in (("factor", 8.0), ("low_freq_factor", 1.0),
+                                                            ("high_freq_factor", 4.0)))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", factors)]
+
+
+def _window_ignored(family: str, arch: str):
+    """A ``sliding_window`` shorter than the model's positions, which llama.cpp's ``arch`` does not apply: Mistral is
+    written as ``llama`` (no window in that architecture), and llama.cpp 0.3.36 switches Phi-3's window off when it
+    loads the file ("Phi SWA is currently disabled"). A window at least as long as every position is harmless."""
+    def check(cfg):
+        window, positions = getattr(cfg, "sliding_window", None), cfg.max_position_embeddings
+        if not window or window >= positions:
+            return None
+        return (f"{family} with sliding_window {window} (shorter than its {positions} positions): llama.cpp's "
+                f"'{arch}' attends to the whole context, so every token past {window} positions differs from "
+                f"transformers; pass export --ignore-sliding-window to write it anyway (right only for inputs of at "
+                f"most {window} tokens)")
+    return check
 
 
 def _head_dim(cfg) -> int:
@@ -64,12 +107,19 @@ def _mistral_tiny(vocab):
     return MistralConfig(**TINY, **_ids(vocab), tie_word_embeddings=False, sliding_window=None)
 
 
+LLAMA_ROPES = ("default", "llama3")  # llama3: the rope_freqs tensor (llama3_rope_factors)
+
+
 def _llama_keys(cfg):
     return [("add_vocab_size", cfg.vocab_size), ("add_rope_dimension_count", _head_dim(cfg))]
 
 
 LLAMA_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
-                        refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Llama"))
+                        refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Llama", LLAMA_ROPES),
+                        extra_tensors=llama3_rope_factors)
+MISTRAL_GGUF = GgufLayout("llama", permute_qk=("self_attn.q_proj", "self_attn.k_proj"), hparams=_llama_keys,
+                          refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Mistral", LLAMA_ROPES),
+                          window_ignored=_window_ignored("Mistral", "llama"), extra_tensors=llama3_rope_factors)
 
 
 # -- Qwen ------------------------------------------------------------------------------------------------------
@@ -213,9 +263,9 @@ FAMILIES = (
     Architecture("llama", "llama", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
                  tiny=_llama_tiny, gguf=LLAMA_GGUF),
     Architecture("mistral", "mistral", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
-                 tiny=_mistral_tiny, gguf=LLAMA_GGUF,
-                 notes="llama.cpp runs Mistral as its llama architecture (as its converter writes it); a sliding "
-                       "window is not written, so contexts beyond it differ from transformers"),
+                 tiny=_mistral_tiny, gguf=MISTRAL_GGUF,
+                 notes="llama.cpp runs Mistral as its llama architecture (as its converter writes it), which has no "
+                       "sliding window: a window shorter than the positions is refused (--ignore-sliding-window)"),
     Architecture("qwen2", "qwen2", "model.layers", LLAMA_GROUPS, "model.embed_tokens", "model.norm",
                  tiny=_qwen2_tiny, notes="biases on q/k/v",
                  gguf=GgufLayout("qwen2", refusal=_qwen_refusal)),
@@ -240,9 +290,12 @@ FAMILIES = (
                                  refusal=lambda cfg: _gemma_refusal(cfg, 62))),
     Architecture("phi3", "phi3", "model.layers",
                  (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-                 "model.embed_tokens", "model.norm", tiny=_phi3_tiny, notes="fused qkv and gate_up projections",
+                 "model.embed_tokens", "model.norm", tiny=_phi3_tiny,
+                 notes="fused qkv and gate_up projections; llama.cpp switches Phi-3's sliding window off: a window "
+                       "shorter than the positions is refused (--ignore-sliding-window)",
                  gguf=GgufLayout("phi3", hparams=_phi3_keys,
-                                 refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Phi-3"))),
+                                 refusal=lambda cfg: _act_refusal(cfg, "hidden_act", ("silu",), "Phi-3"),
+                                 window_ignored=_window_ignored("Phi-3", "phi3"))),
     Architecture("gpt_neox", "gpt-neox", "gpt_neox.layers",
                  (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
                   ("mlp.dense_4h_to_h",)),

@@ -21,6 +21,9 @@ from .model_files import LoadedModel, check_loading_info, load_tokenizer
 BLOCK_TENSORS = {"llama": ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                            "ffn_up.weight", "ffn_down.weight"),
                  "gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
+#: architectures whose ``ffn_up`` holds gate and up fused (llama.cpp's loader: ``{n_embd, 2 * n_ff}``, split by
+#: ``ggml_swiglu``): ``ffn_up`` is this many times ``feed_forward_length`` wide
+FUSED_UP = {"phi3": 2}
 
 
 def _field(reader, key):
@@ -114,8 +117,10 @@ def check_widths(reader, tensors, arch, width, embd, where) -> None:
     """The sizes transformers builds the model from, against the tensors: MLP width, vocabulary, heads."""
     ffn = _int(reader, f"{arch}.feed_forward_length", where, required=False)
     up = tensors.get("blk.0.ffn_up.weight")
-    if ffn is not None and up is not None and len(up) > 1 and up[1] != ffn:
-        raise SourceError(f"{where}: '{arch}.feed_forward_length' is {ffn} but blk.0.ffn_up.weight is {up[1]} wide")
+    fused = FUSED_UP.get(arch, 1)
+    if ffn is not None and up is not None and len(up) > 1 and up[1] != fused * ffn:
+        raise SourceError(f"{where}: '{arch}.feed_forward_length' is {ffn} but blk.0.ffn_up.weight is {up[1]} wide"
+                          + (f" (llama.cpp's {arch} wants gate and up fused: {fused * ffn})" if fused > 1 else ""))
     vocab = _int(reader, f"{arch}.vocab_size", where, required=False)
     if vocab is not None and len(embd) > 1 and vocab != embd[1]:
         raise SourceError(f"{where}: '{arch}.vocab_size' is {vocab} but token_embd.weight has {embd[1]} rows")

@@ -27,9 +27,9 @@ CELLS = {
     "cpu-fast": None,
     "save safetensors": None,
     "save compressed-tensors": None,
-    "export gguf f32": "gguf",
-    "export gguf q8_0": "gguf",
-    "export gguf q4_0": "gguf",
+    "export gguf f32 + llamacpp": "gguf",
+    "rtn int8 -> export gguf q8_0 + llamacpp": "gguf",
+    "gptq int4 -> export gguf q4_0 + llamacpp": "gguf",
 }
 
 

@@ -83,12 +83,40 @@ def meta_model(path: Path):
         return AutoModelForCausalLM.from_config(config)
 
 
+def loading_names(model, tensors: dict) -> dict | None:
+    """``tensors`` under the names transformers loads them as: its checkpoint conversion mapping renames some
+    file keys (GPT-NeoX's ``embed_out`` is the model's ``lm_head``, and ``save_pretrained`` writes it back as
+    ``embed_out``). ``None`` when a transform that does more than rename (merges, splits) matches a key: the file's
+    shapes are then not the model's."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without conversion mappings loads file keys as they are
+        return dict(tensors)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # a model class the mapping cannot walk: the loading info after loading decides
+        return None
+    out = {}
+    for key, value in tensors.items():
+        for transform in transforms:
+            renamed, matched = transform.rename_source_key(key)
+            if matched is not None and type(transform) is not WeightRenaming:
+                return None
+            key = renamed
+        out[key] = value
+    return out
+
+
 def check_against_meta_model(model, tensors: dict, where: str) -> None:
-    """Compare the meta model's parameters with the tensors in the files: a parameter with no tensor or a tensor
-    of another shape is refused before anything is allocated."""
+    """Compare the meta model's parameters with the tensors in the files (under the names transformers loads them
+    as, :func:`loading_names`): a parameter with no tensor or a tensor of another shape is refused before anything
+    is allocated."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     names = {name: tuple(param.shape) for name, param in model.named_parameters()}  # tied ones once
-    lookup = dict(tensors)
+    lookup = loading_names(model, tensors)
+    if lookup is None:
+        return
     if prefix:
         lookup.update({f"{prefix}.{k}": v for k, v in tensors.items() if not k.startswith(prefix + ".")})
     missing = [n for n in names if n not in lookup]

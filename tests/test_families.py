@@ -159,38 +159,66 @@ def check_saved(res, arch, out):
     assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()), rtol=0), float((got - want).abs().max())
 
 
+#: llama.cpp's perplexity over torch's on the same held-out windows (the ``llamacpp`` step's
+#: ``perplexity_vs_last_eval``): f32 computes what torch does; q8_0 / q4_0 hold the chain's grids exactly, and ggml
+#: multiplies them with activations rounded to q8_0 blocks (measured within 0.3 % on these models)
+PPL_RATIO = {"f32": 1e-3, "q8_0": 0.01, "q4_0": 0.01}
+
+
+def torch_rows(res) -> dict:
+    """``{GGUF tensor name: torch float32 values}`` of the run's model, rows in llama.cpp's order."""
+    from gptopt_export.tensors import sources
+
+    return {s.name: s.values.numpy() for s in sources(res.model)}
+
+
+def check_saved_roundtrip(res, arch, out):
+    """The saved directory reads back by plain ``transformers`` (:func:`check_saved`) and by gptopt itself (``--model
+    DIR``: its pre-load checks pass), at the same logits, and a family llama.cpp runs exports from it."""
+    check_saved(res, arch, out)
+    # Qwen2: transformers 5 reloads a saved directory with Qwen2's own tokenizer class (Split + ByteLevel), which
+    # the exporter's vocabulary writer refuses until it writes llama.cpp's qwen2 pre-tokenizer (issue 33, item 1)
+    exports = arch.gguf is not None and arch.model_type != "qwen2"
+    steps = [("export", {"to": str(out.parent / "back.gguf"), "type": "f32"})] if exports else [("eval", EVAL)]
+    back = Pipeline(model=str(out), data=res.ctx.data_spec, quiet=True, device="cpu")
+    for name, params in steps:
+        back.add(name, **params)
+    again = back.run()
+    ids = res.ctx.data.valid_ids[:64].unsqueeze(0)
+    with torch.inference_mode():
+        assert torch.equal(again.model(ids).logits, res.model(ids).logits)
+    assert not exports or (out.parent / "back.gguf").stat().st_size > 0
+
+
 def check_gguf(type_name):
     def check(res, arch, out):
-        from gptopt_export.llamacpp import next_token_logits
-
         from gguf import GGUFReader, quants
 
-        path = out
-        ids = [int(t) for t in res.ctx.data.valid_ids[:256]]
-        with torch.inference_mode():
-            want = res.model(torch.tensor([ids])).logits[0].float().numpy()
-        got = next_token_logits(path, ids, threads=2)
-        agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+        measured = res.records[-1]["metrics"]
+        assert res.records[-1]["name"] == "llamacpp" and measured["gguf_path"] == str(out)
+        assert abs(measured["perplexity_vs_last_eval"] - 1) <= PPL_RATIO[type_name], measured
         if type_name == "f32":
-            assert agree >= 0.99, agree
+            assert measured["llamacpp_decode_tokens_per_s"] > 0
             return
-        assert agree >= 0.85, agree  # ggml multiplies quantized weights with q8 activations
-        # grids exact: every block weight de-quantizes to exactly the torch weight (rows in llama.cpp's order)
-        metrics = res.records[-1]["metrics"]
-        assert metrics["gguf_rerounded_grid_tensors"] == 0
-        assert metrics["gguf_exact_grid_tensors"] >= len(arch.linear_layers) * res.model.config.num_hidden_layers
-        reader = GGUFReader(str(path))
-        for t in reader.tensors:
+        # grids exact: every block weight de-quantizes (gguf-py, ggml's reference) to exactly the torch weight
+        want, checked = torch_rows(res), 0
+        for t in GGUFReader(str(out)).tensors:
             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
                 assert t.tensor_type.name == type_name.upper(), t.name
-                values = quants.dequantize(np.asarray(t.data), t.tensor_type)
-                assert np.isfinite(values).all()
+                values = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(want[t.name].shape)
+                assert np.array_equal(values, want[t.name]), (t.name, float(np.abs(values - want[t.name]).max()))
+                checked += 1
+        assert checked >= len(arch.linear_layers) * res.model.config.num_hidden_layers
     return check
 
 
 RTN = {"method": "rtn", "group_size": "32", "symmetric": True}
 GPTQ = {"method": "gptq", "bits": 4, "group_size": "32", "calib_blocks": 4, "calib_seq_len": 32}
 PRUNE = {"calib_samples": 4, "calib_seq_len": 32}
+#: the llamacpp step as a user runs it, on eval's windows (with a short bench in the f32 cell only: speed is not
+#: what the matrix checks)
+LLAMACPP = {"block_size": EVAL["block_size"], "max_tokens": EVAL["max_tokens"], "bench": False, "threads": 2}
+BENCH = {"bench": True, "prompt_tokens": 16, "new_tokens": 4, "warmup": 0, "repeats": 1}
 FAST = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 0}
 
 #: cell -> (steps, check); a check taking ``out`` gets the path the chain saved / exported to
@@ -215,12 +243,16 @@ RECIPES = {
     "l1 + finetune": ([("l1", {"weight": 5.0}), ("finetune", {"lr": 1e-3, **FAST}), ("eval", EVAL)],
                       check_l1),
     "cpu-fast": ([("cpu-fast", {"format": "bf16", "guard": False}), ("eval", EVAL)], check_cpu_fast),
-    "save safetensors": ([("save", {"format": "safetensors"})], check_saved),
+    "save safetensors": ([("save", {"format": "safetensors"})], check_saved_roundtrip),
     "save compressed-tensors": ([("quantize", {**RTN, "bits": 4}), ("save", {"format": "compressed-tensors"})],
                                 check_saved),
-    "export gguf f32": ([("export", {"type": "f32"})], check_gguf("f32")),
-    "export gguf q8_0": ([("quantize", {**RTN, "bits": 8}), ("export", {"type": "auto"})], check_gguf("q8_0")),
-    "export gguf q4_0": ([("quantize", {**RTN, "bits": 4}), ("export", {"type": "auto"})], check_gguf("q4_0")),
+    "export gguf f32 + llamacpp": ([("eval", EVAL), ("export", {"type": "f32"}), ("llamacpp", {**LLAMACPP, **BENCH})],
+                                   check_gguf("f32")),
+    "rtn int8 -> export gguf q8_0 + llamacpp": ([("quantize", {**RTN, "bits": 8}), ("eval", EVAL),
+                                                 ("export", {"type": "auto"}), ("llamacpp", LLAMACPP)],
+                                                check_gguf("q8_0")),
+    "gptq int4 -> export gguf q4_0 + llamacpp": ([("quantize", GPTQ), ("eval", EVAL), ("export", {"type": "auto"}),
+                                                  ("llamacpp", LLAMACPP)], check_gguf("q4_0")),
 }
 
 
@@ -244,7 +276,7 @@ def _with_target(steps, out):
 def test_family_matrix(name, cell, text, tmp_path):
     arch = ARCH[name]
     steps, check = RECIPES[cell]
-    out = tmp_path / ("m.gguf" if cell.startswith("export") else "m")
+    out = tmp_path / ("m.gguf" if "export" in cell else "m")
     steps = _with_target(steps, out)
     why = supported(arch, cell)
     if why is not None:  # the family cannot run this cell: one line, nothing written

@@ -24,11 +24,14 @@ def _rope_theta(cfg):
     return None if theta is None else float(theta)
 
 
-def hparams(model, arch) -> dict:
+def hparams(model, arch, ignore_window: bool = False) -> dict:
     """``{gguf-py GGUFWriter method: value}``: the keys every family shares (as ``TextModel.set_gguf_parameters``
-    writes them), then the family's own (:attr:`GgufLayout.hparams`), which win."""
+    writes them), then the family's own (:attr:`GgufLayout.hparams`), which win. Refused: what llama.cpp computes
+    differently, and a sliding window it does not apply unless ``ignore_window`` (``--ignore-sliding-window``)."""
     cfg, layout = model.config, arch.gguf
     why = layout.refusal(cfg) if layout.refusal else None
+    if not why and not ignore_window and layout.window_ignored:
+        why = layout.window_ignored(cfg)
     if why:
         raise GptoptError(f"export --format gguf: {why}")
     n_head = cfg.num_attention_heads
@@ -54,8 +57,8 @@ def hparams(model, arch) -> dict:
     return keys
 
 
-def add_hparams(writer, model, arch) -> None:
-    for method, value in hparams(model, arch).items():
+def add_hparams(writer, model, arch, ignore_window: bool = False) -> None:
+    for method, value in hparams(model, arch, ignore_window).items():
         getattr(writer, method)(value)
 
 
@@ -90,27 +93,29 @@ def choices(srcs, type_name: str, embeddings: str | None, plan: dict | None = No
              else types.choose(src, type_name, embeddings)) for src in srcs]
 
 
-def check_model(model, plugins=None):
+def check_model(model, plugins=None, ignore_window: bool = False):
     """Plan-independent refusals that need the model: unmerged adapter, a family the table cannot export, what
-    llama.cpp would compute differently. Returns the model's row of the architecture table."""
+    llama.cpp would compute differently (a sliding window it ignores, unless ``ignore_window``). Returns the model's
+    row of the architecture table."""
     if tensors.unmerged_adapter(model):
         raise GptoptError("export: the model carries an unmerged LoRA adapter; give lora --merge so the adapter is "
                           "folded into the weights, then export")
     arch = tensors.family(model, plugins)
-    hparams(model, arch)
+    hparams(model, arch, ignore_window)
     return arch
 
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
                name: str = "", log=None, plugins=None, importance: dict | None = None,
-               plan: dict | None = None) -> dict:
+               plan: dict | None = None, ignore_window: bool = False) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
     ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
     q4_0 / iq4_nl tensors' block scales; ``plan``: ``{GGUF tensor name: type}`` (``--plan``), over ``type_name``
-    and ``embeddings`` for the tensors it names."""
+    and ``embeddings`` for the tensors it names; ``ignore_window``: write a sliding window llama.cpp does not apply
+    (``--ignore-sliding-window``) instead of refusing it."""
     import gguf
 
-    arch = check_model(model, plugins)
+    arch = check_model(model, plugins, ignore_window)
     srcs = tensors.sources(model, plugins)
     chosen = choices(srcs, type_name, embeddings, plan)
     weight_types = Counter(c.type for s, c in chosen if s.values.dim() >= 2 and s.role != "position")
@@ -126,7 +131,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(loadable_name(name or str(getattr(model.config, "name_or_path", "") or arch.gguf.arch),
                                       tokenizer))
-        add_hparams(writer, model, arch)
+        add_hparams(writer, model, arch, ignore_window)
         writer.add_file_type(file_type)
         with tempfile.TemporaryDirectory(prefix="gptopt-export-tok-") as workdir:
             vocab_info = vocab.add_vocab(writer, tokenizer, int(model.config.vocab_size), Path(workdir))

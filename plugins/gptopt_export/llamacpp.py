@@ -31,18 +31,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def load(path, n_ctx: int, logits_all: bool, threads: int):
-    """A ``llama_cpp.Llama`` for ``path`` on the CPU (llama.cpp's own log silenced)."""
+def load(path, n_ctx: int, logits_all: bool, threads: int, f32_cache: bool = False):
+    """A ``llama_cpp.Llama`` for ``path`` on the CPU (llama.cpp's own log silenced); ``f32_cache``: keys and values
+    cached in f32 (llama.cpp's default is f16, which rounds them: comparisons with torch's f32 want f32)."""
     problem = missing()
     if problem:
         raise GptoptError(problem)
     import llama_cpp
 
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     try:
         with _no_amx_buffers(llama_cpp):
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                                    logits_all=logits_all, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
-                                   verbose=False)
+                                   verbose=False, **cache)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
         raise GptoptError(f"llama.cpp cannot load {path}: {exc}") from None
 
@@ -134,11 +136,13 @@ def bench(path, prompt, new_tokens: int = 64, warmup: int = 2, repeats: int = 5,
             "greedy_tokens": generated}
 
 
-def next_token_logits(path, ids, threads: int | None = None):
-    """llama.cpp's logits ``[len(ids), vocab]`` (numpy float32) for one sequence of token ids."""
+def next_token_logits(path, ids, threads: int | None = None, f32_cache: bool = False):
+    """llama.cpp's logits ``[len(ids), vocab]`` (numpy float32) for one sequence of token ids (``f32_cache``: keys
+    and values cached in f32, see :func:`load`)."""
     import numpy as np
 
-    llm = load(path, n_ctx=max(len(ids), 8), logits_all=True, threads=threads or available_cores())
+    llm = load(path, n_ctx=max(len(ids), 8), logits_all=True, threads=threads or available_cores(),
+               f32_cache=f32_cache)
     try:
         llm.eval([int(t) for t in ids])
         return np.array(llm.scores[:len(ids)], dtype=np.float32)

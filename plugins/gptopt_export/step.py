@@ -24,6 +24,10 @@ class ExportParams(Params):
     embeddings: Optional[Literal[TYPE_CHOICES]] = pydantic.Field(
         None, description="type of the token embeddings and the output head [default: as --type]")
     overwrite: bool = pydantic.Field(False, description="replace an existing file")
+    ignore_sliding_window: bool = pydantic.Field(
+        False, description="write a model whose sliding window llama.cpp does not apply (Mistral, Phi-3 in this "
+                           "llama.cpp) instead of refusing it: llama.cpp attends to the whole context, so outputs "
+                           "differ from transformers on inputs longer than the window")
     imatrix: Optional[str] = pydantic.Field(
         None, min_length=1, description="also write an importance matrix for llama.cpp's quantizer (llama-quantize "
                                         "--imatrix FILE): mean squared activations per input column of every block "
@@ -164,7 +168,7 @@ class ExportStep(Step):
         """Right after the model loads, before any step runs: the checks that need the model's tensors."""
         from .gguf_writer import check_model, choices
 
-        check_model(ctx.model, ctx.plugins)
+        check_model(ctx.model, ctx.plugins, self.params.ignore_sliding_window)
         from . import mix, tensors
 
         p = self.params
@@ -211,7 +215,8 @@ class ExportStep(Step):
         started = time.perf_counter()
         plan, plan_metrics = self.plan(ctx, importance)
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec, plugins=ctx.plugins, importance=importance, plan=plan)
+                             name=ctx.model_spec, plugins=ctx.plugins, importance=importance, plan=plan,
+                             ignore_window=self.params.ignore_sliding_window)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(imatrix_metrics)
         metrics.update(plan_metrics)

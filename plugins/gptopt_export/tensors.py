@@ -175,8 +175,10 @@ def _is_layer(module) -> bool:
 
 
 def sources(model, plugins=None) -> list[Source]:
-    """Every tensor of ``model`` in llama.cpp's names and layouts (see the module docstring)."""
+    """Every tensor of ``model`` in llama.cpp's names and layouts (see the module docstring), then the tensors the
+    family computes from the config (:attr:`gptopt_core.GgufLayout.extra_tensors`)."""
     import gguf
+    import torch
 
     arch = family(model, plugins)
     layout = arch.gguf
@@ -209,6 +211,8 @@ def sources(model, plugins=None) -> list[Source]:
                 if layout.norm_shift and role == "norm":
                     src.values = src.values + layout.norm_shift
             out.append(src)
+    for name, values in layout.extra_tensors(model.config) if layout.extra_tensors else ():
+        out.append(Source(name, torch.tensor(values, dtype=torch.float32), "float", role="rope", hf_name="config"))
     if tied and layout.head == "always":
         emb = next(s for s in out if s.role == "embedding")
         out.append(Source("output.weight", emb.values, emb.origin, emb.grid, emb.codes, "head", "lm_head",
