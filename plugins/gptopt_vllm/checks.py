@@ -1,6 +1,6 @@
 """What vLLM's CPU build cannot load, refused in one line before vLLM starts.
 
-Each rule was measured with vLLM CPU 0.32.0 on artifacts gptopt writes (docs/save-formats.md, "Served in vLLM"):
+Each rule was seen with vLLM CPU 0.32.0 on artifacts gptopt writes (docs/save-formats.md, "Served in vLLM"):
 vLLM's own failure is a multi-process traceback after a minute of start-up, so the step reads the saved
 ``config.json`` first and names the cause and the way out.
 """
@@ -40,7 +40,8 @@ def check_quantization(qconfig: dict) -> str | None:
     """Why vLLM CPU cannot run this ``quantization_config``, or ``None``."""
     method = qconfig.get("quant_method")
     if method == "bitsandbytes":
-        return "bitsandbytes checkpoints need vLLM's CUDA build; quantize --method rtn|gptq --bits 4 runs on CPU"
+        return ("vLLM's CPU build has no bitsandbytes method ('Unknown quantization method: bitsandbytes'); "
+                "quantize --method rtn|gptq --bits 4 writes 4-bit weights it runs")
     if method != "compressed-tensors":
         return None  # vLLM decides; its error is mapped to one line when it fails
     sparsity = qconfig.get("sparsity_config") or {}
@@ -63,7 +64,17 @@ def head_size(config: dict) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def check_model_dir(path: Path) -> dict:
+def check_dtype(qconfig: dict, dtype: str) -> str | None:
+    """vLLM CPU's 4-bit kernel (``cpu_gemm_wna16``) has no float32 version."""
+    if dtype != "float32" or qconfig.get("quant_method") != "compressed-tensors":
+        return None
+    groups = (qconfig.get("config_groups") or {}).values()
+    if any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups):
+        return ("vLLM CPU's 4-bit kernel (cpu_gemm_wna16) has no float32 version; use --dtype auto or bfloat16")
+    return None
+
+
+def check_model_dir(path: Path, dtype: str = "auto") -> dict:
     """The saved directory's ``config.json`` if vLLM CPU can serve it; :class:`GptoptError` (exit 2) otherwise."""
     where = str(path)
     if path.suffix == ".gguf":
@@ -82,7 +93,8 @@ def check_model_dir(path: Path) -> dict:
         _fail(str(cfg_path), f"not JSON ({exc})")
     if not isinstance(config, dict):
         _fail(str(cfg_path), "not a JSON object")
-    why = check_quantization(config.get("quantization_config") or {})
+    qconfig = config.get("quantization_config") or {}
+    why = check_quantization(qconfig) or check_dtype(qconfig, dtype)
     if why:
         _fail(where, why)
     size = head_size(config)

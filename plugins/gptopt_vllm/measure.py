@@ -72,7 +72,7 @@ def compare(ctx, params, metrics: dict) -> dict:
 
 def measure(ctx, params) -> dict:
     model_dir = saved_dir(ctx, params)
-    check_model_dir(model_dir)  # one line, before vLLM starts
+    check_model_dir(model_dir, params.dtype)  # one line, before vLLM starts
     python = find_python(params.python)
     threads = params.threads or len(os.sched_getaffinity(0))
     out_dir = Path(ctx.out_dir) if ctx.out_dir else Path(tempfile.mkdtemp(prefix="gptopt-vllm-"))

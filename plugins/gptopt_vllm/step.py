@@ -70,7 +70,7 @@ class VllmStep(Step):
         if self.params.dir:
             saved = {str(Path(s.params.to).expanduser()) for s in before if s.name == "save"}
             if str(Path(self.params.dir).expanduser()) not in saved:
-                check_model_dir(Path(self.params.dir).expanduser())  # refusals before anything loads
+                check_model_dir(Path(self.params.dir).expanduser(), self.params.dtype)  # refusals before anything loads
         elif not any(s.name == "save" for s in before):
             raise PlanError("vllm: put save --to DIR before it, or give vllm --dir DIR")
         find_python(self.params.python)
