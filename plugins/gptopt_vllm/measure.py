@@ -10,7 +10,10 @@ from gptopt_core import GptoptError, eval_windows
 
 from .checks import check_model_dir
 from .runner import find_python, run_worker
-from .step import finite
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _records(ctx, name):

@@ -2,7 +2,6 @@
 workload, next to the torch figures of the same run."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -84,7 +83,3 @@ class VllmStep(Step):
         from .measure import measure
 
         return measure(ctx, self.params)
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
