@@ -29,7 +29,7 @@ _LAZY = {
     "check_input_file": "inputs", "read_input_file": "inputs", "load_structured_file": "inputs",
     "check_gguf_file": "gguf_files", "remove_stale_temporaries": "paths",
     # measuring: one perplexity, one size, one sparsity for everyone
-    "perplexity": "evaluate", "perplexity_of": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
+    "perplexity": "evaluate", "perplexity_of": "evaluate", "eval_windows": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
     "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
