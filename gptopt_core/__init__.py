@@ -22,6 +22,8 @@ _LAZY = {
     # the architecture table
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
     "architecture_of": "architectures",
+    # llama.cpp's byte-level BPE pre-tokenizer names
+    "PreTokenizer": "pretokenizers", "pre_tokenizer_table": "pretokenizers",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
     "smollm2_dir": "models", "TextData": "data",

@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # names for the annotations only
     from .architectures import Architecture
     from .context import RunContext
     from .models import LoadedModel
+    from .pretokenizers import PreTokenizer
     from .steps import Step
 
     Model = Any
@@ -210,6 +211,21 @@ def gptopt_register_architectures(register: Callable[[Architecture], None]) -> N
         an error of the second plugin. ``docs/architectures.md`` lists the table and which step runs on which family.
 
     .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def gptopt_register_pre_tokenizers(register: Callable[[PreTokenizer], None]) -> None:
+    """Add names to the table of llama.cpp's byte-level BPE pre-tokenizers (:class:`gptopt_core.PreTokenizer`):
+    ``export --format gguf`` writes a ``gpt2`` vocabulary's ``tokenizer.ggml.pre`` from it.
+
+    :param register: callable taking a :class:`gptopt_core.PreTokenizer`: the name llama.cpp reads, the hashes
+        llama.cpp's converter computes for tokenizers that use it (``gptopt_core.pretokenizers.check_hash``) and/or
+        the ``tokenizer.json`` signatures (``gptopt_core.pretokenizers.signature_of``) of vocabularies with the same
+        rules. The export plugin registers llama.cpp's whole table; a name, hash or signature registered twice is an
+        error of the second plugin. A tokenizer matching no row is refused in one line naming what it is.
+
+    .. versionadded:: 0.3
     """
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from . import architectures, builtin, hookspecs
+from . import architectures, builtin, hookspecs, pretokenizers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
@@ -77,6 +77,7 @@ class PluginInfo:
     save_formats: list = field(default_factory=list)
     columns: list = field(default_factory=list)
     architectures: list = field(default_factory=list)
+    pre_tokenizers: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -100,6 +101,8 @@ class Plugins:
         self.columns: dict[str, tuple[str, str, str]] = {}
         #: ``config.model_type`` -> :class:`gptopt_core.Architecture` (its ``plugin`` says who gave it)
         self.architectures: dict = {}
+        #: ``tokenizer.ggml.pre`` name -> :class:`gptopt_core.PreTokenizer` (``gptopt_register_pre_tokenizers``)
+        self.pre_tokenizers: dict = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -158,6 +161,7 @@ class Plugins:
         info.save_formats = self._register_save_formats(module, name)
         info.columns = self._register_columns(module, name)
         info.architectures = self._register_architectures(module, name)
+        info.pre_tokenizers = self._register_pre_tokenizers(module, name)
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -235,6 +239,21 @@ class Plugins:
             self.architectures[model_type] = arch
         return list(new)
 
+    def _register_pre_tokenizers(self, module, name: str) -> list[str]:
+        new: dict = {}
+
+        def register(pre):
+            why = pretokenizers.refusal(pre, self.pre_tokenizers, new)
+            if why:
+                raise _Rejected(why)
+            new[pre.name] = pre
+
+        self._call_registry_hook(module, "gptopt_register_pre_tokenizers", register)
+        for pre_name, pre in new.items():  # only now: a rejected plugin leaves no pre-tokenizer behind
+            object.__setattr__(pre, "plugin", name)
+            self.pre_tokenizers[pre_name] = pre
+        return list(new)
+
     def _call_registry_hook(self, module, hook: str, register) -> None:
         """Call ``module``'s implementation of the registry hook ``hook`` with the ``register`` callback (the one
         way the core calls a ``gptopt_register_*`` hook); anything it raises rejects the plugin."""
@@ -279,6 +298,9 @@ class Plugins:
         for key, arch in list(self.architectures.items()):
             if arch.plugin == name and (module is None or plugin is module):
                 del self.architectures[key]
+        for key, pre in list(self.pre_tokenizers.items()):
+            if pre.plugin == name and (module is None or plugin is module):
+                del self.pre_tokenizers[key]
 
     def unregister(self, name: str) -> None:
         """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""
@@ -366,3 +388,4 @@ def get_plugins() -> Plugins:
 
 
 architectures.use_registry(get_plugins)
+pretokenizers.use_registry(get_plugins)
