@@ -143,7 +143,9 @@ class ExportStep(Step):
         from .gguf_writer import check_model, choices
 
         check_model(ctx.model, ctx.plugins)
-        from . import mix, tensors
+        from . import mix, tensors, vocab
+
+        vocab.check_tokenizer(ctx.tokenizer)  # a tokenizer llama.cpp cannot read: refused before the chain runs
 
         p = self.params
         if p.plan == "auto":  # explicit --type: the sizes do not depend on earlier steps

@@ -89,20 +89,25 @@ def gpt2_tokens(tokenizer, vocab_size: int) -> tuple[list, list]:
     return tokens, types
 
 
+def check_tokenizer(tokenizer) -> tuple[str, str, dict]:
+    """``(tokenizer model, tokenizer.ggml.pre, tokenizer.json)`` llama.cpp gets for ``tokenizer``, or a one-line
+    refusal (export's preflight calls it, so a tokenizer llama.cpp cannot read is refused before the chain runs)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GptoptError(f"export --format gguf: the tokenizer ({type(tokenizer).__name__}) is not a fast "
+                          f"(tokenizers) tokenizer, so its vocabulary cannot be read; {KINDS}")
+    tok_json = json.loads(backend.to_str())
+    kind = tokenizer_kind(tok_json)
+    return kind, ("default" if kind == "llama" else gpt2_pre(tokenizer, tok_json)), tok_json
+
+
 def add_vocab(writer, tokenizer, vocab_size: int, workdir) -> dict:
     """Write the tokenizer keys; returns a summary (``tokenizer_model``, ``tokenizer_pre``, ``vocab_tokens``,
     ``merges``)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise GptoptError("export --format gguf: the tokenizer is not a fast (tokenizers) tokenizer; llama.cpp needs "
-                          f"its vocabulary and merges or scores; {KINDS}")
-    tok_json = json.loads(backend.to_str())
-    kind = tokenizer_kind(tok_json)
+    kind, pre, tok_json = check_tokenizer(tokenizer)
     if kind == "llama":
         tokens, scores, types, space = vocab_spm.spm_vocab(tokenizer, tok_json, vocab_size)
-        pre = "default"
     else:
-        pre = gpt2_pre(tokenizer, tok_json)
         tokens, types = gpt2_tokens(tokenizer, vocab_size)
         scores, space = None, _byte_level_prefix(tok_json)
     writer.add_tokenizer_model(kind)
