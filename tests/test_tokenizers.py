@@ -22,7 +22,8 @@ LLAMA3 = QWEN2.replace(r"\p{N}|", r"\p{N}{1,3}|")
 def corpus():
     import pydoc_data.topics
 
-    return list(pydoc_data.topics.topics.values())[:40] + [TEXT] * 3
+    numbers = " ".join(str(i * 37) for i in range(3000))  # digit merges: the rules' digit groups show in the ids
+    return list(pydoc_data.topics.topics.values())[:40] + [TEXT] * 3 + [numbers]
 
 
 def trained_bpe(pre_tokenizer, normalizer=None, ignore_merges=False, vocab_size=600):
