@@ -225,7 +225,7 @@ def gptopt_register_pre_tokenizers(register: Callable[[PreTokenizer], None]) -> 
         rules. The export plugin registers llama.cpp's whole table; a name, hash or signature registered twice is an
         error of the second plugin. A tokenizer matching no row is refused in one line naming what it is.
 
-    .. versionadded:: 0.3
+    .. versionadded:: 0.2
     """
 
 

@@ -19,6 +19,7 @@ from gptopt_core import GptoptError, pre_tokenizer_table
 from gptopt_core.pretokenizers import identify, signature_of
 
 from . import vocab_spm
+from .vocab_spm import looks_special
 
 #: a merge of two tokens that never occur as BPE symbols (symbols are single byte-level characters): llama.cpp
 #: refuses a "gpt2" vocabulary with no merges key and GGUF cannot hold an empty array, so a tokenizer without
@@ -145,11 +146,3 @@ def _byte_level_prefix(tok_json: dict) -> bool:
     pre = tok_json.get("pre_tokenizer") or {}
     byte_level = [p for p in [pre, *pre.get("pretokenizers", [])] if p.get("type") == "ByteLevel"]
     return bool(byte_level and byte_level[0].get("add_prefix_space"))
-
-
-def looks_special(token: str) -> bool:
-    """llama.cpp's converter's ``does_token_look_special``: added tokens such as ``<|...|>`` that some models do
-    not mark special."""
-    return token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>")) or (
-        token.startswith("<\uff5c") and token.endswith("\uff5c>")) or (
-        token.startswith("<unused") and token.endswith(">"))

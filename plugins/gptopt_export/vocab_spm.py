@@ -57,8 +57,6 @@ def spm_vocab(tokenizer, tok_json: dict, vocab_size: int) -> tuple[list, list, l
     """``(tokens, scores, token types, add_space_prefix)`` for ``vocab_size`` ids."""
     import gguf
 
-    from .vocab import looks_special
-
     model = tok_json.get("model") or {}
     vocab, scores = _base_scores(model)
     unk = model.get("unk_token") if model.get("type") == "BPE" else None
@@ -85,3 +83,11 @@ def spm_vocab(tokenizer, tok_json: dict, vocab_size: int) -> tuple[list, list, l
             token_scores[i] = scores.get(token, 0.0)
         tokens[i] = token
     return tokens, token_scores, types, add_space_prefix(tok_json)
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter's ``does_token_look_special``: added tokens such as ``<|...|>`` that some models do
+    not mark special."""
+    return token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>")) or (
+        token.startswith("<\uff5c") and token.endswith("\uff5c>")) or (
+        token.startswith("<unused") and token.endswith(">"))
