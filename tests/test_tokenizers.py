@@ -188,3 +188,68 @@ def test_qwen2_directory_saved_by_gptopt_exports(tmp_path):
     text = TEXT.replace("<|endoftext|>", "")
     ids, back = llamacpp_ids(tmp_path / "q.gguf", text)
     assert ids == loaded.tokenizer(text, add_special_tokens=False)["input_ids"] and back == text
+
+
+def sentencepiece_bpe():
+    """A Llama-2-style tokenizer trained here: BPE with byte fallback over ``▁``-for-space text, `<unk>`, `<s>`,
+    `</s>` and the 256 byte tokens first in the vocabulary (CJK and emoji the training text lacks fall back to
+    bytes)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.train_from_iterator([line for doc in corpus()[:20] for line in doc.splitlines()],
+                            trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    spec = json.loads(tok.to_str())
+    first = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    rest = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in first]
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(first + rest)}
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, t in enumerate(first[:3])]
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_sentencepiece_style_bpe_is_written_as_llama(tmp_path):
+    """Scores from the merge ranks, byte tokens, add_space_prefix: llama.cpp's SentencePiece tokenizer gives
+    transformers' ids (byte fallback for what the vocabulary lacks) and the text back."""
+    import gguf
+
+    tok = sentencepiece_bpe()
+    metrics = export(model_for(tok, "llama"), tok, tmp_path / "m.gguf")
+    assert (metrics["tokenizer_model"], metrics["tokenizer_pre"]) == ("llama", "default")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types_ = list(reader.fields["tokenizer.ggml.token_type"].contents())
+    assert types_[3:259] == [gguf.TokenType.BYTE] * 256 and types_[1] == gguf.TokenType.CONTROL
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    text = TEXT.replace("<|endoftext|>", "</s>")
+    assert llamacpp_ids(tmp_path / "m.gguf", text)[0] == tok(text, add_special_tokens=False)["input_ids"]
+    plain = text.replace("</s>", "")  # llama.cpp writes the space prefix after a special token back as a space
+    ids, back = llamacpp_ids(tmp_path / "m.gguf", plain)
+    assert ids == tok(plain, add_special_tokens=False)["input_ids"] and back == " " + plain
+
+
+def test_unigram_scores_are_written():
+    """A Unigram model's own scores become llama.cpp's token scores (as the converter copies a SentencePiece
+    model's), with its unknown token typed so."""
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gptopt_export.vocab_spm import spm_vocab
+
+    pieces = [("<unk>", 0.0), ("\u2581a", -1.5), ("b", -2.5), ("<0x41>", 0.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    import json
+
+    tokens, scores, types_, space = spm_vocab(tok, json.loads(backend.to_str()), 5)
+    assert tokens == ["<unk>", "\u2581a", "b", "<0x41>", "[PAD4]"] and scores[1:3] == [-1.5, -2.5] and space
+    assert types_ == [gguf.TokenType.UNKNOWN, gguf.TokenType.NORMAL, gguf.TokenType.NORMAL, gguf.TokenType.BYTE,
+                      gguf.TokenType.UNUSED]

@@ -130,9 +130,10 @@ def _add_special_vocab(writer, tokenizer, vocab_size: int, workdir, merges: bool
     tokenizer.save_pretrained(str(workdir))
     special = gguf.SpecialVocab(workdir, load_merges=merges, n_vocab=vocab_size)
     ids = tokenizer("a")["input_ids"]  # transformers 5 no longer writes add_bos_token / add_eos_token: observe them
-    for key, token_id, at in (("bos", tokenizer.bos_token_id, 0), ("eos", tokenizer.eos_token_id, -1)):
-        if key not in special.add_special_token:
-            special.add_special_token[key] = bool(ids) and token_id is not None and ids[at] == token_id
+    if "bos" not in special.add_special_token:
+        special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    if "eos" not in special.add_special_token and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
+        special.add_special_token["eos"] = True  # llama.cpp's default is false: written only when added
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         special.chat_template = tokenizer.chat_template
     inert = merges and not special.merges
