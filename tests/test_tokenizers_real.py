@@ -85,13 +85,13 @@ def check_llamacpp_ids(path, tok):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(REAL_TOKENIZERS))
-def test_real_tokenizer_ids_equal_in_llamacpp(name, tmp_path):
+@pytest.mark.parametrize("name,family", [(n, f) for n, row in REAL_TOKENIZERS.items() for f in (row.family, *row.also)])
+def test_real_tokenizer_ids_equal_in_llamacpp(name, family, tmp_path):
     from gptopt_export.gguf_writer import write_gguf
 
     row = REAL_TOKENIZERS[name]
     tok = tokenizer_of(name)
-    metrics = write_gguf(tiny_model_for(tok, row.family), tok, tmp_path / "m.gguf", "f32")
+    metrics = write_gguf(tiny_model_for(tok, family), tok, tmp_path / "m.gguf", "f32")
     assert (metrics["tokenizer_model"], metrics["tokenizer_pre"]) == (row.kind, row.pre)
     check_llamacpp_ids(tmp_path / "m.gguf", tok)
 
