@@ -58,7 +58,10 @@ _LAZY = {
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
-            "unsupported_architecture": ("architectures", "unsupported")}
+            "unsupported_architecture": ("architectures", "unsupported"),
+            "identify_pre_tokenizer": ("pretokenizers", "identify"),
+            "pre_tokenizer_hash": ("pretokenizers", "check_hash"),
+            "pre_tokenizer_signature": ("pretokenizers", "signature_of")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY, *_ALIASES])

@@ -220,8 +220,8 @@ def gptopt_register_pre_tokenizers(register: Callable[[PreTokenizer], None]) -> 
     ``export --format gguf`` writes a ``gpt2`` vocabulary's ``tokenizer.ggml.pre`` from it.
 
     :param register: callable taking a :class:`gptopt_core.PreTokenizer`: the name llama.cpp reads, the hashes
-        llama.cpp's converter computes for tokenizers that use it (``gptopt_core.pretokenizers.check_hash``) and/or
-        the ``tokenizer.json`` signatures (``gptopt_core.pretokenizers.signature_of``) of vocabularies with the same
+        llama.cpp's converter computes for tokenizers that use it (``gptopt_core.pre_tokenizer_hash``) and/or
+        the ``tokenizer.json`` signatures (``gptopt_core.pre_tokenizer_signature``) of vocabularies with the same
         rules. The export plugin registers llama.cpp's whole table; a name, hash or signature registered twice is an
         error of the second plugin. A tokenizer matching no row is refused in one line naming what it is.
 

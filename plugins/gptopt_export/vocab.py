@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 
-from gptopt_core import GptoptError, pre_tokenizer_table
-from gptopt_core.pretokenizers import identify, signature_of
+from gptopt_core import GptoptError, identify_pre_tokenizer, pre_tokenizer_signature, pre_tokenizer_table
 
 from . import vocab_spm
 from .vocab_spm import looks_special
@@ -33,7 +32,7 @@ def describe(tok_json: dict) -> str:
     """What a tokenizer is, in a few words: its model, normalizer and pre-tokenizer."""
     model = tok_json.get("model") or {}
     what = [f"model {model.get('type')}" + (" with byte fallback" if model.get("byte_fallback") else "")]
-    sig = signature_of(tok_json)
+    sig = pre_tokenizer_signature(tok_json)
     what.append("; ".join(s[:60] for s in sig) if sig else "no normalizer or pre-tokenizer")
     return ", ".join(what)
 
@@ -53,7 +52,7 @@ def tokenizer_kind(tok_json: dict) -> str:
 
 def gpt2_pre(tokenizer, tok_json: dict) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, or a one-line refusal."""
-    name = identify(tokenizer, tok_json, pre_tokenizer_table())
+    name = identify_pre_tokenizer(tokenizer, tok_json, pre_tokenizer_table())
     if name is None:
         raise GptoptError(f"export --format gguf: the byte-level BPE tokenizer ({describe(tok_json)}) matches no "
                           f"pre-tokenizer llama.cpp names (neither llama.cpp's hash of its ids nor its rules); "

@@ -2,10 +2,10 @@
 through ``gptopt_register_pre_tokenizers`` as any plugin adds one.
 
 ``LLAMA_CPP_HASHES`` is llama.cpp's converter's table (``get_vocab_base_pre`` of ``convert_hf_to_gguf.py`` in the
-llama.cpp that llama-cpp-python 0.3.36 builds): the :func:`gptopt_core.pretokenizers.check_hash` of a model's
+llama.cpp that llama-cpp-python 0.3.36 builds): the :func:`gptopt_core.pre_tokenizer_hash` of a model's
 tokenizer -> its ``tokenizer.ggml.pre``; where the converter has a hash twice the later row wins, as there.
 ``SIGNATURES`` name the same rules for vocabularies whose ids differ (retrained or tiny test vocabularies): each is
-the :func:`gptopt_core.pretokenizers.signature_of` of the tokenizer whose llama.cpp regexes (``llama-vocab.cpp``)
+the :func:`gptopt_core.pre_tokenizer_signature` of the tokenizer whose llama.cpp regexes (``llama-vocab.cpp``)
 were checked against it.
 """
 from __future__ import annotations
