@@ -97,11 +97,12 @@ def test_unknown_byte_level_rules_are_refused_before_anything_is_written(tmp_pat
     from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
 
-    tok = trained_bpe(pt.Sequence([pt.Split(Regex(r"\w+|\s+|[^\w\s]+"), "isolated"),
+    tok = trained_bpe(pt.Sequence([pt.Split(Regex("[\r\n]+|\\w+|\\s+|[^\\w\\s]+"), "isolated"),
                                    pt.ByteLevel(add_prefix_space=False, use_regex=False)]), vocab_size=400)
     with pytest.raises(GptoptError, match=r"byte-level BPE tokenizer \(model BPE, Split Isolated Regex .*matches "
-                                          r"no pre-tokenizer llama.cpp names.*gptopt writes byte-level BPE"):
+                                          r"no pre-tokenizer llama.cpp names.*gptopt writes byte-level BPE") as err:
         export(model_for(tok), tok, tmp_path / "m.gguf")
+    assert "\n" not in str(err.value) and "Regex [\\x0d\\x0a]+|\\w+" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -34,7 +34,7 @@ def describe(tok_json: dict) -> str:
     what = [f"model {model.get('type')}" + (" with byte fallback" if model.get("byte_fallback") else "")]
     sig = pre_tokenizer_signature(tok_json)
     what.append("; ".join(s[:60] for s in sig) if sig else "no normalizer or pre-tokenizer")
-    return ", ".join(what)
+    return ", ".join(what).translate({c: f"\\x{c:02x}" for c in range(32)})  # one line: regexes may hold \r \n
 
 
 def tokenizer_kind(tok_json: dict) -> str:
