@@ -3,6 +3,7 @@ sha256-checked) on a tiny random model of its family, exported; llama.cpp (vocab
 ids on a fixed text with digits, whitespace runs, tabs, newlines, code, accents, CJK, emoji, special tokens and the
 chat template, and detokenizes back to the text. Where npm is missing the tests skip, saying so."""
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "4"}]
 
 
+@functools.lru_cache(maxsize=None)
 def tokenizer_of(name):
+    """The real tokenizer ``name``, loaded once per session (Llama 2's goes on three families)."""
     from gptopt_core.models import load_tokenizer
 
     try:
