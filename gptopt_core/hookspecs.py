@@ -75,6 +75,7 @@ if TYPE_CHECKING:  # names for the annotations only
     from .context import RunContext
     from .models import LoadedModel
     from .observers import Observer
+    from .pretokenizers import PreTokenizer
     from .steps import Step
 
     Model = Any
@@ -226,6 +227,21 @@ def gptopt_register_observers(register: Callable[[Observer], None]) -> None:
         registered twice is an error of the second plugin.
 
     .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def gptopt_register_pre_tokenizers(register: Callable[[PreTokenizer], None]) -> None:
+    """Add names to the table of llama.cpp's byte-level BPE pre-tokenizers (:class:`gptopt_core.PreTokenizer`):
+    ``export --format gguf`` writes a ``gpt2`` vocabulary's ``tokenizer.ggml.pre`` from it.
+
+    :param register: callable taking a :class:`gptopt_core.PreTokenizer`: the name llama.cpp reads, the hashes
+        llama.cpp's converter computes for tokenizers that use it (``gptopt_core.pre_tokenizer_hash``) and/or
+        the ``tokenizer.json`` signatures (``gptopt_core.pre_tokenizer_signature``) of vocabularies with the same
+        rules. The export plugin registers llama.cpp's whole table; a name, hash or signature registered twice is an
+        error of the second plugin. A tokenizer matching no row is refused in one line naming what it is.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -6,13 +6,11 @@ Loading one plugin is a transaction (after tox 4's plugin manager: validate, war
 2. register its hook implementations with pluggy (pluggy checks their arguments against the hookspecs);
 3. validate them: a ``@hookimpl`` for a hook that does not exist (e.g. a misspelled name) is an error, and so is a
    function named like a known hook but not marked ``@hookimpl`` (pluggy would silently skip it);
-4. register its steps and its save formats (``gptopt_register_steps`` / ``gptopt_register_save_formats``, both
-   called through :meth:`Plugins._call_registry_hook`): a class that is not a :class:`gptopt_core.Step` /
-   :class:`gptopt_core.SaveFormat`, has no ``name``, or whose name the core or another plugin already registered
-   (e.g. ``eval``, ``safetensors``) is an error naming both plugins.
+4. register what its ``gptopt_register_*`` hooks give (steps, save formats, columns, architectures, observers,
+   pre-tokenizers; :meth:`Plugins._call_registry_hook`): a wrong kind of object, no name, or a name the core or
+   another plugin already registered (e.g. ``eval``) is an error naming both plugins.
 
-A name that ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` excludes cannot be registered at all (pluggy would
-silently register nothing): :meth:`Plugins.register` rejects it with the variable's name.
+A name ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` excludes is rejected by :meth:`Plugins.register`, naming it.
 
 If any part fails, the plugin is unregistered completely (its hooks and any steps it gave) and kept in
 :attr:`Plugins.info` with a one-line ``error``; a warning names it and every other plugin keeps working. A module
@@ -28,8 +26,7 @@ Environment:
 * Names in either list that no installed plugin has are warned about. Whitespace around names is ignored. A
   renamed plugin's old name (:data:`RENAMED`: ``gptopt-bnb`` is ``gptopt-quantize``) means the plugin.
 * ``GPTOPT_STRICT_PLUGINS=1``: a plugin that fails to load, or provides nothing, is an error.
-* ``GPTOPT_TRACE_PLUGINS=1``: one stderr line per hook implementation call: plugin, hook, milliseconds (and what
-  it raised).
+* ``GPTOPT_TRACE_PLUGINS=1``: one stderr line per hook implementation call: plugin, hook, ms, what it raised.
 
 Every hook implementation is wrapped so that an unexpected exception it raises becomes a
 :class:`PluginHookError` naming the plugin and the hook (a :class:`gptopt_core.GptoptError` a plugin raises on
@@ -46,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs, observers
+from . import architectures, builtin, hookspecs, observers, pretokenizers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
@@ -80,6 +77,7 @@ class PluginInfo:
     columns: list = field(default_factory=list)
     architectures: list = field(default_factory=list)
     observers: list = field(default_factory=list)
+    pre_tokenizers: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -109,6 +107,8 @@ class Plugins:
         self.architectures: dict = {}
         #: observer name -> :class:`gptopt_core.Observer` (``gptopt_register_observers``)
         self.observers: dict = {}
+        #: ``tokenizer.ggml.pre`` name -> :class:`gptopt_core.PreTokenizer` (``gptopt_register_pre_tokenizers``)
+        self.pre_tokenizers: dict = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -171,6 +171,8 @@ class Plugins:
                                                     self.architectures, architectures.refusal, "model_type")
         info.observers = self._register_records(module, name, "gptopt_register_observers", self.observers,
                                                 observers.refusal, "name")
+        info.pre_tokenizers = self._register_records(module, name, "gptopt_register_pre_tokenizers",
+                                                     self.pre_tokenizers, pretokenizers.refusal, "name")
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -293,7 +295,7 @@ class Plugins:
         for key, (owner, _, _) in list(self.columns.items()):
             if owner == name and (module is None or plugin is module):
                 del self.columns[key]
-        for table in (self.architectures, self.observers):
+        for table in (self.architectures, self.observers, self.pre_tokenizers):
             for key, record in list(table.items()):
                 if record.plugin == name and (module is None or plugin is module):
                     del table[key]
@@ -394,5 +396,5 @@ def get_plugins() -> Plugins:
     return _plugins
 
 
-architectures.use_registry(get_plugins)
-observers.use_registry(get_plugins)
+for _registry in (architectures, observers, pretokenizers):  # their tables are the plugins' registrations
+    _registry.use_registry(get_plugins)

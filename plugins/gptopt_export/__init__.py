@@ -18,6 +18,14 @@ def gptopt_register_steps(register):
 
 
 @hookimpl
+def gptopt_register_pre_tokenizers(register):
+    from .vocab_pre import builtin_pre_tokenizers
+
+    for pre in builtin_pre_tokenizers():
+        register(pre)
+
+
+@hookimpl
 def gptopt_run_finished(ctx, records, out_dir):
     from .measure import report_section
 

@@ -169,7 +169,9 @@ class ExportStep(Step):
         from .gguf_writer import check_model, choices
 
         check_model(ctx.model, ctx.plugins, self.params.ignore_sliding_window)
-        from . import mix, tensors
+        from . import mix, tensors, vocab
+
+        vocab.check_tokenizer(ctx.tokenizer)  # a tokenizer llama.cpp cannot read: refused before the chain runs
 
         p = self.params
         srcs = tensors.sources(ctx.model, ctx.plugins) if (p.plan or getattr(self, "_importance", None)) else None
