@@ -177,8 +177,8 @@ def check_saved_roundtrip(res, arch, out):
     DIR``: its pre-load checks pass), at the same logits, and a family llama.cpp runs exports from it."""
     check_saved(res, arch, out)
     # Qwen2: transformers 5 reloads a saved directory with Qwen2's own tokenizer class (Split + ByteLevel), which
-    # the exporter's vocabulary writer refuses until it writes llama.cpp's qwen2 pre-tokenizer (issue 33, item 1)
-    exports = arch.gguf is not None and arch.model_type != "qwen2"
+    # the exporter writes as llama.cpp's qwen2 pre-tokenizer
+    exports = arch.gguf is not None
     steps = [("export", {"to": str(out.parent / "back.gguf"), "type": "f32"})] if exports else [("eval", EVAL)]
     back = Pipeline(model=str(out), data=res.ctx.data_spec, quiet=True, device="cpu")
     for name, params in steps:

@@ -294,7 +294,9 @@ def test_installed_broken_plugins_are_listed_with_reasons_and_the_rest_work(brok
         assert info["distribution"] == module.replace("_", "-") and info["version"] == "0.1"
         if reason:
             assert reason in info["error"] and not info["steps"] and not info["hooks"], info
-            assert f"plugin {info['name']}: {reason}" in listing.stderr
+            # a load failure keeps the first contract's sentence, "plugin NAME failed to load: ..." (docs/contract.md)
+            sep = " " if reason.startswith("failed to load: ") else ": "
+            assert f"plugin {info['name']}{sep}{reason}" in listing.stderr
     assert by_name["gptopt-empty"]["warning"].startswith("provides no hooks and no steps")
     assert by_name["gptopt-good"]["steps"] == ["wave"] and by_name["gptopt-good"]["error"] is None
     assert by_name["gptopt-prune"]["steps"] == ["prune"] and by_name[CORE]["steps"] == ["eval", "save"]
