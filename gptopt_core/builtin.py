@@ -17,6 +17,7 @@ from .families import FAMILIES
 from .hookspecs import hookimpl
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
+from .paths import OutputLock
 from .report import save_model_dir
 from .saveformats import SafetensorsFormat, check_plan, choose
 from .steps import Params, Step
@@ -100,6 +101,7 @@ class SaveStep(Step):
         replace = self.params.overwrite or getattr(self, "replace_on_resume", False)  # set by the pipeline
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not replace:
             raise PlanError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
+        OutputLock(target, "save --to").check()  # another save writing it now: refused before the model loads
         return target
 
     def check_plan(self, before, after, facts):

@@ -11,7 +11,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from gptopt_core import GptoptError, remove_stale_temporaries
+from gptopt_core import GptoptError, publish_file, remove_stale_temporaries
 
 from . import blocks, tensors, types, vocab
 
@@ -103,11 +103,12 @@ def check_model(model, plugins=None):
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
                name: str = "", log=None, plugins=None, importance: dict | None = None,
-               plan: dict | None = None) -> dict:
+               plan: dict | None = None, overwrite: bool = True) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
     ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
     q4_0 / iq4_nl tensors' block scales; ``plan``: ``{GGUF tensor name: type}`` (``--plan``), over ``type_name``
-    and ``embeddings`` for the tensors it names."""
+    and ``embeddings`` for the tensors it names. Without ``overwrite`` an existing ``target`` (even one that
+    appeared while writing) is never replaced: a one-line error."""
     import gguf
 
     arch = check_model(model, plugins)
@@ -140,7 +141,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         writer.write_tensors_to_file()
         writer.close()
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the GGUF gets the user's usual mode
-        os.replace(tmp, target)
+        publish_file(tmp, target, overwrite, "export --to")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
