@@ -170,12 +170,30 @@ def resume_trainer(trainer) -> None:
     ctx = trainer.ctx
     if not getattr(ctx, "resume", False) or ctx.out_dir is None:
         return
+    remove_stale_writes(step_dir(ctx.out_dir, ctx.step_index, trainer.name), ctx.out_dir)
     path = latest(ctx.out_dir, ctx.step_index, trainer.name)
     if path is None:
         ctx.log(f"  {trainer.name}: no checkpoint of this step yet; training from the start")
         return
     load(trainer, trainer.model, path)
     ctx.log(f"  {trainer.name}: resumed at step {trainer.step} from {path}")
+
+
+def remove_stale_writes(root: Path, out_dir) -> list[str]:
+    """Remove a step's ``.tmp-STEP-PID`` directories whose process no longer runs (a checkpoint write killed
+    with -9); a live process's is left alone. Returns the names removed."""
+    from .paths import pid_alive
+
+    root = real_dir(root, out_dir, "--resume")
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for entry in os.scandir(root):
+        pid = entry.name.rsplit("-", 1)[-1]
+        if entry.name.startswith(".tmp-") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            _remove(Path(entry.path))
+            removed.append(entry.name)
+    return removed
 
 
 # -- the trainer's state (trainer.pt) ---------------------------------------------------------------------------

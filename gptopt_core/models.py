@@ -188,6 +188,8 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
         raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if first.startswith("Couldn't instantiate the backend tokenizer"):  # its list follows on other lines
+            first = "its tokenizer files are incomplete (no tokenizer.json, and the vocabulary files cannot build one)"
         raise SourceError(f"cannot load model from {path}: {first}") from None
     check_loading_info(info, where)
     model.eval()

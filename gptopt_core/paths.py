@@ -232,8 +232,11 @@ class RunLock:
             self._remove_created()
             raise GptoptError(f"--out {self.out} is in use by another gptopt run (PID {holder}); wait for it to "
                               "finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            _write_pid(fd, self.out / LOCK_NAME, f"--out {shorten(self.out, 120)}")
+        except GptoptError:
+            self._remove_created()
+            raise
         self.fd = fd
         return self
 
@@ -312,9 +315,9 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                _write_pid(fd, self.path, f"{self.where} {shorten(self.target, 120)}")
                 self.fd = fd
+                _HELD.add(os.path.abspath(self.path))
                 return self
             os.close(fd)
         raise GptoptError(f"{self.where} {shorten(self.target, 120)}: its lock file keeps changing; retry")
@@ -324,7 +327,7 @@ class OutputLock:
         file (nothing is created; :meth:`acquire` takes the lock when the step writes)."""
         import fcntl
 
-        if not os.path.lexists(self.path):
+        if not os.path.lexists(self.path) or os.path.abspath(self.path) in _HELD:  # ours: checked again under it
             return
         fd = _open_lock(self.path, f"{self.where} {shorten(self.target, 120)}", create=False)
         try:
@@ -339,6 +342,7 @@ class OutputLock:
     def release(self) -> None:
         if self.fd is None:
             return
+        _HELD.discard(os.path.abspath(self.path))
         try:
             self.path.unlink(missing_ok=True)
         finally:
@@ -351,6 +355,24 @@ class OutputLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _write_pid(fd: int, path: Path, where: str) -> None:
+    """Write this process's PID into the lock file it holds; on failure (a full disk) the file is removed and
+    closed, and the one-line error names it."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        raise GptoptError(f"{where}: cannot write the lock file {shorten(path, 160)} ({exc.strerror})") from None
+
+
+#: the output locks this process holds (their files' absolute paths)
+_HELD: set = set()
 
 
 def _open_lock(path: Path, where: str, create: bool = True) -> int:
