@@ -3,9 +3,9 @@ import json
 import os
 import subprocess
 import sys
-import time
+from importlib.metadata import version
 
-from conftest import error_lines, gptopt_exe, run_gptopt
+from conftest import ROOT, error_lines, gptopt_exe, run_gptopt
 from transformers import AutoModelForCausalLM
 
 
@@ -60,7 +60,10 @@ def test_chain_eval_save_writes_loadable_model_and_manifest(tmp_path):
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [s["name"] for s in manifest["steps"]] == ["eval", "save"]
     assert manifest["status"] == "ok" and manifest["model"]["hash"] and manifest["data"]["hash"]
-    assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "python", "gptopt"}
+    assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "python", "gptopt", "torchao",
+                                         "llama-cpp-python", "compressed-tensors", "accelerate", "safetensors", "gguf",
+                                         "numpy"}
+    assert manifest["versions"]["transformers"] == version("transformers")
     ppl = manifest["steps"][0]["metrics"]["perplexity"]
     assert 1 < ppl < 1000 and manifest["steps"][0]["metrics"]["model_bytes"] > 0
     assert "| eval |" in (tmp_path / "run" / "report.md").read_text()
@@ -102,3 +105,19 @@ def test_bad_hello_param_names_the_step(example_plugins, tmp_path):
                       env={"PYTHONPATH": str(example_plugins)}, cwd=tmp_path)
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == ["Error: hello: times: Input should be less than or equal to 10 (got '99')"]
+
+
+def test_constraints_pin_what_run_json_records_and_the_installs_use_them():
+    """constraints.txt pins every library run.json records (torch is pinned on its own install line, gptopt is
+    this checkout); CI and the README's install line install with it."""
+    from gptopt_core.report import RECORDED_VERSIONS
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, pinned = line.split("==")
+            pins[name.strip()] = pinned.strip()
+    assert set(pins) == set(RECORDED_VERSIONS) - {"gptopt", "torch"}, set(pins) ^ set(RECORDED_VERSIONS)
+    assert all(pinned and "*" not in pinned for pinned in pins.values())
+    assert "-c constraints.txt" in (ROOT / ".ci" / "run").read_text()
+    assert "pip install -c constraints.txt -e ." in (ROOT / "README.md").read_text()
