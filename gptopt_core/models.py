@@ -182,8 +182,8 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     else:
         facts.add("quantized:4bit" if qc.get("load_in_4bit") else "quantized:8bit" if qc.get("load_in_8bit") else "quantized")
     try:
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)  # first: a bad one fails before the weights
         model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
     except SourceError:
         raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files

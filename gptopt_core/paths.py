@@ -385,6 +385,8 @@ def _open_lock(path: Path, where: str, create: bool = True) -> int:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
             raise GptoptError(f"{where}: {path.name} is a symlink; remove it") from None
+        if exc.errno == errno.EISDIR:
+            raise GptoptError(f"{where}: {path.name} is not a regular file (a directory); remove it") from None
         raise GptoptError(f"{where}: cannot create the lock file {shorten(path, 120)} ({exc.strerror})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
