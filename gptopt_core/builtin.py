@@ -17,7 +17,7 @@ from .families import FAMILIES
 from .hookspecs import hookimpl
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
-from .paths import OutputLock
+from .locks import OutputLock
 from .report import save_model_dir
 from .saveformats import SafetensorsFormat, check_plan, choose
 from .steps import Params, Step

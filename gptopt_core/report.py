@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .outfiles import write_file
 from .errors import GptoptError
-from .paths import OutputLock, clean_stale_partials
+from .locks import OutputLock
+from .paths import clean_stale_partials
 
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {
