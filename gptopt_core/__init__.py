@@ -30,6 +30,7 @@ _LAZY = {
     # input files someone else wrote: regular files only, size-capped, one safe JSON/YAML loader, GGUF headers
     "check_input_file": "inputs", "read_input_file": "inputs", "load_structured_file": "inputs",
     "check_gguf_file": "gguf_files", "remove_stale_temporaries": "paths",
+    "OutputLock": "locks", "publish_file": "locks",
     # measuring: one perplexity, one size, one sparsity for everyone
     "perplexity": "evaluate", "perplexity_of": "evaluate", "eval_windows": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",

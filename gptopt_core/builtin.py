@@ -16,6 +16,7 @@ from .evaluate import generate_sample, perplexity
 from .families import FAMILIES
 from .grids import minmax_range, mse_range
 from .hookspecs import hookimpl
+from .locks import OutputLock
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
 from .observers import Observer
@@ -102,6 +103,7 @@ class SaveStep(Step):
         replace = self.params.overwrite or getattr(self, "replace_on_resume", False)  # set by the pipeline
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not replace:
             raise PlanError(f"save: {target} exists and is not empty; pass --overwrite or choose another --to")
+        OutputLock(target, "save --to").check()  # another save writing it now: refused before the model loads
         return target
 
     def check_plan(self, before, after, facts):

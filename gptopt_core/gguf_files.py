@@ -18,8 +18,10 @@ from .model_files import LoadedModel, check_loading_info, load_tokenizer
 
 #: per architecture gptopt exports: tensors every block must hold (a file relabelled from another architecture lacks
 #: them); other architectures are left to transformers' loader, whose loading info must then show no missing tensor
-BLOCK_TENSORS = {"llama": ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                           "ffn_up.weight", "ffn_down.weight"),
+_LLAMA = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+BLOCK_TENSORS = {"llama": _LLAMA, "mistral": _LLAMA,
+                 "qwen2": _LLAMA + ("attn_q.bias", "attn_k.bias", "attn_v.bias"),  # Qwen2's q/k/v carry biases
+                 "qwen3": _LLAMA + ("attn_q_norm.weight", "attn_k_norm.weight"),  # Qwen3 norms q and k per head
                  "gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
 #: architectures whose ``ffn_up`` holds gate and up fused (llama.cpp's loader: ``{n_embd, 2 * n_ff}``, split by
 #: ``ggml_swiglu``): ``ffn_up`` is this many times ``feed_forward_length`` wide
@@ -202,12 +204,19 @@ def _quiet_conversion():
     tqdm before (``gptopt_core.cli.main`` called in-process)."""
     import os
 
+    from transformers.utils import logging as hf_logging
+
     try:
         module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     except ImportError:
         module = None
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its LOAD REPORT table: check_loading_info says it in one line instead
     if os.environ.get("TQDM_DISABLE") != "1" or module is None or not hasattr(module, "tqdm"):
-        yield
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
         return
     saved = module.tqdm
     module.tqdm = lambda iterable, *args, **kwargs: iterable
@@ -215,3 +224,4 @@ def _quiet_conversion():
         yield
     finally:
         module.tqdm = saved
+        hf_logging.set_verbosity(level)

@@ -40,6 +40,30 @@ def check_directory_files(path: Path, where: str) -> None:
         if f.is_file() and f.stat().st_size > MAX_TOKENIZER_BYTES:
             raise SourceError(f"{where}: {name} is {f.stat().st_size} bytes, more than the "
                               f"{MAX_TOKENIZER_BYTES // 2**20} MiB such a file may have")
+    check_tokenizer_files(path, where)
+
+
+#: files a tokenizer can be built from when there is no tokenizer.json (sentencepiece, BPE, WordPiece vocabularies)
+VOCAB_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer_files(path: Path, where: str) -> None:
+    """A tokenizer the directory can be loaded with: ``tokenizer.json`` that parses as JSON, or a vocabulary file
+    (:data:`VOCAB_FILES`); otherwise one line saying which, before transformers' "Couldn't instantiate the
+    backend tokenizer from one of: ..." (a list it prints on the following lines)."""
+    import json
+
+    tok = path / "tokenizer.json"
+    if tok.is_file():
+        try:
+            json.loads(tok.read_bytes())
+        except ValueError as exc:
+            raise SourceError(f"{where}: tokenizer.json is not valid JSON ({shorten(exc, 100)}); copy the model's "
+                              "tokenizer files into the directory again") from None
+        return
+    if not any((path / name).is_file() for name in VOCAB_FILES):
+        raise SourceError(f"{where} has no tokenizer: neither tokenizer.json nor a vocabulary file "
+                          f"({', '.join(VOCAB_FILES)}); copy the model's tokenizer files into the directory")
 
 
 def read_config(path: Path, where: str) -> dict:

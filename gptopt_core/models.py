@@ -182,12 +182,14 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     else:
         facts.add("quantized:4bit" if qc.get("load_in_4bit") else "quantized:8bit" if qc.get("load_in_8bit") else "quantized")
     try:
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)  # first: a bad one fails before the weights
         model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
     except SourceError:
         raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if first.startswith("Couldn't instantiate the backend tokenizer"):  # its list follows on other lines
+            first = "its tokenizer files are incomplete (no tokenizer.json, and the vocabulary files cannot build one)"
         raise SourceError(f"cannot load model from {path}: {first}") from None
     check_loading_info(info, where)
     model.eval()

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import GptoptError, shorten
+from .locks import _write_pid
 
 #: the lock file inside a locked ``--out`` directory
 LOCK_NAME = ".gptopt.lock"
@@ -232,8 +233,11 @@ class RunLock:
             self._remove_created()
             raise GptoptError(f"--out {self.out} is in use by another gptopt run (PID {holder}); wait for it to "
                               "finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            _write_pid(fd, self.out / LOCK_NAME, f"--out {shorten(self.out, 120)}")
+        except GptoptError:
+            self._remove_created()
+            raise
         self.fd = fd
         return self
 
@@ -281,3 +285,4 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+

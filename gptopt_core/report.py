@@ -8,6 +8,9 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .outfiles import write_file
+from .errors import GptoptError
+from .locks import OutputLock
 from .paths import clean_stale_partials
 
 #: metric key → (column title, formatter); the summary shows the ones any record has
@@ -21,11 +24,17 @@ COLUMNS = {
 }
 
 
+#: the distributions whose versions move results (constraints.txt pins them); run.json records each one
+RECORDED_VERSIONS = ("gptopt", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "torchao",
+                     "llama-cpp-python", "compressed-tensors", "safetensors", "gguf", "numpy", "tokenizers")
+
+
 def versions() -> dict:
+    """``{distribution: installed version or None}`` for :data:`RECORDED_VERSIONS`, and Python's."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for dist in ("gptopt", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+    for dist in RECORDED_VERSIONS:
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -151,26 +160,30 @@ def finish_run(ctx, error=None) -> dict:
     manifest = build_manifest(ctx, error)
     if writes:
         write_json_atomic(ctx.out_dir / "run.json", manifest)
-        (ctx.out_dir / "report.md").write_text(report_markdown(ctx, manifest, sections))
+        write_file(ctx.out_dir / "report.md", report_markdown(ctx, manifest, sections))
     if error is None:
         print_summary(ctx)
     return manifest
 
 
 def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Through an exclusive temporary name, renamed into place: never through a link planted in ``--out``."""
+    write_file(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> list[str]:
     """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename.
 
     ``write(path)`` writes the model (a save format's writer); by default the ``gptopt_save_model`` hooks do."""
-    import yaml
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(target, "save --to"):  # a second save to this directory fails at once
+        return _save_model_dir(ctx, target, overwrite, write)
+
+
+def _save_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
+    import yaml
+
     clean_stale_partials(target)  # left by a save that was killed (-9) in an earlier run
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -185,7 +198,8 @@ def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> li
         write_json_atomic(tmp / "run.json", build_manifest(ctx))
         if target.exists():
             if not overwrite and (not target.is_dir() or any(target.iterdir())):
-                raise FileExistsError(f"{target} appeared while saving")
+                raise GptoptError(f"save --to {target} appeared while saving (another program wrote it); pass "
+                                  "--overwrite or choose another --to")
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(old)
             tmp.rename(target)

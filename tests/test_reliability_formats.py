@@ -49,7 +49,7 @@ def test_a_fifo_lock_is_refused_without_blocking(tmp_path):
     start = time.perf_counter()
     with pytest.raises(GptoptError, match="is not a regular file"):
         RunLock(out).acquire()
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 10  # a blocked open would hang for good; 10 s is a loaded machine's margin
 
 
 def test_rank_alone_does_not_skip_the_lock_or_the_save(tmp_path, monkeypatch):
@@ -267,12 +267,12 @@ def test_any_compressed_tensors_config_validates_or_fails_in_one_line_and_matche
         return
     patterns = [t for g in (config.config_groups.values() if config else []) for t in g.targets] + list(qc.get(
         "ignore") or [])
-    start = time.perf_counter()
+    cpu = time.process_time()
     for target in patterns:
         if target.startswith("re:"):
             for name in NAMES:
                 re.match(target[3:], name)
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - cpu < 2  # CPU time: a catastrophic pattern burns it, a busy machine does not
 
 
 def test_unquoted_n_m_patterns_stay_strings_in_every_yaml_gptopt_reads():

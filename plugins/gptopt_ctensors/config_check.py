@@ -114,4 +114,4 @@ def validation_message(exc) -> str:
     loc = ".".join(str(p) for p in first.get("loc", ()) if re.fullmatch(r"[\w.-]+", str(p))) or "quantization_config"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     msg = " ".join(str(first.get("msg", "")).split())  # pydantic's text may span lines (a model's repr)
-    return f"{loc}: {msg[:200]}{more}"
+    return f"{loc}: {msg if len(msg) <= 240 else msg[:240] + '...'}{more}"

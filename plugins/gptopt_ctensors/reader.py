@@ -125,6 +125,10 @@ def load(path, trust_remote_code: bool = False):
         qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
     except pydantic.ValidationError as exc:  # "2 validation errors for ...": the first one, located
         raise GptoptError(f"--model {str(path)[:160]}: quantization_config.{validation_message(exc)}") from None
+    except (TypeError, ValueError) as exc:  # a validator comparing a wrong-typed value ('<' between str and int)
+        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.config_groups holds a value of the wrong "
+                          f"type ({type(exc).__name__}: {str(exc)[:120]}); compare it with a config gptopt "
+                          "save wrote") from None
     modules = dict(model.named_modules())
     grids, sparse = {}, []
     for key in [k for k in tensors if k.endswith(".weight_scale")]:

@@ -11,7 +11,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from gptopt_core import GptoptError, remove_stale_temporaries
+from gptopt_core import GptoptError, publish_file, remove_stale_temporaries
 
 from . import blocks, tensors, types, vocab
 
@@ -107,12 +107,13 @@ def check_model(model, plugins=None, ignore_window: bool = False):
 
 def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddings: str | None = None,
                name: str = "", log=None, plugins=None, importance: dict | None = None,
-               plan: dict | None = None, ignore_window: bool = False) -> dict:
+               plan: dict | None = None, ignore_window: bool = False, overwrite: bool = True) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
     ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
     q4_0 / iq4_nl tensors' block scales; ``plan``: ``{GGUF tensor name: type}`` (``--plan``), over ``type_name``
     and ``embeddings`` for the tensors it names; ``ignore_window``: write a sliding window llama.cpp does not apply
-    (``--ignore-sliding-window``) instead of refusing it."""
+    (``--ignore-sliding-window``) instead of refusing it. Without ``overwrite`` an existing ``target`` (even one
+    that appeared while writing) is never replaced: a one-line error."""
     import gguf
 
     arch = check_model(model, plugins, ignore_window)
@@ -145,7 +146,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         writer.write_tensors_to_file()
         writer.close()
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the GGUF gets the user's usual mode
-        os.replace(tmp, target)
+        publish_file(tmp, target, overwrite, "export --to")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

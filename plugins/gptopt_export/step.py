@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step
+from gptopt_core import GptoptError, OutputLock, Params, PlanError, Step
 
 from .blocks import TYPES
 
@@ -124,6 +124,7 @@ class ExportStep(Step):
             raise PlanError(f"export: {target} is a directory; give a file name ending in .gguf")
         if target.exists() and not self.params.overwrite:
             raise PlanError(f"export: {target} exists; pass --overwrite or choose another --to")
+        OutputLock(target, "export --to").check()  # another export writing it now: refused before the model loads
         if self.params.imatrix:
             imatrix = Path(self.params.imatrix).expanduser()
             if imatrix.resolve() == target.resolve():
@@ -204,12 +205,17 @@ class ExportStep(Step):
                             "imatrix_unused": len(report["unused"]), "imatrix_missing": len(report["missing"])}
 
     def apply(self, ctx):
+        target = self.check_target()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with OutputLock(target, "export --to"):  # a second export to this file fails now, not silently later
+            self.check_target()  # again under the lock: an export that finished meanwhile wrote it
+            return self.export(ctx, target)
+
+    def export(self, ctx, target: Path) -> dict:
         import time
 
         from .gguf_writer import write_gguf
 
-        target = self.check_target()
-        target.parent.mkdir(parents=True, exist_ok=True)
         imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
         if self.params.imatrix_in:
             importance, imatrix_metrics = self.read_imatrix_in(ctx)
@@ -218,7 +224,7 @@ class ExportStep(Step):
         plan, plan_metrics = self.plan(ctx, importance)
         metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
                              name=ctx.model_spec, plugins=ctx.plugins, importance=importance, plan=plan,
-                             ignore_window=self.params.ignore_sliding_window)
+                             ignore_window=self.params.ignore_sliding_window, overwrite=self.params.overwrite)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(imatrix_metrics)
         metrics.update(plan_metrics)
