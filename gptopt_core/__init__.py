@@ -30,6 +30,9 @@ _LAZY = {
     "check_gguf_file": "gguf_files", "remove_stale_temporaries": "paths",
     # measuring: one perplexity, one size, one sparsity for everyone
     "perplexity": "evaluate", "perplexity_of": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
+    # KL from a base model (llama-perplexity --kl-divergence semantics), its cached base, bootstrap intervals
+    "BaseLogits": "divergence", "paired_bootstrap": "divergence", "ppl_ratio": "divergence",
+    "mean_interval": "divergence", "kl_plan": "klbase", "kl_metrics": "klbase", "cached_kl_base": "klbase",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
     "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
@@ -56,7 +59,8 @@ _LAZY = {
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
-            "unsupported_architecture": ("architectures", "unsupported")}
+            "unsupported_architecture": ("architectures", "unsupported"),
+            "KL_TOP_K": ("divergence", "TOP_K")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY, *_ALIASES])

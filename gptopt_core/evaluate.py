@@ -35,12 +35,19 @@ def eval_windows(n_tokens: int, block_size: int = 512, stride: int = 512) -> lis
 
 
 def perplexity_of(window_logits, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096,
-                  progress=None) -> dict:
+                  progress=None, base=None, keep_top: int = 0) -> dict:
     """Perplexity of any model given as ``window_logits(input_ids) -> logits`` (``[len, vocab]`` for a 1-D
     window of token ids) on the first ``max_tokens`` of ``ids``: the one perplexity computation, shared by
     torch models (:func:`perplexity`) and other runtimes (e.g. llama.cpp's logits). Returns
-    ``{"perplexity", "nll", "tokens"}``."""
+    ``{"perplexity", "nll", "tokens"}``.
+
+    ``base``: a :class:`gptopt_core.divergence.BaseLogits` of the same token set and windows: the result then also
+    has the KL figures of :func:`gptopt_core.divergence.summarize` (KL from the base, same top token, perplexity
+    ratio with bootstrap intervals). ``keep_top``: also return these logits' top-``keep_top`` log-probs as
+    ``"base_logits"`` (to serve as another measurement's base)."""
     import torch
+
+    from .divergence import BaseLogits, summarize, token_divergence
 
     ids = ids[:max_tokens]
     if ids.numel() < block_size + 1:
@@ -48,26 +55,51 @@ def perplexity_of(window_logits, ids, block_size: int = 512, stride: int = 512, 
             f"validation split has {ids.numel()} tokens, fewer than one eval block of {block_size}+1; give more "
             "data or a smaller --block-size"
         )
-    total_nll, total_tokens = 0.0, 0
     windows = eval_windows(ids.numel(), block_size, stride)
+    if base is not None and [e - b - 1 - s for b, e, s in windows] != list(base.window_tokens):
+        raise GptoptError("the KL base was measured on other windows than these; measure both on the same tokens, "
+                          "--block-size and --stride")
+    sums = {"tokens": [], "nll": [], "base_nll": [], "kl": [], "same_top": []}
+    token_kl, kept = [], []
+    base_parts = base.slices() if base is not None else iter(())
     iterator = progress(windows, "eval") if progress else windows
     for begin, end, scored_from in iterator:
         input_ids = ids[begin:end]
         logits = torch.as_tensor(window_logits(input_ids))[:-1].float()
-        targets = input_ids[1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits[scored_from:], targets[scored_from:], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int(targets.numel() - scored_from)
-    mean = total_nll / max(total_tokens, 1)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+        targets = input_ids[1:].to(logits.device)[scored_from:]
+        logp = torch.log_softmax(logits[scored_from:], dim=-1)
+        target_logp = logp.gather(1, targets[:, None])[:, 0]
+        sums["nll"].append(-float(target_logp.double().sum()))
+        sums["tokens"].append(int(targets.numel()))
+        if keep_top:
+            top = logp.topk(min(keep_top, logp.shape[-1]), dim=-1)
+            kept.append((top.indices.int().cpu(), top.values.cpu(), target_logp.cpu()))
+        if base is not None:
+            b_ids, b_logp, b_target = next(base_parts)
+            kl, same = token_divergence(b_ids.to(logp.device), b_logp.to(logp.device), logp)
+            token_kl.append(kl.cpu())
+            sums["kl"].append(float(kl.sum()))
+            sums["same_top"].append(int(same.sum()))
+            sums["base_nll"].append(-float(b_target.double().sum()))
+    total_tokens = sum(sums["tokens"])
+    mean = sum(sums["nll"]) / max(total_tokens, 1)
+    out = {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    if keep_top:
+        out["base_logits"] = BaseLogits(torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
+                                        torch.cat([k[2] for k in kept]), list(sums["tokens"]))
+    if base is not None:
+        out.update(summarize(sums, torch.cat(token_kl)))
+    return out
 
 
-def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096, progress=None) -> dict:
+def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096, progress=None,
+               base=None, keep_top: int = 0) -> dict:
     """Perplexity of ``model`` on the first ``max_tokens`` of ``ids`` (1-D LongTensor).
 
     Windows of ``block_size`` tokens start every ``stride`` tokens; each window scores only the tokens not
     scored by an earlier window (the Hugging Face sliding-window method), so ``stride == block_size`` means
-    disjoint blocks (see :func:`eval_windows`). Returns ``{"perplexity", "nll", "tokens"}``.
+    disjoint blocks (see :func:`eval_windows`). Returns ``{"perplexity", "nll", "tokens"}``; ``base`` and
+    ``keep_top`` as in :func:`perplexity_of` (KL from a base, or this model's top log-probs kept as a base).
     """
     import torch
 
@@ -80,7 +112,7 @@ def perplexity(model, ids, block_size: int = 512, stride: int = 512, max_tokens:
 
     try:
         with torch.inference_mode():
-            return perplexity_of(window_logits, ids, block_size, stride, max_tokens, progress)
+            return perplexity_of(window_logits, ids, block_size, stride, max_tokens, progress, base, keep_top)
     finally:
         model.train(was_training)
 

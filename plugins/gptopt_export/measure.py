@@ -1,10 +1,11 @@
 """The ``llamacpp`` step's measurement and its comparison with the torch figures of the same run."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
-from gptopt_core import GptoptError
+from gptopt_core import KL_TOP_K, GptoptError, cached_kl_base, kl_metrics, kl_plan
 
 from . import llamacpp
 
@@ -71,6 +72,26 @@ def check_llama_limits(path, params, ids=None) -> None:
                           "measure a GGUF of this run's model (its tokenizer)")
 
 
+def kl_base(ctx, params, windows, threads):
+    """``(base logits, where they come from)`` for KL: a reference GGUF run in llama.cpp (cached by the file's
+    sha256), or the core's choice (``gptopt_core.kl_plan``: the model before the first lossy step, a reference
+    model in torch, or the torch model as it is)."""
+    ref = params.kl_base
+    if not ref.endswith(".gguf"):
+        plan = kl_plan(ctx, *windows, reference=ref, own_base=False)
+        return plan.base, plan.source
+    path = Path(ref).expanduser()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+
+    def compute():
+        return llamacpp.perplexity(path, *windows, threads, keep_top=KL_TOP_K)["base_logits"]
+
+    return cached_kl_base(ctx, f"gguf:{digest.hexdigest()}", *windows, compute), f"{path.name} in llama.cpp"
+
+
 def measure(ctx, params) -> dict:
     path = Path(params.file).expanduser() if params.file else Path(ctx.state.get("gguf", ""))
     if not path.exists():
@@ -85,9 +106,11 @@ def measure(ctx, params) -> dict:
     except ImportError:
         raise GptoptError(f"llamacpp: {llamacpp.missing()}") from None
     if params.eval:
-        result = llamacpp.perplexity(path, ctx.data.valid_ids, params.block_size, params.stride or params.block_size,
-                                     params.max_tokens, threads, progress=ctx.progress)
-        metrics.update(llamacpp_perplexity=result["perplexity"], llamacpp_eval_tokens=result["tokens"])
+        windows = (ctx.data.valid_ids, params.block_size, params.stride or params.block_size, params.max_tokens)
+        base, source = kl_base(ctx, params, windows, threads)
+        result = llamacpp.perplexity(path, *windows, threads, progress=ctx.progress, base=base)
+        metrics.update(llamacpp_perplexity=result["perplexity"], llamacpp_eval_tokens=result["tokens"],
+                       **kl_metrics(result, source))
     if params.bench:
         ids = ctx.data.valid_ids.reshape(-1)
         if ids.numel() == 0:
@@ -105,6 +128,9 @@ def measure(ctx, params) -> dict:
     if "llamacpp_perplexity" in metrics:
         parts.append(f"ppl {metrics['llamacpp_perplexity']:.3f}" + (
             f" (x{metrics['perplexity_vs_first_eval']:.3f} torch)" if "perplexity_vs_first_eval" in metrics else ""))
+    if "kl_mean" in metrics:
+        parts.append(f"KL {metrics['kl_mean']:.5f} (p99.9 {metrics['kl_p999']:.4f}), same top "
+                     f"{metrics['same_top1']:.2f} % vs {metrics['kl_base']}")
     if "llamacpp_decode_tokens_per_s" in metrics:
         parts.append(f"decode {metrics['llamacpp_decode_tokens_per_s']:.1f} tok/s" + (
             f" (x{metrics['decode_speedup_vs_torch']:.2f} torch)" if "decode_speedup_vs_torch" in metrics else ""))

@@ -229,6 +229,10 @@ class LlamacppParams(Params):
     repeats: int = pydantic.Field(5, ge=1, le=1000, description="timed runs (median taken)")
     threads: Optional[int] = pydantic.Field(None, ge=1, le=1024,
                                             description="llama.cpp threads [default: the cores available]")
+    kl_base: str = pydantic.Field("auto", min_length=1, description=(
+        "KL divergence, same top token and perplexity ratio against: auto (the torch model before the chain's "
+        "first quantize/prune/cpu-fast step, else the torch model), none, a reference .gguf (run in llama.cpp, "
+        "as llama-perplexity --kl-divergence-base), or a reference model (directory, name) in torch"))
 
     @pydantic.model_validator(mode="after")
     def _something(self):
@@ -276,6 +280,18 @@ class LlamacppStep(Step):
                 from .measure import check_llama_limits
 
                 check_llama_limits(path, self.params)  # what llama.cpp aborts on, before anything loads
+        ref = self.params.kl_base
+        if ref.endswith(".gguf"):
+            from gptopt_core import check_input_file
+
+            if not check_input_file(Path(ref).expanduser(), "llamacpp --kl-base", missing_ok=True):
+                raise PlanError(f"llamacpp --kl-base {ref}: no such file")
+
+    def kl_windows(self, ctx):
+        p = self.params
+        if not p.eval or p.kl_base != "auto":
+            return None
+        return ctx.data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens
 
     def preflight(self, ctx):
         if self.params.eval:
