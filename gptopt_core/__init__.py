@@ -31,7 +31,8 @@ _LAZY = {
     # measuring: one perplexity, one size, one sparsity for everyone
     "perplexity": "evaluate", "perplexity_of": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
     # KL from a base model (llama-perplexity --kl-divergence semantics), its cached base, bootstrap intervals
-    "BaseLogits": "divergence", "paired_bootstrap": "divergence", "ppl_ratio": "divergence",
+    "BaseLogits": "divergence", "paired_bootstrap": "divergence", "token_divergence": "divergence",
+    "percentile": "divergence", "ppl_ratio": "divergence",
     "mean_interval": "divergence", "kl_plan": "klbase", "kl_metrics": "klbase", "cached_kl_base": "klbase",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
