@@ -27,7 +27,7 @@ def compare(ctx, params, metrics: dict) -> dict:
              if r.get("params", {}).get("block_size") == params.block_size
              and (r.get("params", {}).get("stride") or params.block_size) == stride
              and r.get("params", {}).get("max_tokens") == params.max_tokens
-             and r.get("params", {}).get("split", "valid") == "valid"]
+             and r.get("params", {}).get("split", "valid") == params.split]
     if "llamacpp_perplexity" in metrics and evals:
         for label, (index, m) in (("first", evals[0]), ("last", evals[-1])):
             if _num(m.get("perplexity")):
@@ -72,6 +72,14 @@ def check_llama_limits(path, params, ids=None) -> None:
                           "measure a GGUF of this run's model (its tokenizer)")
 
 
+def scored_data(ctx, params):
+    """The text ``--split`` names: the run's ``--data`` (valid) or its ``--eval-data``."""
+    data = ctx.data if params.split == "valid" else ctx.eval_data
+    if data is None:
+        raise GptoptError("llamacpp --split eval-data needs --eval-data on the run")
+    return data
+
+
 def kl_base(ctx, params, windows, threads):
     """``(base logits, where they come from)`` for KL: a reference GGUF run in llama.cpp (cached by the file's
     sha256), or the core's choice (``gptopt_core.kl_plan``: the model before the first lossy step, a reference
@@ -96,7 +104,8 @@ def measure(ctx, params) -> dict:
     path = Path(params.file).expanduser() if params.file else Path(ctx.state.get("gguf", ""))
     if not path.exists():
         raise GptoptError(f"llamacpp: {path} does not exist")
-    check_llama_limits(path, params, getattr(ctx.data, "valid_ids", None))
+    data = scored_data(ctx, params)
+    check_llama_limits(path, params, getattr(data, "valid_ids", None))
     threads = params.threads or llamacpp.available_cores()
     metrics = {"gguf_path": str(path), "gguf_bytes": path.stat().st_size, "llamacpp_threads": threads}
     try:
@@ -106,7 +115,7 @@ def measure(ctx, params) -> dict:
     except ImportError:
         raise GptoptError(f"llamacpp: {llamacpp.missing()}") from None
     if params.eval:
-        windows = (ctx.data.valid_ids, params.block_size, params.stride or params.block_size, params.max_tokens)
+        windows = (data.valid_ids, params.block_size, params.stride or params.block_size, params.max_tokens)
         base, source = kl_base(ctx, params, windows, threads)
         result = llamacpp.perplexity(path, *windows, threads, progress=ctx.progress, base=base)
         metrics.update(llamacpp_perplexity=result["perplexity"], llamacpp_eval_tokens=result["tokens"],
@@ -151,12 +160,13 @@ def report_section(records) -> str | None:
 
         rows.append(f"| {index} | {Path(m.get('gguf_path', '')).name} | {fmt('gguf_bytes', ',')} | "
                     f"{fmt('llamacpp_perplexity', '.3f')} | {fmt('perplexity_vs_first_eval', '.4f')} | "
+                    f"{fmt('kl_mean', '.5f')} | {fmt('kl_p999', '.4f')} | {fmt('same_top1', '.2f')} | "
                     f"{fmt('llamacpp_prefill_ms', '.1f')} | {fmt('llamacpp_decode_tokens_per_s', '.1f')} | "
                     f"{fmt('decode_speedup_vs_torch', '.2f')} | {m.get('llamacpp_threads', '-')} |")
     if not rows:
         return None
     head = ["## llama.cpp", "",
-            "| step | file | bytes | ppl (llama.cpp) | ppl / first torch eval | prefill ms | decode tok/s | "
-            "decode / torch bench | threads |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| step | file | bytes | ppl (llama.cpp) | ppl / first torch eval | KL mean | KL p99.9 | same top % | "
+            "prefill ms | decode tok/s | decode / torch bench | threads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows)

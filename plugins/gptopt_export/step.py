@@ -223,6 +223,8 @@ class LlamacppParams(Params):
     block_size: int = pydantic.Field(512, ge=8, le=8192, description="eval window (as eval)")
     stride: Optional[int] = pydantic.Field(None, ge=1, description="eval window step (default: block size)")
     max_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens to score (as eval)")
+    split: str = pydantic.Field("valid", pattern="^(valid|eval-data)$",
+                                description="valid (held-out split of --data) or eval-data (--eval-data), as eval")
     prompt_tokens: int = pydantic.Field(128, ge=1, le=32768, description="prompt length (as bench)")
     new_tokens: int = pydantic.Field(64, ge=2, le=32768, description="tokens generated per run (as bench)")
     warmup: int = pydantic.Field(2, ge=0, le=100, description="untimed runs first")
@@ -291,13 +293,17 @@ class LlamacppStep(Step):
         p = self.params
         if not p.eval or p.kl_base != "auto":
             return None
-        return ctx.data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens
+        data = ctx.data if p.split == "valid" else ctx.eval_data
+        return None if data is None else (data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens)
 
     def preflight(self, ctx):
         if self.params.eval:
-            have = min(int(ctx.data.valid_ids.numel()), self.params.max_tokens)
+            from .measure import scored_data
+
+            ids = scored_data(ctx, self.params).valid_ids
+            have = min(int(ids.numel()), self.params.max_tokens)
             if have < self.params.block_size + 1:
-                raise GptoptError(f"llamacpp: the held-out split has {int(ctx.data.valid_ids.numel())} tokens, fewer "
+                raise GptoptError(f"llamacpp: the held-out split has {int(ids.numel())} tokens, fewer "
                                   f"than one block of {self.params.block_size}+1; give more text or a smaller "
                                   f"--block-size")
 
