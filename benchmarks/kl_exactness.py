@@ -1,7 +1,8 @@
-"""How exact is the KL gptopt reports? Its base is stored as the top-k log-probs per position plus one tail bucket
-(gptopt_core/divergence.py); this compares that figure, for several k, with the exact KL over the whole vocabulary
-(float64 from full float32 logits), and with llama.cpp's storage (uint16 log-probs over [max - 16, max], base
-log-probs below -16 dropped), on SmolLM2 against a round-to-nearest int4 (group 32, symmetric) copy of it.
+"""How exact is the KL gptopt reports? Its base is stored as llama.cpp stores it (uint16 log-probs over
+[max - 16, max], base log-probs below -16 dropped; gptopt_core/divergence.py); this compares that figure with the
+exact KL over the whole vocabulary (float64 from full float32 logits) and with a smaller store that was considered
+(the top-k log-probs per position plus one tail bucket, several k), on SmolLM2 against a round-to-nearest int4
+(group 32, symmetric) copy of it.
 
     python benchmarks/kl_exactness.py [--tokens 4096] [--data builtin:stdlib-docs]
 
@@ -24,16 +25,16 @@ def quantized_copy(model):
     return other
 
 
-def llamacpp_storage_kl(p_logits, q_logp):
-    """llama.cpp's perplexity.cpp: uint16 log-probs over [max - 16, max], p_base below e^-16 ignored."""
-    mx = p_logits.max(-1, keepdim=True).values
-    mn = torch.maximum(p_logits.min(-1, keepdim=True).values, mx - 16)
-    lse = torch.logsumexp(p_logits - mx, -1, keepdim=True)
-    scale = (mx - mn) / 65535
-    codes = torch.where(p_logits > mn, torch.round((p_logits - mn) / scale), torch.zeros_like(p_logits))
-    p_logp = scale * codes + (mn - mx - lse)
-    keep = p_logp > -16
-    return torch.where(keep, p_logp.exp() * (p_logp - q_logp), torch.zeros_like(p_logp)).sum(-1)
+def topk_kl(p, q, k):
+    """The top-k store: KL exact over the base's top-k, the rest as one bucket (a lower bound of the tail term)."""
+    top = p.topk(k, -1)
+    q_top = q.gather(1, top.indices).double()
+    p_logp = top.values.double()
+    head = (p_logp.exp() * (p_logp - q_top)).sum(1)
+    p_tail = (1.0 - p_logp.exp().sum(1)).clamp_min(0.0)
+    q_tail = (1.0 - q_top.exp().sum(1)).clamp_min(1e-30)
+    return head + torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()),
+                              torch.zeros_like(p_tail))
 
 
 def main():
@@ -41,7 +42,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--data", default="builtin:stdlib-docs")
     args = ap.parse_args()
-    from gptopt_core import make_context, percentile, token_divergence
+    from gptopt_core import encode_logits, make_context, percentile, token_divergence
 
     ctx = make_context(model="smollm2-135m", data=args.data)
     ids = ctx.data.valid_ids[:args.tokens]
@@ -56,20 +57,21 @@ def main():
             q = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
             exact.append((p.double().exp() * (p.double() - q.double())).sum(-1))
             for k in approx:
-                top = p.topk(k, -1)
-                approx[k].append(token_divergence(top.indices.int(), top.values, q)[0])
-            lcpp.append(llamacpp_storage_kl(p_logits, q).double())
+                approx[k].append(topk_kl(p, q, k))
+            codes, scale, min_logp = encode_logits(p_logits)
+            lcpp.append(token_divergence(torch.from_numpy(codes.astype("int32")), scale, min_logp,
+                                         p.argmax(-1), q)[0])
     exact = torch.cat(exact)
     rows = [("exact (full vocabulary, float64)", exact)] + [(f"top-{k} + tail bucket", torch.cat(v))
                                                             for k, v in approx.items()]
-    rows.append(("llama.cpp uint16 storage", torch.cat(lcpp)))
+    rows.append(("gptopt = llama.cpp uint16 storage", torch.cat(lcpp)))
     for name, kl in rows:
         print(json.dumps({"storage": name, "tokens": int(kl.numel()), "kl_mean": float(kl.mean()),
                           "kl_p99": percentile(kl, 0.99), "kl_p999": percentile(kl, 0.999),
                           "mean_rel_diff": float((kl.mean() - exact.mean()) / exact.mean()),
                           "max_abs_diff": float((kl - exact).abs().max())}))
     print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
-                      "bytes_per_token_top128": 128 * 8 + 4}))
+                      "bytes_per_token_uint16": 2 * int(p_logits.shape[-1]) + 16}))
 
 
 if __name__ == "__main__":

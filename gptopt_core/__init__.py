@@ -60,8 +60,7 @@ _LAZY = {
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
-            "unsupported_architecture": ("architectures", "unsupported"),
-            "KL_TOP_K": ("divergence", "TOP_K")}
+            "unsupported_architecture": ("architectures", "unsupported"), "encode_logits": ("divergence", "encode")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", *_LAZY, *_ALIASES])

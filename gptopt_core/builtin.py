@@ -12,7 +12,6 @@ from typing import Optional
 import pydantic
 
 from .errors import GptoptError, PlanError
-from .divergence import TOP_K
 from .evaluate import generate_sample, perplexity
 from .klbase import capture_before_lossy, kl_metrics, kl_plan
 from .families import FAMILIES
@@ -87,7 +86,7 @@ class EvalStep(Step):
         windows = (data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens)
         plan = kl_plan(ctx, *windows, reference=p.kl_base)
         result = perplexity(ctx.model, *windows, progress=ctx.progress, base=plan.base,
-                            keep_top=TOP_K if plan.store else 0)
+                            keep_base=plan.store is not None)
         if plan.store:
             plan.store(result["base_logits"])
         metrics = {"perplexity": result["perplexity"], "eval_tokens": result["tokens"],

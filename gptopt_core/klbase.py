@@ -8,8 +8,10 @@ windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy st
 the torch model as it is. ``--kl-base PATH``: a reference model (directory, .gguf, anything ``--model`` takes) in
 torch; ``llamacpp --kl-base FILE.gguf`` runs the reference in llama.cpp. ``--kl-base none``: no KL.
 
-Cache: ``$GPTOPT_CACHE/kl-base/<sha256>.pt``, the key being the base model's content hash (or a reference file's
-sha256), the token ids, the windows and ``TOP_K``; also kept in ``ctx.state['kl_base']`` for the run.
+Cache: ``$GPTOPT_CACHE/kl-base/<sha256>/`` (``codes.npy``, memory-mapped when read, and ``meta.pt``), the key being
+the base model's content hash (or a reference file's sha256), the token ids, the windows and the storage version;
+also kept in ``ctx.state['kl_base']`` for the run. Delete the folder to free the space (1.6 GB per 16k SmolLM2
+tokens).
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .divergence import TOP_K, BaseLogits
+from .divergence import BaseLogits
 from .errors import GptoptError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
 LOSSY_FACTS = ("quantized", "masks", "cpu-only")
 
 
@@ -37,51 +39,63 @@ def cache_key(model_key: str, ids, block_size: int, stride: int, max_tokens: int
     ids = ids[:max_tokens].reshape(-1).long().cpu().contiguous()
     token_hash = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     spec = {"v": CACHE_VERSION, "model": model_key, "tokens": token_hash, "n": int(ids.numel()),
-            "block_size": block_size, "stride": stride, "top": TOP_K}
+            "block_size": block_size, "stride": stride}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _cache_path(key: str) -> Path:
     from .models import cache_dir
 
-    return cache_dir() / "kl-base" / f"{key}.pt"
+    return cache_dir() / "kl-base" / key
 
 
 def cached_kl_base(ctx, model_key: str, ids, block_size: int, stride: int, max_tokens: int, compute=None):
     """The base logits for (model, tokens, windows): from this run's memory, else the disk cache, else
     ``compute()`` (then stored in both). ``None`` when absent and ``compute`` is ``None``."""
-    import torch
-
     key = cache_key(model_key, ids, block_size, stride, max_tokens)
     memory = ctx.state.setdefault("kl_base", {}) if ctx is not None else {}
     if key in memory:
         return memory[key]
     path = _cache_path(key)
-    base = None
-    if path.is_file():
-        try:
-            base = BaseLogits.from_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # a truncated or foreign file: recompute
-            base = None
+    base = load(path) if path.is_dir() else None
     if base is None and compute is not None:
         base = compute()
         store(path, base)
+        base = load(path) or base  # memory-mapped from the cache: the computed copy is freed
     if base is not None:
         memory[key] = base
     return base
 
 
+def load(path: Path) -> BaseLogits | None:
+    import numpy as np
+    import torch
+
+    try:
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        codes = np.load(path / "codes.npy", mmap_mode="r")
+        return BaseLogits(codes, meta["scale"], meta["min_logp"], meta["target_logp"], meta["top_id"],
+                          [int(n) for n in meta["window_tokens"]])
+    except Exception:  # a truncated or foreign entry: recompute
+        return None
+
+
 def store(path: Path, base: BaseLogits) -> None:
-    """Write atomically (temporary file, then rename); a cache that cannot be written is only a cache."""
+    """Write atomically (a temporary folder, then rename); a cache that cannot be written is only a cache."""
+    import shutil
+
+    import numpy as np
     import torch
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(base.to_dict(), tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "codes.npy", np.asarray(base.codes))
+        torch.save({"scale": base.scale, "min_logp": base.min_logp, "target_logp": base.target_logp,
+                    "top_id": base.top_id, "window_tokens": torch.tensor(base.window_tokens)}, tmp / "meta.pt")
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -98,7 +112,7 @@ def _torch_base(ctx, model, model_key, ids, block_size, stride, max_tokens):
     from .evaluate import perplexity
 
     def compute():
-        return perplexity(model, ids, block_size, stride, max_tokens, keep_top=TOP_K)["base_logits"]
+        return perplexity(model, ids, block_size, stride, max_tokens, keep_base=True)["base_logits"]
 
     return cached_kl_base(ctx, model_key, ids, block_size, stride, max_tokens, compute)
 

@@ -2,6 +2,7 @@
 direct full-vocabulary torch computation, llama.cpp's percentiles, seeded paired bootstrap intervals, the base
 logits cached once per (model, tokens), and eval and llamacpp agreeing on an f32 GGUF of a tiny model."""
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -31,14 +32,15 @@ def noisy_copy(model, scale=0.02, seed=1):
 
 
 def test_kl_of_a_model_with_itself_is_zero_and_top1_is_100():
+    """Zero up to llama.cpp's uint16 storage of the base (log-probs to ~1e-4 nats); perplexity exactly the same."""
     from gptopt_core.evaluate import perplexity
 
     model, tok = tiny_model("tiny-random-llama")
     ids = ids_for(tok)
-    base = perplexity(model, ids, BLOCK, BLOCK, 400, keep_top=16)["base_logits"]
-    assert base.top_ids.shape[1] == 16 < model.config.vocab_size  # the tail bucket is in play
+    base = perplexity(model, ids, BLOCK, BLOCK, 400, keep_base=True)["base_logits"]
+    assert base.codes.shape == (sum(base.window_tokens), model.config.vocab_size) and base.codes.dtype == np.uint16
     got = perplexity(model, ids, BLOCK, BLOCK, 400, base=base)
-    assert got["kl_mean"] == 0 and got["kl_max"] == 0 and got["same_top1"] == 100
+    assert abs(got["kl_mean"]) < 1e-6 and abs(got["kl_max"]) < 1e-5 and got["same_top1"] == 100
     assert got["perplexity_ratio"] == 1 and got["perplexity_base"] == pytest.approx(got["perplexity"], rel=1e-12)
     assert got["kl_tokens"] == got["tokens"] == sum(base.window_tokens)
 
@@ -58,24 +60,21 @@ def direct_kl(base_model, model, ids, block, stride):
 
 
 def test_kl_matches_a_direct_torch_computation():
-    """With k = the whole vocabulary the stored base is exact: same per-token KL as a direct computation (sliding
-    windows, so the scored positions must line up); with a small k the figure is a lower bound."""
+    """Per-token KL(base || model) as a direct full-vocabulary computation from both models' logits (sliding
+    windows, so the scored positions must line up); KL(model || base) differs by 7 % here, so a swapped direction
+    fails."""
     from gptopt_core.evaluate import perplexity
 
     base_model, tok = tiny_model("tiny-random-llama")
-    model = noisy_copy(base_model, scale=3.0)  # KL ~1.1 nats: KL(q||p) differs by 7 %
+    model = noisy_copy(base_model, scale=3.0)
     ids = ids_for(tok)
     want = direct_kl(base_model, model, ids, BLOCK, 48)
-    vocab = base_model.config.vocab_size
-    full = perplexity(base_model, ids, BLOCK, 48, 400, keep_top=vocab)["base_logits"]
-    got = perplexity(model, ids, BLOCK, 48, 400, base=full)
+    base = perplexity(base_model, ids, BLOCK, 48, 400, keep_base=True)["base_logits"]
+    got = perplexity(model, ids, BLOCK, 48, 400, base=base)
     assert got["kl_tokens"] == want.numel()
     assert got["kl_mean"] == pytest.approx(float(want.mean()), rel=1e-4)
     assert got["kl_p99"] == pytest.approx(float(torch.quantile(want, 0.99)), rel=1e-3)
     assert got["kl_mean"] > 0.5
-    top = perplexity(model, ids, BLOCK, 48, 400,
-                     base=perplexity(base_model, ids, BLOCK, 48, 400, keep_top=64)["base_logits"])
-    assert 0 < top["kl_mean"] <= got["kl_mean"] * (1 + 1e-6)  # a random model's flat tail: far below, never above
 
 
 def test_other_windows_are_refused():
@@ -84,7 +83,7 @@ def test_other_windows_are_refused():
 
     model, tok = tiny_model("tiny-random-llama")
     ids = ids_for(tok)
-    base = perplexity(model, ids, BLOCK, BLOCK, 400, keep_top=8)["base_logits"]
+    base = perplexity(model, ids, BLOCK, BLOCK, 400, keep_base=True)["base_logits"]
     with pytest.raises(GptoptError, match="other windows"):
         perplexity(model, ids, BLOCK, 32, 400, base=base)
 
@@ -146,12 +145,12 @@ def test_eval_after_quantize_reports_kl_and_the_base_is_cached(tmp_path, monkeyp
     assert m["kl_p999"] >= m["kl_p99"] >= m["kl_median"] >= 0 and m["kl_tokens"] == m["eval_tokens"]
     lo, hi = m["perplexity_ratio_ci95"]
     assert lo <= m["perplexity_ratio"] <= hi and m["kl_base"] == "model before the first lossy step"
-    assert len(list((tmp_path / "cache" / "kl-base").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "kl-base").iterdir())) == 1  # one base, one folder
     calls.clear()
     again = run(with_first_eval=False).records[-1]["metrics"]
     assert len(calls) == 1  # the base came from the disk cache: only the measured eval ran
     assert again["kl_mean"] == m["kl_mean"]
-    (next((tmp_path / "cache" / "kl-base").iterdir())).unlink()
+    shutil.rmtree(next((tmp_path / "cache" / "kl-base").iterdir()))
     calls.clear()
     assert run(with_first_eval=False).records[-1]["metrics"]["kl_mean"] == m["kl_mean"]
     assert len(calls) == 2  # computed from the model just before quantize

@@ -5,7 +5,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from gptopt_core import KL_TOP_K, GptoptError, cached_kl_base, kl_metrics, kl_plan
+from gptopt_core import GptoptError, cached_kl_base, kl_metrics, kl_plan
 
 from . import llamacpp
 
@@ -95,7 +95,7 @@ def kl_base(ctx, params, windows, threads):
             digest.update(chunk)
 
     def compute():
-        return llamacpp.perplexity(path, *windows, threads, keep_top=KL_TOP_K)["base_logits"]
+        return llamacpp.perplexity(path, *windows, threads, keep_base=True)["base_logits"]
 
     return cached_kl_base(ctx, f"gguf:{digest.hexdigest()}", *windows, compute), f"{path.name} in llama.cpp"
 

@@ -162,7 +162,7 @@ def _descend(block, tuned, spec, inputs, targets, iters, lr, seed) -> dict:
             for t in tuned:
                 _set_weight(t.module, qdq(t.W, t.V, t.alpha, t.beta, bits, gs, symmetric))
             loss = torch.nn.functional.mse_loss(block.output(*inputs[i]), targets[i])
-            value = float(loss)
+            value = float(loss.detach())
             if step == 0:
                 loss_rtn = block_loss(block, tuned, spec, inputs, targets) if len(inputs) > 1 else value
             if value < best_loss:
@@ -192,7 +192,12 @@ def _descend(block, tuned, spec, inputs, targets, iters, lr, seed) -> dict:
 def signround_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
     """SignRound on the layers inside the decoder blocks, block by block on the calibration engine (round-to-nearest
     for the ones outside them); adds its figures to ``metrics``; returns the names that fell back."""
-    from gptopt_core import calibration_batches, run_blockwise, split_by_block
+    import torch
+
+    from gptopt_core import calibration_batches, run_blockwise, split_by_block, torch_threads
+
+    def torch_threads_now():
+        return torch.get_num_threads()
 
     from .grid import rtn
 
@@ -202,8 +207,14 @@ def signround_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
     by_block, outside = split_by_block(ctx.model, [n for n, _ in layers])
     losses = {}
 
+    threads = 1 if str(ctx.device).startswith("cpu") else None
+
     def compress(block, stats):
-        got = tune_block(block, {n: st.module for n, st in stats.items()}, spec, iters, lr, ctx.seed + block.index)
+        # one thread on CPU: a block's small matmuls pay more in thread barriers than they gain (tiny Llama, 10
+        # steps: 0.7 s with 1 thread, 14 s with 2 on this busy 2-core machine)
+        with torch_threads(threads or torch_threads_now()):
+            got = tune_block(block, {n: st.module for n, st in stats.items()}, spec, iters, lr,
+                             ctx.seed + block.index)
         losses[block.name] = got
 
     batches = calibration_batches(ctx, n_blocks, seq_len)
