@@ -145,6 +145,8 @@ def quantize_grid(ctx, step) -> dict:
             from .signround import signround_layers
 
             fallback = signround_layers(ctx, p, layers, (bits, gs, symmetric), metrics)
+            for name in fallback:
+                rtn(dict(layers)[name], bits, gs, symmetric)
         else:
             fallback = gptq_layers(ctx, p, layers, (bits, gs, symmetric, observer), metrics)
         if p.embeddings == "8":

@@ -190,16 +190,14 @@ def _descend(block, tuned, spec, inputs, targets, iters, lr, seed) -> dict:
 
 
 def signround_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
-    """SignRound on the layers inside the decoder blocks, block by block on the calibration engine (round-to-nearest
-    for the ones outside them); adds its figures to ``metrics``; returns the names that fell back."""
+    """SignRound on the layers inside the decoder blocks, block by block on the calibration engine; adds its figures
+    to ``metrics``; returns the names outside the blocks (the caller rounds them to nearest)."""
     import torch
 
     from gptopt_core import calibration_batches, run_blockwise, split_by_block, torch_threads
 
     def torch_threads_now():
         return torch.get_num_threads()
-
-    from .grid import rtn
 
     iters = 200 if p.iters is None else p.iters
     lr = p.lr or 1.0 / max(iters, 1)
@@ -220,9 +218,6 @@ def signround_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
     batches = calibration_batches(ctx, n_blocks, seq_len)
     report = run_blockwise(ctx.model, batches, compress, layers=[n for b in by_block.values() for n in b], stats=(),
                            sequential=False, offload=p.offload or "none", device=ctx.device, progress=ctx.progress)
-    modules = dict(layers)
-    for name in outside:
-        rtn(modules[name], *spec)
     metrics.update({"iters": iters, "lr": lr, "calib_tokens": report["calib_tokens"], "offload": report["offload"],
                     "engine": report, "rtn_layers": list(outside),
                     "block_loss_rtn": round(sum(v["loss_rtn"] for v in losses.values()), 8),
