@@ -176,3 +176,22 @@ def test_eval_and_llamacpp_agree_on_kl_for_an_f32_gguf(tmp_path, monkeypatch):
     assert llama_m["kl_mean"] == pytest.approx(torch_m["kl_mean"], rel=2e-2, abs=1e-6)
     assert llama_m["same_top1"] == pytest.approx(torch_m["same_top1"], abs=1.0)
     assert llama_m["perplexity_base"] == torch_m["perplexity_base"]  # one base, computed once
+
+
+def test_builtin_stdlib_docs_reads_docstrings_in_source_order(tmp_path, monkeypatch):
+    """builtin:stdlib-docs: one document per module, its docstrings in source order; tests and syntax errors skipped
+    (a fake standard library, so the test does not parse the real one)."""
+    import sysconfig
+
+    from gptopt_core.data import load_documents
+
+    (tmp_path / "json").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "a.py").write_text('"""Module a."""\nclass C:\n    """Class C."""\n    def f(self):\n'
+                                   '        """Method f."""\n\ndef g():\n    """Function g."""\n')
+    (tmp_path / "json" / "b.py").write_text('"""Module b."""\n')
+    (tmp_path / "test" / "t.py").write_text('"""A test."""\n')
+    (tmp_path / "bad.py").write_text('"""Broken.\n')
+    (tmp_path / "nodoc.py").write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert load_documents("builtin:stdlib-docs") == ["Module a.\n\nClass C.\n\nMethod f.\n\nFunction g.", "Module b."]
