@@ -32,7 +32,12 @@ _LAZY = {
     "check_gguf_file": "gguf_files", "remove_stale_temporaries": "paths",
     "OutputLock": "locks", "publish_file": "locks",
     # measuring: one perplexity, one size, one sparsity for everyone
-    "perplexity": "evaluate", "perplexity_of": "evaluate", "eval_windows": "evaluate", "generate_sample": "evaluate", "model_device": "evaluate",
+    "perplexity": "evaluate", "perplexity_of": "evaluate", "eval_windows": "evaluate", "generate_sample": "evaluate",
+    "model_device": "evaluate",
+    # KL from a base model (llama-perplexity --kl-divergence semantics), its cached base, bootstrap intervals
+    "BaseLogits": "divergence", "paired_bootstrap": "divergence", "token_divergence": "divergence",
+    "percentile": "divergence", "ppl_ratio": "divergence",
+    "mean_interval": "divergence", "kl_plan": "klbase", "kl_metrics": "klbase", "cached_kl_base": "klbase",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
     "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
@@ -63,7 +68,8 @@ _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format"
             "unsupported_architecture": ("architectures", "unsupported"),
             "identify_pre_tokenizer": ("pretokenizers", "identify"),
             "pre_tokenizer_hash": ("pretokenizers", "check_hash"),
-            "pre_tokenizer_signature": ("pretokenizers", "signature_of")}
+            "pre_tokenizer_signature": ("pretokenizers", "signature_of"),
+            "encode_logits": ("divergence", "encode")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", "safe_text", *_LAZY, *_ALIASES])

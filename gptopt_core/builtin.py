@@ -13,6 +13,7 @@ import pydantic
 
 from .errors import GptoptError, PlanError
 from .evaluate import generate_sample, perplexity
+from .klbase import capture_before_lossy, kl_metrics, kl_plan
 from .families import FAMILIES
 from .grids import minmax_range, mse_range
 from .hookspecs import hookimpl
@@ -33,6 +34,9 @@ class EvalParams(Params):
     sample_tokens: int = pydantic.Field(32, ge=1, le=1024, description="tokens to generate for --sample")
     split: str = pydantic.Field("valid", pattern="^(valid|eval-data)$",
                                 description="valid (held-out split of --data) or eval-data (--eval-data)")
+    kl_base: str = pydantic.Field("auto", min_length=1, description=(
+        "KL divergence, same top token and perplexity ratio against: auto (the model before the chain's first "
+        "quantize/prune/cpu-fast step), none, or a reference model (directory, .gguf, model name)"))
 
 
 class EvalStep(Step):
@@ -42,13 +46,24 @@ class EvalStep(Step):
     Params = EvalParams
     position_params = ("block_size",)
 
-    def check_plan(self, before, after, facts):
+    def _check_windows(self):
         if self.params.stride and self.params.stride > self.params.block_size:
             raise PlanError("eval: stride must not exceed block-size (tokens would go unscored)")
         if self.params.max_tokens < self.params.block_size + 1:
             raise PlanError(f"eval: --max-tokens {self.params.max_tokens} is below one block of --block-size "
                               f"{self.params.block_size} (+1 target token); give --max-tokens "
                               f"{self.params.block_size + 1} or more, or a smaller --block-size")
+
+    def check_plan(self, before, after, facts):
+        self._check_windows()
+        check_kl_reference(self.params.kl_base, "eval")
+
+    def kl_windows(self, ctx):
+        p = self.params
+        data = ctx.data if p.split == "valid" else ctx.eval_data
+        if p.kl_base != "auto" or data is None:
+            return None
+        return data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens
 
     def preflight(self, ctx):
         data = ctx.data if self.params.split == "valid" else ctx.eval_data
@@ -71,9 +86,17 @@ class EvalStep(Step):
         data = ctx.data if p.split == "valid" else ctx.eval_data
         if data is None:
             raise GptoptError("eval --split eval-data needs --eval-data on the run")
-        result = perplexity(ctx.model, data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens,
-                            progress=ctx.progress)
-        metrics = {"perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
+        windows = (data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens)
+        plan = kl_plan(ctx, *windows, reference=p.kl_base)
+        result = perplexity(ctx.model, *windows, progress=ctx.progress, base=plan.base,
+                            keep_base=plan.store is not None)
+        if plan.store:
+            plan.store(result["base_logits"])
+        metrics = {"perplexity": result["perplexity"], "eval_tokens": result["tokens"],
+                   **kl_metrics(result, plan.source)}
+        if "kl_mean" in metrics:
+            ctx.log(f"  KL {metrics['kl_mean']:.5f} (p99.9 {metrics['kl_p999']:.4f}), same top "
+                    f"{metrics['same_top1']:.2f} %, ppl x{metrics['perplexity_ratio']:.4f} of {plan.source}")
         if p.sample:
             metrics["sample"] = generate_sample(ctx.model, ctx.tokenizer, p.sample, p.sample_tokens)
             ctx.log(f"  sample: {p.sample}[bold]{metrics['sample']}[/]")
@@ -139,6 +162,24 @@ def _barrier() -> None:
 def gptopt_register_steps(register):
     register(EvalStep)
     register(SaveStep)
+
+
+def check_kl_reference(value: str, step: str) -> None:
+    """``--kl-base``: auto, none, a model name, or an existing path."""
+    from .inputs import check_input_file
+
+    if value in ("auto", "none") or not value.endswith(".gguf") and not value.startswith((".", "/", "~")):
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return
+    if not check_input_file(path, f"{step} --kl-base", missing_ok=True):
+        raise PlanError(f"{step} --kl-base {value}: no such file or directory")
+
+
+@hookimpl
+def gptopt_step_started(ctx, step):
+    capture_before_lossy(ctx, step)  # KL's base: the model just before the chain's first lossy step
 
 
 @hookimpl(trylast=True)

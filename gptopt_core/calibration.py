@@ -76,11 +76,17 @@ class LayerStats:
 
 @dataclass
 class BlockInfo:
-    """The block being compressed: its index, qualified name and module."""
+    """The block being compressed: its index, qualified name and module; ``inputs``: ``[(args, kwargs)]`` it
+    receives for each calibration batch (the compressed earlier blocks' outputs), for compressors that fit the
+    block's output (e.g. rounding optimized on the block's output error); :meth:`output` runs the block on one."""
 
     index: int
     name: str
     module: Any
+    inputs: list = field(default_factory=list, repr=False)
+
+    def output(self, args, kwargs):  # the block's hidden-state output for one captured input
+        return _run_block(self.module, args, kwargs)
 
 
 class _Stop(Exception):
@@ -294,8 +300,8 @@ def run_blockwise(model, batches, compress: Callable, *, layers: Optional[Iterab
                 block = place.fetch(i)
                 wanted = {n: modules[n] for n in by_block.get(i, [])}
                 if wanted:
-                    _compress_block(BlockInfo(i, f"{prefix}.{i}", block), wanted, inputs, kinds, sequential,
-                                    compress, report, lambda: _sample_peaks(model, device, peaks))
+                    _compress_block(BlockInfo(i, f"{prefix}.{i}", block, inputs), wanted, inputs, kinds,
+                                    sequential, compress, report, lambda: _sample_peaks(model, device, peaks))
                 _sample_peaks(model, device, peaks)
                 if i < last:
                     inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
@@ -373,11 +379,8 @@ def calibration_batches(ctx, n: int, seq_len: int, micro_batch: int = 8) -> list
 
 def inverse_hessian_cholesky(H, dampening: float):
     """Upper Cholesky factor ``U`` of ``(H + d·mean(diag H)·I)^-1``, whose rows drive GPTQ's and SparseGPT's
-    second-order (OBS) updates.
-
-    Raises the dampening ``d`` tenfold (up to 1.0) while the damped Hessian is not positive definite; returns
-    ``(U, dampening used)``; raises ``ValueError`` when even 1.0 does not make it so.
-    """
+    second-order (OBS) updates. Raises the dampening ``d`` tenfold (up to 1.0) while the damped Hessian is not
+    positive definite; returns ``(U, dampening used)``; raises ``ValueError`` when even 1.0 does not make it so."""
     import torch
 
     idx = torch.arange(H.shape[0], device=H.device)

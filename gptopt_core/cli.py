@@ -114,8 +114,8 @@ def cli():
            subcommand_metavar="STEP [OPTIONS] [STEP [OPTIONS]]...")
 @click.option("--model", help="model: local dir, .gguf file, hub id, smollm2-135m, tiny-random-<family> "
               "(tiny-random-llama, -qwen3, -gemma3, -gpt2, ...: docs/architectures.md) [default: smollm2-135m]")
-@click.option("--data", help="text: builtin:pydoc, a .txt/.jsonl/.csv/.parquet file, or a hub dataset "
-              "[default: builtin:pydoc]")
+@click.option("--data", help="text: builtin:pydoc, builtin:stdlib-docs, a .txt/.jsonl/.csv/.parquet file, or a hub "
+              "dataset [default: builtin:pydoc]")
 @click.option("--eval-data", help="a second text whose held-out split `eval --split eval-data` scores")
 @click.option("--device", help="auto, cpu or cuda [default: auto]")
 @click.option("--seed", type=str, help="random seed [default: 0]")

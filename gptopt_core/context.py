@@ -26,6 +26,10 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
     "l1": ("gptopt-l1", "the l1 step's configuration for the next training step (weight, mode, select, ...)"),
     "l1_runtime": ("gptopt-l1", "l1's per-training-run state (targets, schedule), created on the first hook call"),
     "gguf": ("gptopt-export", "path of the GGUF file the last export step wrote (llamacpp measures it)"),
+    "kl_base": ("core (klbase)", "{cache key: BaseLogits}: the KL bases of this run's measurements (top-k log-probs "
+                                 "per token set and windows), also cached on disk"),
+    "kl_base_hash": ("core (klbase)", "content hash of the model just before the chain's first lossy step: the "
+                                      "base of --kl-base auto from then on"),
 }
 
 #: Every fact family a model can carry: name → (owner, meaning). A fact is a string ``family`` or

@@ -27,8 +27,11 @@ def load_documents(spec: str) -> list[str]:
 
         topics = pydoc_data.topics.topics
         return [topics[k] for k in sorted(topics)]
+    if spec == "builtin:stdlib-docs":
+        return stdlib_docstrings()
     if spec.startswith("builtin:"):
-        raise SourceError(f"unknown built-in data '{shorten(spec, 60)}'; the built-in corpus is builtin:pydoc")
+        raise SourceError(f"unknown built-in data '{shorten(spec, 60)}'; the built-in corpora are builtin:pydoc and "
+                          "builtin:stdlib-docs")
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in LOCAL_KINDS or path.is_file() or (path.exists() and not path.is_dir()):  # a FIFO, a device
@@ -43,6 +46,44 @@ def load_documents(spec: str) -> list[str]:
         return _hub_documents(spec)
     raise SourceError(f"data '{shorten(spec, 200)}' not found: give builtin:pydoc, a .txt/.jsonl/.csv/.parquet file "
                       "or a hub dataset id")
+
+
+#: stdlib folders left out of ``builtin:stdlib-docs``: tests, GUI / tooling, vendored or generated text
+STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip",
+                         "turtledemo", "__pycache__", "pydoc_data", "tkinter", "unittest"})
+
+
+def stdlib_docstrings() -> list[str]:
+    """``builtin:stdlib-docs``: one document per module of this Python's standard library (sorted by path, tests
+    and the folders of :data:`STDLIB_SKIP` left out): its module, class and function docstrings in source order,
+    read with ``ast`` (nothing is imported). Python 3.11's gives ~480 documents, 1.5 M characters; the text depends
+    on the Python version (the run manifest's data hash tells)."""
+    import ast
+    import sysconfig
+
+    def docstrings(node, out):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                out.append(doc.strip())
+        for child in ast.iter_child_nodes(node):
+            docstrings(child, out)
+        return out
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(part in STDLIB_SKIP or part.startswith("test") for part in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        found = docstrings(tree, [])
+        if found:
+            docs.append("\n\n".join(found))
+    return docs
 
 
 def _read_utf8(path: Path, spec: str) -> str:

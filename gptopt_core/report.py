@@ -16,6 +16,8 @@ from .paths import clean_stale_partials
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {
     "perplexity": ("ppl", lambda v: f"{v:.3f}"),
+    "kl_mean": ("KL", lambda v: f"{v:.5f}"),
+    "same_top1": ("same top %", lambda v: f"{v:.2f}"),
     "model_bytes": ("MB", lambda v: f"{v / 1e6:.1f}"),
     "sparsity": ("sparsity", lambda v: f"{v:.1%}"),
     "decode_tokens_per_s": ("decode tok/s", lambda v: f"{v:.1f}"),

@@ -172,6 +172,12 @@ class Step:
         pipeline then keeps a copy of the loaded model, which costs its memory once."""
         return False
 
+    def kl_windows(self, ctx):
+        """``(token ids, block_size, stride, max_tokens)`` on which this step will measure KL from the chain's base
+        model (``--kl-base auto``), or ``None``: the core computes those base logits before the first lossy step
+        (``gptopt_core.klbase``). ``eval`` and ``llamacpp`` answer; default ``None``."""
+        return None
+
     # -- running --------------------------------------------------------------------------------------
     def apply(self, ctx) -> dict[str, Any]:
         """Run the step on ``ctx.model``; return metrics (JSON-serialisable dict)."""

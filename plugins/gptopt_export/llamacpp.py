@@ -81,8 +81,9 @@ def _no_amx_buffers(llama_cpp):
 
 
 def perplexity(path, ids, block_size: int = 512, stride: int = 512, max_tokens: int = 4096,
-               threads: int | None = None, progress=None) -> dict:
-    """``eval``'s perplexity, with the logits computed by llama.cpp from the GGUF file at ``path``."""
+               threads: int | None = None, progress=None, base=None, keep_base: bool = False) -> dict:
+    """``eval``'s perplexity (and KL from ``base``, or the logits kept as a base: ``perplexity_of``'s ``base`` /
+    ``keep_base``), with the logits computed by llama.cpp from the GGUF file at ``path``."""
     import numpy as np
     import torch
 
@@ -94,7 +95,7 @@ def perplexity(path, ids, block_size: int = 512, stride: int = 512, max_tokens: 
             llm.eval(tokens)
             return torch.from_numpy(np.array(llm.scores[:len(tokens)], dtype=np.float32))
 
-        return perplexity_of(window_logits, ids, block_size, stride, max_tokens, progress)
+        return perplexity_of(window_logits, ids, block_size, stride, max_tokens, progress, base, keep_base)
     finally:
         llm.close()
 

@@ -1,10 +1,11 @@
 """The ``llamacpp`` step's measurement and its comparison with the torch figures of the same run."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
-from gptopt_core import GptoptError
+from gptopt_core import GptoptError, cached_kl_base, kl_metrics, kl_plan
 
 from . import llamacpp
 
@@ -26,7 +27,7 @@ def compare(ctx, params, metrics: dict) -> dict:
              if r.get("params", {}).get("block_size") == params.block_size
              and (r.get("params", {}).get("stride") or params.block_size) == stride
              and r.get("params", {}).get("max_tokens") == params.max_tokens
-             and r.get("params", {}).get("split", "valid") == "valid"]
+             and r.get("params", {}).get("split", "valid") == params.split]
     if "llamacpp_perplexity" in metrics and evals:
         for label, (index, m) in (("first", evals[0]), ("last", evals[-1])):
             if _num(m.get("perplexity")):
@@ -71,11 +72,40 @@ def check_llama_limits(path, params, ids=None) -> None:
                           "measure a GGUF of this run's model (its tokenizer)")
 
 
+def scored_data(ctx, params):
+    """The text ``--split`` names: the run's ``--data`` (valid) or its ``--eval-data``."""
+    data = ctx.data if params.split == "valid" else ctx.eval_data
+    if data is None:
+        raise GptoptError("llamacpp --split eval-data needs --eval-data on the run")
+    return data
+
+
+def kl_base(ctx, params, windows, threads):
+    """``(base logits, where they come from)`` for KL: a reference GGUF run in llama.cpp (cached by the file's
+    sha256), or the core's choice (``gptopt_core.kl_plan``: the model before the first lossy step, a reference
+    model in torch, or the torch model as it is)."""
+    ref = params.kl_base
+    if not ref.endswith(".gguf"):
+        plan = kl_plan(ctx, *windows, reference=ref, own_base=False)
+        return plan.base, plan.source
+    path = Path(ref).expanduser()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+
+    def compute():
+        return llamacpp.perplexity(path, *windows, threads, keep_base=True)["base_logits"]
+
+    return cached_kl_base(ctx, f"gguf:{digest.hexdigest()}", *windows, compute), f"{path.name} in llama.cpp"
+
+
 def measure(ctx, params) -> dict:
     path = Path(params.file).expanduser() if params.file else Path(ctx.state.get("gguf", ""))
     if not path.exists():
         raise GptoptError(f"llamacpp: {path} does not exist")
-    check_llama_limits(path, params, getattr(ctx.data, "valid_ids", None))
+    data = scored_data(ctx, params)
+    check_llama_limits(path, params, getattr(data, "valid_ids", None))
     threads = params.threads or llamacpp.available_cores()
     metrics = {"gguf_path": str(path), "gguf_bytes": path.stat().st_size, "llamacpp_threads": threads}
     try:
@@ -85,9 +115,11 @@ def measure(ctx, params) -> dict:
     except ImportError:
         raise GptoptError(f"llamacpp: {llamacpp.missing()}") from None
     if params.eval:
-        result = llamacpp.perplexity(path, ctx.data.valid_ids, params.block_size, params.stride or params.block_size,
-                                     params.max_tokens, threads, progress=ctx.progress)
-        metrics.update(llamacpp_perplexity=result["perplexity"], llamacpp_eval_tokens=result["tokens"])
+        windows = (data.valid_ids, params.block_size, params.stride or params.block_size, params.max_tokens)
+        base, source = kl_base(ctx, params, windows, threads)
+        result = llamacpp.perplexity(path, *windows, threads, progress=ctx.progress, base=base)
+        metrics.update(llamacpp_perplexity=result["perplexity"], llamacpp_eval_tokens=result["tokens"],
+                       **kl_metrics(result, source))
     if params.bench:
         ids = ctx.data.valid_ids.reshape(-1)
         if ids.numel() == 0:
@@ -105,6 +137,9 @@ def measure(ctx, params) -> dict:
     if "llamacpp_perplexity" in metrics:
         parts.append(f"ppl {metrics['llamacpp_perplexity']:.3f}" + (
             f" (x{metrics['perplexity_vs_first_eval']:.3f} torch)" if "perplexity_vs_first_eval" in metrics else ""))
+    if "kl_mean" in metrics:
+        parts.append(f"KL {metrics['kl_mean']:.5f} (p99.9 {metrics['kl_p999']:.4f}), same top "
+                     f"{metrics['same_top1']:.2f} % vs {metrics['kl_base']}")
     if "llamacpp_decode_tokens_per_s" in metrics:
         parts.append(f"decode {metrics['llamacpp_decode_tokens_per_s']:.1f} tok/s" + (
             f" (x{metrics['decode_speedup_vs_torch']:.2f} torch)" if "decode_speedup_vs_torch" in metrics else ""))
@@ -125,12 +160,13 @@ def report_section(records) -> str | None:
 
         rows.append(f"| {index} | {Path(m.get('gguf_path', '')).name} | {fmt('gguf_bytes', ',')} | "
                     f"{fmt('llamacpp_perplexity', '.3f')} | {fmt('perplexity_vs_first_eval', '.4f')} | "
+                    f"{fmt('kl_mean', '.5f')} | {fmt('kl_p999', '.4f')} | {fmt('same_top1', '.2f')} | "
                     f"{fmt('llamacpp_prefill_ms', '.1f')} | {fmt('llamacpp_decode_tokens_per_s', '.1f')} | "
                     f"{fmt('decode_speedup_vs_torch', '.2f')} | {m.get('llamacpp_threads', '-')} |")
     if not rows:
         return None
     head = ["## llama.cpp", "",
-            "| step | file | bytes | ppl (llama.cpp) | ppl / first torch eval | prefill ms | decode tok/s | "
-            "decode / torch bench | threads |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| step | file | bytes | ppl (llama.cpp) | ppl / first torch eval | KL mean | KL p99.9 | same top % | "
+            "prefill ms | decode tok/s | decode / torch bench | threads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows)

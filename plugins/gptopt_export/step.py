@@ -288,12 +288,18 @@ class LlamacppParams(Params):
     block_size: int = pydantic.Field(512, ge=8, le=8192, description="eval window (as eval)")
     stride: Optional[int] = pydantic.Field(None, ge=1, description="eval window step (default: block size)")
     max_tokens: int = pydantic.Field(4096, ge=16, description="held-out tokens to score (as eval)")
+    split: str = pydantic.Field("valid", pattern="^(valid|eval-data)$",
+                                description="valid (held-out split of --data) or eval-data (--eval-data), as eval")
     prompt_tokens: int = pydantic.Field(128, ge=1, le=32768, description="prompt length (as bench)")
     new_tokens: int = pydantic.Field(64, ge=2, le=32768, description="tokens generated per run (as bench)")
     warmup: int = pydantic.Field(2, ge=0, le=100, description="untimed runs first")
     repeats: int = pydantic.Field(5, ge=1, le=1000, description="timed runs (median taken)")
     threads: Optional[int] = pydantic.Field(None, ge=1, le=1024,
                                             description="llama.cpp threads [default: the cores available]")
+    kl_base: str = pydantic.Field("auto", min_length=1, description=(
+        "KL divergence, same top token and perplexity ratio against: auto (the torch model before the chain's "
+        "first quantize/prune/cpu-fast step, else the torch model), none, a reference .gguf (run in llama.cpp, "
+        "as llama-perplexity --kl-divergence-base), or a reference model (directory, name) in torch"))
 
     @pydantic.model_validator(mode="after")
     def _something(self):
@@ -341,12 +347,28 @@ class LlamacppStep(Step):
                 from .measure import check_llama_limits
 
                 check_llama_limits(path, self.params)  # what llama.cpp aborts on, before anything loads
+        ref = self.params.kl_base
+        if ref.endswith(".gguf"):
+            from gptopt_core import check_input_file
+
+            if not check_input_file(Path(ref).expanduser(), "llamacpp --kl-base", missing_ok=True):
+                raise PlanError(f"llamacpp --kl-base {ref}: no such file")
+
+    def kl_windows(self, ctx):
+        p = self.params
+        if not p.eval or p.kl_base != "auto":
+            return None
+        data = ctx.data if p.split == "valid" else ctx.eval_data
+        return None if data is None else (data.valid_ids, p.block_size, p.stride or p.block_size, p.max_tokens)
 
     def preflight(self, ctx):
         if self.params.eval:
-            have = min(int(ctx.data.valid_ids.numel()), self.params.max_tokens)
+            from .measure import scored_data
+
+            ids = scored_data(ctx, self.params).valid_ids
+            have = min(int(ids.numel()), self.params.max_tokens)
             if have < self.params.block_size + 1:
-                raise GptoptError(f"llamacpp: the held-out split has {int(ctx.data.valid_ids.numel())} tokens, fewer "
+                raise GptoptError(f"llamacpp: the held-out split has {int(ids.numel())} tokens, fewer "
                                   f"than one block of {self.params.block_size}+1; give more text or a smaller "
                                   f"--block-size")
 

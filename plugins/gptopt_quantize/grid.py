@@ -72,12 +72,12 @@ def check_layers(model, p, layers) -> None:
 def preflight(ctx, step) -> None:
     p = step.params
     check_layers(ctx.model, p, targets(ctx.model, p))
-    if p.method == "gptq":
+    if p.method in ("gptq", "signround"):
         blocks, seq_len = p.calibration()
         data = getattr(ctx, "data", None)
         have = int(data.train_ids.numel()) if data is not None else 0
         if have < seq_len + 1:
-            raise GptoptError(f"quantize --method gptq needs calibration text: the train split of "
+            raise GptoptError(f"quantize --method {p.method} needs calibration text: the train split of "
                               f"'{getattr(data, 'spec', '')}' has {have} tokens, fewer than one block of "
                               f"--calib-seq-len {seq_len}+1; give more --data or a smaller --calib-seq-len")
 
@@ -141,6 +141,12 @@ def quantize_grid(ctx, step) -> dict:
         if p.method == "rtn":
             for _, module in layers:
                 rtn(module, bits, gs, symmetric, observer)
+        elif p.method == "signround":
+            from .signround import signround_layers
+
+            fallback = signround_layers(ctx, p, layers, (bits, gs, symmetric), metrics)
+            for name in fallback:
+                rtn(dict(layers)[name], bits, gs, symmetric)
         else:
             fallback = gptq_layers(ctx, p, layers, (bits, gs, symmetric, observer), metrics)
         if p.embeddings == "8":

@@ -12,14 +12,15 @@ from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, get_
 from .grid import preflight, quantize_grid
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
-METHODS = ("bnb", "rtn", "gptq")
+METHODS = ("bnb", "rtn", "gptq", "signround")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
 GRID_ONLY = ("group_size", "symmetric", "observer")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
+SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
-CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128)}
+CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128), "signround": (128, 256)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 BLOCK_SIZE_ERROR = f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {{value}}"
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
@@ -64,10 +65,12 @@ def _flag(name: str) -> str:
 
 
 class QuantizeParams(Params):
-    method: Literal["bnb", "rtn", "gptq"] = pydantic.Field(
+    method: Literal["bnb", "rtn", "gptq", "signround"] = pydantic.Field(
         "bnb", description="bnb: bitsandbytes int8/nf4/fp4 modules; rtn: round-to-nearest integer grid; gptq: GPTQ "
-                           "integer grid (layer by layer on calibration text); rtn/gptq weights stay exactly on "
-                           "their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + scales)")
+                           "integer grid (layer by layer on calibration text); signround: SignRound/AutoRound "
+                           "rounding and clipping tuned per block on its output error; rtn/gptq/signround weights "
+                           "stay exactly on their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + "
+                           "scales)")
     bits: Annotated[Optional[Literal[8, 4]], as_choice(
             (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")] = pydantic.Field(
         None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan. rtn/gptq: the "
@@ -128,6 +131,12 @@ class QuantizeParams(Params):
         None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                           "block with the earlier ones already quantized [default: on]")
 
+    iters: Optional[int] = pydantic.Field(
+        None, ge=0, le=100000, description="signround: signed-gradient steps per block (0: round-to-nearest) "
+                                           "[default: 200, as AutoRound]")
+    lr: Optional[float] = pydantic.Field(
+        None, gt=0.0, le=1.0, description="signround: step size, decaying linearly to 0 [default: 1/iters]")
+
     @pydantic.field_validator("embeddings", mode="before")
     @classmethod
     def _embeddings(cls, v):
@@ -154,7 +163,7 @@ class QuantizeParams(Params):
     def _combination(self):
         if self.method != "bnb":
             return self._grid_combination()
-        given = [o for o in GRID_ONLY + GPTQ_ONLY if getattr(self, o) is not None]
+        given = [o for o in GRID_ONLY + GPTQ_ONLY + SIGNROUND_ONLY if getattr(self, o) is not None]
         if given:
             raise ValueError(f"{_flag(given[0])} applies to --method rtn/gptq, not bitsandbytes; add --method gptq "
                              "(or rtn) or drop it")
@@ -190,6 +199,14 @@ class QuantizeParams(Params):
         if m == "rtn" and self.observer is not None and get_observer(self.observer).importance:
             raise ValueError(f"--observer {self.observer} weights by the calibration Hessian, which only --method gptq "
                              "collects; use --method gptq or --observer mse")
+        if m != "signround" and (self.iters is not None or self.lr is not None):
+            raise ValueError(f"{_flag('iters' if self.iters is not None else 'lr')} applies to --method signround "
+                             "only")
+        if m == "signround":
+            given = [o for o in GPTQ_ONLY if o != "offload" and getattr(self, o) is not None]
+            if given or self.observer not in (None, "minmax"):
+                raise ValueError(f"{_flag(given[0]) if given else '--observer ' + str(self.observer)} does not "
+                                 "apply to --method signround (it tunes the clipping itself)")
         if m == "rtn":
             given = [o for o in GPTQ_ONLY + ("calib_blocks", "calib_seq_len") if getattr(self, o) is not None]
             if given:
@@ -204,7 +221,7 @@ class QuantizeParams(Params):
 
     def calibration(self) -> tuple[int, int]:
         """(calibration blocks, tokens per block) with the method's defaults filled in."""
-        blocks, seq_len = CALIB_DEFAULTS["gptq" if self.method == "gptq" else "bnb"]
+        blocks, seq_len = CALIB_DEFAULTS[self.method if self.method in CALIB_DEFAULTS else "bnb"]
         return (self.calib_blocks or blocks, self.calib_seq_len or seq_len)
 
 
