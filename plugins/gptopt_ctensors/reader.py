@@ -142,7 +142,7 @@ def load(path, trust_remote_code: bool = False):
         scheme = _scheme_for(name, module, qconfig)
         grid, codes = _grid_from(tensors, name, scheme.weights)
         if scheme.input_activations is not None:
-            inputs[name] = _input_quant(name, scheme.input_activations)
+            inputs[name] = attach_input_quant(module, _input_quant(name, scheme.input_activations))
         weight = grid.dequantize(codes)
         tensors[f"{name}.weight"] = weight.t().contiguous() if is_conv1d(module) else weight
         grids[name] = grid
@@ -154,8 +154,6 @@ def load(path, trust_remote_code: bool = False):
     _load_strictly(model, config, tensors)
     for name, grid in grids.items():
         attach_grid(modules[name], grid)
-    for name, spec in inputs.items():
-        attach_input_quant(modules[name], spec)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "input_quantized": len(inputs),
