@@ -55,6 +55,8 @@ _LAZY = {
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
     "round_to_grid": "grids",
+    "InputQuant": "activations", "attach_input_quant": "activations", "detach_input_quant": "activations",
+    "input_quant_of": "activations", "input_quant_layers": "activations", "quantize_tokens": "activations",
     # decode timing (bench, cpu-fast)
     "PerfCounterTimer": "decode", "GenerateTiming": "decode", "generation_kwargs": "decode", "time_generate": "decode",
     # save formats

@@ -39,8 +39,8 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
 FACTS: dict[str, tuple[str, str]] = {
     "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu, model sources",
                   "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes), quantized:grid "
-                  "(integer grids), quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning "
-                  "refuse it"),
+                  "(integer grids; quantized:w8a8 beside it where the layers' inputs are int8 too), "
+                  "quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning refuse it"),
     "masks": ("gptopt-prune", "pruning masks exist in ctx.state['masks'] (kept through later training); before it "
                               "runs, a pruning step's plan_facts()['masks'] says {sparsity, rule, method} (l1 reads "
                               "it)"),

@@ -14,27 +14,34 @@ Conventions (compressed-tensors 0.20.1; see docs/save-formats.md for why each la
   to the embedding is a target of the same group with its own ``weight_scale``: the int8 weight is written once;
 * GPT-2 ``Conv1D`` layers (kind ``block``): in their own ``(in, out)`` orientation, ``pack-quantized`` with the
   ``block`` strategy, blocks ``[group, 1]`` (``[rows, 1]`` per channel), zero points unpacked int8 (compressed-tensors
-  packs zero points only for ``group`` / ``channel``), so that a decompressed weight is the ``Conv1D`` weight itself.
+  packs zero points only for ``group`` / ``channel``), so that a decompressed weight is the ``Conv1D`` weight itself;
+* W8A8 ``nn.Linear`` layers (kind ``int``: int8 per-channel symmetric weights whose inputs are quantized,
+  :mod:`gptopt_core.activations`): ``int-quantized``, the codes as an int8 ``weight``, fp16 ``weight_scale``
+  ``(out, 1)``, and ``input_activations`` int8 / token / symmetric / dynamic (no tensor: the scales are computed at
+  run time), as llm-compressor writes its W8A8 preset and vLLM's ``CompressedTensorsW8A8Int8`` reads it.
 """
 from __future__ import annotations
 
-from gptopt_core import is_conv1d, weight_matrix
+from gptopt_core import input_quant_of, is_conv1d, weight_matrix
 
 FORMAT = "pack-quantized"
 NAIVE = "naive-quantized"
-FORMATS = {"pack": FORMAT, "naive": NAIVE, "block": FORMAT}
+INT = "int-quantized"
+FORMATS = {"pack": FORMAT, "naive": NAIVE, "block": FORMAT, "int": INT}
 
 
 def kind_of(model, module, grid=None) -> str:
     """``"naive"`` (token embedding, or an 8-bit output head: one group with the embedding), ``"block"`` (GPT-2
-    Conv1D) or ``"pack"`` (nn.Linear)."""
+    Conv1D), ``"int"`` (a W8A8 nn.Linear: its inputs quantized too) or ``"pack"`` (nn.Linear)."""
     import torch.nn as nn
 
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(module, nn.Embedding) or (module is head and grid is not None and grid.bits == 8):
         return "naive"
-    return "block" if is_conv1d(module) else "pack"
+    if is_conv1d(module):
+        return "block"
+    return "int" if input_quant_of(module) is not None else "pack"
 
 
 def scheme_key(grid, kind: str = "pack") -> tuple:
@@ -98,13 +105,14 @@ def quantization_config(model, grid_layers):
         if tied and tied[1] in names:
             names.add(tied[0])  # the tied head: its own weight_scale, the embedding's int8 weight
         targeted |= names
-        if len(by_scheme) == 1 and kind == "pack":
+        if len(by_scheme) == 1 and kind in ("pack", "int"):
             targets, ignore = targets_for(model, names)
         else:
             targets = sorted(names)
         rows = max(_in_features(modules[n]) for n in names) if kind == "block" else None
+        act = input_quant_of(modules[members[0][0]]) if kind == "int" else None
         groups[f"group_{i}"] = {"targets": targets, "weights": weight_args(members[0][1], kind, rows),
-                                "input_activations": None, "output_activations": None, "format": FORMATS[kind]}
+                                "input_activations": act.args() if act is not None else None, "output_activations": None, "format": FORMATS[kind]}
     if len(by_scheme) > 1 or targeted - {n for n, m in modules.items() if type(m) is nn.Linear}:
         # named targets: every other Linear is named in ignore, as llm-compressor does for mixed schemes
         ignore = sorted(n for n, m in modules.items() if type(m) is nn.Linear and n not in targeted)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptopt_core import GptoptError, LoadedModel, SourceError, WeightGrid, attach_grid, check_local_dir, is_conv1d
+from gptopt_core import (GptoptError, InputQuant, LoadedModel, SourceError, WeightGrid, attach_grid,
+                         attach_input_quant, check_local_dir, is_conv1d)
 
 
 def read_config(path: Path) -> dict:
@@ -130,7 +131,7 @@ def load(path, trust_remote_code: bool = False):
                           f"type ({type(exc).__name__}: {str(exc)[:120]}); compare it with a config gptopt "
                           "save wrote") from None
     modules = dict(model.named_modules())
-    grids, sparse = {}, []
+    grids, sparse, inputs = {}, [], {}
     for key in [k for k in tensors if k.endswith(".weight_scale")]:
         name = key[: -len(".weight_scale")]
         module = modules.get(name)
@@ -142,7 +143,10 @@ def load(path, trust_remote_code: bool = False):
             tensors.pop(key)  # a head tied to the embedding: its weight (and grid) are the embedding's
             tensors.pop(f"{name}.weight_zero_point", None)
             continue
-        grid, codes = _grid_from(tensors, name, _scheme_for(name, module, qconfig).weights)
+        scheme = _scheme_for(name, module, qconfig)
+        grid, codes = _grid_from(tensors, name, scheme.weights)
+        if scheme.input_activations is not None:
+            inputs[name] = attach_input_quant(module, _input_quant(name, scheme.input_activations))
         weight = grid.dequantize(codes)
         tensors[f"{name}.weight"] = weight.t().contiguous() if is_conv1d(module) else weight
         grids[name] = grid
@@ -156,7 +160,18 @@ def load(path, trust_remote_code: bool = False):
         attach_grid(modules[name], grid)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "quantization_config": qc}
+    return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "input_quantized": len(inputs),
+                              "quantization_config": qc}
+
+
+def _input_quant(name, args):
+    """The :class:`gptopt_core.InputQuant` of a config group's ``input_activations`` (int, per token, symmetric,
+    dynamic: what W8A8 holds); any other input scheme is refused, not run as float."""
+    if (args.type, args.strategy, args.symmetric, args.dynamic) != ("int", "token", True, True) or args.num_bits != 8:
+        raise ValueError(f"{name}: only dynamic symmetric per-token int8 input activations are read, not "
+                         f"{args.num_bits}-bit {args.type} {args.strategy} (symmetric {args.symmetric}, dynamic "
+                         f"{args.dynamic})")
+    return InputQuant(bits=8, strategy="token", symmetric=True, dynamic=True)
 
 
 def _load_strictly(model, config, tensors: dict) -> None:
@@ -195,4 +210,5 @@ def resolve(spec: str, options: dict):
     except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None
-    return LoadedModel(model, tokenizer, "compressed-tensors", {"quantized:grid"} if info["grids"] else set())
+    facts = ({"quantized:grid"} if info["grids"] else set()) | ({"quantized:w8a8"} if info["input_quantized"] else set())
+    return LoadedModel(model, tokenizer, "compressed-tensors", facts)

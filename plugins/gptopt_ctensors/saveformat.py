@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from gptopt_core import SaveFormat, grid_layers, on_grid
+from gptopt_core import SaveFormat, grid_layers, input_quant_of, is_conv1d, on_grid
 
 from .writer import write
 
@@ -55,6 +55,9 @@ class CompressedTensorsFormat(SaveFormat):
             return reason
         grids = grid_layers(model)
         for name, module, grid in grids:
+            if input_quant_of(module) is not None and is_conv1d(module):
+                return (f"{name} is a GPT-2 Conv1D layer with int8 inputs (W8A8): compressed-tensors' int-quantized "
+                        "layout holds nn.Linear layers; save --format safetensors --allow-dequantized writes it float")
             if not on_grid(module, grid):
                 return (f"{name}'s weights left their {grid.describe()} grid (changed by a later step); quantize "
                         "after the steps that change weights")

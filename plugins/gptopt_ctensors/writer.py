@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from gptopt_core import GptoptError, grid_codes, grid_layers, is_conv1d, weight_matrix
+from gptopt_core import GptoptError, grid_codes, grid_layers, input_quant_of, is_conv1d, weight_matrix
 
 from . import layout
 
@@ -45,7 +45,7 @@ def packed_tensors(name, module, grid, kind: str = "pack") -> dict:
     if kind == "block":  # GPT-2 Conv1D: its own (in, out) orientation, blocks [group, 1]
         q, scale, zp = q.t().contiguous(), scale.t(), None if zp is None else zp.t()
     out = {f"{name}.weight_scale": scale.contiguous()}
-    if kind == "naive":
+    if kind in ("naive", "int"):
         out[f"{name}.weight"] = q.contiguous()
     else:
         out[f"{name}.weight_packed"] = pack_to_int32(q, grid.bits)
@@ -118,7 +118,8 @@ def write(ctx, model, path) -> dict:
     return {"packed_layers": len(grids), "sparse_layers": len(sparse),
             "sparsity_format": sconfig.format if sconfig is not None else None,
             "zeros_in_codes": 0 if compress_sparse else len(set(masked) & gridded),
-            "schemes": sorted({g.describe() for _, _, g in grids}),
+            "schemes": sorted({g.describe() + (f"+{input_quant_of(m).describe()} (W8A8, int-quantized)"
+                                               if input_quant_of(m) is not None else "") for _, m, g in grids}),
             "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
             "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
 

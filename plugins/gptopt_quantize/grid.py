@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from gptopt_core import (GptoptError, attach_grid, calibration_batches, fit_grid, grid_layers, grid_of, is_conv1d,
-                         round_to_grid, run_blockwise, split_by_block, torch_threads, weight_matrix, weight_modules)
+from gptopt_core import (GptoptError, attach_grid, attach_input_quant, calibration_batches, fit_grid, grid_layers,
+                         grid_of, input_quant_of, is_conv1d, round_to_grid, run_blockwise, split_by_block, torch_threads, weight_matrix, weight_modules)
 
 from .gptq import gptq_quantize
 
@@ -153,12 +153,17 @@ def quantize_grid(ctx, step) -> dict:
             embedded = embeddings_to_int8(model)
             layers = layers + [(n, m) for n, m in embedded if all(m is not other for _, other in layers)]
             metrics["embeddings"] = [n for n, _ in embedded]
+        if p.w8a8:  # inputs quantized from here on: eval measures W8A8 (after gptq's calibration on float inputs)
+            for _, module in layers:
+                attach_input_quant(module)
+            metrics["scheme"] = "w8a8"
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     described = {}
     for name, module in layers:
         grid = grid_of(module)
-        described[name] = grid.describe()
+        act = input_quant_of(module)
+        described[name] = grid.describe() + (f"+{act.describe()}" if act is not None else "")
     ctx.state.setdefault("quantized", {}).update(described)
     kind = next(iter(described.values()))
     metrics.update({"quantized_modules": len(described), "grid": kind, "quantize_seconds": round(seconds, 3),

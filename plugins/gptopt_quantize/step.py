@@ -16,7 +16,7 @@ METHODS = ("bnb", "rtn", "gptq", "signround")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
-GRID_ONLY = ("group_size", "symmetric", "observer")
+GRID_ONLY = ("group_size", "symmetric", "observer", "activations")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
@@ -118,6 +118,11 @@ class QuantizeParams(Params):
                           "(gptq: mse with each column's error weighted by the calibration Hessian's diagonal, the "
                           "mean squared activation llama.cpp's imatrix holds); a plugin adds more "
                           "(gptopt_register_observers; `gptopt plugins` lists them) [default: minmax]")
+    activations: Annotated[Optional[Literal[8]], as_choice(
+            (8,), "--activations quantizes layer inputs to int8 only (W8A8), not {value}")] = pydantic.Field(
+        None, description="rtn/gptq with --bits 8: also quantize every quantized layer's input to int8, per token, "
+                          "symmetric, dynamic (W8A8, what vLLM's CPU int8 kernels run); weights on per-channel "
+                          "symmetric grids; eval measures it so")
     act_order: Optional[bool] = pydantic.Field(
         None, description="gptq: quantize columns in order of decreasing Hessian diagonal (groups stay contiguous: "
                           "their scales are fitted before the updates) [default: on]")
@@ -196,6 +201,8 @@ class QuantizeParams(Params):
                              "--embeddings 8 (or --method bnb --embeddings 4)")
         if given:
             raise ValueError(f"{_flag(given[0])} applies to --method bnb (bitsandbytes) only; drop it with --method {m}")
+        if self.activations is not None:
+            self._w8a8_combination()
         if m == "rtn" and self.observer is not None and get_observer(self.observer).importance:
             raise ValueError(f"--observer {self.observer} weights by the calibration Hessian, which only --method gptq "
                              "collects; use --method gptq or --observer mse")
@@ -214,10 +221,29 @@ class QuantizeParams(Params):
                                  "calibration")
         return self
 
+    def _w8a8_combination(self) -> None:
+        if self.bits != 8:
+            raise ValueError(f"--activations 8 (W8A8) needs --bits 8: int8 inputs meet int8 weights; use --bits 8 "
+                             f"or drop --activations (--bits {self.bits} is weight-only)")
+        if self.group_size not in (None, "channel"):
+            raise ValueError("--activations 8 (W8A8) puts weights on per-channel grids (one scale per output row, "
+                             "as vLLM's int8 kernels read them); drop --group-size or give --group-size channel")
+        if self.symmetric is False:
+            raise ValueError("--activations 8 (W8A8) needs symmetric weight grids (vLLM's int8 kernels have no "
+                             "weight zero point); drop --no-symmetric")
+        if self.embeddings != "keep":
+            raise ValueError("--activations 8 (W8A8) quantizes linear layers only; the embeddings and head stay "
+                             "float (vLLM reads no int8 embedding beside W8A8 layers); drop --embeddings")
+
+    @property
+    def w8a8(self) -> bool:
+        """int8 weights per channel and int8 per-token inputs (``--activations 8``)."""
+        return self.activations == 8
+
     @property
     def grid_group_size(self) -> Optional[int]:
         """rtn/gptq group size: an int, or ``None`` for per-channel."""
-        return group_columns(self.group_size)
+        return group_columns(self.group_size, default="channel" if self.w8a8 else 64)
 
     def calibration(self) -> tuple[int, int]:
         """(calibration blocks, tokens per block) with the method's defaults filled in."""
@@ -270,7 +296,7 @@ class QuantizeStep(Step):
 
     def next_facts(self, facts):
         if self.params.method != "bnb":
-            return set(facts) | {"quantized:grid"}
+            return set(facts) | {"quantized:grid"} | ({"quantized:w8a8"} if self.params.w8a8 else set())
         return set(facts) | {f"quantized:{b}" for b in self.planned_precisions()}
 
     def preflight(self, ctx):
