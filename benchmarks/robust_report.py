@@ -19,7 +19,8 @@ def tables(results: dict) -> list[str]:
     cost = results.get("cost", {})
     if cost:
         plain = cost.get("plain", {})
-        lines += ["| training (finetune, 2×256 tokens/step) | s/step (wall) | CPU-s/step | × plain CPU | peak RSS MiB |",
+        ft = plain.get("ft", {"batch_size": 2, "seq_len": 256})  # the first cost run did not record it
+        lines += [f"| training (finetune, {ft['batch_size']}×{ft['seq_len']} tokens/step) | s/step (wall) | CPU-s/step | × plain CPU | peak RSS MiB |",
                   "|---|---|---|---|---|"]
         for mode in ("plain", "fd", "exact"):
             c = cost.get(mode)
