@@ -116,6 +116,8 @@ def test_finetune_with_the_penalty_trains_differently_and_reports_it(mode, plain
     assert m["ce_history"][0] == pytest.approx(p["loss_history"][0], abs=1e-5)
     assert m["loss_history"][0] == pytest.approx(m["ce_history"][0] + 0.05 * m["robust_grad_l1_first"], rel=0.05)
     assert m["loss_history"][1:] != p["loss_history"][1:]  # and it changed the training
+    # exact trains with eager attention (fused SDPA has no double backward); the model's setting comes back
+    assert res.model.config._attn_implementation == plain.model.config._attn_implementation == "sdpa"
 
 
 def test_composes_with_l1_and_prune_before_and_after():

@@ -79,6 +79,7 @@ class Runtime:
                 raise GptoptError(f"robust: layer {name} has no float weight (quantized?); the gradient penalty "
                                   "needs float weights: put robust and its training step before quantize")
         self.probes: dict[int, object] = {}
+        self.attn_model = ctx.model  # the model as the step starts (lora wraps it later; this object is kept)
         self.attn = self._twice_differentiable(ctx.model) if cfg["mode"] == "exact" else None
         self.handles = [m.register_forward_hook(self._probe) for _, m in self.layers]
         self.history: list[dict] = []
@@ -101,7 +102,7 @@ class Runtime:
             h.remove()
         self.handles, self.probes = [], {}
         if self.attn is not None:
-            self.ctx.model.set_attn_implementation(self.attn)
+            self.attn_model.set_attn_implementation(self.attn)
             self.attn = None
 
     def _probe(self, module, args, output):
