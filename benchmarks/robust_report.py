@@ -31,12 +31,14 @@ def tables(results: dict) -> list[str]:
         lines.append("")
     scan = results.get("scan", {})
     if scan:
-        lines += ["| scan: robust λ (fd) | steps | ‖∇L‖₁ first → last | ppl after training | magnitude 50% |",
-                  "|---|---|---|---|---|"]
+        lines += ["| scan: robust λ (fd) | steps × tokens | eval tokens | ‖∇L‖₁ first → last | ppl after training | "
+                  "magnitude 50% |", "|---|---|---|---|---|---|"]
         for lam, s in sorted(scan.items(), key=lambda kv: float(kv[0])):
             g = (f"{s['robust_grad_l1_first']:.0f} → {s['robust_grad_l1_last']:.0f}"
                  if s.get("robust_grad_l1_first") else "-")
-            lines.append(f"| {lam if lam != '0' else '0 (plain)'} | {s['steps']} | {g} | {s['trained']:.2f} | "
+            ft, ev = s.get("ft", {}), s.get("eval", {})
+            lines.append(f"| {lam if lam != '0' else '0 (plain)'} | {s['steps']} × {ft.get('batch_size')}×"
+                         f"{ft.get('seq_len')} | {ev.get('max_tokens')} | {g} | {s['trained']:.2f} | "
                          f"{s['magnitude-50']:.2f} |")
         lines.append("")
     arms = results.get("arms", {})

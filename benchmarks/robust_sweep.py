@@ -99,7 +99,7 @@ def run_scan(lam: str) -> dict:
         out = train_arm(arm, SCAN_STEPS, Path(tmp) / "m", dense=False)
         pipe = pipeline(str(Path(tmp) / "m")).add("prune", **PRUNES["magnitude-50"]).add("eval", **EVAL)
         out["magnitude-50"] = pipe.run().records[-1]["metrics"]["perplexity"]
-    out["steps"] = SCAN_STEPS
+    out.update(steps=SCAN_STEPS, ft=dict(FT), eval=dict(EVAL))
     return out
 
 
@@ -140,11 +140,19 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-modes", default="plain,fd,exact", help="--cost: which modes (comma-separated)")
     ap.add_argument("--cost-steps", type=int, default=2, help="--cost: optimizer steps per mode")
     ap.add_argument("--scan", action="append", default=[], help="robust λ for the short scan (0: plain finetune)")
+    ap.add_argument("--quick", action="store_true",
+                    help="--scan at the smallest size that ran on the loaded shared box: 3 steps of 1×128, 512 eval "
+                         "tokens")
     ap.add_argument("--arm", action="append", default=[], help="ft | robust:λ | l1:λ1 | both:λ:λ1")
     ap.add_argument("--prunes", default=",".join(PRUNES), help="comma-separated subset of " + ", ".join(PRUNES))
     ap.add_argument("--report", action="store_true", help="write the table into docs/robust.md and the plot")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    global SCAN_STEPS
+    if args.quick:
+        FT.update(batch_size=1, seq_len=128)
+        EVAL.update(max_tokens=512, block_size=256)
+        SCAN_STEPS = 3
     if args.cost:
         for mode in args.cost_modes.split(","):
             save("cost", mode, run_cost(mode, args.cost_steps))
