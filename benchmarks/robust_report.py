@@ -83,6 +83,13 @@ def plot(results: dict) -> None:
 
     arms = sorted(results.get("arms", {}).items(), key=lambda kv: _order(kv[0]))
     scan = sorted(((float(k), v) for k, v in results.get("scan", {}).items()), key=lambda kv: kv[0])
+    if not arms:  # only the scan finished: one panel
+        fig, ax2 = plt.subplots(figsize=(5.5, 4))
+        _scan_panel(ax2, scan)
+        fig.tight_layout()
+        fig.savefig(PLOT, dpi=110)
+        print(f"wrote {PLOT}")
+        return
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / max(1, len(arms))
     for i, (arm, a) in enumerate(arms):
@@ -97,16 +104,21 @@ def plot(results: dict) -> None:
     ax.set_title("SmolLM2-135M: finetune ± robust / l1, then prune")
     ax.legend(fontsize=7)
     if scan:
-        ax2.plot([max(k, 1e-6) for k, _ in scan], [v["magnitude-50"] for _, v in scan], "o-", label="magnitude 50%")
-        ax2.plot([max(k, 1e-6) for k, _ in scan], [v["trained"] for _, v in scan], "s--", label="unpruned")
-        ax2.set_xscale("log")
-        ax2.set_yscale("log")
-        ax2.set_xlabel("robust λ (fd); 1e-6 = plain")
-        ax2.set_title(f"λ scan ({scan[0][1]['steps']} steps)")
-        ax2.legend(fontsize=7)
+        _scan_panel(ax2, scan)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
     print(f"wrote {PLOT}")
+
+
+def _scan_panel(ax2, scan) -> None:
+    ax2.plot([max(k, 1e-6) for k, _ in scan], [v["magnitude-50"] for _, v in scan], "o-", label="magnitude 50%")
+    ax2.plot([max(k, 1e-6) for k, _ in scan], [v["trained"] for _, v in scan], "s--", label="unpruned")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("robust λ (fd); 1e-6 = plain finetune")
+    ax2.set_ylabel("held-out ppl (SmolLM2-135M)")
+    ax2.set_title(f"λ scan ({scan[0][1]['steps']} finetune steps)")
+    ax2.legend(fontsize=7)
 
 
 def report(results: dict) -> None:
