@@ -25,6 +25,10 @@ STATE_KEYS: dict[str, tuple[str, str]] = {
     "distill": ("gptopt-transfer", "{'weight', 'temperature'} of --distill-from while its training step runs"),
     "l1": ("gptopt-l1", "the l1 step's configuration for the next training step (weight, mode, select, ...)"),
     "l1_runtime": ("gptopt-l1", "l1's per-training-run state (targets, schedule), created on the first hook call"),
+    "robust": ("gptopt-l1", "the robust step's configuration for the next training step (weight, mode, fd_step, "
+                            "targets, ...)"),
+    "robust_runtime": ("gptopt-l1", "robust's per-training-run state (probes on the targeted layers, schedule, "
+                                    "‖∇L‖₁ history), created when the training step starts"),
     "gguf": ("gptopt-export", "path of the GGUF file the last export step wrote (llamacpp measures it)"),
     "kl_base": ("core (klbase)", "{cache key: BaseLogits}: the KL bases of this run's measurements (top-k log-probs "
                                  "per token set and windows), also cached on disk"),
@@ -46,6 +50,7 @@ FACTS: dict[str, tuple[str, str]] = {
                               "it)"),
     "adapter": ("gptopt-transfer", "the model carries an unmerged LoRA adapter (a PEFT model)"),
     "l1": ("gptopt-l1", "an L1 regularizer is armed for the next training step"),
+    "robust": ("gptopt-l1", "a gradient-L1 (robustness) regularizer is armed for the next training step"),
     "cpu-only": ("gptopt-cpu", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)"),
     "gguf": ("gptopt-export", "a GGUF file of the model was written (ctx.state['gguf'])"),
 }

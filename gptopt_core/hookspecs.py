@@ -254,6 +254,9 @@ def gptopt_training_loss(ctx: RunContext, model: Model, batch: dict, outputs: An
     :param model: the model being trained (possibly wrapped by PEFT / Accelerate).
     :param batch: dict with ``input_ids`` and ``labels`` tensors.
     :param outputs: the model's forward outputs for ``batch`` (``outputs.loss``, ``outputs.logits``).
+        ``outputs.loss`` still carries its autograd graph: a term may be built from it (e.g. the robust step's
+        ``torch.autograd.grad(outputs.loss, weights, create_graph=True)``, keeping the graph for the loop's
+        backward), since the loop backpropagates the loss plus all returned terms once, after every hook ran.
     :returns: a scalar tensor to add to the loss, or ``None``.
 
     .. versionadded:: 0.1

@@ -28,20 +28,26 @@ Zero fractions (exact zeros, and |w| < 1e-3) of the targeted (effective) weights
 bar and recorded in the training step's metrics: ``l1_zero_fraction``, ``l1_small_fraction``, ``l1_history``
 (one entry per eval point of ``--eval-every`` and at the end) and merged into its ``eval_history`` entries.
 
+The plugin also holds ``robust`` (:mod:`.robust`, torch work in :mod:`.gradpenalty`, docs/robust.md): the
+robustness regularizer λ·‖∇_W L‖₁ for the next training step, through the same hooks; both may be armed at once.
+
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.regularizer` the torch work (torch imported inside its functions).
 """
 from gptopt_core import hookimpl
 
+from .gradpenalty import Runtime as RobustRuntime
 from .regularizer import SMALL, runtime
+from .robust import RobustParams, RobustStep
 from .step import L1Params, L1Step, trains
 
-__all__ = ["L1Params", "L1Step", "SMALL"]
+__all__ = ["L1Params", "L1Step", "RobustParams", "RobustStep", "SMALL"]
 
 
 @hookimpl
 def gptopt_register_steps(register):
     register(L1Step)
+    register(RobustStep)
 
 
 @hookimpl
@@ -49,18 +55,31 @@ def gptopt_step_started(ctx, step):
     cfg = ctx.state.get("l1")
     if cfg is not None and trains(step) and not cfg.get("active"):
         cfg["active"] = step.name
+    robust = ctx.state.get("robust")
+    if robust is not None and trains(step) and not robust.get("active"):
+        robust["active"] = step.name
+        # before the step wraps the model (lora): the probes hook the base layers, which PEFT keeps
+        ctx.state["robust_runtime"] = RobustRuntime(ctx, robust)
 
 
 @hookimpl
 def gptopt_training_loss(ctx, model, batch, outputs):
+    terms = []
     cfg = ctx.state.get("l1")
-    if not cfg or not cfg.get("active"):
-        return None
-    return runtime(ctx, model).penalty()
+    if cfg and cfg.get("active"):
+        terms.append(runtime(ctx, model).penalty())
+    rt = ctx.state.get("robust_runtime")
+    if rt is not None:
+        terms.append(rt.term(model, batch, outputs))
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 @hookimpl
 def gptopt_after_optimizer_step(ctx, model, step):
+    rt = ctx.state.get("robust_runtime")
+    if rt is not None:
+        rt.after_step(step)
     cfg = ctx.state.get("l1")
     if not cfg or not cfg.get("active"):
         return
@@ -69,6 +88,13 @@ def gptopt_after_optimizer_step(ctx, model, step):
 
 @hookimpl
 def gptopt_step_finished(ctx, step, record):
+    robust = ctx.state.get("robust")
+    if robust is not None and robust.get("active") == step.name and trains(step):
+        rt = ctx.state.pop("robust_runtime", None)
+        ctx.state.pop("robust", None)
+        if rt is not None:
+            rt.close()
+            record.setdefault("metrics", {}).update(rt.final_metrics())
     cfg = ctx.state.get("l1")
     if not cfg or cfg.get("active") != step.name or not trains(step):
         return

@@ -15,8 +15,8 @@ from gptopt_core import GptoptError, is_conv1d, weight_modules
 SMALL = 1e-3
 
 
-def find_targets(model, patterns) -> list:
-    """``[(name, module)]`` of the layers ``l1 --targets`` names (default: every linear layer but the head).
+def find_targets(model, patterns, step: str = "l1") -> list:
+    """``[(name, module)]`` of the layers ``<step> --targets`` names (default: every linear layer but the head).
 
     Works on the plain model; a PEFT-wrapped model is looked at through its base model. Raises
     :class:`GptoptError` when a pattern matches nothing.
@@ -25,13 +25,13 @@ def find_targets(model, patterns) -> list:
     layers = weight_modules(base)
     if not patterns:
         if not layers:
-            raise GptoptError("l1: this model has no linear or Conv1D layer to regularize")
+            raise GptoptError(f"{step}: this model has no linear or Conv1D layer to regularize")
         return layers
     every = weight_modules(base, with_head=True)
     for pattern in patterns:
         if not weight_modules(base, include=[pattern]):
             example = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, _ in every})[:8])
-            raise GptoptError(f"l1: --targets '{pattern}' matches no linear or Conv1D layer of this model; its "
+            raise GptoptError(f"{step}: --targets '{pattern}' matches no linear or Conv1D layer of this model; its "
                               f"layers are named like: {example}")
     return weight_modules(base, include=patterns)
 
