@@ -40,7 +40,6 @@ def check_directory_files(path: Path, where: str) -> None:
         if f.is_file() and f.stat().st_size > MAX_TOKENIZER_BYTES:
             raise SourceError(f"{where}: {name} is {f.stat().st_size} bytes, more than the "
                               f"{MAX_TOKENIZER_BYTES // 2**20} MiB such a file may have")
-    check_tokenizer_files(path, where)
 
 
 #: files a tokenizer can be built from when there is no tokenizer.json (sentencepiece, BPE, WordPiece vocabularies)

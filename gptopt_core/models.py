@@ -91,7 +91,7 @@ def check_local_dir(path: Path, allow_pickle: bool, exact: bool = True) -> None:
     device or dangling link in it, config.json through the safe loader, readable shards, the layer count and
     (``exact``, for layouts whose tensors are the model's own parameters) every parameter's tensor and shape
     against the safetensors headers, else the files' size against the parameters config.json describes."""
-    from .model_files import check_before_loading, check_directory_files, read_config
+    from .model_files import check_before_loading, check_directory_files, check_tokenizer_files, read_config
 
     if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
         raise SourceError(f"{path} has no config.json: give a directory written by save_pretrained or gptopt save")
@@ -130,6 +130,7 @@ def check_local_dir(path: Path, allow_pickle: bool, exact: bool = True) -> None:
                 raise ValueError(f"file is truncated ({size} of {needed} bytes)")
         except Exception as exc:  # safetensors raises its own error types
             raise SourceError(f"{shard} is not a readable safetensors file ({exc}); re-save the model") from None
+    check_tokenizer_files(path, f"--model {shorten(path, 160)}")  # after the config and weight checks, before loading
     check_before_loading(path, cfg, f"--model {shorten(path, 160)}", exact)  # claims vs tensors, nothing allocated
 
 

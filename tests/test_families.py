@@ -309,7 +309,7 @@ def test_gptopt_register_architectures_adds_a_family_and_blames_a_duplicate(text
         config.model_type = "my_llama"
         return config
 
-    row = Architecture("my_llama", "my-llama", "model.layers", llama.groups[:2], llama.embedding, llama.final_norm,
+    row = Architecture("my_llama", "my-llama", "model.layers", llama.groups, llama.embedding, llama.final_norm,
                        tiny=tiny, gguf=llama.gguf)
     plugin = types.SimpleNamespace(gptopt_register_architectures=hookimpl(lambda register: register(row)))
     model, _ = tiny_model("tiny-random-llama")
@@ -318,11 +318,12 @@ def test_gptopt_register_architectures_adds_a_family_and_blames_a_duplicate(text
     with register_plugin(plugin, "my-family"):
         assert architecture_of(model) is row and row.plugin == "my-family"
         assert find_blocks(model)[0] == "model.layers"
-        assert row.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj")  # from its groups
+        # from its groups (which must name every linear layer of a block: check_architecture)
+        assert row.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         from gptopt_transfer import resolve_targets
 
         names, _ = resolve_targets(model, ["auto"])
-        assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert {n.rsplit(".", 1)[-1] for n in names} == set(row.lora_targets)
         res = run("tiny-random-my-llama", text, [("export", {"to": str(tmp_path / "m.gguf"), "type": "f32"})])
         assert architecture_of(res.model) is row
         assert res.records[0]["metrics"]["gguf_architecture"] == "llama"

@@ -99,18 +99,34 @@ def _dense_from_bitmask(tensors, name):
     return dense
 
 
+def _validated(qc: dict, path: Path):
+    """compressed-tensors' ``QuantizationConfig`` of ``qc`` (``None`` without config groups); one-line errors."""
+    import pydantic
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from gptopt_core import GptoptError
+
+    from .config_check import validation_message
+
+    try:
+        return QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
+    except pydantic.ValidationError as exc:  # "2 validation errors for ...": the first one, located
+        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.{validation_message(exc)}") from None
+    except (TypeError, ValueError) as exc:  # a validator comparing a wrong-typed value ('<' between str and int)
+        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.config_groups holds a value of the wrong "
+                          f"type ({type(exc).__name__}: {str(exc)[:120]}); compare it with a config gptopt "
+                          "save wrote") from None
+
+
 def load(path, trust_remote_code: bool = False):
     """``(model, tokenizer, info)`` from a compressed-tensors directory; ``info`` has ``grids`` (number of layers
     on a grid), ``sparse`` (layers read from a bitmask) and the ``quantization_config`` dict."""
-    import pydantic
     import torch
-    from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    from gptopt_core import GptoptError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .config_check import check_quantization_config, validation_message
+    from .config_check import check_quantization_config
 
     path = Path(path)
     qc = read_config(path)["quantization_config"]
@@ -122,14 +138,7 @@ def load(path, trust_remote_code: bool = False):
     tensors: dict = {}
     for shard in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
-    try:
-        qconfig = QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
-    except pydantic.ValidationError as exc:  # "2 validation errors for ...": the first one, located
-        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.{validation_message(exc)}") from None
-    except (TypeError, ValueError) as exc:  # a validator comparing a wrong-typed value ('<' between str and int)
-        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.config_groups holds a value of the wrong "
-                          f"type ({type(exc).__name__}: {str(exc)[:120]}); compare it with a config gptopt "
-                          "save wrote") from None
+    qconfig = _validated(qc, path)
     modules = dict(model.named_modules())
     grids, sparse, inputs = {}, [], {}
     for key in [k for k in tensors if k.endswith(".weight_scale")]:
