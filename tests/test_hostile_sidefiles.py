@@ -410,8 +410,10 @@ def test_refusal_in_a_real_process_is_bounded_in_time_and_memory(name, base, tmp
     args = [str(built) if a == "{m}" else a for a in args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
                                                         os.environ.get("PYTHONPATH", "")])}
-    code = ("import atexit, resource, sys; atexit.register(lambda: print('peak-kib', resource.getrusage("
-            "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); from gptopt_core.cli import main; main(sys.argv[1:])")
+    # VmHWM, the process's own peak: ru_maxrss would carry pytest's peak across fork and exec (Linux exec_mmap)
+    code = ("import atexit, sys; atexit.register(lambda: print('peak-kib', next(int(l.split()[1]) for l in "
+            "open('/proc/self/status') if l.startswith('VmHWM:')), file=sys.stderr)); "
+            "from gptopt_core.cli import main; main(sys.argv[1:])")
     proc = subprocess.run([sys.executable, "-c", code, "run", "-q", *args], cwd=tmp_path, env=env, timeout=120,
                           capture_output=True, text=True)
     lines = [l for l in error_lines(proc.stderr) if not l.startswith("peak-kib")]
