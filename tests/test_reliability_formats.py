@@ -199,7 +199,7 @@ def one_line(exc):
     return "\n" not in text and 0 < len(text) <= MAX_MESSAGE
 
 
-@settings(max_examples=40, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=40, deadline=10_000, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_path_factory, data):
@@ -246,7 +246,7 @@ QCONFIG = st.fixed_dictionaries({"quant_method": st.just("compressed-tensors")},
 NAMES = [f"model.layers.{i}.{p}" for i in range(30) for p in ("self_attn.q_proj", "mlp.down_proj")] + ["a" * 200]
 
 
-@settings(max_examples=150, deadline=5_000)
+@settings(max_examples=150, deadline=5_000, derandomize=True)
 @given(QCONFIG)
 def test_any_compressed_tensors_config_validates_or_fails_in_one_line_and_matches_fast(qc):
     """A quantization_config passes the guard and compressed-tensors' validation, or fails in one line; the
