@@ -74,6 +74,9 @@ class CompressedTensorsFormat(SaveFormat):
             parts.append(f"sparsity {info['sparsity_format']} ({info['sparse_layers']} bitmask layer(s))")
         if info["zeros_in_codes"]:
             parts.append(f"pruned zeros held in the codes of {info['zeros_in_codes']} packed layer(s)")
+        if info.get("moe_experts"):
+            parts.append(f"{info['moe_experts']} MoE experts one packed layer each ({info['moe_scheme']}, rounded "
+                         "to nearest in the model too), routers float")
         ctx.log("  compressed-tensors: " + ", ".join(parts))
         note = plain_note(info)
         if note:
@@ -96,9 +99,11 @@ def plain_note(info: dict) -> str | None:
                                 "rtn|gptq after prune a smaller one (zeros inside the codes)"
                                 if any("sparsity" in u for u in info["plain_unread"]) else ""))
     if info.get("plain_dequantize"):
+        held = ("the per-expert layers of a mixture of experts (it fuses them only de-quantized, in float16)"
+                if info.get("moe_experts") else "GPT-2 Conv1D grids" if info.get("conv1d")
+                else "asymmetric packed zero points")
         return (f"  note: plain transformers from_pretrained ({version}) reads it de-quantized to float "
-                "(quantization_config.dequantize: true; it cannot hold "
-                + ("GPT-2 Conv1D grids" if info.get("conv1d") else "asymmetric packed zero points")
-                + " compressed); `gptopt run --model DIR` reloads it compressed")
+                f"(quantization_config.dequantize: true; it cannot hold {held} compressed); `gptopt run --model DIR` "
+                "reloads it compressed")
     return None
 

@@ -10,7 +10,7 @@ import json
 
 from gptopt_core import GptoptError, grid_codes, grid_layers, input_quant_of, is_conv1d, weight_matrix
 
-from . import layout
+from . import layout, moe
 
 
 def sparse_masks(ctx, model, gridded: set) -> dict:
@@ -34,10 +34,14 @@ def packed_tensors(name, module, grid, kind: str = "pack") -> dict:
     """The tensors of one grid layer in its kind's layout (:mod:`.layout`): ``weight_packed`` / ``weight_shape``
     (``pack``, ``block``) or an int8 ``weight`` (``naive``), fp16 ``weight_scale``, and ``weight_zero_point`` when
     asymmetric (packed along the output dimension for ``pack``, int8 otherwise)."""
+    return packed_codes(name, grid_codes(module).cpu(), grid, kind)
+
+
+def packed_codes(name, codes, grid, kind: str = "pack") -> dict:
+    """:func:`packed_tensors` from the codes ``(out, in)`` int32 of ``grid`` (a MoE expert has no module)."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    codes = grid_codes(module).cpu()  # (out, in), int32
     offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
     q = (codes - offset).to(torch.int8)
     scale = grid.scale.detach().cpu().to(torch.float16)
@@ -88,13 +92,17 @@ def write(ctx, model, path) -> dict:
     sparse = masked if compress_sparse else {}
     qconfig = layout.quantization_config(model, grids)
     sconfig = layout.sparsity_config(model, sparse)
+    blocks = moe.expert_blocks(model) if qconfig is not None else []
+    tensors: dict = {}
+    replaced = set()
+    experts = moe.add_experts(model, blocks, qconfig, tensors, replaced) if blocks else None
     plain = layout.plain_transformers(qconfig, len(sparse))
+    if experts:  # transformers fuses per-expert tensors only after de-quantizing them
+        plain["dequantize"] = True
     modules = dict(model.named_modules())
     tied = layout.tied_head(model)
 
     state = model.state_dict()
-    tensors: dict = {}
-    replaced = set()
     for name, module, grid in grids:
         kind = layout.kind_of(model, module, grid)
         tensors.update(packed_tensors(name, module, grid, kind))
@@ -113,6 +121,8 @@ def write(ctx, model, path) -> dict:
             tensors.update(bitmask_tensors(name, weight, mask, two_four))
             replaced.add(f"{name}.weight")
     add_plain_tensors(model, state, replaced, tensors)
+    for old, new in (experts or {}).get("renamed", {}).items():
+        tensors[new] = tensors.pop(old)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     write_configs(model, path, layout.config_dict(qconfig, sconfig, plain["dequantize"]))
     return {"packed_layers": len(grids), "sparse_layers": len(sparse),
@@ -121,7 +131,8 @@ def write(ctx, model, path) -> dict:
             "schemes": sorted({g.describe() + (f"+{input_quant_of(m).describe()} (W8A8, int-quantized)"
                                                if input_quant_of(m) is not None else "") for _, m, g in grids}),
             "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
-            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
+            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"],
+            "moe_experts": experts["experts"] if experts else 0, "moe_scheme": experts["scheme"] if experts else None}
 
 
 def add_plain_tensors(model, state: dict, replaced: set, tensors: dict) -> None:
