@@ -10,10 +10,9 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, Step, as_percent
+from gptopt_core import GptoptError, Params, SourceError, Step, as_percent, calibration_batches, model_device
 
 from .experts import check_moe, keep_count, prune_layer, reap_scores, routing_rule, set_config_count
-from .scores import calibration_batches
 
 
 class PruneExpertsParams(Params):
@@ -73,13 +72,25 @@ def _slice_masks(ctx, layer, kept: list, total: int) -> None:
             masks[key] = mask[kept]
 
 
+def _batches(ctx, params) -> list:
+    """Calibration blocks from the train split, on the model's device."""
+    if getattr(ctx, "data", None) is None:
+        raise GptoptError("prune-experts needs training text for calibration; give --data")
+    try:
+        batches = calibration_batches(ctx, params.calib_samples, params.calib_seq_len)
+    except SourceError as exc:
+        raise GptoptError(f"prune-experts needs calibration text from the train split: {exc}") from None
+    device = model_device(ctx.model)
+    return [b.to(device) for b in batches]
+
+
 def run_prune_experts(ctx, params) -> dict:
     model = ctx.model
     start = time.perf_counter()
     layers = check_moe(model)
     total = layers[0].num_experts
     n = keep_count(layers, params.keep, params.keep_fraction)
-    batches = calibration_batches(ctx, params)
+    batches = _batches(ctx, params)
     reap_scores(ctx, model, layers, batches)
     before = sum(p.numel() for p in model.parameters())
     per_layer = {}
