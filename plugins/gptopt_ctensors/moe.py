@@ -75,7 +75,7 @@ def add_experts(model, blocks, qconfig, tensors: dict, replaced: set) -> dict:
     count, "scheme": describe}``."""
     import torch
 
-    from .writer import packed_codes
+    from .packing import packed_codes
 
     group = expert_scheme(qconfig)
     args = group.weights
