@@ -71,6 +71,15 @@ def test_quantized_moe_saves_one_packed_layer_per_expert_and_reloads(moe_dirs, t
         torch.testing.assert_close(plain(ids).logits, mine, rtol=0, atol=3e-3)  # its float16 de-quantization
 
 
+def test_save_says_it_rounded_the_float_experts(moe_dirs, tmp_path, capsys):
+    (Pipeline(model=str(moe_dirs["mixtral"]), quiet=True, device="cpu")
+     .add("quantize", method="rtn", bits=8, group_size="channel")
+     .add("save", to=str(tmp_path / "ct"), format="compressed-tensors").run())
+    err = capsys.readouterr().err
+    assert "note: quantize left the 16 MoE experts float; save rounded each to int8-channel-sym" in err
+    assert "steps before this save measured float experts" in err
+
+
 def test_moe_experts_need_the_one_packed_scheme_of_the_linear_layers(moe_dirs, tmp_path):
     run = (Pipeline(model=str(moe_dirs["mixtral"]), quiet=True, device="cpu")
            .add("quantize", method="rtn", bits=8, activations=8)

@@ -78,12 +78,23 @@ class CompressedTensorsFormat(SaveFormat):
             parts.append(f"{info['moe_experts']} MoE experts one packed layer each ({info['moe_scheme']}, rounded "
                          "to nearest in the model too), routers float")
         ctx.log("  compressed-tensors: " + ", ".join(parts))
-        note = plain_note(info)
-        if note:
+        for note in (experts_note(info), plain_note(info)):
+            if not note:
+                continue
             if getattr(ctx, "quiet", False):  # a note on what a reader gets is said even in a quiet run
                 print(note.strip(), file=sys.stderr)
             else:
                 ctx.log(note)
+
+
+def experts_note(info: dict) -> str | None:
+    """The line ``save`` says when it rounded a MoE model's float experts (:mod:`.moe`): what ran before it saw them
+    float."""
+    if not info.get("moe_experts"):
+        return None
+    return (f"  note: quantize left the {info['moe_experts']} MoE experts float; save rounded each to "
+            f"{info['moe_scheme']} (round-to-nearest, in the model too): steps before this save measured float "
+            "experts, steps after it measure what the file holds")
 
 
 def plain_note(info: dict) -> str | None:
