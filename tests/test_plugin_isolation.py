@@ -299,7 +299,7 @@ def test_installed_broken_plugins_are_listed_with_reasons_and_the_rest_work(brok
             assert f"plugin {info['name']}{sep}{reason}" in listing.stderr
     assert by_name["gptopt-empty"]["warning"].startswith("provides no hooks and no steps")
     assert by_name["gptopt-good"]["steps"] == ["wave"] and by_name["gptopt-good"]["error"] is None
-    assert by_name["gptopt-prune"]["steps"] == ["prune"] and by_name[CORE]["steps"] == ["eval", "save"]
+    assert by_name["gptopt-prune"]["steps"][:1] == ["prune"] and by_name[CORE]["steps"] == ["eval", "save"]
     text = run_gptopt("plugins", env=env).stdout
     assert "gptopt-exits  (gptopt-exits 0.1)\n    ERROR: failed to load: called sys.exit: 3" in text
     # a chain runs with the good plugin's step and observer; none of the rejected plugins' hooks fire. -q leaves

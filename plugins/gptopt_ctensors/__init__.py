@@ -11,8 +11,9 @@ dropped these layouts); pruned layers on grids keep their zeros inside the packe
 bitsandbytes nf4/fp4/int8 and cpu-fast layers are refused with a line naming what can hold them.
 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.saveformat` the format (its
-checks), :mod:`.writer` / :mod:`.reader` / :mod:`.layout` the torch and compressed_tensors work (imported inside
-their functions). See docs/save-formats.md.
+checks), :mod:`.writer` / :mod:`.reader` / :mod:`.layout` / :mod:`.packing` the torch and compressed_tensors work
+(imported inside their functions), :mod:`.moe` the per-expert layout of mixture-of-experts models. See
+docs/save-formats.md.
 """
 from gptopt_core import hookimpl
 

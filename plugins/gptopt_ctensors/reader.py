@@ -139,6 +139,9 @@ def load(path, trust_remote_code: bool = False):
     for shard in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
     qconfig = _validated(qc, path)
+    from .moe import fuse_experts
+
+    experts = fuse_experts(model, tensors, qconfig, _grid_from)
     modules = dict(model.named_modules())
     grids, sparse, inputs = {}, [], {}
     for key in [k for k in tensors if k.endswith(".weight_scale")]:
@@ -170,7 +173,7 @@ def load(path, trust_remote_code: bool = False):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer, {"grids": len(grids), "sparse": len(sparse), "input_quantized": len(inputs),
-                              "quantization_config": qc}
+                              "experts": experts, "quantization_config": qc}
 
 
 def _input_quant(name, args):

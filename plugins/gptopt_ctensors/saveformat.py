@@ -74,13 +74,27 @@ class CompressedTensorsFormat(SaveFormat):
             parts.append(f"sparsity {info['sparsity_format']} ({info['sparse_layers']} bitmask layer(s))")
         if info["zeros_in_codes"]:
             parts.append(f"pruned zeros held in the codes of {info['zeros_in_codes']} packed layer(s)")
+        if info.get("moe_experts"):
+            parts.append(f"{info['moe_experts']} MoE experts one packed layer each ({info['moe_scheme']}, rounded "
+                         "to nearest in the model too), routers float")
         ctx.log("  compressed-tensors: " + ", ".join(parts))
-        note = plain_note(info)
-        if note:
+        for note in (experts_note(info), plain_note(info)):
+            if not note:
+                continue
             if getattr(ctx, "quiet", False):  # a note on what a reader gets is said even in a quiet run
                 print(note.strip(), file=sys.stderr)
             else:
                 ctx.log(note)
+
+
+def experts_note(info: dict) -> str | None:
+    """The line ``save`` says when it rounded a MoE model's float experts (:mod:`.moe`): what ran before it saw them
+    float."""
+    if not info.get("moe_experts"):
+        return None
+    return (f"  note: quantize left the {info['moe_experts']} MoE experts float; save rounded each to "
+            f"{info['moe_scheme']} (round-to-nearest, in the model too): steps before this save measured float "
+            "experts, steps after it measure what the file holds")
 
 
 def plain_note(info: dict) -> str | None:
@@ -96,9 +110,11 @@ def plain_note(info: dict) -> str | None:
                                 "rtn|gptq after prune a smaller one (zeros inside the codes)"
                                 if any("sparsity" in u for u in info["plain_unread"]) else ""))
     if info.get("plain_dequantize"):
+        held = ("the per-expert layers of a mixture of experts (it fuses them only de-quantized, in float16)"
+                if info.get("moe_experts") else "GPT-2 Conv1D grids" if info.get("conv1d")
+                else "asymmetric packed zero points")
         return (f"  note: plain transformers from_pretrained ({version}) reads it de-quantized to float "
-                "(quantization_config.dequantize: true; it cannot hold "
-                + ("GPT-2 Conv1D grids" if info.get("conv1d") else "asymmetric packed zero points")
-                + " compressed); `gptopt run --model DIR` reloads it compressed")
+                f"(quantization_config.dequantize: true; it cannot hold {held} compressed); `gptopt run --model DIR` "
+                "reloads it compressed")
     return None
 

@@ -10,7 +10,8 @@ import json
 
 from gptopt_core import GptoptError, grid_codes, grid_layers, input_quant_of, is_conv1d, weight_matrix
 
-from . import layout
+from . import layout, moe
+from .packing import packed_codes
 
 
 def sparse_masks(ctx, model, gridded: set) -> dict:
@@ -34,26 +35,7 @@ def packed_tensors(name, module, grid, kind: str = "pack") -> dict:
     """The tensors of one grid layer in its kind's layout (:mod:`.layout`): ``weight_packed`` / ``weight_shape``
     (``pack``, ``block``) or an int8 ``weight`` (``naive``), fp16 ``weight_scale``, and ``weight_zero_point`` when
     asymmetric (packed along the output dimension for ``pack``, int8 otherwise)."""
-    import torch
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    codes = grid_codes(module).cpu()  # (out, in), int32
-    offset = 0 if grid.symmetric else 2 ** (grid.bits - 1)
-    q = (codes - offset).to(torch.int8)
-    scale = grid.scale.detach().cpu().to(torch.float16)
-    zp = None if grid.symmetric else (grid.zero.detach().cpu() - offset).to(torch.int8)
-    if kind == "block":  # GPT-2 Conv1D: its own (in, out) orientation, blocks [group, 1]
-        q, scale, zp = q.t().contiguous(), scale.t(), None if zp is None else zp.t()
-    out = {f"{name}.weight_scale": scale.contiguous()}
-    if kind in ("naive", "int"):
-        out[f"{name}.weight"] = q.contiguous()
-    else:
-        out[f"{name}.weight_packed"] = pack_to_int32(q, grid.bits)
-        out[f"{name}.weight_shape"] = torch.tensor(list(q.shape))
-    if zp is not None:
-        out[f"{name}.weight_zero_point"] = (pack_to_int32(zp, grid.bits, packed_dim=0) if kind == "pack"
-                                            else zp).contiguous()
-    return out
+    return packed_codes(name, grid_codes(module).cpu(), grid, kind)
 
 
 def bitmask_tensors(name, weight, mask, two_four: bool) -> dict:
@@ -88,13 +70,17 @@ def write(ctx, model, path) -> dict:
     sparse = masked if compress_sparse else {}
     qconfig = layout.quantization_config(model, grids)
     sconfig = layout.sparsity_config(model, sparse)
+    blocks = moe.expert_blocks(model) if qconfig is not None else []
+    tensors: dict = {}
+    replaced = set()
+    experts = moe.add_experts(model, blocks, qconfig, tensors, replaced) if blocks else None
     plain = layout.plain_transformers(qconfig, len(sparse))
+    if experts:  # transformers fuses per-expert tensors only after de-quantizing them
+        plain["dequantize"] = True
     modules = dict(model.named_modules())
     tied = layout.tied_head(model)
 
     state = model.state_dict()
-    tensors: dict = {}
-    replaced = set()
     for name, module, grid in grids:
         kind = layout.kind_of(model, module, grid)
         tensors.update(packed_tensors(name, module, grid, kind))
@@ -113,6 +99,8 @@ def write(ctx, model, path) -> dict:
             tensors.update(bitmask_tensors(name, weight, mask, two_four))
             replaced.add(f"{name}.weight")
     add_plain_tensors(model, state, replaced, tensors)
+    for old, new in (experts or {}).get("renamed", {}).items():
+        tensors[new] = tensors.pop(old)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     write_configs(model, path, layout.config_dict(qconfig, sconfig, plain["dequantize"]))
     return {"packed_layers": len(grids), "sparse_layers": len(sparse),
@@ -121,7 +109,8 @@ def write(ctx, model, path) -> dict:
             "schemes": sorted({g.describe() + (f"+{input_quant_of(m).describe()} (W8A8, int-quantized)"
                                                if input_quant_of(m) is not None else "") for _, m, g in grids}),
             "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
-            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"]}
+            "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"],
+            "moe_experts": experts["experts"] if experts else 0, "moe_scheme": experts["scheme"] if experts else None}
 
 
 def add_plain_tensors(model, state: dict, replaced: set, tensors: dict) -> None:

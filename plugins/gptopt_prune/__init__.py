@@ -6,20 +6,25 @@ embeddings only when ``--include`` names them) and records the masks as a model 
 ``masks``, so training steps that follow keep the pruned weights at zero (this module's
 ``gptopt_after_optimizer_step``).
 
+``prune-experts`` (:mod:`.expert_step`, engine :mod:`.experts`) drops or merges whole experts of
+mixture-of-experts models by their router-weighted output on calibration text (REAP).
+
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.pruning`, :mod:`.sparsegpt_step`, :mod:`.sparsegpt` and :mod:`.masks` the torch work.
 """
 from gptopt_core import hookimpl
 
+from .expert_step import PruneExpertsParams, PruneExpertsStep
 from .masks import reapply_masks
 from .step import PruneParams, PruneStep, parse_pattern
 
-__all__ = ["PruneParams", "PruneStep", "parse_pattern"]
+__all__ = ["PruneExpertsParams", "PruneExpertsStep", "PruneParams", "PruneStep", "parse_pattern"]
 
 
 @hookimpl
 def gptopt_register_steps(register):
     register(PruneStep)
+    register(PruneExpertsStep)
 
 
 @hookimpl(tryfirst=True)

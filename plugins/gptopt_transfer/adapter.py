@@ -20,16 +20,28 @@ def save_with_adapter(ctx, model, path) -> None:
     model.save_pretrained(str(path / "adapter"), safe_serialization=True)
 
 
+def _is_lora_layer(module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
 class WithoutLoraLayers:
-    """Temporarily put each PEFT-wrapped layer's ``base_layer`` back in its place (nothing is merged)."""
+    """Temporarily put each PEFT-wrapped layer's innermost ``base_layer`` back in its place (nothing is merged).
+    peft nests its wrappers of parameters (``lora --experts include``: one per fused expert parameter of a module),
+    so a wrapper inside a wrapper already swapped out goes with it."""
 
     def __init__(self, model):
         self.model, self.swapped = model, []
 
     def __enter__(self):
+        done = []
         for name, module in list(self.model.named_modules()):
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-                self.swapped.append((name, replace_module(self.model, name, module.base_layer)))
+            if not _is_lora_layer(module) or any(name.startswith(d + ".") for d in done):
+                continue
+            inner = module.base_layer
+            while _is_lora_layer(inner):
+                inner = inner.base_layer
+            self.swapped.append((name, replace_module(self.model, name, inner)))
+            done.append(name)
         return self.model
 
     def __exit__(self, *exc):

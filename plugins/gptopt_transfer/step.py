@@ -10,6 +10,8 @@ import pydantic
 from gptopt_core import (GptoptError, PlanError, Step, TrainParams, Trainer, apply_masks, architecture_of, is_conv1d,
                          resolve_precision, sparsity, train_blocks, weight_modules)
 
+from .experts import expert_parameters, is_router
+
 DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0
 
 
@@ -32,6 +34,8 @@ class DistillParams(TrainParams):
 
 class FinetuneParams(DistillParams):
     lr: float = pydantic.Field(5e-5, gt=0, le=1.0, description="peak learning rate (AdamW)")
+    experts: Literal["include", "exclude"] = pydantic.Field(
+        "include", description="mixture-of-experts models: train the fused expert weights too, or keep them frozen")
 
 
 class LoraParams(DistillParams):
@@ -42,6 +46,10 @@ class LoraParams(DistillParams):
     target_modules: List[str] = pydantic.Field(
         default_factory=lambda: ["auto"],
         description="'auto' (per architecture) or glob patterns on module names, e.g. '*q_proj' (repeatable)")
+    experts: Literal["exclude", "include"] = pydantic.Field(
+        "exclude", description="mixture-of-experts models: also adapt the fused expert weights (peft "
+                               "target_parameters, one low-rank update per expert; needs --dropout 0); routers are "
+                               "never targets unless --target-modules names them")
     merge: bool = pydantic.Field(False, description="merge the adapter into the weights (a plain model)")
     masked_update: bool = pydantic.Field(
         True, description="with --merge on a pruned model: train the update the merge keeps (mask * B@A), so the "
@@ -56,6 +64,13 @@ class LoraParams(DistillParams):
         if "auto" in value and len(value) > 1:
             raise ValueError("'auto' cannot be combined with other patterns")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _check_experts(self):
+        if self.experts == "include" and self.dropout:
+            raise ValueError("--experts include: peft's LoRA on fused expert parameters has no dropout; add "
+                             "--dropout 0")
+        return self
 
 
 class _TrainingStep(Step):
@@ -93,11 +108,22 @@ class FinetuneStep(_TrainingStep):
         "adapter": "the model carries an unmerged LoRA adapter; use lora --merge before finetune",
     }
 
+    def preflight(self, ctx):
+        super().preflight(ctx)
+        if self.params.experts == "exclude" and not expert_parameters(ctx.model):
+            raise GptoptError("finetune --experts exclude: the model has no fused expert parameters (it is not a "
+                              "mixture-of-experts model); leave --experts out")
+
     def apply(self, ctx):
         model = ctx.model
         model.requires_grad_(True)
+        frozen = expert_parameters(model) if self.params.experts == "exclude" else []
+        for name in frozen:
+            model.get_parameter(name).requires_grad_(False)
         model, metrics = self._train(ctx, model)
         ctx.model = model
+        if frozen:
+            metrics["frozen_expert_parameters"] = len(frozen)
         if ctx.state.get("masks"):
             from .masked import masks_hold  # torch
 
@@ -129,15 +155,29 @@ class LoraStep(_TrainingStep):
     def preflight(self, ctx):
         super().preflight(ctx)
         resolve_targets(ctx.model, self.params.target_modules)
+        self._expert_targets(ctx)
+
+    def _expert_targets(self, ctx) -> list[str]:
+        if self.params.experts == "exclude":
+            return []
+        names = expert_parameters(ctx.model)
+        if not names:
+            raise GptoptError("lora --experts include: the model has no fused expert parameters (it is not a "
+                              "mixture-of-experts model); leave --experts out")
+        if any(f.startswith("quantized") for f in ctx.facts):
+            raise GptoptError("lora --experts include adapts float expert weights; on a quantized model leave "
+                              "--experts out (LoRA on the quantized linear layers only)")
+        return names
 
     def apply(self, ctx):
         import warnings
 
         p = self.params
         targets, conv1d = resolve_targets(ctx.model, p.target_modules)
+        experts = self._expert_targets(ctx)
         k_bit = "quantized:4bit" in ctx.facts or bool(getattr(ctx.model, "is_loaded_in_4bit", False)) or any(
             f.startswith("quantized") for f in ctx.facts)
-        model = self._with_adapter(ctx.model, targets, conv1d, k_bit)
+        model = self._with_adapter(ctx.model, targets, conv1d, k_bit, experts)
         masks = ctx.state.get("masks")
         masked = []
         if p.merge and p.masked_update and masks and not k_bit:
@@ -148,6 +188,7 @@ class LoraStep(_TrainingStep):
             warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # 8-bit matmul, per call
             model, metrics = self._train(ctx, model)
         metrics["lora_targets"] = len(targets)
+        metrics["lora_expert_parameters"] = len(experts)
         metrics["qlora"] = bool(k_bit)
         if masks:
             metrics["lora_masked_layers"] = len(masked)
@@ -157,15 +198,17 @@ class LoraStep(_TrainingStep):
         ctx.model = model
         return metrics
 
-    def _with_adapter(self, model, targets, conv1d, k_bit):
-        """``model`` wrapped by PEFT with LoRA on ``targets``; a quantized base is prepared QLoRA-style."""
+    def _with_adapter(self, model, targets, conv1d, k_bit, experts=()):
+        """``model`` wrapped by PEFT with LoRA on ``targets`` (and the fused expert parameters ``experts``); a
+        quantized base is prepared QLoRA-style."""
         import warnings
 
         import peft
 
         p = self.params
         config = peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
-                                 fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
+                                 fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
+                                 target_parameters=list(experts) or None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             if k_bit:  # QLoRA-style: freeze the base, upcast non-quantized params, enable input grads
@@ -200,7 +243,8 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
     """The qualified names of the layers LoRA adapts, and whether they are GPT-2 ``Conv1D`` layers.
 
     ``auto``: the block's linear layers of the model's family in the architecture table
-    (``gptopt_core.architecture_of``), else every linear layer but the output head.
+    (``gptopt_core.architecture_of``), else every linear layer but the output head; never a MoE router
+    (:data:`.experts.ROUTER_LEAVES`).
     Otherwise glob patterns on qualified names (a bare name also matches as a suffix).
     Raises :class:`GptoptError` when nothing matches or Conv1D and Linear layers are mixed.
     """
@@ -210,7 +254,7 @@ def resolve_targets(model, patterns) -> tuple[list[str], bool]:
         kind = getattr(getattr(base, "config", None), "model_type", "")
         arch = architecture_of(base)
         leaf = arch.lora_targets if arch is not None else None
-        chosen = [(n, m) for n, m in layers if leaf is None or n.rsplit(".", 1)[-1] in leaf]
+        chosen = [(n, m) for n, m in layers if (leaf is None or n.rsplit(".", 1)[-1] in leaf) and not is_router(n)]
         what = f"auto targets for model type '{kind}' ({', '.join(leaf) if leaf else 'all linear layers'})"
     else:
         chosen = [(n, m) for n, m in weight_modules(base, include=patterns)]

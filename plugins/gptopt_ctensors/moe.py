@@ -1,0 +1,143 @@
+"""Mixture-of-experts layers in compressed-tensors: one packed linear layer per expert, as vLLM reads MoE checkpoints.
+
+transformers 5 holds a MoE layer's experts fused (``mlp.experts.gate_up_proj`` (E, 2*I, hidden), ``down_proj``
+(E, hidden, I)); checkpoints on the hub, llm-compressor's MoE output and vLLM's weight loaders keep one linear layer
+per expert: Mixtral ``model.layers.L.block_sparse_moe.experts.J.w1`` (gate) / ``w3`` (up) / ``w2`` (down) with the
+router at ``block_sparse_moe.gate``; Qwen2-MoE, Qwen3-MoE, OLMoE ``model.layers.L.mlp.experts.J.gate_proj`` /
+``up_proj`` / ``down_proj`` with the router at ``mlp.gate``. transformers' loader fuses that layout back
+(``conversion_mapping``), after its compressed-tensors quantizer de-quantized each expert (``dequantize: true``).
+
+``quantize --method rtn|gptq`` puts the ``nn.Linear`` layers on integer grids, not the fused experts; so that the
+file holds the experts the way vLLM serves them, the writer rounds each expert's gate, up and down matrices to the
+linear layers' scheme, round-to-nearest per output row and group (:func:`gptopt_core.fit_grid`), in the model too
+(the model in memory computes what the file holds). The routers stay float and are listed in ``ignore``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gptopt_core import GptoptError, fit_grid
+
+#: per-expert linear names (gate, up, down) by model type; every other family uses transformers' Qwen-style names
+LEAVES = {"mixtral": ("w1", "w3", "w2")}
+DEFAULT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+#: model type -> (block suffix in memory, block suffix in the file)
+BLOCK_RENAMES = {"mixtral": (".mlp", ".block_sparse_moe")}
+
+
+@dataclass(eq=False)
+class ExpertBlock:
+    name: str  # the MoE block in the model (model.layers.0.mlp)
+    hub: str  # the same block in the file (Mixtral: model.layers.0.block_sparse_moe)
+    experts: Any
+    leaves: tuple
+
+    def expert_modules(self) -> list:
+        return [f"{self.hub}.experts.{j}.{leaf}" for j in range(self.experts.gate_up_proj.shape[0])
+                for leaf in self.leaves]
+
+
+def expert_blocks(model) -> list[ExpertBlock]:
+    """The model's MoE blocks with fused ``gate_up_proj`` / ``down_proj`` experts and a router ``gate``."""
+    kind = getattr(model.config, "model_type", "")
+    rename = BLOCK_RENAMES.get(kind)
+    out = []
+    for name, module in model.named_modules():
+        experts, gate = getattr(module, "experts", None), getattr(module, "gate", None)
+        gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        if gu is None or down is None or gu.dim() != 3 or getattr(gate, "weight", None) is None:
+            continue
+        extra = sorted(n for n, _ in experts.named_parameters(recurse=False) if n not in ("gate_up_proj", "down_proj"))
+        if extra or getattr(experts, "is_transposed", False):
+            raise GptoptError(f"save --format compressed-tensors: {name}.experts holds {', '.join(extra) or 'transposed'}"
+                              " expert tensors; the per-expert layout is written for gate_up_proj / down_proj only "
+                              "(Mixtral, Qwen2/3-MoE, OLMoE); save --format safetensors")
+        hub = name[: -len(rename[0])] + rename[1] if rename and name.endswith(rename[0]) else name
+        out.append(ExpertBlock(name, hub, experts, LEAVES.get(kind, DEFAULT_LEAVES)))
+    return out
+
+
+def expert_scheme(qconfig):
+    """The one packed group / channel scheme of ``qconfig`` the experts are written with (its config group)."""
+    groups = list(qconfig.config_groups.values()) if qconfig is not None else []
+    if len(groups) != 1 or groups[0].format != "pack-quantized" or groups[0].weights.strategy not in ("group",
+                                                                                                      "channel"):
+        raise GptoptError("save --format compressed-tensors: a mixture-of-experts model's experts are written on the "
+                          "linear layers' scheme, so they need one packed int scheme (quantize --method rtn|gptq with "
+                          "one --bits / --group-size, no W8A8, no GPT-2 layers); save --format safetensors")
+    return groups[0]
+
+
+def add_experts(model, blocks, qconfig, tensors: dict, replaced: set) -> dict:
+    """Per-expert packed tensors into ``tensors`` (the fused keys into ``replaced``), the experts of the model
+    rounded in place, routers added to ``qconfig.ignore``; returns ``{"renamed": {old key: new key}, "experts":
+    count, "scheme": describe}``."""
+    import torch
+
+    from .packing import packed_codes
+
+    group = expert_scheme(qconfig)
+    args = group.weights
+    gs = args.group_size if args.strategy == "group" else None
+    renamed, scheme = {}, None
+    for block in blocks:
+        gu, down = block.experts.gate_up_proj, block.experts.down_proj
+        inter = gu.shape[1] // 2
+        for j in range(gu.shape[0]):
+            for leaf, w in zip(block.leaves, (gu[j, :inter], gu[j, inter:], down[j])):
+                if gs and w.shape[1] % gs:
+                    raise GptoptError(f"save --format compressed-tensors: group size {gs} does not divide the "
+                                      f"input width {w.shape[1]} of {block.name}.experts ({leaf}); quantize with "
+                                      "another --group-size or channel")
+                grid = fit_grid(w.detach().float(), args.num_bits, gs, bool(args.symmetric))
+                codes = grid.codes(w.detach().float())
+                with torch.no_grad():
+                    w.copy_(grid.dequantize(codes).to(w.dtype))
+                tensors.update(packed_codes(f"{block.hub}.experts.{j}.{leaf}", codes.cpu(), grid))
+                scheme = grid.describe()
+        replaced |= {f"{block.name}.experts.gate_up_proj", f"{block.name}.experts.down_proj"}
+        if block.hub != block.name:
+            renamed[f"{block.name}.gate.weight"] = f"{block.hub}.gate.weight"
+    routers = {f"{b.hub}.gate" for b in blocks}
+    if list(group.targets) != ["Linear"]:
+        group.targets = sorted(set(group.targets) | {m for b in blocks for m in b.expert_modules()})
+    qconfig.ignore = sorted(set(qconfig.ignore or []) | routers)
+    return {"renamed": renamed, "experts": sum(b.experts.gate_up_proj.shape[0] for b in blocks), "scheme": scheme}
+
+
+def fuse_experts(model, tensors: dict, qconfig, grid_from) -> int:
+    """The reader's side: per-expert packed tensors of ``tensors`` (popped) de-quantized and fused into the model's
+    ``gate_up_proj`` / ``down_proj`` keys, the router renamed to the model's name; returns the experts read.
+    ``grid_from(tensors, name, args)`` decodes one packed layer (:func:`.reader._grid_from`)."""
+    import re
+
+    import torch
+
+    blocks = {b.hub: b for b in expert_blocks(model)}
+    pattern = re.compile(r"^(?P<hub>.+)\.experts\.(?P<j>\d+)\.(?P<leaf>\w+)\.weight_scale$")
+    found: dict = {}
+    for key in [k for k in tensors if pattern.match(k)]:
+        m = pattern.match(key)
+        block = blocks.get(m["hub"])
+        if block is None or m["leaf"] not in block.leaves:
+            continue
+        if qconfig is None or len(qconfig.config_groups) != 1:
+            raise ValueError(f"{key}: per-expert tensors are read with one config group, not "
+                             f"{len(qconfig.config_groups) if qconfig is not None else 0}")
+        name = key[: -len(".weight_scale")]
+        grid, codes = grid_from(tensors, name, next(iter(qconfig.config_groups.values())).weights)
+        found.setdefault(block.hub, {})[(int(m["j"]), m["leaf"])] = grid.dequantize(codes).float()
+    for hub, mats in found.items():
+        block = blocks[hub]
+        total = block.experts.gate_up_proj.shape[0]
+        g, u, d = block.leaves
+        missing = [f"{hub}.experts.{j}.{leaf}" for j in range(total) for leaf in block.leaves if (j, leaf) not in mats]
+        if missing:
+            raise ValueError(f"missing expert tensors: {', '.join(missing[:3])}")
+        tensors[f"{block.name}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([mats[(j, g)], mats[(j, u)]]) for j in range(total)])
+        tensors[f"{block.name}.experts.down_proj"] = torch.stack([mats[(j, d)] for j in range(total)])
+        if hub != block.name and f"{hub}.gate.weight" in tensors:
+            tensors[f"{block.name}.gate.weight"] = tensors.pop(f"{hub}.gate.weight")
+    return sum(len(m) for m in found.values()) // 3
