@@ -52,8 +52,16 @@ def _qwen3_moe_tiny(vocab):
 def _olmoe_tiny(vocab):
     from transformers import OlmoeConfig
 
-    return OlmoeConfig(**MOE_TINY, **_ids(vocab), pad_token_id=vocab - 1, intermediate_size=64, num_experts=4,
-                       norm_topk_prob=False, tie_word_embeddings=False)
+    return OlmoeConfig(**{**MOE_TINY, "num_key_value_heads": 4}, **_ids(vocab), pad_token_id=vocab - 1,
+                       intermediate_size=64, num_experts=4, norm_topk_prob=False, tie_word_embeddings=False)
+
+
+def _olmoe_refusal(cfg):
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if kv != heads:  # llama.cpp's olmoe: attn_k_norm is {n_embd}
+        return (f"OLMoE with {kv} key-value heads for {heads} query heads: llama.cpp's olmoe graph norms k over the "
+                f"whole hidden size (no grouped-query attention)")
+    return _moe_refusal("OLMoE", False, "num_experts")(cfg)
 
 
 def _moe_refusal(family: str, renormalizes: bool, count: str):
@@ -113,5 +121,5 @@ MOE_FAMILIES = (
                  extra_norms=("self_attn.q_norm", "self_attn.k_norm"), tiny=_olmoe_tiny, moe=MoeLayout(),
                  notes="q/k norms over the whole projection",
                  gguf=GgufLayout("olmoe", hparams=_expert_keys("num_experts", expert_width=False),
-                                 refusal=_moe_refusal("OLMoE", False, "num_experts"))),
+                                 refusal=_olmoe_refusal)),
 )
