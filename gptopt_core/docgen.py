@@ -21,7 +21,7 @@ from .architectures import architecture_table
 from .pretokenizers import pre_tokenizer_table
 from .cli import option_specs, run
 from .hookspecs import hook_names
-from .matrix import CELLS, supported
+from .matrix import CELLS, checked, supported
 from .plugins import get_plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -233,7 +233,7 @@ def _matrix_lines(table) -> list[str]:
         for arch in table.values():
             why = supported(arch, cell)
             if why is None:
-                row.append("yes")
+                row.append("yes" if checked(arch, cell) else "not checked")
             else:
                 mark = reasons.setdefault(why, len(reasons) + 1)
                 row.append(f"no ({mark})")

@@ -33,6 +33,18 @@ CELLS = {
 }
 
 
+#: the cells ``tests/test_moe.py`` runs on the mixture-of-experts families (experts as linear layers, per expert
+#: coverage, merged expert tensors in GGUF); a MoE family's other cells are not checked yet
+MOE_CELLS = ("quantize rtn int4", "quantize gptq int4", "prune magnitude 2:4", "prune wanda", "prune sparsegpt",
+             "save safetensors", "rtn int8 -> export gguf q8_0 + llamacpp", "gptq int4 -> export gguf q4_0 + llamacpp")
+
+
+def checked(arch, cell: str) -> bool:
+    """Whether the tests run ``cell`` on the family ``arch`` (every cell on a dense family; :data:`MOE_CELLS` on a
+    mixture of experts)."""
+    return getattr(arch, "moe", None) is None or cell in MOE_CELLS
+
+
 def supported(arch, cell: str) -> Optional[str]:
     """``None`` when ``cell`` runs on the family ``arch``; otherwise why not, in a few words."""
     if CELLS[cell] == "gguf" and arch.gguf is None:
