@@ -17,11 +17,9 @@ from gptopt_core.matrix import MOE_CELLS
 from test_families import PPL_RATIO, RECIPES, _with_target, check_grids, check_prune, check_saved, run, two_of_four
 
 MOE = {f"tiny-random-{a.name}": a for a in architecture_table().values() if a.moe is not None}
-#: every MoE family runs the GPTQ -> q4_0 -> llama.cpp chain; Mixtral (written as llama.cpp's llama) every cell of
-#: MOE_CELLS; Qwen2-MoE (a shared expert and its gate beside the routed ones) Wanda and a save (kept cheap)
-CELLS = [(name, "gptq int4 -> export gguf q4_0 + llamacpp") for name in MOE] + \
-    [("tiny-random-mixtral", cell) for cell in MOE_CELLS if cell != "gptq int4 -> export gguf q4_0 + llamacpp"] + \
-    [("tiny-random-qwen2-moe", cell) for cell in ("prune wanda", "save safetensors")]
+#: (tiny model, cell) as matrix.MOE_CELLS lists them: every MoE family runs the GPTQ -> q4_0 -> llama.cpp chain;
+#: Mixtral (written as llama.cpp's llama) every MoE cell; Qwen2-MoE (a shared expert and its gate) Wanda and a save
+CELLS = [(name, cell) for name, arch in MOE.items() for cell in MOE_CELLS[arch.model_type]]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +164,8 @@ CHECKS = {"quantize rtn int4": check_experts_on_grids, "quantize gptq int4": che
 
 
 def test_every_moe_cell_has_a_check():
-    assert set(CHECKS) == set(MOE_CELLS) and {c for _, c in CELLS} == set(MOE_CELLS)
+    assert set(MOE_CELLS) == {a.model_type for a in MOE.values()}
+    assert set(CHECKS) == {c for cells in MOE_CELLS.values() for c in cells} == {c for _, c in CELLS}
 
 
 @pytest.mark.parametrize("name,cell", CELLS)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from gptopt_core import GptoptError, WeightGrid, expert_layers, grid_of, moe_blocks, on_grid
 
-from .tensors import Source
-
 
 def _merged_grid(layers, rows: slice):
     """``(grid, codes)`` of the experts' rows ``rows`` stacked, when each expert is on one same-kind grid."""
@@ -33,7 +31,7 @@ def _merged_grid(layers, rows: slice):
     return WeightGrid(bits=bits, group_size=group, symmetric=symmetric, scale=scale, zero=zero), codes, "grid"
 
 
-def _source(name, layers, rows: slice, hf_name: str) -> Source:
+def _source(Source, name, layers, rows: slice, hf_name: str):
     import torch
 
     values = torch.stack([m.weight.detach().float()[rows] for m in layers])
@@ -42,9 +40,10 @@ def _source(name, layers, rows: slice, hf_name: str) -> Source:
     return Source(name, values.contiguous(), origin, grid, codes, "weight", hf_name, dtype)
 
 
-def expert_sources(model, arch, names) -> dict:
+def expert_sources(model, arch, names, Source) -> dict:
     """``{id(fused parameter): [Source]}``: each MoE block's ``gate_up_proj`` as the merged gate and up tensors,
-    its ``down_proj`` as the merged down tensor, under gguf-py's names (``names``: its ``TensorNameMap``)."""
+    its ``down_proj`` as the merged down tensor, under gguf-py's names (``names``: its ``TensorNameMap``;
+    ``Source``: :class:`gptopt_export.tensors.Source`, given by its caller)."""
     views = dict(expert_layers(model))
     out = {}
     for i, qualified, experts, _ in moe_blocks(model, arch):
@@ -59,8 +58,8 @@ def expert_sources(model, arch, names) -> dict:
                 raise GptoptError(f"export --format gguf: the experts of '{qualified}' have no merged tensor in "
                                   f"llama.cpp's '{arch.gguf.arch}' architecture (gguf-py's tensor map)")
         out[id(experts.gate_up_proj)] = [
-            _source(gguf_names["gate_proj"] + ".weight", gate_up, slice(0, width), f"{qualified}.gate_up_proj"),
-            _source(gguf_names["up_proj"] + ".weight", gate_up, slice(width, 2 * width), f"{qualified}.gate_up_proj")]
-        out[id(experts.down_proj)] = [_source(gguf_names["down_proj"] + ".weight", down, slice(None),
+            _source(Source, gguf_names["gate_proj"] + ".weight", gate_up, slice(0, width), f"{qualified}.gate_up_proj"),
+            _source(Source, gguf_names["up_proj"] + ".weight", gate_up, slice(width, 2 * width), f"{qualified}.gate_up_proj")]
+        out[id(experts.down_proj)] = [_source(Source, gguf_names["down_proj"] + ".weight", down, slice(None),
                                               f"{qualified}.down_proj")]
     return out

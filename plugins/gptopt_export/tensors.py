@@ -194,7 +194,8 @@ def sources(model, plugins=None) -> list[Source]:
     head_module = model.get_output_embeddings()
     from .experts import expert_sources
 
-    merged = expert_sources(model, arch, names) if arch.moe is not None else {}  # fused experts -> merged tensors
+    # fused experts -> llama.cpp's merged expert tensors
+    merged = expert_sources(model, arch, names, Source) if arch.moe is not None else {}
     for mod_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:
