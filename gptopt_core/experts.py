@@ -61,6 +61,7 @@ def _linear_view(param, e: int):
     rows, cols = param.shape[1], param.shape[2]
     layer = nn.Linear(cols, rows, bias=False, device="meta")
     layer.weight = nn.Parameter(param.data[e], requires_grad=param.requires_grad)
+    layer.gptopt_fused_ptr = param.data[e].data_ptr()  # where the view was made: to tell who moved
     return layer
 
 
@@ -70,8 +71,10 @@ def _linked(layer, param, e: int) -> bool:
 
 
 def _experts_views(experts, block: int):
-    """The per-expert views of one fused experts module (made once, relinked when the fused parameters moved; a
-    relinked layer keeps its grid: the export checks it is still on it)."""
+    """The per-expert views of one fused experts module, made once and linked again when they no longer share
+    storage: a view whose weight a step replaced is copied back into the fused parameter; a fused parameter the
+    model replaced (a dtype or device move) wins. A relinked layer keeps its grid (the export checks it is still
+    on it)."""
     import torch
     import torch.nn as nn
 
@@ -87,9 +90,11 @@ def _experts_views(experts, block: int):
             if old is None or not _linked(old, param, e):
                 layer = _linear_view(param, e)
                 if old is not None:
-                    with torch.no_grad():
-                        param.data[e].copy_(old.weight.data.to(param.dtype))  # written back, then linked again
-                    layer.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("gptopt_")})
+                    if old.gptopt_fused_ptr == param.data[e].data_ptr():  # a step replaced the view's weight
+                        with torch.no_grad():
+                            param.data[e].copy_(old.weight.data.to(param.dtype))
+                    layer.__dict__.update({k: v for k, v in old.__dict__.items()
+                                           if k.startswith("gptopt_") and k != "gptopt_fused_ptr"})
                 setattr(layer, EXPERT_ATTR, (block, e, part))
                 view[part] = layer
     return views

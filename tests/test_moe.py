@@ -92,6 +92,24 @@ def check_gates_float(res, arch):
                 assert grid_of(gate) is None and not bool((gate.weight == 0).any()), rel
 
 
+def test_views_write_back_and_follow_the_fused_parameters():
+    """A step that replaces an expert layer's weight has it copied into the fused parameter on exit; a fused
+    parameter the model replaced (a dtype or device move) wins over the old view; the view keeps its grid."""
+    model, _ = tiny_model("tiny-random-mixtral")
+    experts = model.model.layers[0].mlp.experts
+    name = "model.layers.0.mlp.experts.1.down_proj"
+    dict(expert_layers(model))[name].gptopt_grid = "marker"
+    with expert_linears(model):
+        layer = model.get_submodule(name)
+        layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))
+    assert bool((experts.down_proj[1] == 0).all()) and bool((experts.down_proj[0] != 0).any())
+    new = torch.randn_like(experts.down_proj)
+    experts.down_proj = torch.nn.Parameter(new.clone())
+    view = dict(expert_layers(model))[name]
+    assert torch.equal(experts.down_proj, new) and view.weight.data_ptr() == experts.down_proj[1].data_ptr()
+    assert view.gptopt_grid == "marker"
+
+
 def check_experts_on_grids(res, arch):
     check_grids(res, without_gates(arch))
     check_gates_float(res, arch)
