@@ -6,6 +6,8 @@ mass on its top 2 of 4 experts), so a wrong expert order or router layout change
 the experts fused (3-D parameters); ``gptopt_core.expert_linears`` shows each as two linear layers that see exactly
 the tokens the router sends them.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -201,13 +203,15 @@ def test_moe_family_matrix(name, cell, text, tmp_path):
         assert "expert_tokens" not in res.records[0]["metrics"] and res.records[0]["metrics"]["moe_blocks"] == 2
 
 
-def test_an_expert_below_min_expert_tokens_is_quantized_round_to_nearest(text):
+def test_an_expert_below_min_expert_tokens_is_quantized_round_to_nearest(text, tmp_path):
     """The stated rule: an expert whose calibration saw fewer than --min-expert-tokens gets an identity Hessian, so
     GPTQ on it is round-to-nearest on the same grid (exactly RTN's weights); it is listed, never skipped."""
     gptq = RECIPES["quantize gptq int4"][0][0][1]
     rtn = RECIPES["quantize rtn int4"][0][0][1]
     few = {**gptq, "calib_blocks": 1, "min_expert_tokens": 10 ** 6}
-    res = run("tiny-random-mixtral", text, [("quantize", few)])
+    res = run("tiny-random-mixtral", text, [("quantize", few)], out=tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["steps"][0]["metrics"]["expert_tokens"] == res.records[0]["metrics"]["expert_tokens"]
     plain = run("tiny-random-mixtral", text, [("quantize", rtn)])
     m = res.records[0]["metrics"]
     assert m["experts_below_min"] == [f"{b}.{e}" for b in range(2) for e in range(4)]
