@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptopt_core import (GptoptError, architecture_table, check_architecture, expert_layers, expert_linears, grid_of,
-                         on_grid, tiny_model, weight_matrix)
+from gptopt_core import (GptoptError, architecture_table, check_architecture, expert_layers, expert_linears, grid_layers,
+                         grid_of, model_bytes, on_grid, sparsity, tiny_model, weight_matrix, weight_modules)
 from gptopt_core.matrix import MOE_CELLS
 
 from test_families import PPL_RATIO, RECIPES, _with_target, check_grids, check_prune, check_saved, run, two_of_four
@@ -105,6 +105,9 @@ def test_views_write_back_and_follow_the_fused_parameters():
         layer = model.get_submodule(name)
         layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight))
     assert bool((experts.down_proj[1] == 0).all()) and bool((experts.down_proj[0] != 0).any())
+    weights = sum(m.weight.numel() for _, m in weight_modules(model)) + sum(
+        e.gate_up_proj.numel() + e.down_proj.numel() for e in (b.mlp.experts for b in model.model.layers))
+    assert sparsity(model) == 64 * 64 / weights  # the experts count in the one sparsity measure
     new = torch.randn_like(experts.down_proj)
     experts.down_proj = torch.nn.Parameter(new.clone())
     view = dict(expert_layers(model))[name]
@@ -115,6 +118,11 @@ def test_views_write_back_and_follow_the_fused_parameters():
 def check_experts_on_grids(res, arch):
     check_grids(res, without_gates(arch))
     check_gates_float(res, arch)
+    # the one size measure counts each expert as its packed grid (the fused parameter holds de-quantized floats)
+    float_bytes = model_bytes(tiny_model(f"tiny-random-{arch.name}")[0])
+    packed = [(m, g) for _, m, g in grid_layers(res.model)] + [(m, grid_of(m)) for _, m in expert_layers(res.model)]
+    saved = sum(m.weight.numel() * 4 - g.stored_bytes(*m.weight.shape) for m, g in packed)
+    assert model_bytes(res.model) == float_bytes - saved and len(packed) == 8 + 16
     layers = expert_layers(res.model)
     assert len(layers) == 16 and all(on_grid(m, grid_of(m)) for _, m in layers)
     if res.records[0]["params"]["method"] == "gptq":
