@@ -16,7 +16,8 @@ from gptopt_core import (GptoptError, architecture_table, check_architecture, ex
                          grid_of, model_bytes, on_grid, sparsity, tiny_model, weight_matrix, weight_modules)
 from gptopt_core.matrix import MOE_CELLS
 
-from test_families import PPL_RATIO, RECIPES, _with_target, check_grids, check_prune, check_saved, run, two_of_four
+from test_families import (PPL_RATIO, RECIPES, _with_target, check_gguf, check_grids, check_prune, check_saved_roundtrip,
+                           run, two_of_four)
 
 MOE = {f"tiny-random-{a.name}": a for a in architecture_table().values() if a.moe is not None}
 #: (tiny model, cell) as matrix.MOE_CELLS lists them: every MoE family runs the GPTQ -> q4_0 -> llama.cpp chain;
@@ -186,7 +187,8 @@ def check_merged_gguf(type_name):
 
 CHECKS = {"quantize rtn int4": check_experts_on_grids, "quantize gptq int4": check_experts_on_grids,
           "prune magnitude 2:4": check_experts_pruned("2:4"), "prune wanda": check_experts_pruned(""),
-          "prune sparsegpt": check_experts_pruned(""), "save safetensors": check_saved,
+          "prune sparsegpt": check_experts_pruned(""), "save safetensors": check_saved_roundtrip,
+          "export gguf f32 + llamacpp": check_gguf("f32"),
           "rtn int8 -> export gguf q8_0 + llamacpp": check_merged_gguf("q8_0"),
           "gptq int4 -> export gguf q4_0 + llamacpp": check_merged_gguf("q4_0")}
 
@@ -311,6 +313,19 @@ def test_planted_moe_faults_fail_the_check(fault, monkeypatch, tmp_path):
 
     monkeypatch.setattr(tensors, "sources", _edited_sources(fault))
     assert llamacpp_difference("tiny-random-mixtral", tmp_path / "m.gguf") > 100 * TOLERANCE
+
+
+def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(cli, tmp_path):
+    from gptopt_core.models import byte_tokenizer
+
+    model, _ = tiny_model("tiny-random-qwen3-moe")
+    model.config.norm_topk_prob = False
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    proc = cli("run", "--model", tmp_path / "m", "export", "--to", tmp_path / "m.gguf")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Qwen3-MoE with norm_topk_prob=False" in errors[0] and not (tmp_path / "m.gguf").exists()
 
 
 def test_what_llamacpp_computes_differently_is_refused_in_one_line():
