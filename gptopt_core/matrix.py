@@ -38,7 +38,7 @@ CELLS = {
 #: checked yet
 _GPTQ_GGUF = "gptq int4 -> export gguf q4_0 + llamacpp"
 MOE_CELLS = {
-    "mixtral": ("quantize rtn int4", "quantize gptq int4", "prune magnitude 2:4", "prune wanda", "prune sparsegpt",
+    "mixtral": ("quantize rtn int4", "prune magnitude 2:4", "prune wanda", "prune sparsegpt",
                 "save safetensors", "export gguf f32 + llamacpp", "rtn int8 -> export gguf q8_0 + llamacpp",
                 _GPTQ_GGUF),
     "qwen2_moe": ("prune wanda", "save safetensors", _GPTQ_GGUF),
