@@ -242,9 +242,13 @@ def peak_routers(model, logit_std: float = 4.0) -> None:
             w.mul_(logit_std / float(w.norm(dim=1).mean()))
 
 
-def with_experts(model, run, min_tokens=None) -> dict:
+def with_experts(model, run, min_tokens=None, log=None) -> dict:
     """``run()`` (a step's body, returning its metrics) with the experts shown as linear layers
-    (:class:`expert_linears`), the experts' figures added to its metrics; a dense model just runs it."""
+    (:class:`expert_linears`), the experts' figures added to its metrics; a dense model just runs it. ``log``
+    (``ctx.log``) gets one line naming the experts below ``min_tokens`` (``block.expert``)."""
     with expert_linears(model, MIN_EXPERT_TOKENS if min_tokens is None else min_tokens) as moe:
         metrics = run()
+    if moe.below and log is not None:
+        log(f"  {len(moe.below)} experts saw fewer than {moe.min_tokens} calibration tokens (identity statistics: "
+            f"round-to-nearest / magnitude on them): {', '.join(moe.below)}")
     return {**metrics, **moe.metrics()}

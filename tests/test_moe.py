@@ -156,6 +156,8 @@ def check_experts_pruned(pattern):
             assert abs(float((weight_matrix(layer) == 0).float().mean()) - 0.5) < 0.02, name
             assert pattern != "2:4" or two_of_four(weight_matrix(layer)), name
         check_gates_float(res, arch)  # routers (and Qwen2-MoE's shared-expert gate) stay dense and float
+        if res.records[0]["params"]["method"] == "sparsegpt":  # sequential, like GPTQ
+            check_coverage(res)
     return check
 
 
