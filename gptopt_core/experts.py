@@ -242,10 +242,17 @@ def peak_routers(model, logit_std: float = 4.0) -> None:
             w.mul_(logit_std / float(w.norm(dim=1).mean()))
 
 
-def with_experts(model, run, min_tokens=None, log=None) -> dict:
+def with_experts(model, run, min_tokens=None, log=None, offload=None, step: str = "") -> dict:
     """``run()`` (a step's body, returning its metrics) with the experts shown as linear layers
     (:class:`expert_linears`), the experts' figures added to its metrics; a dense model just runs it. ``log``
-    (``ctx.log``) gets one line naming the experts below ``min_tokens`` (``block.expert``)."""
+    (``ctx.log``) gets one line naming the experts below ``min_tokens`` (``block.expert``). ``offload`` (the step's
+    ``--offload``): block offloading moves each view apart from its fused parameter, so a MoE model refuses it
+    (one-line :class:`gptopt_core.GptoptError` naming ``step``)."""
+    if offload not in (None, "none") and moe_blocks(model):
+        from .errors import GptoptError
+
+        raise GptoptError(f"{step} --offload {offload}: not supported on a mixture of experts yet (offloading "
+                          "moves each expert's layers apart from the fused expert weights); use --offload none")
     with expert_linears(model, MIN_EXPERT_TOKENS if min_tokens is None else min_tokens) as moe:
         metrics = run()
     if moe.below and log is not None:

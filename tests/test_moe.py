@@ -333,6 +333,14 @@ def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(c
     assert "Qwen3-MoE with norm_topk_prob=False" in errors[0] and not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("step", [("quantize", {"method": "gptq", "bits": 4, "offload": "disk"}),
+                                  ("prune", {"method": "sparsegpt", "sparsity": 0.5, "offload": "cpu"})])
+def test_offloading_a_mixture_of_experts_is_refused_in_one_line(step, text):
+    with pytest.raises(GptoptError, match=f"{step[0]} --offload .*: not supported on a mixture of experts") as info:
+        run("tiny-random-mixtral", text, [step])
+    assert "\n" not in str(info.value)
+
+
 def test_what_llamacpp_computes_differently_is_refused_in_one_line():
     from gptopt_export.gguf_writer import check_model
 

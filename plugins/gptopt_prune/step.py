@@ -165,5 +165,6 @@ class PruneStep(Step):
     def apply(self, ctx):
         from gptopt_core import with_experts  # a MoE's experts pruned as linear layers, each on its routed tokens
 
-        return with_experts(ctx.model, lambda: run_prune(ctx, self.params), self.params.min_expert_tokens, ctx.log)
+        return with_experts(ctx.model, lambda: run_prune(ctx, self.params), self.params.min_expert_tokens, ctx.log,
+                            self.params.offload, "prune")
 

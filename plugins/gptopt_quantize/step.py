@@ -311,7 +311,8 @@ class QuantizeStep(Step):
         if self.params.method != "bnb":  # a MoE's experts as linear layers (bitsandbytes leaves them float)
             from gptopt_core import with_experts
 
-            return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log)
+            return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log,
+                                self.params.offload, "quantize")
         from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
         return quantize_model(ctx, self)
