@@ -246,7 +246,8 @@ def _moe_lines(table) -> list[str]:
             "- `tests/test_moe.py` runs llama.cpp on every MoE family's tiny model (experts' outputs scaled 20x, "
             "logits to a standard deviation of 3): max |logit difference| 9e-6 to 1.8e-5 (tolerance 2e-3); the "
             "planted faults move it by 5.9 (gate and up swapped), 14.5 (two experts swapped) and 14.8 (router rows "
-            "rotated) (llama-cpp-python 0.3.36, transformers 5.25)."]
+            "rotated) (measured by tests/test_moe.py's `llamacpp_difference` per family and with each fault patched "
+            "in as its test does; llama-cpp-python 0.3.36, transformers 5.25, torch 2.13)."]
 
 
 def _matrix_lines(table) -> list[str]:
