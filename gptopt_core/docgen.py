@@ -230,8 +230,8 @@ def _moe_lines(table) -> list[str]:
             "- `quantize --method rtn|gptq`: every expert on its own integer grid; GPTQ's Hessian per expert from "
             "its routed calibration tokens. `quantize` (bitsandbytes) leaves the fused experts float.",
             "- `prune` (magnitude, wanda, sparsegpt; unstructured or N:M): per expert, Wanda's norms and "
-            "SparseGPT's Hessian from its routed tokens. Masks are recorded under the expert layers' names; "
-            "training after a prune does not keep the experts' zeros yet.",
+            "SparseGPT's Hessian from its routed tokens. Masks are recorded under the expert layers' names and "
+            "training after the prune keeps the experts' zeros. `--offload cpu|disk` is refused on a MoE.",
             f"- coverage: the step's metrics (run.json) list `expert_tokens` (per block, tokens per expert). An "
             f"expert that saw fewer than `--min-expert-tokens` (default {MIN_EXPERT_TOKENS}) calibration tokens "
             "gets an identity Hessian / unit norms: GPTQ on it is round-to-nearest, Wanda and SparseGPT magnitude "

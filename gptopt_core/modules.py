@@ -54,7 +54,9 @@ def apply_masks(model, masks) -> None:
     """Zero the weights whose mask is False. ``masks``: qualified name → bool tensor shaped like ``weight``."""
     import torch
 
-    modules = dict(model.named_modules())
+    from .experts import expert_layers
+
+    modules = {**dict(expert_layers(model)), **dict(model.named_modules())}  # a MoE's experts by their view names
     with torch.no_grad():
         for name, keep in masks.items():
             module = modules.get(name)
@@ -92,7 +94,9 @@ def mask_targets(model, masks: dict) -> list:
     is found by name suffix and its base layer's weight is used. Frozen weights (e.g. a LoRA base) are left
     out: they cannot move during training.
     """
-    modules = dict(model.named_modules())
+    from .experts import expert_layers
+
+    modules = {**dict(expert_layers(model)), **dict(model.named_modules())}  # a MoE's experts by their view names
     out = []
     for name, keep in (masks or {}).items():
         module = modules.get(name)

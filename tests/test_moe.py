@@ -333,6 +333,17 @@ def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(c
     assert "Qwen3-MoE with norm_topk_prob=False" in errors[0] and not (tmp_path / "m.gguf").exists()
 
 
+def test_training_after_a_prune_keeps_the_experts_zeros(text):
+    """prune records masks under the expert layers' names; the training loop keeps those zeros in the fused
+    weights (without it Adam's first step refills every pruned expert weight)."""
+    res = run("tiny-random-mixtral", text, [("prune", {"method": "magnitude", "sparsity": 0.5}),
+                                            ("finetune", RECIPES["finetune"][0][0][1])])
+    before = dict(expert_layers(tiny_model("tiny-random-mixtral")[0]))
+    for name, layer in expert_layers(res.model):
+        assert abs(float((weight_matrix(layer) == 0).float().mean()) - 0.5) < 0.02, name
+        assert not torch.equal(layer.weight, before[name].weight), name  # trained
+
+
 @pytest.mark.parametrize("step", [("quantize", {"method": "gptq", "bits": 4, "offload": "disk"}),
                                   ("prune", {"method": "sparsegpt", "sparsity": 0.5, "offload": "cpu"})])
 def test_offloading_a_mixture_of_experts_is_refused_in_one_line(step, text):
