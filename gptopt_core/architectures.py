@@ -94,6 +94,8 @@ class Architecture:
     tiny: Optional[Callable[[int], Any]] = None
     #: how llama.cpp writes it; ``None``: no GGUF export
     gguf: Optional[GgufLayout] = None
+    #: how a mixture-of-experts family holds its experts (:class:`gptopt_core.MoeLayout`); ``None``: dense
+    moe: Optional[Any] = None
     #: anything a user should know (one sentence)
     notes: str = ""
     #: set by the registry: the plugin that registered the family
@@ -205,10 +207,12 @@ def _path_problem(model, row) -> Optional[str]:
         if getattr(row, what) not in modules:
             return f"{what} '{getattr(row, what)}' is not a module of the model"
     gguf = row.gguf.permute_qk + ((row.gguf.qkv_per_head,) if row.gguf.qkv_per_head else ()) if row.gguf else ()
+    moe = tuple(n for n in (row.moe.experts, row.moe.router, row.moe.shared, row.moe.shared_gate) if n) \
+        if row.moe is not None else ()
     named = row.linear_layers
     for i, block in enumerate(blocks):
         inner = dict(block.named_modules())
-        for what, names in (("groups", named), ("extra_norms", row.extra_norms), ("gguf", gguf)):
+        for what, names in (("groups", named), ("extra_norms", row.extra_norms), ("gguf", gguf), ("moe", moe)):
             missing = [n for n in names if n not in inner]
             if missing:
                 return f"{what} name '{missing[0]}', which block {i} ({row.blocks}.{i}) does not have"

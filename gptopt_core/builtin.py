@@ -15,6 +15,7 @@ from .errors import GptoptError, PlanError
 from .evaluate import generate_sample, perplexity
 from .klbase import capture_before_lossy, kl_metrics, kl_plan
 from .families import FAMILIES
+from .families_moe import MOE_FAMILIES
 from .grids import minmax_range, mse_range
 from .hookspecs import hookimpl
 from .locks import OutputLock
@@ -200,7 +201,7 @@ def gptopt_register_save_formats(register):
 
 @hookimpl
 def gptopt_register_architectures(register):
-    for family in FAMILIES:
+    for family in FAMILIES + MOE_FAMILIES:
         register(family)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from .architectures import architecture_of
+from .experts import record_experts
 from .modules import is_weight_layer, weight_matrix
 from .offload import OFFLOAD_MODES, BlockPlacement, resident_param_bytes
 
@@ -97,8 +98,7 @@ class _Collector:
     """Forward hooks on some layers that add their inputs to :class:`LayerStats` (``kinds`` empty: collect nothing)
     and record which layers read the same input tensor (for sequential groups). Layers that read the very same
     input tensor (Llama's q/k/v, gate/up) share one set of statistics: it is computed once and handed to each.
-    Once every hooked layer has seen the current batch, the block's forward pass is stopped: nothing after them is
-    needed."""
+    Once every hooked layer has seen the batch, the block's forward pass stops: nothing after them is needed."""
 
     def __init__(self, layers: dict, kinds, record_order: bool = False):
         self.stats = {name: LayerStats(name, module) for name, module in layers.items()}
@@ -343,6 +343,7 @@ def _compress_block(info: BlockInfo, wanted: dict, inputs, kinds, sequential: bo
             col.run(info.module, inputs)
         finally:
             gathered = col.remove()
+        record_experts(wanted, gathered)  # MoE expert views (gptopt_core.experts): coverage, min-tokens rule
         sample()
         compress(info, {n: gathered[n] for n in group})
         report["groups"] += 1

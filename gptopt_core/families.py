@@ -1,4 +1,5 @@
-"""The built-in rows of the architecture table: eleven families, registered by the core's own plugin.
+"""The built-in rows of the architecture table: eleven dense families (the MoE rows: ``families_moe.py``), registered
+by the core's own plugin.
 
 Each row was read off ``transformers``' modeling code (names, norms, rotary, embedding scale) and llama.cpp's
 ``convert_hf_to_gguf.py`` / ``src/models/*.cpp`` (GGUF architecture, row layouts, keys, what llama.cpp computes).

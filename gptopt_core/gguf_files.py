@@ -92,7 +92,9 @@ def check_gguf_file(path, where: str | None = None) -> dict:
         raise SourceError(f"{where} claims {claimed} blocks but holds tensors for {len(held)} (blk.0..blk.N); "
                           "the file is damaged or was edited")
     for i in range(claimed):
-        absent = [n for n in BLOCK_TENSORS.get(arch, ()) if f"blk.{i}.{n}" not in tensors]
+        # a MoE block (Mixtral as llama) holds the merged expert tensors (ffn_up_exps) for the dense ones
+        absent = [n for n in BLOCK_TENSORS.get(arch, ()) if f"blk.{i}.{n}" not in tensors
+                  and f"blk.{i}.{n.replace('.weight', '_exps.weight')}" not in tensors]
         if absent:
             raise SourceError(f"{where}: block {i} has no {', '.join(absent[:3])}: not a complete '{arch}' model "
                               "(relabelled from another architecture?)")

@@ -1,7 +1,8 @@
 """The one way every number is measured: bytes, parameters, sparsity."""
 from __future__ import annotations
 
-from .grids import grid_layers
+from .experts import expert_layers
+from .grids import grid_layers, grid_of
 from .modules import weight_matrix, weight_modules
 
 
@@ -14,10 +15,11 @@ def model_bytes(model) -> int:
     for _, module, grid in grid_layers(model):
         out_features, in_features = weight_matrix(module).shape
         gridded[_storage_key(module.weight)] = grid.stored_bytes(out_features, in_features)
-    seen, total = set(), 0
+    seen, total = set(), _expert_grid_savings(model)
+    views = {id(v.weight) for _, v in expert_layers(model)}  # views into fused experts: counted there
     for tensor in list(model.parameters()) + list(model.buffers()):
         key = _storage_key(tensor)
-        if key in seen:
+        if key in seen or id(tensor) in views:
             continue  # tied weights count once
         seen.add(key)
         total += gridded[key] if key in gridded else _stored_bytes(tensor)
@@ -38,6 +40,18 @@ def model_bytes(model) -> int:
         if bias is not None:
             total += bias.numel() * bias.element_size()
     return int(total)
+
+
+def _expert_grid_savings(model) -> int:
+    """A MoE expert on an integer grid (:func:`gptopt_core.expert_layers`) lives in its fused parameter: its packed
+    bytes minus its float bytes (<= 0), so the fused parameter counts as stored."""
+    total = 0
+    for _, view in expert_layers(model):
+        grid = grid_of(view)
+        if grid is not None:
+            rows, cols = view.weight.shape
+            total += grid.stored_bytes(rows, cols) - view.weight.numel() * view.weight.element_size()
+    return total
 
 
 def _inner_tensors(tensor) -> list:
@@ -111,11 +125,14 @@ def num_params(model) -> int:
 
 
 def sparsity(model) -> float:
-    """Fraction of exact zeros in the weights of linear / Conv1D layers (output head excluded).
+    """Fraction of exact zeros in the weights of linear / Conv1D layers (output head excluded), a MoE's experts
+    included (:func:`gptopt_core.expert_layers`).
 
     Packed 4-bit weights are not inspected (they count as dense)."""
     zeros = total = 0
-    for _, module in weight_modules(model):
+    layers = dict(weight_modules(model))
+    layers.update(expert_layers(model))  # inside expert_linears they are named both ways: counted once
+    for module in layers.values():
         w = module.weight
         if getattr(w, "quant_state", None) is not None:
             shape = w.quant_state.shape

@@ -79,6 +79,10 @@ def tiny_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if family.moe is not None:  # peaked routing: each token strongly prefers its top-k experts
+            from .experts import peak_routers
+
+            peak_routers(model)
     finally:
         torch.random.set_rng_state(state)
     model.eval()

@@ -25,7 +25,8 @@ def weight_modules(model, include=None, exclude=None, with_head: bool = False):
     """``[(qualified_name, module)]`` of linear / Conv1D layers in model order.
 
     The output head (the module returned by ``get_output_embeddings()``) is left out unless ``with_head``
-    or it is matched by ``include``. ``include``/``exclude`` are glob patterns on qualified names.
+    or it is matched by ``include``; so is a MoE gate that is a linear layer (Qwen2-MoE's ``shared_expert_gate``)
+    while :func:`gptopt_core.expert_linears` is showing the experts, unless ``include`` names it. ``include``/``exclude`` are glob patterns on qualified names.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
@@ -38,6 +39,8 @@ def weight_modules(model, include=None, exclude=None, with_head: bool = False):
             continue
         if module is head and not (with_head or include):
             continue
+        if getattr(module, "gptopt_router", False) and not (include and matches(name, include)):
+            continue  # a MoE router-like gate (Qwen2-MoE's shared-expert gate): float unless named
         found.append((name, module))
     return found
 
@@ -51,7 +54,9 @@ def apply_masks(model, masks) -> None:
     """Zero the weights whose mask is False. ``masks``: qualified name → bool tensor shaped like ``weight``."""
     import torch
 
-    modules = dict(model.named_modules())
+    from .experts import expert_layers
+
+    modules = {**dict(expert_layers(model)), **dict(model.named_modules())}  # a MoE's experts by their view names
     with torch.no_grad():
         for name, keep in masks.items():
             module = modules.get(name)
@@ -89,7 +94,9 @@ def mask_targets(model, masks: dict) -> list:
     is found by name suffix and its base layer's weight is used. Frozen weights (e.g. a LoRA base) are left
     out: they cannot move during training.
     """
-    modules = dict(model.named_modules())
+    from .experts import expert_layers
+
+    modules = {**dict(expert_layers(model)), **dict(model.named_modules())}  # a MoE's experts by their view names
     out = []
     for name, keep in (masks or {}).items():
         module = modules.get(name)

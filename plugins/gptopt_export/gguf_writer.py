@@ -64,7 +64,15 @@ def add_hparams(writer, model, arch, ignore_window: bool = False) -> None:
 
 def tensor_bytes(src, choice, importance=None):
     """numpy array for the writer and the raw GGML type (``None`` for plain f32/f16); ``importance``: the
-    tensor's imatrix row, or ``None``."""
+    tensor's imatrix row, or ``None``. A merged expert tensor (3-D) is encoded as its stacked rows (its grid and
+    codes are already stacked), one type for all its experts."""
+    if src.values.dim() == 3:
+        import dataclasses
+
+        n = src.values.shape[0]
+        flat = dataclasses.replace(src, values=src.values.reshape(-1, src.values.shape[-1]))
+        data, raw = tensor_bytes(flat, choice, importance)
+        return data.reshape(n, -1, data.shape[-1]), raw
     if choice.how == "exact grid" or choice.how.startswith(types.GRID_CODES):
         return blocks.pack_exact(choice.type, src.grid, src.codes), blocks.ggml_type(choice.type)
     data = blocks.encode(src.values, choice.type, importance)

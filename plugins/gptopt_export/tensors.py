@@ -25,7 +25,7 @@ class Source:
     origin: str  # "float" | "grid" | "bnb-int8" | "bnb-nf4" | "bnb-fp4" | "grid-changed"
     grid: Any = None  # gptopt_core.grids.WeightGrid (rows permuted like values) when origin == "grid"
     codes: Any = None  # int32 (out, in) codes on ``grid``
-    role: str = "weight"  # "weight" | "embedding" | "head" | "norm" | "bias" | "position"
+    role: str = "weight"  # "weight" | "embedding" | "head" | "norm" | "bias" | "position" | "router"
     hf_name: str = ""
     float_dtype: str = "float32"  # the dtype the layer computed in (auto keeps float layers there)
     module: Any = None  # the torch module the weight belongs to (imatrix: statistics by module -> GGUF name)
@@ -163,6 +163,8 @@ def _role(gguf_name: str) -> str:
         return "position"
     if gguf_name.endswith(".bias"):
         return "bias"
+    if ".ffn_gate_inp" in gguf_name:  # a MoE router (and Qwen2-MoE's shared-expert gate): f32, as the converter
+        return "router"
     return "norm" if "norm" in gguf_name else "weight"
 
 
@@ -190,11 +192,18 @@ def sources(model, plugins=None) -> list[Source]:
     rows = _row_orders(model, arch)
     tied, seen, out = _tied(model), set(), []
     head_module = model.get_output_embeddings()
+    from .experts import expert_sources
+
+    # fused experts -> llama.cpp's merged expert tensors
+    merged = expert_sources(model, arch, names, Source) if arch.moe is not None else {}
     for mod_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            if id(param) in merged:
+                out.extend(merged[id(param)])
+                continue
             if module is head_module and tied and pname == "weight":
                 continue  # a head tied to the embedding: llama.cpp reads token_embd (or gets a copy below)
             hf = f"{mod_name}.{pname}" if mod_name else pname

@@ -28,6 +28,8 @@ def choose(src, requested: str, embeddings: str | None) -> Choice:
     """The type for one :class:`~gptopt_export.tensors.Source` (see docs/export.md for the rules)."""
     if src.role in ("norm", "bias", "position") or src.values.dim() < 2:
         return Choice("f32", "1-D / position tensor, f32 as llama.cpp's converter writes it")
+    if src.role == "router":
+        return Choice("f32", "MoE router, f32 as llama.cpp's converter writes it")
     target = embeddings if src.role in ("embedding", "head") and embeddings else requested
     row = src.values.shape[-1]
     if target == "auto":

@@ -69,6 +69,10 @@ class PruneParams(Params):
     offload: Optional[Literal["none", "cpu", "disk"]] = pydantic.Field(
         None, description="sparsegpt: keep only the block being pruned on the compute device (cpu) or in memory "
                           "(disk) [default: none]")
+    min_expert_tokens: int = pydantic.Field(
+        16, ge=0, le=1_000_000, description="wanda/sparsegpt on a mixture of experts: an expert the router sent "
+                                            "fewer calibration tokens is pruned by magnitude (unit statistics) and "
+                                            "listed in the metrics (experts_below_min)")
 
     @pydantic.field_validator("pattern")
     @classmethod
@@ -159,5 +163,8 @@ class PruneStep(Step):
         preflight(ctx, self.params)
 
     def apply(self, ctx):
-        return run_prune(ctx, self.params)
+        from gptopt_core import with_experts  # a MoE's experts pruned as linear layers, each on its routed tokens
+
+        return with_experts(ctx.model, lambda: run_prune(ctx, self.params), self.params.min_expert_tokens, ctx.log,
+                            self.params.offload, "prune")
 

@@ -17,7 +17,7 @@ METHODS = ("bnb", "rtn", "gptq", "signround")
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
 GRID_ONLY = ("group_size", "symmetric", "observer", "activations")
-GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
+GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential", "min_expert_tokens")
 SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
 CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128), "signround": (128, 256)}
@@ -135,6 +135,10 @@ class QuantizeParams(Params):
     sequential: Optional[bool] = pydantic.Field(
         None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                           "block with the earlier ones already quantized [default: on]")
+    min_expert_tokens: Optional[int] = pydantic.Field(
+        None, ge=0, le=1_000_000, description="gptq on a mixture of experts: an expert the router sent fewer "
+                                              "calibration tokens is quantized round-to-nearest (identity Hessian) and "
+                                              "listed in the metrics (experts_below_min) [default: 16]")
 
     iters: Optional[int] = pydantic.Field(
         None, ge=0, le=100000, description="signround: signed-gradient steps per block (0: round-to-nearest) "
@@ -304,8 +308,11 @@ class QuantizeStep(Step):
             preflight(ctx, self)
 
     def apply(self, ctx):
-        if self.params.method != "bnb":
-            return quantize_grid(ctx, self)
+        if self.params.method != "bnb":  # a MoE's experts as linear layers (bitsandbytes leaves them float)
+            from gptopt_core import with_experts
+
+            return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log,
+                                self.params.offload, "quantize")
         from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
         return quantize_model(ctx, self)
