@@ -88,7 +88,9 @@ def check_gguf_file(path, where: str | None = None) -> dict:
         raise SourceError(f"{where} holds no tensors (a header only); its weights would be random")
     claimed = _int(reader, f"{arch}.block_count", where)
     held = sorted({int(m.group(1)) for n in tensors if (m := re.match(r"blk\.(\d+)\.", n))})
-    if held != list(range(claimed)):
+    # the count is compared before any list of its length is built: a header claiming 2**31 blocks made
+    # list(range(claimed)) take tens of GB (the fuzz of issue 38)
+    if claimed != len(held) or held != list(range(len(held))):
         raise SourceError(f"{where} claims {claimed} blocks but holds tensors for {len(held)} (blk.0..blk.N); "
                           "the file is damaged or was edited")
     for i in range(claimed):
