@@ -348,3 +348,18 @@ def test_a_quantized_model_reads_back_from_its_gguf_and_compressed_tensors_at_th
     for spec in (tmp_path / "q.gguf", tmp_path / "q"):
         again = Pipeline(model=str(spec), quiet=True).add("eval", **EVAL).run()
         assert again.records[0]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-4), spec
+
+
+def test_a_library_error_keeps_its_cause_on_one_line():
+    """huggingface_hub's strict dataclasses (transformers' configs) put the cause on a second line; pydantic adds a
+    link line; a KeyError's text is only the key (issue 38: "Class validation error for validator ..." alone)."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    from gptopt_core import error_text
+
+    exc = StrictDataclassClassValidationError("validate_architecture", ValueError("hidden size 64, 5 heads"))
+    assert error_text(exc) == "Class validation error for validator 'validate_architecture': ValueError: hidden " \
+                              "size 64, 5 heads"
+    assert error_text(ValueError("1 error\n  x\n    For further information visit https://e")) == "1 error x"
+    assert error_text(KeyError("bogus")) == "KeyError: 'bogus'" and error_text(OSError()) == "OSError"
+    assert error_text(ValueError("x" * 500)).endswith("...(+100 chars)")
