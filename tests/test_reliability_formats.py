@@ -15,7 +15,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import SLOW_SAVE, peak_memory_mb, reset_peak_memory
+from conftest import ROOT, SLOW_SAVE, error_lines, peak_memory_mb, reset_peak_memory
 from test_reliability_runs import dead_pid
 
 from gptopt_core import GptoptError, Pipeline
@@ -228,15 +228,26 @@ def block_count_edited(raw, value: bytes):
     return bytes(blob)
 
 
-def test_a_gguf_claiming_two_billion_blocks_is_refused_in_bounded_memory(llama_gguf, tmp_path):
-    """The fuzz's find (issue 38): the block count's four bytes overwritten with 0x7F (2,139,062,143 blocks) made the
-    block check build ``list(range(count))``, tens of GB, until the OOM killer ended pytest. In a child process
-    whose address space is capped at 3 GB (a relapse is a MemoryError there, not a dead machine): exit 2, one line
-    naming the count, and a peak resident set of a plain refusal."""
-    from conftest import ROOT, error_lines
+def array_count_edited(raw):
+    """The 257-entry INT32 array ``tokenizer.ggml.token_type`` claiming 2**62 entries, the file cut to a whole
+    number of entries: gguf-py read entry after entry past the end as empty arrays, one list item each, forever."""
+    at = raw.index(b"tokenizer.ggml.token_type") + len("tokenizer.ggml.token_type") + 8  # ARRAY, then INT32
+    blob = bytearray(raw)
+    blob[at:at + 8] = (2**62).to_bytes(8, "little")
+    return bytes(blob[:len(blob) - (len(blob) - at - 8) % 4])
 
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda raw: block_count_edited(raw, b"\x7f" * 4), "claims 2139062143 blocks but holds tensors for 2"),
+    (array_count_edited, "(an array) claims 4611686018427387904 entries of at least 4 bytes")],
+    ids=["block count 0x7f7f7f7f", "array count 2**62"])
+def test_a_gguf_claiming_billions_is_refused_in_bounded_memory(llama_gguf, tmp_path, edit, expected):
+    """What the fuzz found (issue 38): the block count's four bytes overwritten with 0x7F (2,139,062,143 blocks)
+    made the block check build ``list(range(count))``, tens of GB, until the OOM killer ended pytest; an array's
+    count ran gguf-py's reader without end. In a child process whose address space is capped at 3 GB (a relapse
+    is a MemoryError there, not a dead machine): exit 2, one line naming the count, the peak of a plain refusal."""
     path = tmp_path / "m.gguf"
-    path.write_bytes(block_count_edited(llama_gguf[0], b"\x7f" * 4))
+    path.write_bytes(edit(llama_gguf[0]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
                                                         os.environ.get("PYTHONPATH", "")])}
     code = ("import atexit, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
@@ -247,7 +258,7 @@ def test_a_gguf_claiming_two_billion_blocks_is_refused_in_bounded_memory(llama_g
     lines = [l for l in error_lines(proc.stderr) if not l.startswith("peak-kib")]
     peak_mb = int(proc.stderr.rsplit("peak-kib", 1)[1].split()[0]) / 1024
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "claims 2139062143 blocks but holds tensors for 2" in lines[0], lines
+    assert expected in lines[0], lines
     assert peak_mb < 1500, f"peak {peak_mb:.0f} MB"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
