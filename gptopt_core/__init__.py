@@ -6,7 +6,7 @@ The contract's core names import at once; the helpers (torch-backed) load on fir
 stays fast. ``docs/python-api.md`` documents every public name with its signature (generated and checked).
 """
 from .context import RunContext
-from .errors import GptoptError, ParamsError, PlanError, SourceError, StepFailed, safe_text
+from .errors import GptoptError, ParamsError, PlanError, SourceError, StepFailed, error_text, safe_text
 from .hookspecs import hookimpl
 from .paths import check_output_path
 from .pipeline import Pipeline, RunResult
@@ -77,7 +77,8 @@ _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format"
             "encode_logits": ("divergence", "encode")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
-                  "SourceError", "Step", "StepFailed", "check_output_path", "hookimpl", "safe_text", *_LAZY, *_ALIASES])
+                  "SourceError", "Step", "StepFailed", "check_output_path", "error_text", "hookimpl", "safe_text",
+                  *_LAZY, *_ALIASES])
 
 
 def __getattr__(name: str):

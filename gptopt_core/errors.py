@@ -38,6 +38,21 @@ def safe_text(text, limit: int | None = None) -> str:
     return out if limit is None else shorten(out, limit)
 
 
+def error_text(exc, limit: int = 400) -> str:
+    """A library's exception as one line that keeps its cause: its non-empty lines joined with a space, without
+    "For further information visit" links, cut to ``limit`` as :func:`shorten` does; the type's name where the text
+    alone says nothing (empty, or a ``KeyError``'s bare key).
+
+    Libraries put the cause on a later line: huggingface_hub's strict dataclasses (transformers' configs) raise
+    ``Class validation error for validator 'validate_architecture':`` with the ``ValueError`` naming the field on
+    the next line, so a message cut at its first line said neither field nor problem (issue 38)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    text = " ".join(line for line in lines if line and not line.startswith("For further information visit"))
+    if not text or isinstance(exc, KeyError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return shorten(text, limit)
+
+
 def shorten(text, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters with a marker saying how much was left out (never echo unbounded input)."""
     text = str(text)

@@ -54,6 +54,79 @@ def _int(reader, key, where, required=True):
     return value
 
 
+#: bytes of each scalar GGUFValueType (8 is STRING, 9 ARRAY)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _Header:
+    """A bounded walk over a GGUF header: every count and length is checked against the bytes left in the file
+    before it is used, so no loop runs longer than the file is, and nothing is allocated (issue 38)."""
+
+    def __init__(self, data, where):
+        self.data, self.where, self.pos, self.byteorder = data, where, 0, "little"
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n, what):
+        if n > self.left():
+            raise SourceError(f"cannot read {self.where}: {what} runs past the end of the file ({len(self.data)} "
+                              "bytes); the file is damaged or was edited")
+        self.pos += n
+
+    def uint(self, n, what) -> int:
+        start = self.pos
+        self.take(n, what)
+        return int.from_bytes(self.data[start:self.pos], self.byteorder)
+
+    def count(self, item_bytes, what) -> int:
+        n = self.uint(8, what)
+        if n * item_bytes > self.left():
+            raise SourceError(f"cannot read {self.where}: {what} claims {n} entries of at least {item_bytes} bytes, "
+                              f"more than the {self.left()} bytes left in the file; the file is damaged or was edited")
+        return n
+
+    def value(self, vtype, what, nested=False):
+        if vtype in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[vtype], what)
+        elif vtype == 8:
+            self.take(self.count(1, f"{what} (a string's length)"), what)
+        elif vtype == 9 and not nested:
+            itype = self.uint(4, what)
+            n = self.count(_SCALAR_BYTES.get(itype, 8), f"{what} (an array)")
+            if itype in _SCALAR_BYTES:  # gguf-py reads these one by one: past the end, as empty reads, forever
+                self.take(n * _SCALAR_BYTES[itype], what)
+            else:
+                for _ in range(n):
+                    self.value(itype, what, nested=True)
+        else:
+            raise SourceError(f"cannot read {self.where}: {what} has value type {vtype}, which GGUF does not have")
+
+
+def check_header_bounds(path, where) -> None:
+    """Walk the key/value pairs and the tensor table of a GGUF file, checking every count and length against the
+    file's size, before gguf-py's reader sees it: that reader builds a list entry per array element it is told
+    of, and reads past the end as empty arrays, so an edited array count ran it out of memory."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        h = _Header(data, where)
+        h.take(4, "the magic")
+        version = h.uint(4, "the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order (gguf-py's test)
+            h.byteorder, version = "big", int.from_bytes(data[4:8], "big")
+        if version not in (2, 3):
+            return  # gguf-py refuses these itself, in one line
+        tensors = h.count(24, "the tensor count")  # a name's length, n_dims, type and offset: 24 bytes at least
+        pairs = h.count(13, "the key/value count")  # a key's length, a value type and one byte at least
+        for i in range(pairs):
+            h.take(h.count(1, f"key {i}'s length"), f"key {i}")
+            h.value(h.uint(4, f"key {i}'s value type"), f"key {i}'s value")
+        for i in range(tensors):
+            h.take(h.count(1, f"tensor {i}'s name length"), f"tensor {i}'s name")
+            h.take(8 * h.uint(4, f"tensor {i}'s dimension count") + 12, f"tensor {i}'s shape, type and offset")
+
+
 def _read(path, where):
     try:
         import gguf
@@ -62,7 +135,7 @@ def _read(path, where):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # gguf-py raises assorted errors (and numpy's) on corrupt files
-        raise SourceError(f"cannot read GGUF file {where}: {type(exc).__name__}: {shorten(exc, 160)}") from None
+        raise SourceError(f"cannot read {where}: {type(exc).__name__}: {shorten(exc, 160)}") from None
 
 
 def check_gguf_file(path, where: str | None = None) -> dict:
@@ -79,7 +152,9 @@ def check_gguf_file(path, where: str | None = None) -> dict:
         if f.read(4) != b"GGUF":
             raise SourceError(f"{shorten(str(path), 160)} is not a GGUF file (bad magic); give a .gguf file or a "
                               "model directory")
-    reader = _read(path, where)
+    named = where if where.startswith("GGUF file") else f"GGUF file {where}"  # "cannot read GGUF file ...", once
+    check_header_bounds(path, named)
+    reader = _read(path, named)
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str) or not re.fullmatch(r"[a-z0-9_\-]{1,40}", arch):
         raise SourceError(f"{where}: 'general.architecture' is {shorten(repr(arch), 40)}, not an architecture name")
@@ -88,7 +163,9 @@ def check_gguf_file(path, where: str | None = None) -> dict:
         raise SourceError(f"{where} holds no tensors (a header only); its weights would be random")
     claimed = _int(reader, f"{arch}.block_count", where)
     held = sorted({int(m.group(1)) for n in tensors if (m := re.match(r"blk\.(\d+)\.", n))})
-    if held != list(range(claimed)):
+    # the count is compared before any list of its length is built: a header claiming 2**31 blocks made
+    # list(range(claimed)) take tens of GB (the fuzz of issue 38)
+    if claimed != len(held) or held != list(range(len(held))):
         raise SourceError(f"{where} claims {claimed} blocks but holds tensors for {len(held)} (blk.0..blk.N); "
                           "the file is damaged or was edited")
     for i in range(claimed):

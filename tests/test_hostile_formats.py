@@ -232,6 +232,13 @@ case("model-dir", "config.json with a duplicate key", edit_config("g", '{"model_
 case("model-dir", "config.json nested 100 deep", edit_config("g", '{"a": ' * 100 + "1" + "}" * 100), M,
      "nested deeper than 32 levels")
 case("model-dir", "config.json not UTF-8", lambda w, b: _latin1_config(w, b), M, "config.json is not UTF-8 text")
+# transformers' config validators raise a two-line error (huggingface_hub strict dataclasses); its cause, on the
+# second line, is the part that names the field (issue 38: it was cut to "Class validation error for validator ...")
+case("model-dir", "config with heads not dividing the width", edit_config("l", lambda c: json.dumps({
+    **c, "num_attention_heads": 5})), M, "'validate_architecture': ValueError: The hidden size (64) is not a multiple "
+     "of the number of attention heads (5).")
+case("model-dir", "config with an unknown rope type", edit_config("l", lambda c: json.dumps({
+    **c, "rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}})), M, "/m: KeyError: 'bogus'")
 
 
 def _latin1_config(w, b):
@@ -414,6 +421,9 @@ case("compressed-tensors", "compressed-tensors num_bits 'x': the first error, lo
 case("compressed-tensors", "compressed-tensors num_bits 8 over 4-bit packed codes",
      qc_edit(lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=8)), M,
      "not 8-bit codes of weight_shape")
+case("compressed-tensors", "compressed-tensors config with layer_types of 1 for 2 layers", edit_config("ct", lambda c:
+     json.dumps({**c, "layer_types": ["full_attention"]})), M, "'validate_layer_type': ValueError: `num_hidden_layers` "
+     "(2) must be equal to the number of `layer_types` (1)")
 case("compressed-tensors", "compressed-tensors config claims 100,000 layers",
      edit_config("ct", lambda c: json.dumps({**c, "num_hidden_layers": 100000})), M,
      "claims num_hidden_layers = 100000 but the weights hold 2 layers")

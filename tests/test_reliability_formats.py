@@ -3,6 +3,7 @@ against planted links, RANK without a distributed run, SIGHUP, a full disk, stal
 what export and save write, and fuzzing of GGUF headers and compressed-tensors configs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import SLOW_SAVE, peak_memory_mb, reset_peak_memory
+from conftest import ROOT, SLOW_SAVE, error_lines, peak_memory_mb, reset_peak_memory
 from test_reliability_runs import dead_pid
 
 from gptopt_core import GptoptError, Pipeline
@@ -199,8 +200,71 @@ def one_line(exc):
     return "\n" not in text and 0 < len(text) <= MAX_MESSAGE
 
 
-@settings(max_examples=40, deadline=10_000, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@contextlib.contextmanager
+def address_space_cap(extra_mb=3072):
+    """This process may map at most ``extra_mb`` more than it has mapped now (``RLIMIT_AS``), restored after: an
+    unbounded allocation is a MemoryError here instead of the whole suite's process growing until the OOM killer
+    ends it (what one random draw of the GGUF fuzz did before the block count was bounded, issue 38)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(re.search(r"^VmSize:\s+(\d+) kB", open("/proc/self/status").read(), re.M).group(1)) * 1024
+    cap = mapped + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def block_count_edited(raw, value: bytes):
+    """The tiny Llama's GGUF with the 4 bytes of ``llama.block_count``'s value overwritten by ``value``."""
+    import gguf
+
+    blob = bytearray(raw)
+    at = raw.index(b"llama.block_count") + len("llama.block_count") + 4  # the key, its value's type, the value
+    assert int.from_bytes(blob[at - 4:at], "little") == gguf.GGUFValueType.UINT32
+    blob[at:at + 4] = value
+    return bytes(blob)
+
+
+def array_count_edited(raw):
+    """The 257-entry INT32 array ``tokenizer.ggml.token_type`` claiming 2**62 entries, the file cut to a whole
+    number of entries: gguf-py read entry after entry past the end as empty arrays, one list item each, forever."""
+    at = raw.index(b"tokenizer.ggml.token_type") + len("tokenizer.ggml.token_type") + 8  # ARRAY, then INT32
+    blob = bytearray(raw)
+    blob[at:at + 8] = (2**62).to_bytes(8, "little")
+    return bytes(blob[:len(blob) - (len(blob) - at - 8) % 4])
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda raw: block_count_edited(raw, b"\x7f" * 4), "claims 2139062143 blocks but holds tensors for 2"),
+    (array_count_edited, "(an array) claims 4611686018427387904 entries of at least 4 bytes")],
+    ids=["block count 0x7f7f7f7f", "array count 2**62"])
+def test_a_gguf_claiming_billions_is_refused_in_bounded_memory(llama_gguf, tmp_path, edit, expected):
+    """What the fuzz found (issue 38): the block count's four bytes overwritten with 0x7F (2,139,062,143 blocks)
+    made the block check build ``list(range(count))``, tens of GB, until the OOM killer ended pytest; an array's
+    count ran gguf-py's reader without end. In a child process whose address space is capped at 3 GB (a relapse
+    is a MemoryError there, not a dead machine): exit 2, one line naming the count, the peak of a plain refusal."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(edit(llama_gguf[0]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = ("import atexit, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "atexit.register(lambda: print('peak-kib', next(int(l.split()[1]) for l in open('/proc/self/status') "
+            "if l.startswith('VmHWM:')), file=sys.stderr)); from gptopt_core.cli import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "-q", "--model", str(path), "eval"], cwd=tmp_path,
+                          env=env, timeout=120, capture_output=True, text=True)
+    lines = [l for l in error_lines(proc.stderr) if not l.startswith("peak-kib")]
+    peak_mb = int(proc.stderr.rsplit("peak-kib", 1)[1].split()[0]) / 1024
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert expected in lines[0], lines
+    assert peak_mb < 1500, f"peak {peak_mb:.0f} MB"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@settings(max_examples=40, deadline=10_000, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_path_factory, data):
     """Bytes of the header (keys, values, tensor table) overwritten, or the file cut: a model comes back or one
@@ -220,9 +284,11 @@ def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_pa
     path.write_bytes(bytes(blob))
     held = reset_peak_memory()  # this case's own peak, whatever an earlier case or test used
     try:
-        loaded = load_gguf(path)
+        with address_space_cap():  # random draws again (issue 38): an unbounded one fails here, in bounded memory
+            loaded = load_gguf(path)
     except GptoptError as exc:
         assert one_line(exc), str(exc)
+        assert "MemoryError" not in str(exc), str(exc)  # the cap hit inside a reader that wraps what it raises
     else:
         assert loaded.model is not None
     assert peak_memory_mb() - held < 500
@@ -246,11 +312,25 @@ QCONFIG = st.fixed_dictionaries({"quant_method": st.just("compressed-tensors")},
 NAMES = [f"model.layers.{i}.{p}" for i in range(30) for p in ("self_attn.q_proj", "mlp.down_proj")] + ["a" * 200]
 
 
-@settings(max_examples=150, deadline=5_000, derandomize=True)
-@given(QCONFIG)
-def test_any_compressed_tensors_config_validates_or_fails_in_one_line_and_matches_fast(qc):
+@pytest.fixture(scope="module")
+def ctensors_imported():
+    """compressed-tensors (and torch under it) imported before the first example: its import is no example's time."""
+    import importlib
+
+    for module in ("compressed_tensors.quantization", "gptopt_ctensors.config_check"):
+        importlib.import_module(module)
+
+
+@settings(max_examples=150, deadline=5_000, database=None, print_blob=True)
+@given(qc=QCONFIG)
+def test_any_compressed_tensors_config_validates_or_fails_in_one_line_and_matches_fast(ctensors_imported, qc):
     """A quantization_config passes the guard and compressed-tensors' validation, or fails in one line; the
     targets that pass are matched against real and long module names in bounded time."""
+    with address_space_cap():  # random draws again (issue 38), each in bounded memory
+        config_validates_or_fails_in_one_line_and_matches_fast(qc)
+
+
+def config_validates_or_fails_in_one_line_and_matches_fast(qc):
     from compressed_tensors.quantization import QuantizationConfig
     from gptopt_ctensors.config_check import check_quantization_config, validation_message
 
@@ -293,3 +373,18 @@ def test_a_quantized_model_reads_back_from_its_gguf_and_compressed_tensors_at_th
     for spec in (tmp_path / "q.gguf", tmp_path / "q"):
         again = Pipeline(model=str(spec), quiet=True).add("eval", **EVAL).run()
         assert again.records[0]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-4), spec
+
+
+def test_a_library_error_keeps_its_cause_on_one_line():
+    """huggingface_hub's strict dataclasses (transformers' configs) put the cause on a second line; pydantic adds a
+    link line; a KeyError's text is only the key (issue 38: "Class validation error for validator ..." alone)."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    from gptopt_core import error_text
+
+    exc = StrictDataclassClassValidationError("validate_architecture", ValueError("hidden size 64, 5 heads"))
+    assert error_text(exc) == "Class validation error for validator 'validate_architecture': ValueError: hidden " \
+                              "size 64, 5 heads"
+    assert error_text(ValueError("1 error\n  x\n    For further information visit https://e")) == "1 error x"
+    assert error_text(KeyError("bogus")) == "KeyError: 'bogus'" and error_text(OSError()) == "OSError"
+    assert error_text(ValueError("x" * 500)).endswith("...(+100 chars)")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptopt_core import LoadedModel, SourceError, check_local_dir
+from gptopt_core import LoadedModel, SourceError, check_local_dir, error_text
 
 RECORD = "gptopt_cpu.json"
 WEIGHTS = "gptopt_cpu.safetensors"
@@ -236,7 +236,7 @@ def resolve(spec: str, options: dict):
     try:
         model, tokenizer, record = load_converted(path, trust_remote_code=bool(options.get("trust_remote_code")))
     except Exception as exc:  # safetensors / transformers / torch raise many types for broken files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_text(exc)
         raise SourceError(f"cannot load the cpu-fast model in {spec}: {first}") from None
     facts = {"cpu-only", "quantized:cpu-bf16" if record["format"] == "bf16" else "quantized:cpu-int8"}
     return LoadedModel(model, tokenizer, "gptopt-cpu", facts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptopt_core import (GptoptError, InputQuant, LoadedModel, SourceError, WeightGrid, attach_grid,
-                         attach_input_quant, check_local_dir, is_conv1d)
+                         attach_input_quant, check_local_dir, error_text, is_conv1d)
 
 
 def read_config(path: Path) -> dict:
@@ -220,7 +220,7 @@ def resolve(spec: str, options: dict):
     except GptoptError:
         raise
     except Exception as exc:  # safetensors / compressed_tensors / transformers raise many types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_text(exc)
         raise SourceError(f"cannot load the compressed-tensors model in {spec}: {first}") from None
     facts = ({"quantized:grid"} if info["grids"] else set()) | ({"quantized:w8a8"} if info["input_quantized"] else set())
     return LoadedModel(model, tokenizer, "compressed-tensors", facts)
