@@ -71,12 +71,27 @@ def test_quantized_moe_saves_one_packed_layer_per_expert_and_reloads(moe_dirs, t
         torch.testing.assert_close(plain(ids).logits, mine, rtol=0, atol=3e-3)  # its float16 de-quantization
 
 
-def test_save_says_it_rounded_the_float_experts(moe_dirs, tmp_path, capsys):
+def test_save_packs_quantizes_expert_codes_and_says_when_it_rounded_float_experts(moe_dirs, tmp_path, capsys):
+    from gptopt_core import expert_layers, grid_codes
+
+    res = (Pipeline(model=str(moe_dirs["mixtral"]), quiet=True, device="cpu")
+           .add("quantize", method="gptq", bits=4, group_size=32, calib_blocks=8, calib_seq_len=32)
+           .add("save", to=str(tmp_path / "gptq"), format="compressed-tensors").run())
+    assert "MoE experts float" not in capsys.readouterr().err
+    views = dict(expert_layers(res.model))
+    with safe_open(str(tmp_path / "gptq" / "model.safetensors"), "pt") as f:  # GPTQ's codes, never re-rounded
+        w, _ = unpacked(f, "model.layers.1.block_sparse_moe.experts.6.w2")
+        view = views["model.layers.1.mlp.experts.6.down_proj"]
+        assert torch.equal(w, view.weight.detach().float())
+        q, _ = unpacked(f, "model.layers.0.block_sparse_moe.experts.2.w3")  # up: the second half of gate_up's rows
+        gu = views["model.layers.0.mlp.experts.2.gate_up_proj"]
+        assert torch.equal(q, gu.weight.detach().float()[gu.weight.shape[0] // 2:])
+        assert grid_codes(view).abs().max() > 0
     (Pipeline(model=str(moe_dirs["mixtral"]), quiet=True, device="cpu")
-     .add("quantize", method="rtn", bits=8, group_size="channel")
+     .add("quantize", method="rtn", bits=8, group_size="channel", exclude=["*experts*"])
      .add("save", to=str(tmp_path / "ct"), format="compressed-tensors").run())
     err = capsys.readouterr().err
-    assert "note: quantize left the 16 MoE experts float; save rounded each to int8-channel-sym" in err
+    assert "note: quantize left 16 of the 16 MoE experts float; save rounded each to int8-channel-sym" in err
     assert "steps before this save measured float experts" in err
 
 

@@ -7,17 +7,18 @@ router at ``block_sparse_moe.gate``; Qwen2-MoE, Qwen3-MoE, OLMoE ``model.layers.
 ``up_proj`` / ``down_proj`` with the router at ``mlp.gate``. transformers' loader fuses that layout back
 (``conversion_mapping``), after its compressed-tensors quantizer de-quantized each expert (``dequantize: true``).
 
-``quantize --method rtn|gptq`` puts the ``nn.Linear`` layers on integer grids, not the fused experts; so that the
-file holds the experts the way vLLM serves them, the writer rounds each expert's gate, up and down matrices to the
-linear layers' scheme, round-to-nearest per output row and group (:func:`gptopt_core.fit_grid`), in the model too
-(the model in memory computes what the file holds). The routers stay float and are listed in ``ignore``.
+``quantize --method rtn|gptq`` puts each expert on an integer grid through :func:`gptopt_core.expert_layers`' views;
+the writer packs those codes as they are (never re-rounded). An expert left float (bitsandbytes, a step that does
+not see experts) is rounded to the linear layers' scheme here, round-to-nearest per output row and group
+(:func:`gptopt_core.fit_grid`), in the model too (the model in memory computes what the file holds), and ``save``
+says so. The routers stay float and are listed in ``ignore``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from gptopt_core import GptoptError, fit_grid
+from gptopt_core import GptoptError, WeightGrid, expert_layers, fit_grid, grid_of, on_grid
 
 #: per-expert linear names (gate, up, down) by model type; every other family uses transformers' Qwen-style names
 LEAVES = {"mixtral": ("w1", "w3", "w2")}
@@ -69,31 +70,60 @@ def expert_scheme(qconfig):
     return groups[0]
 
 
-def add_experts(model, blocks, qconfig, tensors: dict, replaced: set) -> dict:
-    """Per-expert packed tensors into ``tensors`` (the fused keys into ``replaced``), the experts of the model
-    rounded in place, routers added to ``qconfig.ignore``; returns ``{"renamed": {old key: new key}, "experts":
-    count, "scheme": describe}``."""
+def _view_grid(view, args, gs):
+    """The grid quantize left on an expert's view, when it is the scheme the file is written with and the weight is
+    still on it; else None."""
+    grid = grid_of(view) if view is not None else None
+    if grid is None or (grid.bits, grid.group_size, grid.symmetric) != (args.num_bits, gs, bool(args.symmetric)):
+        return None
+    return grid if on_grid(view, grid) else None
+
+
+def _rows(grid, rows: slice):
+    return WeightGrid(grid.bits, grid.group_size, grid.symmetric, grid.scale[rows],
+                      None if grid.zero is None else grid.zero[rows])
+
+
+def _expert_codes(w, grid, args, gs):
+    """``(grid, codes)`` of one expert matrix ``w``: on ``grid`` (quantize's) as it is, else rounded here in place."""
     import torch
 
+    if grid is not None:
+        return grid, grid.codes(w.detach().float()), False
+    grid = fit_grid(w.detach().float(), args.num_bits, gs, bool(args.symmetric))
+    codes = grid.codes(w.detach().float())
+    with torch.no_grad():
+        w.copy_(grid.dequantize(codes).to(w.dtype))
+    return grid, codes, True
+
+
+def add_experts(model, blocks, qconfig, tensors: dict, replaced: set) -> dict:
+    """Per-expert packed tensors into ``tensors`` (the fused keys into ``replaced``), routers added to
+    ``qconfig.ignore``; an expert quantize left float is rounded in the model too. Returns ``{"renamed": {old key:
+    new key}, "experts": count, "rounded": experts rounded here, "scheme": describe}``."""
     from .packing import packed_codes
 
     group = expert_scheme(qconfig)
     args = group.weights
     gs = args.group_size if args.strategy == "group" else None
-    renamed, scheme = {}, None
+    views = dict(expert_layers(model))
+    renamed, scheme, rounded = {}, None, set()
     for block in blocks:
         gu, down = block.experts.gate_up_proj, block.experts.down_proj
         inter = gu.shape[1] // 2
         for j in range(gu.shape[0]):
-            for leaf, w in zip(block.leaves, (gu[j, :inter], gu[j, inter:], down[j])):
+            gu_grid = _view_grid(views.get(f"{block.name}.experts.{j}.gate_up_proj"), args, gs)
+            down_grid = _view_grid(views.get(f"{block.name}.experts.{j}.down_proj"), args, gs)
+            parts = ((gu[j, :inter], gu_grid and _rows(gu_grid, slice(None, inter))),
+                     (gu[j, inter:], gu_grid and _rows(gu_grid, slice(inter, None))), (down[j], down_grid))
+            for leaf, (w, grid) in zip(block.leaves, parts):
                 if gs and w.shape[1] % gs:
                     raise GptoptError(f"save --format compressed-tensors: group size {gs} does not divide the "
                                       f"input width {w.shape[1]} of {block.name}.experts ({leaf}); quantize with "
                                       "another --group-size or channel")
-                grid = fit_grid(w.detach().float(), args.num_bits, gs, bool(args.symmetric))
-                codes = grid.codes(w.detach().float())
-                with torch.no_grad():
-                    w.copy_(grid.dequantize(codes).to(w.dtype))
+                grid, codes, fitted = _expert_codes(w, grid, args, gs)
+                if fitted:
+                    rounded.add((block.name, j))
                 tensors.update(packed_codes(f"{block.hub}.experts.{j}.{leaf}", codes.cpu(), grid))
                 scheme = grid.describe()
         replaced |= {f"{block.name}.experts.gate_up_proj", f"{block.name}.experts.down_proj"}
@@ -103,7 +133,8 @@ def add_experts(model, blocks, qconfig, tensors: dict, replaced: set) -> dict:
     if list(group.targets) != ["Linear"]:
         group.targets = sorted(set(group.targets) | {m for b in blocks for m in b.expert_modules()})
     qconfig.ignore = sorted(set(qconfig.ignore or []) | routers)
-    return {"renamed": renamed, "experts": sum(b.experts.gate_up_proj.shape[0] for b in blocks), "scheme": scheme}
+    return {"renamed": renamed, "experts": sum(b.experts.gate_up_proj.shape[0] for b in blocks),
+            "rounded": len(rounded), "scheme": scheme}
 
 
 def fuse_experts(model, tensors: dict, qconfig, grid_from) -> int:

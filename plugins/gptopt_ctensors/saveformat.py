@@ -75,8 +75,10 @@ class CompressedTensorsFormat(SaveFormat):
         if info["zeros_in_codes"]:
             parts.append(f"pruned zeros held in the codes of {info['zeros_in_codes']} packed layer(s)")
         if info.get("moe_experts"):
-            parts.append(f"{info['moe_experts']} MoE experts one packed layer each ({info['moe_scheme']}, rounded "
-                         "to nearest in the model too), routers float")
+            how = (f"{info['moe_rounded']} rounded to nearest here, in the model too" if info.get("moe_rounded")
+                   else "quantize's codes")
+            parts.append(f"{info['moe_experts']} MoE experts one packed layer each ({info['moe_scheme']}, {how}), "
+                         "routers float")
         ctx.log("  compressed-tensors: " + ", ".join(parts))
         for note in (experts_note(info), plain_note(info)):
             if not note:
@@ -90,9 +92,9 @@ class CompressedTensorsFormat(SaveFormat):
 def experts_note(info: dict) -> str | None:
     """The line ``save`` says when it rounded a MoE model's float experts (:mod:`.moe`): what ran before it saw them
     float."""
-    if not info.get("moe_experts"):
+    if not info.get("moe_rounded"):
         return None
-    return (f"  note: quantize left the {info['moe_experts']} MoE experts float; save rounded each to "
+    return (f"  note: quantize left {info['moe_rounded']} of the {info['moe_experts']} MoE experts float; save rounded each to "
             f"{info['moe_scheme']} (round-to-nearest, in the model too): steps before this save measured float "
             "experts, steps after it measure what the file holds")
 

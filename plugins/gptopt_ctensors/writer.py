@@ -110,7 +110,8 @@ def write(ctx, model, path) -> dict:
                                                if input_quant_of(m) is not None else "") for _, m, g in grids}),
             "conv1d": any(is_conv1d(m) for _, m, _ in grids), "asymmetric": any(not g.symmetric for _, _, g in grids),
             "plain_dequantize": plain["dequantize"], "plain_unread": plain["unread"],
-            "moe_experts": experts["experts"] if experts else 0, "moe_scheme": experts["scheme"] if experts else None}
+            "moe_experts": experts["experts"] if experts else 0, "moe_scheme": experts["scheme"] if experts else None,
+            "moe_rounded": experts["rounded"] if experts else 0}
 
 
 def add_plain_tensors(model, state: dict, replaced: set, tensors: dict) -> None:
