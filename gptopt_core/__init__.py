@@ -43,7 +43,7 @@ _LAZY = {
     "mean_interval": "divergence", "kl_plan": "klbase", "kl_metrics": "klbase", "cached_kl_base": "klbase",
     "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
     # weight layers
-    "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "modules", "is_weight_layer": "modules",
+    "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "layertypes", "is_weight_layer": "layertypes",
     "matches": "modules", "apply_masks": "modules", "dequantized_weight": "modules", "get_module": "sensitivity",
     "replace_module": "sensitivity",
     # training

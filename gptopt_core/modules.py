@@ -4,16 +4,7 @@ from __future__ import annotations
 import fnmatch
 
 
-def is_conv1d(module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: ``weight`` is stored (in_features, out_features)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_weight_layer(module) -> bool:
-    """True for ``nn.Linear`` and transformers' ``Conv1D`` (the layers steps compress)."""
-    import torch.nn as nn
-
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+from .layertypes import is_conv1d, is_weight_layer  # noqa: F401  (a leaf: architectures reads it too)
 
 
 def matches(name: str, patterns) -> bool:
