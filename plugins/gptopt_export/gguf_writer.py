@@ -134,7 +134,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
     remove_stale_temporaries(target.parent, f".{target.name}.", ".part")  # left by an export killed with -9
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=str(target.parent))
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, writer = Path(tmp_name), None
     try:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf.arch)
         writer.add_type(gguf.GGUFType.MODEL)
@@ -156,6 +156,7 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the GGUF gets the user's usual mode
         publish_file(tmp, target, overwrite, "export --to")
     except BaseException:
+        _close_quietly(writer)  # a failed write (disk full) must not keep the file open: its disk stays busy
         tmp.unlink(missing_ok=True)
         raise
     return {
@@ -167,6 +168,15 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         **_peer_metrics(chosen, importance),
         **vocab_info,
     }
+
+
+def _close_quietly(writer) -> None:
+    """Close gguf-py's output files after a failed write; a flush that fails again (no space) still closes them."""
+    for f in (getattr(writer, "fout", None) or []):
+        try:
+            f.close()
+        except OSError:
+            pass
 
 
 def _grid_metrics(chosen) -> dict:
