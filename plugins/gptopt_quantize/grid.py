@@ -81,7 +81,8 @@ def preflight(ctx, step) -> None:
         data = getattr(ctx, "data", None)
         have = int(data.train_ids.numel()) if data is not None else 0
         if have < seq_len + 1:
-            raise GptoptError(f"quantize --method {p.method}{' --awq' if p.awq else ''} needs calibration text: the train split of "
+            raise GptoptError(f"quantize --method {p.method}{' --awq' if p.awq else ''} needs calibration text: the "
+                              f"train split of "
                               f"'{getattr(data, 'spec', '')}' has {have} tokens, fewer than one block of "
                               f"--calib-seq-len {seq_len}+1; give more --data or a smaller --calib-seq-len")
 

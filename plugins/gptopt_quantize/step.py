@@ -138,10 +138,10 @@ class QuantizeParams(Params):
                           "block with the earlier ones already quantized [default: on]")
 
     awq: Optional[bool] = pydantic.Field(
-        None, description="rtn/gptq/signround: first search activation-aware per-channel scales (AWQ: mean |input|^alpha, "
-                          "alpha on a 20-point grid per layer group, lowest output error of the rounded layers on "
-                          "calibration text) and fold them into the norm or linear layer before (the float model "
-                          "computes the same function) [default: off]")
+        None, description="rtn/gptq/signround: first search activation-aware per-channel scales (AWQ: mean "
+                          "|input|^alpha, alpha on a 20-point grid per layer group, lowest output error of the "
+                          "rounded layers on calibration text) and fold them into the norm or linear layer before "
+                          "(the float model computes the same function) [default: off]")
     iters: Optional[int] = pydantic.Field(
         None, ge=0, le=100000, description="signround: signed-gradient steps per block (0: round-to-nearest) "
                                            "[default: 200, as AutoRound]")
