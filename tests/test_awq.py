@@ -155,3 +155,25 @@ def test_a_family_without_fold_pairs_is_refused_in_one_line(monkeypatch):
     with pytest.raises(GptoptError, match="no scale/fold pairs are known for architecture 'gpt2'") as info:
         QuantizeStep(method="rtn", bits=4, group_size=32, awq=True).preflight(ctx)
     assert "\n" not in str(info.value)
+
+
+def test_awq_from_the_command_line_and_its_recipe(cli, tmp_path):
+    """CLI run -> run.json carries --awq and its metrics; the recorded recipe replays to the same alphas (Python);
+    with bitsandbytes the CLI refuses --awq in one line, exit 2."""
+    import json
+
+    from conftest import error_lines
+
+    from gptopt_core import Pipeline
+
+    out = tmp_path / "run"
+    got = cli("run", "--model", "tiny-random-llama", "--out", out, "quantize", "--method", "rtn", "--bits", "4",
+              "--group-size", "32", "--awq", "--calib-blocks", "8", "--calib-seq-len", "32")
+    assert got.returncode == 0, got.stderr
+    step = json.loads((out / "run.json").read_text())["steps"][0]
+    assert step["params"]["awq"] is True and len(step["metrics"]["awq"]["pairs"]) == 8
+    replay = Pipeline.from_recipe(out / "run.json", quiet=True).run()
+    alphas = {k: v["alpha"] for k, v in replay.records[0]["metrics"]["awq"]["pairs"].items()}
+    assert alphas == {k: v["alpha"] for k, v in step["metrics"]["awq"]["pairs"].items()}
+    bad = cli("run", "--model", "tiny-random-llama", "quantize", "--bits", "4", "--awq")
+    assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1 and "--awq applies to --method" in bad.stderr
