@@ -177,3 +177,28 @@ def test_awq_from_the_command_line_and_its_recipe(cli, tmp_path):
     assert alphas == {k: v["alpha"] for k, v in step["metrics"]["awq"]["pairs"].items()}
     bad = cli("run", "--model", "tiny-random-llama", "quantize", "--bits", "4", "--awq")
     assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1 and "--awq applies to --method" in bad.stderr
+
+
+def test_clip_search_lowers_the_layer_error_and_leaves_q_k_alone():
+    """--awq-clip: the clipped layers' rounding error never rises and falls somewhere; q/k are left as --awq
+    alone leaves them; without --awq it is refused."""
+    from gptopt_core import ParamsError
+    from gptopt_quantize.awq import awq_scale
+    from gptopt_quantize.grid import targets
+
+    weights = {}
+    for clip in (False, True):
+        ctx = make_context("tiny-random-llama")
+        _plant_outliers(ctx.model)
+        step = QuantizeStep(method="rtn", bits=4, group_size=32, awq=True, awq_clip=clip or None, **CALIB)
+        got = awq_scale(ctx, step.params, targets(ctx.model, step.params), (4, 32, True, "minmax"), (8, 32))
+        weights[clip] = {n: weight_matrix(m).detach().clone() for n, m in weight_modules(ctx.model)}
+    layers = got["clip"]["layers"]
+    assert len(layers) == 2 * 5 and not any(n.endswith(("q_proj", "k_proj")) for n in layers)
+    assert all(v["error"] <= v["error_rtn"] for v in layers.values())
+    assert got["clip"]["error"] < 0.99 * got["clip"]["error_rtn"], got["clip"]
+    for name, w in weights[True].items():  # block 0 (the later blocks calibrate on the clipped ones' outputs)
+        if ".layers.0." in name:
+            assert torch.equal(w, weights[False][name]) == (name not in layers), name
+    with pytest.raises(ParamsError, match="add --awq or drop --awq-clip"):
+        QuantizeStep.validate(dict(method="rtn", bits=4, awq_clip=True))

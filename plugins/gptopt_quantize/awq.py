@@ -16,7 +16,7 @@ folded (:func:`.awq_fold.fold_scales`: the float model computes the same functio
 block before any of its pairs is scaled (as AutoAWQ caches them); the next block calibrates on the scaled block's
 outputs, which equal the float ones. Differences from the reference, said here: the error is the layers' own output
 error, computed exactly from ``H`` (the reference runs the parent module, e.g. the whole attention, per ``alpha``);
-no clip search.
+per-group clip search only with ``--awq-clip`` (:mod:`.awq_clip`; the reference always clips).
 """
 from __future__ import annotations
 
@@ -101,60 +101,84 @@ class AbsMeans:
             h.remove()
 
 
+def _plan_pairs(model, pairs, names) -> tuple:
+    """``({first layer: module}, [skipped pair keys])``: the pairs whose layers are all quantized, by the qualified
+    name of their first layer (where the statistics are collected)."""
+    by_block, _ = split_by_block(model, sorted(names))
+    modules = dict(model.named_modules())
+    prefix, _ = find_blocks(model)
+    firsts, skipped = {}, []
+    for i in by_block:
+        for pair in pairs:
+            full = [f"{prefix}.{i}.{rel}" for rel in pair.layers]
+            if all(n in names for n in full):
+                firsts[full[0]] = modules[full[0]]
+            else:
+                skipped.append(pair.key(f"{prefix}.{i}"))
+    return firsts, skipped
+
+
+def _scale_block(block, stats, job: dict) -> None:
+    """Search every pair of ``block`` on the float block's statistics, then fold them all; then (``--awq-clip``)
+    clip the scaled layers on their scaled inputs (``H / (s s^T)``)."""
+    from .awq_clip import clip_search, clipped_name
+
+    inner = dict(block.module.named_modules())
+    plan = []
+    for pair in job["pairs"]:
+        first = f"{block.name}.{pair.layers[0]}"
+        if first not in job["firsts"]:
+            continue
+        x_mean = job["means"].mean(first)
+        H = stats[first].hessian / 2  # the engine's 2/n X^T X
+        stats[first].hessian = None
+        rows = source_rows(pair, job["config"], x_mean.numel(), x_mean.device)
+        weights = [weight_matrix(inner[rel]).detach().float() for rel in pair.layers]
+        got = search_scales(weights, x_mean, H, rows, job["spec"])
+        plan.append((pair, got["scales"], rows, H))
+        job["chosen"][pair.key(block.name)] = {k: round(got[k], 8) if k != "alpha" else got[k]
+                                               for k in ("alpha", "error_rtn", "error")}
+    for pair, s, rows, _ in plan:  # after every search: each pair saw the float block's statistics
+        fold_scales(block.module, pair, s, rows, job["norm"])
+    if not job["clip"]:
+        return
+    for pair, s, _, H in plan:
+        Hs = H / (s[:, None] * s[None, :])  # the scaled layers read x / s
+        for rel in pair.layers:
+            if clipped_name(rel):
+                view = weight_matrix(inner[rel])
+                W, before, after = clip_search(view.detach().float(), Hs, job["spec"])
+                view.copy_(W.to(view.dtype))
+                job["clipped"][f"{block.name}.{rel}"] = {"error_rtn": round(before, 8), "error": round(after, 8)}
+
+
 def awq_scale(ctx, p, layers, spec, calibration: tuple) -> dict:
-    """Search and fold AWQ scales on the pairs whose layers are all in ``layers`` (``[(name, module)]`` of the
-    step); ``spec = (bits, group_size, symmetric, observer)``. Returns the ``awq`` metrics."""
+    """Search and fold AWQ scales (and clip, with ``--awq-clip``) on the pairs whose layers are all in ``layers``
+    (``[(name, module)]`` of the step); ``spec = (bits, group_size, symmetric, observer)``. Returns the ``awq``
+    metrics."""
     import torch
 
     model = ctx.model
     arch, pairs = family_pairs(model)
-    names = {n for n, _ in layers}
-    by_block, _ = split_by_block(model, sorted(names))
-    modules = dict(model.named_modules())
-    prefix, _ = find_blocks(model)
-    chosen, skipped, firsts = {}, [], {}
-    for i in by_block:
-        block_name = f"{prefix}.{i}"
-        for pair in pairs:
-            full = [f"{block_name}.{rel}" for rel in pair.layers]
-            if all(n in names for n in full):
-                firsts[full[0]] = modules[full[0]]
-            else:
-                skipped.append(pair.key(block_name))
-    means = AbsMeans(firsts)
+    firsts, skipped = _plan_pairs(model, pairs, {n for n, _ in layers})
+    job = {"pairs": pairs, "firsts": firsts, "means": AbsMeans(firsts), "config": model.config, "spec": spec,
+           "norm": arch.norm, "clip": bool(getattr(p, "awq_clip", False)), "chosen": {}, "clipped": {}}
     start = time.perf_counter()
-
-    def compress(block, stats):
-        inner = dict(block.module.named_modules())
-        plan = []
-        for pair in pairs:
-            first = f"{block.name}.{pair.layers[0]}"
-            if first not in firsts:
-                continue
-            x_mean = means.mean(first)
-            H = stats[first].hessian / 2  # the engine's 2/n X^T X
-            rows = source_rows(pair, model.config, x_mean.numel(), x_mean.device)
-            weights = [weight_matrix(inner[rel]).detach().float() for rel in pair.layers]
-            got = search_scales(weights, x_mean, H, rows, spec)
-            plan.append((pair, got["scales"], rows))
-            chosen[pair.key(block.name)] = {k: round(got[k], 8) if k != "alpha" else got[k]
-                                            for k in ("alpha", "error_rtn", "error")}
-        for st in stats.values():
-            st.hessian = None
-        for pair, s, rows in plan:  # after every search: each pair saw the float block's statistics
-            fold_scales(block.module, pair, s, rows, arch.norm)
-
     try:
         with torch.no_grad():
-            report = run_blockwise(model, calibration_batches(ctx, *calibration), compress, layers=sorted(firsts),
+            report = run_blockwise(model, calibration_batches(ctx, *calibration),
+                                   lambda block, stats: _scale_block(block, stats, job), layers=sorted(firsts),
                                    stats=("hessian",), sequential=False, offload=getattr(p, "offload", None) or "none",
                                    device=ctx.device, progress=ctx.progress)
     finally:
-        means.remove()
-    err0 = sum(v["error_rtn"] for v in chosen.values())
-    err = sum(v["error"] for v in chosen.values())
-    return {"pairs": chosen, "skipped": skipped, "grid_points": N_GRID, "calib_tokens": report["calib_tokens"],
-            "error_rtn": round(err0, 8), "error": round(err, 8),
-            "pairs_improved": sum(v["error"] < v["error_rtn"] for v in chosen.values()),
-            "seconds": round(time.perf_counter() - start, 3)}
-
+        job["means"].remove()
+    chosen, clipped = job["chosen"], job["clipped"]
+    out = {"pairs": chosen, "skipped": skipped, "grid_points": N_GRID, "calib_tokens": report["calib_tokens"],
+           "error_rtn": round(sum(v["error_rtn"] for v in chosen.values()), 8),
+           "error": round(sum(v["error"] for v in chosen.values()), 8),
+           "pairs_improved": sum(v["error"] < v["error_rtn"] for v in chosen.values())}
+    if job["clip"]:
+        out["clip"] = {"layers": clipped, "error_rtn": round(sum(v["error_rtn"] for v in clipped.values()), 8),
+                       "error": round(sum(v["error"] for v in clipped.values()), 8)}
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    return out

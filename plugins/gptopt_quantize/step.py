@@ -16,7 +16,7 @@ METHODS = ("bnb", "rtn", "gptq", "signround")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
-GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq")
+GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential")
 SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
@@ -142,6 +142,10 @@ class QuantizeParams(Params):
                           "|input|^alpha, alpha on a 20-point grid per layer group, lowest output error of the "
                           "rounded layers on calibration text) and fold them into the norm or linear layer before "
                           "(the float model computes the same function) [default: off]")
+    awq_clip: Optional[bool] = pydantic.Field(
+        None, description="with --awq: also AWQ's per-group clip search on the scaled weights (range shrunk by up to "
+                          "45 % where the group's share of the output error is lowest; q/k projections unclipped) "
+                          "[default: off]")
     iters: Optional[int] = pydantic.Field(
         None, ge=0, le=100000, description="signround: signed-gradient steps per block (0: round-to-nearest) "
                                            "[default: 200, as AutoRound]")
@@ -220,6 +224,8 @@ class QuantizeParams(Params):
             if given or self.observer not in (None, "minmax"):
                 raise ValueError(f"{_flag(given[0]) if given else '--observer ' + str(self.observer)} does not "
                                  "apply to --method signround (it tunes the clipping itself)")
+        if self.awq_clip and not self.awq:
+            raise ValueError("--awq-clip is AWQ's clip search on its scaled weights: add --awq or drop --awq-clip")
         if self.awq and self.w8a8:
             raise ValueError("--awq searches weight-only scales; with --activations 8 (W8A8) the inputs are rounded "
                              "too, which its search does not measure: drop one of them")
