@@ -72,12 +72,17 @@ def check_layers(model, p, layers) -> None:
 def preflight(ctx, step) -> None:
     p = step.params
     check_layers(ctx.model, p, targets(ctx.model, p))
-    if p.method in ("gptq", "signround"):
+    if p.awq:
+        from .awq_fold import family_pairs
+
+        family_pairs(ctx.model)  # a family AWQ has no fold pairs for: refused before anything runs
+    if p.method in ("gptq", "signround") or p.awq:
         blocks, seq_len = p.calibration()
         data = getattr(ctx, "data", None)
         have = int(data.train_ids.numel()) if data is not None else 0
         if have < seq_len + 1:
-            raise GptoptError(f"quantize --method {p.method} needs calibration text: the train split of "
+            raise GptoptError(f"quantize --method {p.method}{' --awq' if p.awq else ''} needs calibration text: the "
+                              f"train split of "
                               f"'{getattr(data, 'spec', '')}' has {have} tokens, fewer than one block of "
                               f"--calib-seq-len {seq_len}+1; give more --data or a smaller --calib-seq-len")
 
@@ -138,6 +143,11 @@ def quantize_grid(ctx, step) -> dict:
                      "observer": observer}
     fallback = []
     with torch.no_grad():
+        if p.awq:
+            from .awq import awq_scale
+
+            search = "mse" if observer == "hmse" else observer  # round-to-nearest in the search: no Hessian weighting
+            metrics["awq"] = awq_scale(ctx, p, layers, (bits, gs, symmetric, search), p.calibration())
         if p.method == "rtn":
             for _, module in layers:
                 rtn(module, bits, gs, symmetric, observer)

@@ -16,11 +16,11 @@ METHODS = ("bnb", "rtn", "gptq", "signround")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
-GRID_ONLY = ("group_size", "symmetric", "observer", "activations")
+GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential", "min_expert_tokens")
 SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
-CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128), "signround": (128, 256)}
+CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128), "signround": (128, 256), "awq": (64, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 BLOCK_SIZE_ERROR = f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {{value}}"
 FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
@@ -98,11 +98,12 @@ class QuantizeParams(Params):
     max_ppl_increase: Annotated[Optional[float], as_percent()] = pydantic.Field(
         None, gt=0.0, le=10.0, description="--plan auto budget: relative calibration ppl increase, e.g. 5% [default: 5%]")
     calib_blocks: Optional[int] = pydantic.Field(
-        None, ge=1, le=4096, description="--plan auto / gptq: calibration blocks (train split) [default: 4 for "
-                                         "--plan auto, 64 for gptq]")
+        None, ge=1, le=4096, description="--plan auto / gptq / signround / --awq: calibration blocks (train "
+                                         "split) [default: 4 for --plan auto, 64 for gptq and rtn --awq, 128 for "
+                                         "signround]")
     calib_seq_len: Optional[int] = pydantic.Field(
-        None, ge=16, le=8192, description="--plan auto / gptq: tokens per calibration block [default: 256 for "
-                                          "--plan auto, 128 for gptq]")
+        None, ge=16, le=8192, description="--plan auto / gptq / signround / --awq: tokens per calibration block "
+                                          "[default: 256 for --plan auto and signround, 128 for gptq and rtn --awq]")
     check_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
                                          "(one forward per block and check, so more costs little) [default: 16]")
@@ -140,6 +141,15 @@ class QuantizeParams(Params):
                                               "calibration tokens is quantized round-to-nearest (identity Hessian) and "
                                               "listed in the metrics (experts_below_min) [default: 16]")
 
+    awq: Optional[bool] = pydantic.Field(
+        None, description="rtn/gptq/signround: first search activation-aware per-channel scales (AWQ: mean "
+                          "|input|^alpha, alpha on a 20-point grid per layer group, lowest output error of the "
+                          "rounded layers on calibration text) and fold them into the norm or linear layer before "
+                          "(the float model computes the same function) [default: off]")
+    awq_clip: Optional[bool] = pydantic.Field(
+        None, description="with --awq: also AWQ's per-group clip search on the scaled weights (range shrunk by up to "
+                          "45 % where the group's share of the output error is lowest; q/k projections unclipped) "
+                          "[default: off]")
     iters: Optional[int] = pydantic.Field(
         None, ge=0, le=100000, description="signround: signed-gradient steps per block (0: round-to-nearest) "
                                            "[default: 200, as AutoRound]")
@@ -174,8 +184,8 @@ class QuantizeParams(Params):
             return self._grid_combination()
         given = [o for o in GRID_ONLY + GPTQ_ONLY + SIGNROUND_ONLY if getattr(self, o) is not None]
         if given:
-            raise ValueError(f"{_flag(given[0])} applies to --method rtn/gptq, not bitsandbytes; add --method gptq "
-                             "(or rtn) or drop it")
+            raise ValueError(f"{_flag(given[0])} applies to --method rtn/gptq/signround, not bitsandbytes; add "
+                             "--method gptq (or rtn) or drop it")
         if self.plan is None and self.bits is None:
             raise ValueError("give --bits 8 or --bits 4 (or --plan auto / --plan FILE)")
         if self.plan is not None and self.bits is not None:
@@ -218,11 +228,17 @@ class QuantizeParams(Params):
             if given or self.observer not in (None, "minmax"):
                 raise ValueError(f"{_flag(given[0]) if given else '--observer ' + str(self.observer)} does not "
                                  "apply to --method signround (it tunes the clipping itself)")
+        if self.awq_clip and not self.awq:
+            raise ValueError("--awq-clip is AWQ's clip search on its scaled weights: add --awq or drop --awq-clip")
+        if self.awq and self.w8a8:
+            raise ValueError("--awq searches weight-only scales; with --activations 8 (W8A8) the inputs are rounded "
+                             "too, which its search does not measure: drop one of them")
         if m == "rtn":
-            given = [o for o in GPTQ_ONLY + ("calib_blocks", "calib_seq_len") if getattr(self, o) is not None]
+            calib = () if self.awq else ("calib_blocks", "calib_seq_len")
+            given = [o for o in GPTQ_ONLY + calib if getattr(self, o) is not None]
             if given:
                 raise ValueError(f"{_flag(given[0])} applies to --method gptq only; round-to-nearest needs no "
-                                 "calibration")
+                                 "calibration" + ("" if self.awq else " (unless with --awq)"))
         return self
 
     def _w8a8_combination(self) -> None:
@@ -251,7 +267,8 @@ class QuantizeParams(Params):
 
     def calibration(self) -> tuple[int, int]:
         """(calibration blocks, tokens per block) with the method's defaults filled in."""
-        blocks, seq_len = CALIB_DEFAULTS[self.method if self.method in CALIB_DEFAULTS else "bnb"]
+        key = "awq" if self.method == "rtn" and self.awq else self.method
+        blocks, seq_len = CALIB_DEFAULTS[key if key in CALIB_DEFAULTS else "bnb"]
         return (self.calib_blocks or blocks, self.calib_seq_len or seq_len)
 
 
