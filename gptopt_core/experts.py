@@ -100,6 +100,14 @@ def _experts_views(experts, block: int):
     return views
 
 
+def _fused(experts):
+    """The module holding the fused parameters: peft's ``target_parameters`` LoRA wraps it (``ParamWrapper``, one
+    per parameter, nested), the wrapped module is its ``base_layer``."""
+    while "gate_up_proj" not in experts._parameters and hasattr(experts, "base_layer"):
+        experts = experts.base_layer
+    return experts
+
+
 def moe_blocks(model, arch=None) -> list:
     """``[(block index, qualified name of the experts module, experts module, router module)]`` of a MoE model (by
     its architecture row's ``moe``); ``[]`` for a dense model."""
@@ -111,7 +119,7 @@ def moe_blocks(model, arch=None) -> list:
         return []
     out = []
     for i, block in enumerate(base.get_submodule(arch.blocks)):
-        out.append((i, f"{arch.blocks}.{i}.{arch.moe.experts}", block.get_submodule(arch.moe.experts),
+        out.append((i, f"{arch.blocks}.{i}.{arch.moe.experts}", _fused(block.get_submodule(arch.moe.experts)),
                     block.get_submodule(arch.moe.router)))
     return out
 
