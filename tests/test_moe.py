@@ -366,3 +366,37 @@ def test_what_llamacpp_computes_differently_is_refused_in_one_line():
         with pytest.raises(GptoptError, match=words) as info:
             check_model(model)
         assert "\n" not in str(info.value) and str(info.value).startswith("export --format gguf: ")
+
+
+def test_a_mixtral_pruned_to_half_its_experts_reloads_in_transformers_and_runs_in_llamacpp(tmp_path):
+    """The issue's check: prune-experts to half of tiny Mixtral's experts (experts made to matter: outputs x20, logits
+    spread to std 3), saved, reloaded by plain transformers at the same logits, exported and run in llama.cpp at
+    torch's logits on every position."""
+    from transformers import AutoModelForCausalLM
+
+    from gptopt_core.testing import make_context
+    from gptopt_export.gguf_writer import write_gguf
+    from gptopt_export.llamacpp import next_token_logits
+
+    arch = MOE["tiny-random-mixtral"]
+    ctx = make_context(model="tiny-random-mixtral")
+    model = ctx.model
+    ids = torch.randint(0, len(ctx.tokenizer) - 1, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for block in model.get_submodule(arch.blocks):
+            block.get_submodule(arch.moe.experts).down_proj.mul_(20.0)
+        model.get_submodule(arch.final_norm).weight.mul_(3.0 / float(model(ids).logits.std()))
+    before = model.config.num_local_experts
+    metrics = ctx.plugins.step_class("prune-experts")(keep_fraction=0.5, calib_samples=4, calib_seq_len=64).apply(ctx)
+    assert metrics["experts_after"] == before // 2 == model.config.num_local_experts
+    ctx.plugins.step_class("save")(to=str(tmp_path / "pruned")).apply(ctx)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned")).eval()
+    assert reloaded.config.num_local_experts == before // 2
+    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == before // 2
+    with torch.inference_mode():
+        want = model(ids).logits[0].float()
+        assert torch.equal(reloaded(ids).logits[0].float(), want)
+    write_gguf(reloaded, ctx.tokenizer, tmp_path / "pruned.gguf", "f32", name="moe")
+    got = np.asarray(next_token_logits(tmp_path / "pruned.gguf", ids[0].tolist(), threads=2, f32_cache=True),
+                     dtype=np.float32)
+    assert float(np.abs(got - want.numpy()).max()) <= TOLERANCE
