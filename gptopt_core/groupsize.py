@@ -65,6 +65,11 @@ class GroupSize:
         """The :class:`~gptopt_core.grids.WeightGrid` spelling: the size, or ``None`` per channel."""
         return self.size
 
+    @property
+    def value(self):
+        """As an option or run.json spells it: the int, or ``"channel"``."""
+        return "channel" if self.size is None else self.size
+
     def columns(self, width: int) -> int:
         """Columns in one group of a layer ``width`` inputs wide (``width`` itself per channel)."""
         return width if self.size is None else self.size
@@ -89,8 +94,7 @@ class GroupSize:
         from pydantic_core import core_schema
 
         return core_schema.no_info_plain_validator_function(
-            cls.of, serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda g: "channel" if g.size is None else g.size))
+            cls.of, serialization=core_schema.plain_serializer_function_ser_schema(lambda g: g.value))
 
     @classmethod
     def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict:

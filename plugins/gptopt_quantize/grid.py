@@ -58,7 +58,7 @@ def check_layers(model, p, layers) -> None:
             raise GptoptError(f"quantize --method {p.method} needs float32 weights to hold the de-quantized values "
                               f"exactly; {name} is {str(w.dtype).replace('torch.', '')} (load the model in float32)")
         width = weight_matrix(module).shape[1]
-        if gs and width % gs:
+        if not gs.divides(width):
             bad.setdefault(width, name)
     if bad:
         widths = sorted({weight_matrix(m).shape[1] for _, m in layers})
@@ -139,7 +139,7 @@ def quantize_grid(ctx, step) -> dict:
     symmetric = True if p.symmetric is None else bool(p.symmetric)
     observer = p.observer or "minmax"
     start, cpu_start = time.perf_counter(), time.process_time()
-    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs or "channel", "symmetric": symmetric,
+    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs.value, "symmetric": symmetric,
                      "observer": observer}
     fallback = []
     with torch.no_grad():

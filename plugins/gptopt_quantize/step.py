@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
+from gptopt_core import GroupSize, Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
 
 from .grid import preflight, quantize_grid
 
@@ -107,7 +107,7 @@ class QuantizeParams(Params):
     check_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
                                          "(one forward per block and check, so more costs little) [default: 16]")
-    group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = pydantic.Field(
+    group_size: Annotated[Optional[GroupSize], as_group_size()] = pydantic.Field(
         None, description="rtn/gptq: input columns sharing one scale (32, 64, 128, ...; must divide every layer's "
                           "input width) or 'channel' (one scale per output row) [default: 64]")
     symmetric: Optional[bool] = pydantic.Field(
@@ -245,7 +245,7 @@ class QuantizeParams(Params):
         if self.bits != 8:
             raise ValueError(f"--activations 8 (W8A8) needs --bits 8: int8 inputs meet int8 weights; use --bits 8 "
                              f"or drop --activations (--bits {self.bits} is weight-only)")
-        if self.group_size not in (None, "channel"):
+        if self.group_size is not None and not self.group_size.per_channel:
             raise ValueError("--activations 8 (W8A8) puts weights on per-channel grids (one scale per output row, "
                              "as vLLM's int8 kernels read them); drop --group-size or give --group-size channel")
         if self.symmetric is False:
@@ -261,8 +261,8 @@ class QuantizeParams(Params):
         return self.activations == 8
 
     @property
-    def grid_group_size(self) -> Optional[int]:
-        """rtn/gptq group size: an int, or ``None`` for per-channel."""
+    def grid_group_size(self) -> GroupSize:
+        """rtn/gptq/signround group size: 64 unless given (per channel under ``--activations 8``)."""
         return group_columns(self.group_size, default="channel" if self.w8a8 else 64)
 
     def calibration(self) -> tuple[int, int]:
