@@ -42,6 +42,9 @@ class QuantizeMethod:
     hint: str = "drop it"
     #: own one-line refusals for options it does not take (``{flag}`` is the option), instead of the table's
     refusals: Mapping[str, str] = field(default_factory=dict)
+    #: an integer-grid method's rounding, for :func:`grid_engine`: ``(ctx, params, layers, (bits, group size,
+    #: symmetric, observer), metrics) -> names rounded to nearest instead`` (``layers``: ``[(name, module)]``)
+    rounding: Optional[Callable] = None
 
 
 #: name -> record, in ``--method``'s order
@@ -87,12 +90,32 @@ def grid_facts(step) -> set:
 
 
 def grid_engine(ctx, step) -> dict:
-    """A MoE's experts as linear layers (bitsandbytes leaves them float), then the grid method on every layer."""
+    """A MoE's experts as linear layers (bitsandbytes leaves them float), then the method's rounding on every
+    layer (:func:`.grid.quantize_grid`)."""
     from .grid import quantize_grid
 
     p = step.params
-    return with_experts(ctx.model, lambda: quantize_grid(ctx, step), p.min_expert_tokens, ctx.log, p.offload,
-                        "quantize")
+    rounding = METHODS[p.method].rounding
+    return with_experts(ctx.model, lambda: quantize_grid(ctx, step, rounding), p.min_expert_tokens, ctx.log,
+                        p.offload, "quantize")
+
+
+def rtn_rounding(*args) -> list[str]:
+    from .grid import rtn_layers  # torch work: imported when it runs
+
+    return rtn_layers(*args)
+
+
+def gptq_rounding(*args) -> list[str]:
+    from .grid import gptq_layers
+
+    return gptq_layers(*args)
+
+
+def signround_rounding(*args) -> list[str]:
+    from .grid import signround_rounding as rounding
+
+    return rounding(*args)
 
 
 def grid_preflight(ctx, step) -> None:
@@ -191,11 +214,13 @@ register_method(QuantizeMethod(
      "check_blocks") + CALIB,
     bnb_engine, bnb_facts, check_bnb, calibration=(4, 256), title="bitsandbytes", hint="add --method gptq (or rtn) or drop it"))
 register_method(QuantizeMethod(
-    "rtn", "round-to-nearest integer grid", GRID + CALIB, grid_engine, grid_facts, check_rtn, grid_preflight))
+    "rtn", "round-to-nearest integer grid", GRID + CALIB, grid_engine, grid_facts, check_rtn, grid_preflight,
+    rounding=rtn_rounding))
 register_method(QuantizeMethod(
     "gptq", "GPTQ integer grid (layer by layer on calibration text)", GRID + CALIB + GPTQ, grid_engine, grid_facts,
-    check_grid, grid_preflight))
+    check_grid, grid_preflight, rounding=gptq_rounding))
 register_method(QuantizeMethod(
     "signround", "SignRound/AutoRound rounding and clipping tuned per block on its output error",
     GRID + CALIB + ("offload", "iters", "lr"), grid_engine, grid_facts, check_signround, grid_preflight,
-    calibration=(128, 256), refusals={o: SIGNROUND_REFUSES for o in GPTQ if o != "offload"}))
+    calibration=(128, 256), refusals={o: SIGNROUND_REFUSES for o in GPTQ if o != "offload"},
+    rounding=signround_rounding))
