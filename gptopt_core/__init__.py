@@ -57,7 +57,9 @@ _LAZY = {
     "resident_param_bytes": "offload", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
     "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
     "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
-    "round_to_grid": "grids",
+    "round_to_grid": "grids", "GroupSize": "groupsize",
+    # the one OBS solver (GPTQ, SparseGPT): the column loop and the rules its callers give it
+    "obs_solve": "obs", "ColumnRule": "obs", "GroupScales": "obs", "prepare_obs": "obs", "lazy_batch": "obs",
     "InputQuant": "activations", "attach_input_quant": "activations", "detach_input_quant": "activations",
     "input_quant_of": "activations", "input_quant_layers": "activations", "quantize_tokens": "activations",
     # decode timing (bench, cpu-fast)

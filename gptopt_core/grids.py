@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .groupsize import GroupSize, parse_group_size  # noqa: F401 (parse_group_size: public here)
 from .modules import weight_matrix
 from .observers import get_observer
 
@@ -86,28 +87,10 @@ class WeightGrid:
         return int(total)
 
 
-def parse_group_size(value):
-    """A group size from any door: an int >= 2, or ``"channel"`` (also ``per-channel`` / ``none``) for one group
-    per output row; ``None`` passes through. Raises ``ValueError`` with a sentence otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("channel", "per-channel", "none"):
-            return "channel"
-        if not text.isdigit():
-            raise ValueError(f"group size must be a number of input columns (32, 64, 128, ...) or 'channel', "
-                             f"not {value!r}")
-        value = int(text)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
-        return value
-    raise ValueError(f"group size must be at least 2 input columns or 'channel', not {value!r}")
-
-
-def check_group_size(in_features: int, group_size: Optional[int], name: str = "layer") -> None:
-    """Raise ``ValueError`` naming the width when ``group_size`` does not divide ``in_features``."""
-    if group_size and in_features % group_size:
-        raise ValueError(f"group size {group_size} does not divide {name}'s input width {in_features}")
+def check_group_size(in_features: int, group_size, name: str = "layer") -> None:
+    """Raise ``ValueError`` naming the width when ``group_size`` (a :class:`~gptopt_core.GroupSize` or its older
+    spellings) does not divide ``in_features``."""
+    GroupSize.of(group_size).check(in_features, name)
 
 
 #: the mse observer's search, as in the GPTQ reference quantizer (and compressed-tensors' ``mse`` observer): shrink
@@ -190,9 +173,10 @@ def mse_range(groups, bits: int, symmetric: bool, importance=None):
     return p * lo, p * hi
 
 
-def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
+def fit_grid(weight, bits: int, group_size=None, symmetric: bool = True,
              observer: str = "minmax", importance=None) -> WeightGrid:
-    """Scales for ``weight`` (``(out, in)``): the round-to-nearest grid.
+    """Scales for ``weight`` (``(out, in)``): the round-to-nearest grid, ``group_size`` a
+    :class:`~gptopt_core.GroupSize` (or an int; ``None`` / ``"channel"``: per channel).
 
     Symmetric: ``scale = max|w| / ((2**bits - 1) / 2)`` per group (as GPTQ and compressed-tensors do).
     Asymmetric: the group's range, widened to include 0, split into ``2**bits - 1`` steps.
@@ -205,8 +189,9 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
     """
     w = weight.detach().float()
     out_features, in_features = w.shape
-    check_group_size(in_features, group_size)
-    size = group_size or in_features
+    groups = GroupSize.of(group_size)
+    groups.check(in_features)
+    size = groups.columns(in_features)
     g = w.reshape(out_features, in_features // size, size)
     obs = get_observer(observer)
     imp = None if importance is None else importance.detach().float().reshape(1, in_features // size, size)
@@ -215,7 +200,7 @@ def fit_grid(weight, bits: int, group_size: Optional[int] = None, symmetric: boo
         raise ValueError(f"observer '{observer}' (plugin {obs.plugin}) returned ranges shaped "
                          f"{tuple(getattr(lo, 'shape', ()))}, not (out_features, n_groups) = {tuple(g.shape[:2])}")
     scale, zero = _scale_zero(lo.float().clamp(max=0), hi.float().clamp(min=0), bits, symmetric)
-    return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
+    return WeightGrid(bits=bits, group_size=groups.grid_size, symmetric=symmetric, scale=scale, zero=zero)
 
 
 def attach_grid(module, grid: WeightGrid, check: bool = True) -> None:
@@ -303,10 +288,12 @@ def fake_quantize(w, scale, zero, bits: int, symmetric: bool = True):
     return q * s
 
 
-def grid_from_groups(bits: int, group_size: Optional[int], symmetric: bool, scales, zeros=None) -> WeightGrid:
-    """A :class:`WeightGrid` from per-group ``(out,)`` scales (and zero points), in input-column order."""
+def grid_from_groups(bits: int, group_size, symmetric: bool, scales, zeros=None) -> WeightGrid:
+    """A :class:`WeightGrid` from per-group ``(out,)`` scales (and zero points), in input-column order;
+    ``group_size``: a :class:`~gptopt_core.GroupSize` (or an int, ``None`` per channel)."""
     import torch
 
     scale = torch.stack([s.float() for s in scales], dim=1)
     zero = None if symmetric else torch.stack([z.to(torch.int32) for z in zeros], dim=1)
-    return WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric, scale=scale, zero=zero)
+    return WeightGrid(bits=bits, group_size=GroupSize.of(group_size).grid_size, symmetric=symmetric, scale=scale,
+                      zero=zero)

@@ -3,14 +3,14 @@
 A plugin's params annotate a field with the type it holds and the core's parser for it, so the CLI, the recipe
 keys and the Python keyword arguments all accept the same spellings with the same errors::
 
-    from typing import Annotated, Literal, Optional, Union
+    from typing import Annotated, Literal, Optional
 
     import pydantic
-    from gptopt_core import Params, as_choice, as_group_size, as_percent
+    from gptopt_core import GroupSize, Params, as_choice, as_group_size, as_percent
 
     class MyParams(Params):
         budget: Annotated[float, as_percent()] = pydantic.Field(0.1, gt=0)           # "10%" or 0.1
-        group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = None   # "64", "channel"
+        group_size: Annotated[Optional[GroupSize], as_group_size()] = None   # 64, "64", "channel"
         bits: Annotated[Optional[Literal[4, 8]], as_choice((4, 8), "quantizes to 4 or 8 bits, not {value}")] = None
 
 The annotation's type is what ``gptopt run STEP --help`` and docs/cli.md show (choices of a ``Literal``).
@@ -21,7 +21,7 @@ import functools
 
 import pydantic
 
-from .grids import parse_group_size
+from .groupsize import GroupSize, parse_group_size
 from .steps import parse_choice, parse_percent
 
 __all__ = ["as_percent", "as_group_size", "as_choice", "group_columns"]
@@ -35,7 +35,9 @@ def as_percent() -> pydantic.BeforeValidator:
 
 
 def as_group_size() -> pydantic.BeforeValidator:
-    """Input columns per scale: an int >= 2 (also ``"64"``) or ``"channel"`` (:func:`gptopt_core.parse_group_size`)."""
+    """Input columns per scale: an int >= 2 (also ``"64"``) or ``"channel"`` (:func:`gptopt_core.parse_group_size`),
+    on a field annotated ``Optional[GroupSize]``: the step gets a :class:`gptopt_core.GroupSize` (``None`` when not
+    given), which every grid engine takes; a recipe stores ``64`` or ``"channel"`` as typed."""
     return pydantic.BeforeValidator(parse_group_size)
 
 
@@ -45,8 +47,8 @@ def as_choice(choices, message: str) -> pydantic.BeforeValidator:
     return pydantic.BeforeValidator(functools.partial(parse_choice, choices=tuple(choices), message=message))
 
 
-def group_columns(group_size, default: int = 64):
-    """The group size a grid is fitted with, from an :func:`as_group_size` option: ``None`` (not given) is
-    ``default``, ``"channel"`` is ``None`` (one scale per output row), a number is itself."""
-    size = default if group_size is None else group_size
-    return None if size == "channel" else int(size)
+def group_columns(group_size, default=64) -> GroupSize:
+    """The :class:`gptopt_core.GroupSize` a grid is fitted with, from an :func:`as_group_size` option: ``None`` (not
+    given) is ``default`` (an int, ``"channel"`` or a ``GroupSize``), anything else is parsed as itself.
+    It returned ``int | None`` before (CHANGELOG): ``.size`` is that value."""
+    return GroupSize.of(default if group_size is None else group_size)

@@ -184,7 +184,13 @@ def test_grid_options_are_checked():
     ]:
         with pytest.raises(ParamsError, match=text):
             QuantizeStep(**kwargs)
-    assert QuantizeStep(method="rtn", bits=8, group_size="channel").params.grid_group_size is None
+    from gptopt_core import GroupSize
+
+    assert QuantizeStep(method="rtn", bits=8, group_size="channel").params.grid_group_size == GroupSize(None)
+    for given, size in [(None, 64), ("32", 32), (128, 128), ("per-channel", None)]:
+        p = QuantizeStep(method="rtn", bits=4, group_size=given).params
+        assert p.grid_group_size == GroupSize(size) and p.grid_group_size.columns(256) == (size or 256)
+        assert p.model_dump(mode="json")["group_size"] == (None if given is None else size or "channel")
 
 
 @pytest.mark.parametrize("spec", ["tiny-random-gpt2", "tiny-random-llama"])

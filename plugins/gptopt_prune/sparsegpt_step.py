@@ -23,7 +23,7 @@ def check_sparsegpt_targets(model, targets, params) -> None:
         widths = sorted({t.view().shape[1] for t in targets})
         for t in targets:
             width = t.view().shape[1]
-            if gs and width % gs:
+            if not gs.divides(width):
                 raise GptoptError(f"prune: --group-size {gs} does not divide the input width {width} of {t.name} "
                                   f"(input widths: {', '.join(map(str, widths))}); use another --group-size or "
                                   "channel")
@@ -43,7 +43,7 @@ def run_sparsegpt(ctx, model, targets, batches, params) -> dict:
     quantized = {}
     damp = 0.01 if params.dampening is None else params.dampening
     bits = params.quantize_bits
-    gs = params.grid_group_size if bits else None
+    gs = params.grid_group_size
     symmetric = params.symmetric is not False
     losses, raised = {}, {}
 
@@ -75,5 +75,5 @@ def run_sparsegpt(ctx, model, targets, batches, params) -> dict:
     if quantized:
         ctx.state.setdefault("quantized", {}).update(quantized)
     return {"engine": report, "dampening": damp, "sparsegpt_loss": round(sum(losses.values()), 6),
-            "raised_dampening": raised, "quantize_bits": bits, "group_size": (gs or "channel") if bits else None,
+            "raised_dampening": raised, "quantize_bits": bits, "group_size": gs.value if bits else None,
             "symmetric": symmetric if bits else None, "grid": next(iter(quantized.values()), None)}

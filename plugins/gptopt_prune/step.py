@@ -6,11 +6,11 @@ import torch inside their functions (so importing them here loads no torch at ``
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, group_columns
+from gptopt_core import GroupSize, Params, Step, as_choice, as_group_size, as_percent, group_columns
 
 from .pruning import preflight, run_prune
 
@@ -61,7 +61,7 @@ class PruneParams(Params):
             (4, 8), "sparsegpt quantizes to 4 or 8 bits, not {value}")] = pydantic.Field(
         None, description="sparsegpt: also put the kept weights on a 4- or 8-bit integer grid (joint "
                           "sparsification and quantization; facts as quantize --method gptq)")
-    group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = pydantic.Field(
+    group_size: Annotated[Optional[GroupSize], as_group_size()] = pydantic.Field(
         None, description="sparsegpt --quantize-bits: input columns sharing one scale, or 'channel' [default: 64]")
     symmetric: Optional[bool] = pydantic.Field(
         None, description="sparsegpt --quantize-bits: signed codes, or unsigned codes with a zero point "
@@ -118,8 +118,8 @@ class PruneParams(Params):
         return self
 
     @property
-    def grid_group_size(self) -> Optional[int]:
-        """--quantize-bits group size: an int, or ``None`` for per-channel."""
+    def grid_group_size(self) -> GroupSize:
+        """--quantize-bits group size, default 64."""
         return group_columns(self.group_size)
 
     @property

@@ -13,6 +13,8 @@ sensitive to them. Unlike the scales, clipping changes the float model: that is 
 """
 from __future__ import annotations
 
+from gptopt_core import GroupSize
+
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5
 #: leaf names the reference leaves unclipped (query / key, and fused projections holding them)
 NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
@@ -44,7 +46,7 @@ def clip_search(W, H, spec):
 
     bits, gs, symmetric, observer = spec
     out, cols = W.shape
-    size = gs or cols
+    size = GroupSize.of(gs).columns(cols)
     G = cols // size
     blocks = torch.stack([H[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(G)])
     w = W.reshape(out, G, size)

@@ -1,5 +1,6 @@
-"""GPTQ (Frantar et al., 2022, arXiv 2210.17323) for one weight matrix, blocked as in the reference code
-(IST-DASLab/gptq ``gptq.py``: Cholesky form of the inverse Hessian, lazy batch updates of 128 columns).
+"""GPTQ (Frantar et al., 2022, arXiv 2210.17323) for one weight matrix: the core's one OBS solver
+(:func:`gptopt_core.obs_solve`: Cholesky form of the inverse Hessian, lazy batch updates of 128 columns, as the
+reference code IST-DASLab/gptq ``gptq.py``) with a rule that rounds each column to its group's grid.
 
 Differences from the reference, each chosen so that the result is the textbook column-by-column algorithm
 (``tests/test_gptq.py`` checks equality with one) and lands on a :class:`gptopt_core.grids.WeightGrid`:
@@ -18,71 +19,55 @@ Differences from the reference, each chosen so that the result is the textbook c
 """
 from __future__ import annotations
 
-from typing import Optional
-
-from gptopt_core import fake_quantize, fit_group, get_observer, grid_from_groups, inverse_hessian_cholesky
-
-
-def prepare(W, H):
-    """Copies of ``W`` (out, in) and ``H`` (in, in) with dead inputs (``H_jj == 0``) handled as in the reference:
-    their weights are zeroed and their diagonal set to 1."""
-    import torch
-
-    W = W.clone()
-    H = H.to(W.dtype).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H
-
-
-def lazy_block_size(columns: int, group_size: Optional[int], act_order: bool, block_size: int = 128) -> int:
-    """Columns per lazy batch: ``block_size``, or a multiple of the group size when groups are fitted on the fly."""
-    if group_size is None or act_order:
-        return min(block_size, columns)
-    return group_size * max(1, block_size // group_size)
+from gptopt_core import ColumnRule, GroupScales, GroupSize, get_observer, lazy_batch, obs_solve, prepare_obs
 
 
 def hessian_weighting(H, observer: str, gs: int):
-    """``(observer, importance)``: an observer registered with ``importance=True`` (``hmse``: the mse search) gets
-    each column's error weighted by ``H``'s diagonal (``importance(c)`` gives the group starting at column ``c``);
-    the others get none."""
+    """``importance(c)`` for :class:`gptopt_core.GroupScales`: an observer registered with ``importance=True``
+    (``hmse``: the mse search) gets each column's error weighted by ``H``'s diagonal (the group starting at column
+    ``c``); the others get none."""
     import torch
 
     if not get_observer(observer).importance:
-        return observer, lambda c: None
+        return None
     hdiag = torch.diag(H).clone()
-    return observer, lambda c: hdiag[c:c + gs]
+    return lambda c: hdiag[c:c + gs]
 
 
-def static_scales(W, gs: int, bits: int, symmetric: bool, observer: str, fit: bool,
-                  importance=lambda c: None) -> tuple[list, list]:
-    """One ``(scale, zero)`` slot per group; filled now when ``fit`` (act-order or per-channel: scales fitted before
-    any update), else left ``None`` for the loop to fit as it reaches each group."""
-    n_groups = W.shape[1] // gs
-    scales, zeros = [None] * n_groups, [None] * n_groups
-    if fit:
-        for g in range(n_groups):
-            scales[g], zeros[g] = fit_group(W[:, g * gs:(g + 1) * gs], bits, symmetric, observer, importance(g * gs))
-    return scales, zeros
-
-
-def column_order(W, H, M, gs: int, act_order: bool):
-    """``(W, H, M, perm, group_of)``: with act-order the columns by decreasing Hessian diagonal (``perm``), else as
-    they are (``perm`` ``None``); ``group_of[c]`` is the group of the column now at ``c``."""
+def column_order(W, H, M, act_order: bool):
+    """``(W, H, M, perm)``: with act-order the columns by decreasing Hessian diagonal (``perm``), else as they are
+    (``perm`` ``None``)."""
     import torch
 
     if not act_order:
-        return W, H, M, None, [c // gs for c in range(W.shape[1])]
+        return W, H, M, None
     perm = torch.argsort(torch.diag(H), descending=True)
-    return W[:, perm], H[perm][:, perm], None if M is None else M[:, perm], perm, (perm // gs).tolist()
+    return W[:, perm], H[perm][:, perm], None if M is None else M[:, perm], perm
 
 
-def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: bool = True,
+class GptqRule(ColumnRule):
+    """Round each column to its group's grid (``group_of[c]``: the group of the column now at ``c``); with
+    ``dynamic`` fit a group's scale at its first column on the weights as updated so far (kept ones only); keep
+    the pruned weights of ``M`` at zero."""
+
+    def __init__(self, scales: GroupScales, M, group_of, dynamic: bool):
+        self.scales, self.M, self.group_of, self.dynamic = scales, M, group_of, dynamic
+
+    def column(self, W1, i: int, col: int):
+        g, gs, M = self.group_of[col], self.scales.gs, self.M
+        if self.dynamic and self.scales.starts(col):
+            group = W1[:, i:i + gs]
+            self.scales.fit(g, group if M is None else group * M[:, col:col + gs])
+        q = self.scales.round(W1[:, i], g)
+        return q if M is None else q * M[:, col]
+
+
+def gptq_quantize(W, H, bits: int, group_size=None, symmetric: bool = True,
                   act_order: bool = False, dampening: float = 0.01, block_size: int = 128, observer: str = "minmax",
                   mask=None):
     """Quantize ``W`` ``(out, in)`` given the layer's input Hessian ``H = 2/n·X^T X`` ``(in, in)``.
 
+    ``group_size``: a :class:`gptopt_core.GroupSize` (or an int; ``None``: per channel).
     ``observer``: a registered :class:`gptopt_core.Observer` (``"minmax"``, ``"mse"``; ``"hmse"`` or any with
     ``importance=True`` gets ``H``'s diagonal, the columns' mean squared activation, to weight each column's error).
     ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
@@ -92,49 +77,23 @@ def gptq_quantize(W, H, bits: int, group_size: Optional[int] = None, symmetric: 
     """
     import torch
 
-    W, H = prepare(W, H)
+    W, H = prepare_obs(W, H)
     M = None if mask is None else mask.to(device=W.device, dtype=W.dtype)
     if M is not None:
         W = W * M
-    rows, columns = W.shape
-    gs = group_size or columns
-    if columns % gs:
-        raise ValueError(f"group size {group_size} does not divide the input width {columns}")
-    observer, imp = hessian_weighting(H, observer, gs)
-    scales, zeros = static_scales(W, gs, bits, symmetric, observer, act_order or group_size is None, imp)
-    W, H, M, perm, group_of = column_order(W, H, M, gs, act_order)
-    U, damp = inverse_hessian_cholesky(H, dampening)
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=W.dtype, device=W.device)
-    B = lazy_block_size(columns, group_size, act_order, block_size)
-    dynamic = group_size is not None and not act_order
-    for i1 in range(0, columns, B):
-        i2 = min(i1 + B, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
-            if dynamic and col % gs == 0:
-                group = W1[:, i:i + gs]
-                scales[g], zeros[g] = fit_group(group if M is None else group * M[:, col:col + gs], bits,
-                                                symmetric, observer, imp(col))
-            w = W1[:, i]
-            d = U1[i, i]
-            q = fake_quantize(w, scales[g], zeros[g], bits, symmetric)
-            if M is not None:
-                q = q * M[:, col]
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        loss += (Err1 * Err1).sum() / 2
-        if i2 < columns:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    columns = W.shape[1]
+    groups = GroupSize.of(group_size)
+    if not groups.divides(columns):
+        raise ValueError(f"group size {groups} does not divide the input width {columns}")
+    gs = groups.columns(columns)
+    scales = GroupScales(columns, bits, groups, symmetric, observer, hessian_weighting(H, observer, gs))
+    dynamic = not groups.per_channel and not act_order
+    if not dynamic:  # act-order or per channel: every scale fitted before any update
+        scales.fit_all(W)
+    W, H, M, perm = column_order(W, H, M, act_order)
+    group_of = [c // gs for c in range(columns)] if perm is None else (perm // gs).tolist()
+    B = lazy_batch(columns, gs if dynamic else None, block_size=block_size)
+    Q, loss, damp = obs_solve(W, H, GptqRule(scales, M, group_of, dynamic), dampening, B)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    grid = grid_from_groups(bits, group_size, symmetric, scales, zeros)
-    return Q, grid, {"loss": float(loss), "dampening": damp}
+    return Q, scales.grid(), {"loss": loss, "dampening": damp}

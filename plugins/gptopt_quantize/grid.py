@@ -58,7 +58,7 @@ def check_layers(model, p, layers) -> None:
             raise GptoptError(f"quantize --method {p.method} needs float32 weights to hold the de-quantized values "
                               f"exactly; {name} is {str(w.dtype).replace('torch.', '')} (load the model in float32)")
         width = weight_matrix(module).shape[1]
-        if gs and width % gs:
+        if not gs.divides(width):
             bad.setdefault(width, name)
     if bad:
         widths = sorted({weight_matrix(m).shape[1] for _, m in layers})
@@ -128,7 +128,27 @@ def kept_masks(ctx, modules: dict) -> dict:
     return out
 
 
-def quantize_grid(ctx, step) -> dict:
+def rtn_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
+    """``--method rtn``: every layer rounded to nearest; none falls back."""
+    for _, module in layers:
+        rtn(module, *spec)
+    return []
+
+
+def signround_rounding(ctx, p, layers, spec, metrics: dict) -> list[str]:
+    """``--method signround`` on the layers inside the blocks, round-to-nearest (minmax) on the others."""
+    from .signround import signround_layers
+
+    fallback = signround_layers(ctx, p, layers, spec[:3], metrics)
+    for name in fallback:
+        rtn(dict(layers)[name], *spec[:3])
+    return fallback
+
+
+def quantize_grid(ctx, step, rounding) -> dict:
+    """An integer-grid method on the selected layers: ``rounding(ctx, params, layers, (bits, group size, symmetric,
+    observer), metrics)`` (the method record's) puts them on grids and returns the names it rounded to nearest
+    instead; AWQ before it, ``--embeddings 8`` and W8A8 after it are every grid method's."""
     import torch
 
     p = step.params
@@ -139,7 +159,7 @@ def quantize_grid(ctx, step) -> dict:
     symmetric = True if p.symmetric is None else bool(p.symmetric)
     observer = p.observer or "minmax"
     start, cpu_start = time.perf_counter(), time.process_time()
-    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs or "channel", "symmetric": symmetric,
+    metrics: dict = {"method": p.method, "bits": bits, "group_size": gs.value, "symmetric": symmetric,
                      "observer": observer}
     fallback = []
     with torch.no_grad():
@@ -148,17 +168,7 @@ def quantize_grid(ctx, step) -> dict:
 
             search = "mse" if observer == "hmse" else observer  # round-to-nearest in the search: no Hessian weighting
             metrics["awq"] = awq_scale(ctx, p, layers, (bits, gs, symmetric, search), p.calibration())
-        if p.method == "rtn":
-            for _, module in layers:
-                rtn(module, bits, gs, symmetric, observer)
-        elif p.method == "signround":
-            from .signround import signround_layers
-
-            fallback = signround_layers(ctx, p, layers, (bits, gs, symmetric), metrics)
-            for name in fallback:
-                rtn(dict(layers)[name], bits, gs, symmetric)
-        else:
-            fallback = gptq_layers(ctx, p, layers, (bits, gs, symmetric, observer), metrics)
+        fallback = rounding(ctx, p, layers, (bits, gs, symmetric, observer), metrics)
         if p.embeddings == "8":
             embedded = embeddings_to_int8(model)
             layers = layers + [(n, m) for n, m in embedded if all(m is not other for _, other in layers)]

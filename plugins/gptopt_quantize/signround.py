@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from gptopt_core import attach_grid, grid_from_groups, is_conv1d, weight_matrix
+from gptopt_core import GroupSize, attach_grid, grid_from_groups, is_conv1d, weight_matrix
 
 CLIP_MIN = 0.5
 
@@ -54,13 +54,14 @@ def _ste_half(x):
     return x + (x.half().float() - x).detach()
 
 
-def qdq(W, V, alpha, beta, bits: int, gs: int, symmetric: bool, codes: bool = False):
-    """De-quantized weights (differentiable in ``V``, ``alpha``, ``beta``); ``codes=True``: ``(codes int32,
-    scale (out, groups), zero or None)`` instead, the exact grid of the same numbers."""
+def qdq(W, V, alpha, beta, bits: int, gs, symmetric: bool, codes: bool = False):
+    """De-quantized weights (differentiable in ``V``, ``alpha``, ``beta``), ``gs`` a :class:`gptopt_core.GroupSize`;
+    ``codes=True``: ``(codes int32, scale (out, groups), zero or None)`` instead, the exact grid of the same
+    numbers."""
     import torch
 
     out, cols = W.shape
-    gs = gs or cols  # per channel: one group per row
+    gs = GroupSize.of(gs).columns(cols)  # per channel: one group per row
     g = W.reshape(out, cols // gs, gs)
     lo = g.amin(-1).clamp(max=0) * beta
     hi = g.amax(-1).clamp(min=0) * alpha
@@ -125,7 +126,7 @@ def tune_block(block, layers: dict, spec, iters: int, lr: float, seed: int) -> d
     tuned = []
     for module in layers.values():
         W = weight_matrix(module).detach().float().clone()
-        groups = (W.shape[0], W.shape[1] // (gs or W.shape[1]))
+        groups = (W.shape[0], W.shape[1] // GroupSize.of(gs).columns(W.shape[1]))
         tuned.append(Tuned(module, module.weight, W, torch.zeros_like(W, requires_grad=True),
                            torch.ones(groups, requires_grad=True), torch.ones(groups, requires_grad=True)))
     frozen = [p for p in block.module.parameters() if p.requires_grad]

@@ -7,23 +7,13 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
+from gptopt_core import GroupSize, Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
 
-from .grid import preflight, quantize_grid
+from .methods import METHODS, refuse_options
 
 PRECISIONS = ("int8", "nf4", "fp4", "keep")
-METHODS = ("bnb", "rtn", "gptq", "signround")
-#: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
-BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
-            "check_blocks")
-GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip")
-GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential", "min_expert_tokens")
-SIGNROUND_ONLY = ("iters", "lr")
-#: calibration defaults: --plan auto (bnb) and gptq
-CALIB_DEFAULTS = {"bnb": (4, 256), "gptq": (64, 128), "signround": (128, 256), "awq": (64, 128)}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 BLOCK_SIZE_ERROR = f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {{value}}"
-FOUR_BIT_OPTIONS = ("quant_type", "double_quant", "compute_dtype", "block_size")
 
 
 def check_plan_mapping(plan: dict, where: str) -> dict:
@@ -60,17 +50,11 @@ def read_plan_file(path: str) -> dict:
     return check_plan_mapping(doc, f"plan file {path}")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 class QuantizeParams(Params):
-    method: Literal["bnb", "rtn", "gptq", "signround"] = pydantic.Field(
-        "bnb", description="bnb: bitsandbytes int8/nf4/fp4 modules; rtn: round-to-nearest integer grid; gptq: GPTQ "
-                           "integer grid (layer by layer on calibration text); signround: SignRound/AutoRound "
-                           "rounding and clipping tuned per block on its output error; rtn/gptq/signround weights "
-                           "stay exactly on their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed int4/int8 + "
-                           "scales)")
+    method: Literal[tuple(METHODS)] = pydantic.Field(  # the method table (.methods): one record per method
+        "bnb", description="; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+        + "; rtn/gptq/signround weights stay exactly on their grid (GGUF q4_0/q4_1/q8_0 blocks at group 32, packed "
+          "int4/int8 + scales)")
     bits: Annotated[Optional[Literal[8, 4]], as_choice(
             (8, 4), "bitsandbytes quantizes to 8 or 4 bits, not {value}; use --bits 8 or --bits 4")] = pydantic.Field(
         None, description="8 (LLM.int8) or 4 (nf4/fp4) for every selected layer; not with --plan. rtn/gptq: the "
@@ -107,7 +91,7 @@ class QuantizeParams(Params):
     check_blocks: Optional[int] = pydantic.Field(
         None, ge=1, le=1024, description="--plan auto: calibration blocks each whole-plan check is measured on "
                                          "(one forward per block and check, so more costs little) [default: 16]")
-    group_size: Annotated[Optional[Union[int, Literal["channel"]]], as_group_size()] = pydantic.Field(
+    group_size: Annotated[Optional[GroupSize], as_group_size()] = pydantic.Field(
         None, description="rtn/gptq: input columns sharing one scale (32, 64, 128, ...; must divide every layer's "
                           "input width) or 'channel' (one scale per output row) [default: 64]")
     symmetric: Optional[bool] = pydantic.Field(
@@ -180,80 +164,12 @@ class QuantizeParams(Params):
 
     @pydantic.model_validator(mode="after")
     def _combination(self):
-        if self.method != "bnb":
-            return self._grid_combination()
-        given = [o for o in GRID_ONLY + GPTQ_ONLY + SIGNROUND_ONLY if getattr(self, o) is not None]
-        if given:
-            raise ValueError(f"{_flag(given[0])} applies to --method rtn/gptq/signround, not bitsandbytes; add "
-                             "--method gptq (or rtn) or drop it")
-        if self.plan is None and self.bits is None:
-            raise ValueError("give --bits 8 or --bits 4 (or --plan auto / --plan FILE)")
-        if self.plan is not None and self.bits is not None:
-            raise ValueError("give either --bits or --plan, not both (a plan sets each module's precision)")
-        if self.bits == 8:
-            given = [o for o in FOUR_BIT_OPTIONS if getattr(self, o) is not None]
-            if given:
-                flag = "--" + given[0].replace("_", "-")
-                raise ValueError(f"{flag} applies to 4-bit quantization only; drop it or use --bits 4")
-        if self.max_ppl_increase is not None and self.plan != "auto":
-            raise ValueError("--max-ppl-increase is the budget of --plan auto; add --plan auto or drop it")
-        if isinstance(self.plan, dict) and (self.embeddings != "keep" or self.include or self.exclude):
-            raise ValueError("a plan mapping names every module's precision; drop --embeddings/--include/--exclude")
-        if isinstance(self.plan, dict) and self.quant_type is not None:
-            four = {p for p in self.plan.values() if p in ("nf4", "fp4")}
-            if four and four != {self.quant_type}:
-                raise ValueError(f"--quant-type {self.quant_type} contradicts the plan's {four.pop()} modules")
+        """The method table refuses the options the method does not take, then the method checks the rest."""
+        refuse_options(self)
+        check = METHODS[self.method].check
+        if check is not None:
+            check(self)
         return self
-
-    def _grid_combination(self):
-        m = self.method
-        if self.bits is None:
-            raise ValueError(f"give --bits 4 or --bits 8 with --method {m}")
-        given = [o for o in BNB_ONLY if getattr(self, o) is not None]
-        if self.embeddings == "4":
-            raise ValueError(f"--method {m} puts the embeddings and output head on an int8 grid only: use "
-                             "--embeddings 8 (or --method bnb --embeddings 4)")
-        if given:
-            raise ValueError(f"{_flag(given[0])} applies to --method bnb (bitsandbytes) only; drop it with --method {m}")
-        if self.activations is not None:
-            self._w8a8_combination()
-        if m == "rtn" and self.observer is not None and get_observer(self.observer).importance:
-            raise ValueError(f"--observer {self.observer} weights by the calibration Hessian, which only --method gptq "
-                             "collects; use --method gptq or --observer mse")
-        if m != "signround" and (self.iters is not None or self.lr is not None):
-            raise ValueError(f"{_flag('iters' if self.iters is not None else 'lr')} applies to --method signround "
-                             "only")
-        if m == "signround":
-            given = [o for o in GPTQ_ONLY if o != "offload" and getattr(self, o) is not None]
-            if given or self.observer not in (None, "minmax"):
-                raise ValueError(f"{_flag(given[0]) if given else '--observer ' + str(self.observer)} does not "
-                                 "apply to --method signround (it tunes the clipping itself)")
-        if self.awq_clip and not self.awq:
-            raise ValueError("--awq-clip is AWQ's clip search on its scaled weights: add --awq or drop --awq-clip")
-        if self.awq and self.w8a8:
-            raise ValueError("--awq searches weight-only scales; with --activations 8 (W8A8) the inputs are rounded "
-                             "too, which its search does not measure: drop one of them")
-        if m == "rtn":
-            calib = () if self.awq else ("calib_blocks", "calib_seq_len")
-            given = [o for o in GPTQ_ONLY + calib if getattr(self, o) is not None]
-            if given:
-                raise ValueError(f"{_flag(given[0])} applies to --method gptq only; round-to-nearest needs no "
-                                 "calibration" + ("" if self.awq else " (unless with --awq)"))
-        return self
-
-    def _w8a8_combination(self) -> None:
-        if self.bits != 8:
-            raise ValueError(f"--activations 8 (W8A8) needs --bits 8: int8 inputs meet int8 weights; use --bits 8 "
-                             f"or drop --activations (--bits {self.bits} is weight-only)")
-        if self.group_size not in (None, "channel"):
-            raise ValueError("--activations 8 (W8A8) puts weights on per-channel grids (one scale per output row, "
-                             "as vLLM's int8 kernels read them); drop --group-size or give --group-size channel")
-        if self.symmetric is False:
-            raise ValueError("--activations 8 (W8A8) needs symmetric weight grids (vLLM's int8 kernels have no "
-                             "weight zero point); drop --no-symmetric")
-        if self.embeddings != "keep":
-            raise ValueError("--activations 8 (W8A8) quantizes linear layers only; the embeddings and head stay "
-                             "float (vLLM reads no int8 embedding beside W8A8 layers); drop --embeddings")
 
     @property
     def w8a8(self) -> bool:
@@ -261,14 +177,13 @@ class QuantizeParams(Params):
         return self.activations == 8
 
     @property
-    def grid_group_size(self) -> Optional[int]:
-        """rtn/gptq group size: an int, or ``None`` for per-channel."""
+    def grid_group_size(self) -> GroupSize:
+        """rtn/gptq/signround group size: 64 unless given (per channel under ``--activations 8``)."""
         return group_columns(self.group_size, default="channel" if self.w8a8 else 64)
 
     def calibration(self) -> tuple[int, int]:
         """(calibration blocks, tokens per block) with the method's defaults filled in."""
-        key = "awq" if self.method == "rtn" and self.awq else self.method
-        blocks, seq_len = CALIB_DEFAULTS[key if key in CALIB_DEFAULTS else "bnb"]
+        blocks, seq_len = METHODS[self.method].calibration
         return (self.calib_blocks or blocks, self.calib_seq_len or seq_len)
 
 
@@ -316,20 +231,12 @@ class QuantizeStep(Step):
         return out
 
     def next_facts(self, facts):
-        if self.params.method != "bnb":
-            return set(facts) | {"quantized:grid"} | ({"quantized:w8a8"} if self.params.w8a8 else set())
-        return set(facts) | {f"quantized:{b}" for b in self.planned_precisions()}
+        return set(facts) | METHODS[self.params.method].facts(self)
 
     def preflight(self, ctx):
-        if self.params.method != "bnb":
-            preflight(ctx, self)
+        check = METHODS[self.params.method].preflight
+        if check is not None:
+            check(ctx, self)
 
     def apply(self, ctx):
-        if self.params.method != "bnb":  # a MoE's experts as linear layers (bitsandbytes leaves them float)
-            from gptopt_core import with_experts
-
-            return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log,
-                                self.params.offload, "quantize")
-        from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
-
-        return quantize_model(ctx, self)
+        return METHODS[self.params.method].engine(ctx, self)
