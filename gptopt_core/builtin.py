@@ -194,7 +194,7 @@ def gptopt_collect_metrics(ctx):
 
 
 @hookimpl
-def gptopt_register_save_formats(register):
+def gptopt_register_writers(register):
     register(SafetensorsFormat)
 
 
