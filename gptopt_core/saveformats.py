@@ -131,10 +131,12 @@ def _write_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
 def write_model_file(ctx, writer: Writer, target: Path, options: dict, overwrite: bool = False) -> dict:
     """A file writer's :meth:`Writer.write` into an empty temporary file beside ``target``, then moved onto it
     atomically (:func:`gptopt_core.publish_file`: without ``overwrite`` a file that appeared meanwhile is never
-    replaced); returns the writer's metrics. A failed write leaves nothing."""
+    replaced); returns the writer's metrics. A failed write leaves nothing. An ``atomic`` writer writes ``target``
+    itself."""
     target = Path(target)
-    for prefix in (f".{target.name}.", f"..{target.name}."):  # left by an export killed with -9 (a writer's own
-        remove_stale_temporaries(target.parent, prefix)          # temporaries beside this one: the second)
+    if writer.atomic:
+        return dict(writer.write(ctx, ctx.model, target, {**options, "overwrite": overwrite}) or {})
+    remove_stale_temporaries(target.parent, f".{target.name}.", ".writing")  # left by an export killed with -9
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".writing", dir=str(target.parent))
     os.close(fd)
     tmp = Path(name)

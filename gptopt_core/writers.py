@@ -53,6 +53,9 @@ class Writer:
     suffixes: tuple = ()
     #: the writer whose format this one writes for the models it claims (e.g. ``"safetensors"``), or ``None``
     specializes: str | None = None
+    #: a file writer that publishes its file itself: :meth:`write` gets ``--to`` and writes it atomically (a
+    #: temporary name beside it, then :func:`gptopt_core.publish_file` with ``options["overwrite"]``)
+    atomic: bool = False
 
     def claims_facts(self, facts) -> bool:
         """Whether a model with these facts is what this writer is for (:attr:`fallback`, or one of :attr:`facts`)."""
@@ -74,8 +77,8 @@ class Writer:
 
     def write(self, ctx, model, path, options: dict):
         """Write ``model`` to ``path``: for a directory writer an empty temporary directory the ``save`` step
-        renames afterwards (the tokenizer, recipe.yaml and run.json are written by the core); for a file writer a
-        temporary file name beside ``--to`` that ``export`` renames onto it. Return ``None`` or a dict of metrics
+        renames afterwards (the tokenizer, recipe.yaml and run.json are written by the core); for a file writer an
+        empty temporary file beside ``--to`` that ``export`` moves onto it (``--to`` itself if :attr:`atomic`). Return ``None`` or a dict of metrics
         for the step's record. Raise :class:`gptopt_core.GptoptError` for a model it cannot hold after all; what
         was written is removed."""
         raise NotImplementedError

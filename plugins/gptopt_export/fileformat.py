@@ -32,6 +32,7 @@ class GgufWriter(Writer):
     kind = "file"
     fallback = True
     suffixes = (".gguf",)
+    atomic = True  # write_gguf publishes the file itself (a temporary name, then publish_file)
 
     def plan_refusal(self, facts, options):
         return next((reason for fact, reason in REFUSED.items() if fact in facts), None)
@@ -45,7 +46,7 @@ class GgufWriter(Writer):
         return write_gguf(model, ctx.tokenizer, path, options.get("type", "auto"), options.get("embeddings"),
                           name=ctx.model_spec, plugins=ctx.plugins, importance=options.get("importance"),
                           plan=options.get("plan"), ignore_window=bool(options.get("ignore_sliding_window")),
-                          overwrite=True)
+                          overwrite=bool(options.get("overwrite")))
 
 
 def planned_format(step, facts) -> str:
