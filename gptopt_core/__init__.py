@@ -64,14 +64,16 @@ _LAZY = {
     "input_quant_of": "activations", "input_quant_layers": "activations", "quantize_tokens": "activations",
     # decode timing (bench, cpu-fast)
     "PerfCounterTimer": "decode", "GenerateTiming": "decode", "generation_kwargs": "decode", "time_generate": "decode",
-    # save formats
-    "SaveFormat": "saveformats", "save_formats": "saveformats",
+    # writers: one registry of directories (save --format) and files (export --format); SaveFormat is Writer
+    "Writer": "writers", "registered_writers": "writers", "SaveFormat": "saveformats", "save_formats": "saveformats",
+    "write_model_file": "saveformats",
     # testing plugins
     "make_context": "testing", "register_plugin": "testing",
 }
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
+            "choose_writer": ("writers", "choose"), "plan_writer": ("writers", "plan_choice"),
             "unsupported_architecture": ("architectures", "unsupported"),
             "identify_pre_tokenizer": ("pretokenizers", "identify"),
             "pre_tokenizer_hash": ("pretokenizers", "check_hash"),

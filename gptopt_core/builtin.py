@@ -22,8 +22,8 @@ from .locks import OutputLock
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
 from .observers import Observer
-from .report import save_model_dir
-from .saveformats import SafetensorsFormat, check_plan, choose
+from .saveformats import SafetensorsFormat, write_model_dir
+from .writers import check_plan, choose, specialized
 from .steps import Params, Step
 
 
@@ -108,8 +108,8 @@ class SaveParams(Params):
     to: str = pydantic.Field(..., min_length=1, description="directory to write (created atomically)")
     overwrite: bool = pydantic.Field(False, description="replace a non-empty target directory")
     format: str = pydantic.Field("auto", min_length=1, description=(
-        "auto (integer grids -> compressed-tensors, else safetensors), safetensors, compressed-tensors, or a "
-        "format a plugin registers (docs/save-formats.md)"))
+        "auto (by the model's facts: integer grids -> compressed-tensors, else safetensors), safetensors, "
+        "compressed-tensors, bitsandbytes, cpu-fast, or a directory writer a plugin registers (docs/save-formats.md)"))
     allow_dequantized: bool = pydantic.Field(False, description=(
         "write quantized layers de-quantized where the format cannot hold them (otherwise refused)"))
 
@@ -143,9 +143,8 @@ class SaveStep(Step):
         options = self.params_dict()
         fmt = choose(ctx, ctx.model, options)  # refuses (nothing written) where the format cannot hold the model
         try:
-            files = save_model_dir(ctx, target, write=lambda path: fmt.write(ctx, ctx.model, path, options),
-                                   overwrite=self.params.overwrite or getattr(self, "replace_on_resume",
-                                                                                          False))
+            files = write_model_dir(ctx, target, lambda path: fmt.write(ctx, ctx.model, path, options),
+                                    overwrite=self.params.overwrite or getattr(self, "replace_on_resume", False))
         finally:
             _barrier()
         return {"saved_to": str(target), "files": files, "format": fmt.name}
@@ -195,7 +194,7 @@ def gptopt_collect_metrics(ctx):
 
 
 @hookimpl
-def gptopt_register_save_formats(register):
+def gptopt_register_writers(register):
     register(SafetensorsFormat)
 
 
@@ -216,5 +215,11 @@ def gptopt_register_observers(register):
 
 @hookimpl(trylast=True)
 def gptopt_save_model(ctx, model, path):
+    """The end of the ``safetensors`` chain: the writer that specializes safetensors for this model's facts
+    (``bitsandbytes``, ``cpu-fast``), else ``save_pretrained``."""
+    writer = specialized(ctx, model, SafetensorsFormat.name)
+    if writer is not None:
+        writer.write(ctx, model, path, {"format": SafetensorsFormat.name})
+        return True
     model.save_pretrained(str(path), safe_serialization=True)
     return True

@@ -195,6 +195,8 @@ def plugins(as_json):
             click.echo(f"    steps: {', '.join(i.steps)}")
         if i.save_formats:
             click.echo(f"    save formats: {', '.join(i.save_formats)}")
+        if set(i.writers) - set(i.save_formats):  # file writers: export --format values
+            click.echo(f"    export formats: {', '.join(n for n in i.writers if n not in i.save_formats)}")
         if i.columns:
             click.echo(f"    columns: {', '.join(i.columns)}")
         if i.observers:

@@ -42,7 +42,7 @@ _FIELD = re.compile(r"^:(param (\w+)|returns?|raises? (\w+)):\s*", re.M)
 
 def markdown_doc(doc: str) -> str:
     """A docstring (reStructuredText conventions) as Markdown: ``:class:`X``` → `` `X` ``, ``:param a:`` → a list
-    item ``- `a`: ``, ``:returns:`` → ``- returns: ``, ``.. versionadded:: V`` → *New in V.*, ``::`` → ``:``."""
+    item ``- `a`: ``, ``:returns:`` → ``- returns: ``, ``.. versionadded:: V`` → *New in V.*, ``.. deprecated:: V`` → *Deprecated in V:*, ``::`` → ``:``."""
     text = _ROLE.sub(lambda m: f"`{m.group(1)}`", inspect.cleandoc(doc or ""))
 
     def field(m):
@@ -53,6 +53,9 @@ def markdown_doc(doc: str) -> str:
     text = _FIELD.sub(field, text)
     text = re.sub(r"^\.\. versionadded:: (\S+)$", r"*New in version \1.*", text, flags=re.M)
     text = re.sub(r"^\.\. versionchanged:: (\S+)(.*)$", r"*Changed in version \1:*\2", text, flags=re.M)
+    text = re.sub(r"^\.\. deprecated:: (\S+)\n((?:    .*(?:\n|$))+)",  # the indented lines that follow: its text
+                  lambda m: f"*Deprecated in version {m.group(1)}:* " + " ".join(
+                      line.strip() for line in m.group(2).splitlines()) + "\n", text, flags=re.M)
     return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
 
 

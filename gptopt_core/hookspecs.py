@@ -26,7 +26,7 @@ from .step import DropBlocksStep   # Params + Step (docs/plugin-guide.md)
 
 
 # 1. registry: called once as the plugin loads, with a register callback (gptopt_register_steps,
-#    gptopt_register_save_formats, gptopt_register_columns, gptopt_register_architectures,
+#    gptopt_register_writers, gptopt_register_columns, gptopt_register_architectures,
 #    gptopt_register_observers); a bad registration rejects the plugin then
 @hookimpl
 def gptopt_register_steps(register):
@@ -173,32 +173,58 @@ def gptopt_register_columns(register: Callable[..., None]) -> None:
 
 @hookspec(firstresult=True)
 def gptopt_save_model(ctx: RunContext, model: Model, path: Path) -> Optional[bool]:
-    """Write the model to ``path`` (a fresh temporary directory the ``save`` step later renames).
+    """Write the model to ``path`` (a fresh temporary directory the ``save`` step later renames): the chain the
+    core's ``safetensors`` writer runs.
 
     firstresult: return ``True`` when you wrote the model (e.g. a PEFT adapter, a format without a standard
-    Hugging Face representation); return ``None`` to let the next implementation, finally the core's
-    ``save_pretrained`` with safetensors, do it. The tokenizer, recipe and run.json are written by the core.
+    Hugging Face representation); return ``None`` to let the next implementation do it. The last one is the
+    core's: the writer that specializes ``safetensors`` for the model's facts (``bitsandbytes``, ``cpu-fast``),
+    else ``save_pretrained`` with safetensors. The tokenizer, recipe and run.json are written by the core.
 
-    :param ctx: the run's :class:`gptopt_core.RunContext` (``ctx.state`` says e.g. which layers are quantized).
+    :param ctx: the run's :class:`gptopt_core.RunContext` (``ctx.facts`` / ``ctx.state`` say e.g. which layers
+        are quantized).
     :param model: the model to write (``ctx.model``, or a part of it when a plugin delegates, e.g. a PEFT base).
     :param path: a :class:`pathlib.Path` to an empty directory.
     :returns: ``True`` when written, else ``None``.
 
     .. versionadded:: 0.1
+    .. deprecated:: 0.2
+        Register a :class:`gptopt_core.Writer` instead (``gptopt_register_writers``), chosen by ``--format`` or by
+        the model's facts. Implementations keep being called (only under ``--format safetensors``, and ``auto``
+        where it picks safetensors) until 1.0.
+    """
+
+
+@hookspec
+def gptopt_register_writers(register: Callable[[type], None]) -> None:
+    """Register ways to write a model out: directories (``save --format NAME``) and files (``export --format
+    NAME``), one registry.
+
+    :param register: callable taking a :class:`gptopt_core.Writer` subclass: its ``name`` is the ``--format``
+        value, its ``kind`` (``"directory"`` or ``"file"``) says which step offers it, its ``facts`` (fact
+        patterns such as ``quantized:cpu-int8``) which models ``--format auto`` picks it for (``fallback = True``:
+        any model no other writer claims). A name registered twice (either kind) is reported as an error of the
+        second plugin. ``auto`` tries plugins' writers before the core's, writers of particular facts before
+        fallbacks, and takes the first whose ``claims(ctx, model)`` is true and whose ``refusal(ctx, model,
+        options)`` is ``None``; a writer that cannot hold a model refuses it with one sentence naming a format or
+        option that can, and nothing is written.
+
+    .. versionadded:: 0.2
     """
 
 
 @hookspec
 def gptopt_register_save_formats(register: Callable[[type], None]) -> None:
-    """Register the formats ``save --format NAME`` can write.
+    """The first contract's name of :func:`gptopt_register_writers`: the same ``register`` into the same registry
+    (a :class:`gptopt_core.SaveFormat` is a :class:`gptopt_core.Writer`, a directory writer unless its ``kind``
+    says ``"file"``).
 
-    :param register: callable taking a :class:`gptopt_core.saveformats.SaveFormat` subclass (its ``name`` is the
-        ``--format`` value). A name registered twice is reported as an error of the second plugin. ``--format
-        auto`` tries plugins' formats before the core's ``safetensors``, taking the first whose ``claims(ctx,
-        model)`` is true and whose ``refusal(ctx, model, options)`` is ``None``; a format that cannot hold a model
-        refuses it with one sentence naming a format or option that can, and nothing is written.
+    :param register: callable taking a :class:`gptopt_core.SaveFormat` subclass (its ``name`` is the ``--format``
+        value); see :func:`gptopt_register_writers`.
 
     .. versionadded:: 0.1
+    .. deprecated:: 0.2
+        Implement ``gptopt_register_writers`` (same argument); this name keeps working until 1.0.
     """
 
 

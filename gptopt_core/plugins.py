@@ -43,12 +43,12 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs, observers, pretokenizers
+from . import architectures, builtin, hookspecs, observers, pretokenizers, writers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
 from .report import COLUMNS
-from .saveformats import AUTO, SaveFormat
+from .writers import DIRECTORY
 from .steps import Step
 from .version import installed_version
 
@@ -73,7 +73,8 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     steps: list = field(default_factory=list)
-    save_formats: list = field(default_factory=list)
+    save_formats: list = field(default_factory=list)  # its directory writers (``save --format`` values)
+    writers: list = field(default_factory=list)  # every writer it registered, directories and files
     columns: list = field(default_factory=list)
     architectures: list = field(default_factory=list)
     observers: list = field(default_factory=list)
@@ -99,7 +100,7 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.steps: dict[str, type] = {}
-        #: save format name -> (plugin name, :class:`gptopt_core.SaveFormat` subclass), in registration order
+        #: writer name -> (plugin name, :class:`gptopt_core.Writer` subclass), in registration order
         self.formats: dict[str, tuple[str, type]] = {}
         #: metric key -> (plugin name, column title, format spec): ``gptopt_register_columns``
         self.columns: dict[str, tuple[str, str, str]] = {}
@@ -134,7 +135,8 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.save_formats, info.columns, info.hooks, info.observers = [], [], [], [], []
+            info.steps, info.save_formats, info.writers, info.columns = [], [], [], []
+            info.hooks, info.observers = [], []
             info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
@@ -165,7 +167,8 @@ class Plugins:
                         raise _Rejected(f"implements unknown hook {caller.name}{_did_you_mean(caller.name)}")
         info.hooks = sorted(c.name for c in callers)
         info.steps = self._register_steps(module, name)
-        info.save_formats = self._register_save_formats(module, name)
+        info.writers = self._register_writers(module, name)
+        info.save_formats = [n for n in info.writers if getattr(self.formats[n][1], "kind", DIRECTORY) == DIRECTORY]
         info.columns = self._register_columns(module, name)
         info.architectures = self._register_records(module, name, "gptopt_register_architectures",
                                                     self.architectures, architectures.refusal, "model_type")
@@ -196,21 +199,18 @@ class Plugins:
             self.steps[step_name] = step_cls
         return list(new)
 
-    def _register_save_formats(self, module, name: str) -> list[str]:
+    def _register_writers(self, module, name: str) -> list[str]:
         new: dict[str, type] = {}
 
         def register(fmt_cls):
-            if not (isinstance(fmt_cls, type) and issubclass(fmt_cls, SaveFormat)) or not fmt_cls.name:
-                raise _Rejected(f"registered {fmt_cls!r} as a save format: give a gptopt_core.SaveFormat subclass "
-                                "with a name")
-            if fmt_cls.name == AUTO or fmt_cls.name in self.formats or fmt_cls.name in new:
-                owner = ("the core (auto picks a format)" if fmt_cls.name == AUTO else
-                         "this plugin" if fmt_cls.name in new else f"plugin {self.formats[fmt_cls.name][0]}")
-                raise _Rejected(f"save format '{fmt_cls.name}' is already registered by {owner}")
+            why = writers.refusal(fmt_cls, self.formats, new)
+            if why:
+                raise _Rejected(why)
             new[fmt_cls.name] = fmt_cls
 
-        self._call_registry_hook(module, "gptopt_register_save_formats", register)
-        for fmt_name, fmt_cls in new.items():  # only now: a rejected plugin leaves no format behind
+        for hook in ("gptopt_register_writers", "gptopt_register_save_formats"):  # the first contract's name too
+            self._call_registry_hook(module, hook, register)
+        for fmt_name, fmt_cls in new.items():  # only now: a rejected plugin leaves no writer behind
             self.formats[fmt_name] = (name, fmt_cls)
         return list(new)
 

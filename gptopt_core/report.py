@@ -1,17 +1,13 @@
-"""run.json manifest, report.md, the end-of-run summary table, and the atomic model directory writer."""
+"""run.json manifest, report.md and the end-of-run summary table (writing a model out is
+:mod:`gptopt_core.saveformats`' job: it asks this module for the run.json it puts beside the model)."""
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .outfiles import write_file
-from .errors import GptoptError
-from .locks import OutputLock
-from .paths import clean_stale_partials
 
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {
@@ -187,47 +183,3 @@ def finish_run(ctx, error=None) -> dict:
 def write_json_atomic(path: Path, data) -> None:
     """Through an exclusive temporary name, renamed into place: never through a link planted in ``--out``."""
     write_file(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def save_model_dir(ctx, target: Path, overwrite: bool = False, write=None) -> list[str]:
-    """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename.
-
-    ``write(path)`` writes the model (a save format's writer); by default the ``gptopt_save_model`` hooks do."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with OutputLock(target, "save --to"):  # a second save to this directory fails at once
-        return _save_model_dir(ctx, target, overwrite, write)
-
-
-def _save_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
-    import yaml
-
-    clean_stale_partials(target)  # left by a save that was killed (-9) in an earlier run
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if write is not None:
-            write(tmp)
-        else:
-            ctx.hook.gptopt_save_model(ctx=ctx, model=ctx.model, path=tmp)
-        ctx.tokenizer.save_pretrained(str(tmp))
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
-        write_json_atomic(tmp / "run.json", build_manifest(ctx))
-        if target.exists():
-            if not overwrite and (not target.is_dir() or any(target.iterdir())):
-                raise GptoptError(f"save --to {target} appeared while saving (another program wrote it); pass "
-                                  "--overwrite or choose another --to")
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            if old.is_symlink():  # --to named a link: the link is replaced, what it pointed to is left
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return sorted(p.name for p in target.iterdir())

@@ -1,106 +1,36 @@
-"""Save formats: what ``save --format`` can write.
+"""Writing a model out: the core's ``safetensors`` writer and the atomic directory and file writes every writer
+goes through (``save``'s directory, ``export``'s file).
 
-A format is a :class:`SaveFormat` subclass that a plugin registers through the
-``gptopt_register_save_formats(register)`` hook; the core registers ``safetensors`` (transformers'
-``save_pretrained``, through the ``gptopt_save_model`` hook chain, so bitsandbytes, cpu-fast and PEFT models keep
-saving as they did). ``save --format auto`` (the default) takes the first format, plugins' before the core's,
-that *claims* the model (it is what the format is for, e.g. integer grids for compressed-tensors) and does not
-*refuse* it. A format refuses what it cannot hold with one sentence that names a format or option that can; the
-``save`` step turns that into a one-line error (exit 2) before anything is written.
+The registry itself (:class:`gptopt_core.Writer`, which is also ``SaveFormat``, its first name; ``auto``; the
+choice by facts) is :mod:`gptopt_core.writers`; this module keeps the first contract's names for it
+(``save_formats``, ``check_save_format``, ``choose_save_format``). ``safetensors`` is transformers'
+``save_pretrained`` through the ``gptopt_save_model`` hook chain, whose last link, the core's, hands a model a
+specializing writer claims by its facts (bitsandbytes, cpu-fast) to that writer.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from .errors import GptoptError, PlanError
+from .errors import GptoptError
 from .grids import grid_layers
+from .locks import OutputLock, publish_file
 from .metrics import model_bytes
+from .paths import clean_stale_partials, remove_stale_temporaries
+from .writers import (AUTO, DIRECTORY, FILE, Writer, check_plan, choose, format_names,  # noqa: F401 (first names)
+                      registered_writers)
 
-AUTO = "auto"
-
-
-class SaveFormat:
-    """One way of writing a model directory. Subclass it, set :attr:`name` and :attr:`summary`, implement
-    :meth:`write`, and override the checks where the format cannot hold every model.
-
-    ``options`` is the ``save`` step's parameters as a dict (``to``, ``format``, ``allow_dequantized``, ...).
-    """
-
-    #: the ``--format`` value, e.g. ``"compressed-tensors"``
-    name: str = ""
-    #: one line for ``gptopt steps save`` and docs: what the format holds
-    summary: str = ""
-
-    def plan_refusal(self, facts: set, options: dict) -> str | None:
-        """Before any model loads: a sentence saying why a model with these facts cannot be held, or ``None``."""
-        return None
-
-    def claims(self, ctx, model) -> bool:
-        """Whether ``--format auto`` should pick this format for ``model`` (the core's safetensors claims all)."""
-        return False
-
-    def refusal(self, ctx, model, options: dict) -> str | None:
-        """On the model, before writing: a sentence saying what this format cannot hold and which format or
-        option can, or ``None``."""
-        return None
-
-    def write(self, ctx, model, path, options: dict) -> None:
-        """Write ``model`` into ``path`` (an empty temporary directory the ``save`` step renames afterwards).
-        The tokenizer, recipe.yaml and run.json are written by the core. Raise :class:`gptopt_core.GptoptError`
-        for a model this format cannot hold after all; the temporary directory is removed."""
-        raise NotImplementedError
+#: the first contract's name of :class:`gptopt_core.Writer` (a directory writer unless ``kind = "file"``)
+SaveFormat = Writer
 
 
 def save_formats(plugins) -> dict:
-    """``{name: SaveFormat instance}`` of the formats ``plugins`` (a :class:`gptopt_core.plugins.Plugins`) registered
-    through ``gptopt_register_save_formats`` when each plugin loaded, plugins' formats first and the core's last
-    (the order ``auto`` tries them in)."""
-    def core(owner):
-        info = plugins.info.get(owner)
-        return bool(info and info.builtin)
-
-    ordered = sorted(plugins.formats.items(), key=lambda item: core(item[1][0]))  # stable: registration order
-    return {name: fmt_cls() for name, (_, fmt_cls) in ordered}
-
-
-def format_names(plugins) -> list[str]:
-    return [AUTO] + sorted(save_formats(plugins))
-
-
-def check_plan(plugins, options: dict, facts: set) -> None:
-    """Plan-time checks of ``save --format``: a known name, and facts the chosen format can hold."""
-    name = options.get("format", AUTO)
-    formats = save_formats(plugins)
-    if name != AUTO and name not in formats:
-        raise PlanError(f"save: unknown format '{name}'; known formats: {', '.join([AUTO] + sorted(formats))}")
-    if name != AUTO:
-        reason = formats[name].plan_refusal(set(facts), options)
-        if reason:
-            raise PlanError(f"save --format {name}: {reason}")
-
-
-def choose(ctx, model, options: dict) -> SaveFormat:
-    """The format to write ``model`` with: the named one if it holds the model, else (``auto``) the first that
-    claims it and holds it. Raises :class:`GptoptError` with the reason otherwise (nothing has been written)."""
-    name = options.get("format", AUTO)
-    formats = save_formats(ctx.plugins)
-    if name != AUTO:
-        if name not in formats:
-            raise GptoptError(f"save: unknown format '{name}'; known formats: {', '.join(format_names(ctx.plugins))}")
-        reason = formats[name].refusal(ctx, model, options)
-        if reason:
-            raise GptoptError(f"save --format {name}: {reason}")
-        return formats[name]
-    reasons = []
-    for fmt in formats.values():
-        if not fmt.claims(ctx, model):
-            continue
-        reason = fmt.refusal(ctx, model, options)
-        if reason is None:
-            return fmt
-        reasons.append(f"{fmt.name}: {reason}")
-    raise GptoptError("save: no format holds this model (" + "; ".join(reasons or ["no format claims it"]) + ")")
+    """``{name: SaveFormat instance}`` of the directory writers ``plugins`` registered, plugins' first and the
+    core's last (:func:`gptopt_core.registered_writers` with ``kind="directory"``)."""
+    return registered_writers(plugins, DIRECTORY)
 
 
 def tensor_bytes(path) -> int:
@@ -116,11 +46,13 @@ def tensor_bytes(path) -> int:
 
 class SafetensorsFormat(SaveFormat):
     """transformers' ``save_pretrained`` (the ``gptopt_save_model`` hook chain): float models, pruned models
-    (zeros stored dense), bitsandbytes models one ``BitsAndBytesConfig`` describes, cpu-fast models, PEFT
-    adapters. Refuses to write quantized layers de-quantized unless ``--allow-dequantized``."""
+    (zeros stored dense), PEFT adapters; bitsandbytes models one ``BitsAndBytesConfig`` describes and cpu-fast
+    models through the writers that specialize it (``bitsandbytes``, ``cpu-fast``: chosen by the model's facts).
+    Refuses to write quantized layers de-quantized unless ``--allow-dequantized``."""
 
     name = "safetensors"
     summary = "save_pretrained safetensors: float, pruned (dense zeros), single-precision bitsandbytes, cpu-fast"
+    fallback = True  # auto: every model no writer of particular facts claims
 
     GRID_HINT = ("its integer-grid layers would be written de-quantized; use --format compressed-tensors "
                  "(or auto), or pass --allow-dequantized")
@@ -132,9 +64,6 @@ class SafetensorsFormat(SaveFormat):
         if "quantized:grid" in facts and not options.get("allow_dequantized"):
             return self.GRID_HINT
         return None
-
-    def claims(self, ctx, model):
-        return True
 
     def refusal(self, ctx, model, options):
         if grid_layers(model) and not options.get("allow_dequantized"):
@@ -155,3 +84,71 @@ class SafetensorsFormat(SaveFormat):
                 f"vs {held / 1e6:.1f} MB held: one BitsAndBytesConfig cannot describe int8 layers beside 4-bit ones, "
                 "quantized embeddings or a head tied to them); quantize with one precision and no --embeddings, "
                 "use quantize --method rtn|gptq with --format compressed-tensors, or pass --allow-dequantized")
+
+
+def write_model_dir(ctx, target: Path, write, overwrite: bool = False) -> list[str]:
+    """Write model + tokenizer + recipe.yaml + run.json into a temp dir beside ``target``, then rename; returns
+    the names in ``target``. ``write(path)`` writes the model (a directory writer's :meth:`Writer.write`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(target, "save --to"):  # a second save to this directory fails at once
+        return _write_model_dir(ctx, target, overwrite, write)
+
+
+def _write_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
+    import yaml
+
+    from .report import build_manifest, write_json_atomic
+
+    clean_stale_partials(target)  # left by a save that was killed (-9) in an earlier run
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        ctx.tokenizer.save_pretrained(str(tmp))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
+        write_json_atomic(tmp / "run.json", build_manifest(ctx))
+        if target.exists():
+            if not overwrite and (not target.is_dir() or any(target.iterdir())):
+                raise GptoptError(f"save --to {target} appeared while saving (another program wrote it); pass "
+                                  "--overwrite or choose another --to")
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            if old.is_symlink():  # --to named a link: the link is replaced, what it pointed to is left
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p.name for p in target.iterdir())
+
+
+def write_model_file(ctx, writer: Writer, target: Path, options: dict, overwrite: bool = False) -> dict:
+    """A file writer's :meth:`Writer.write` into an empty temporary file beside ``target``, then moved onto it
+    atomically (:func:`gptopt_core.publish_file`: without ``overwrite`` a file that appeared meanwhile is never
+    replaced); returns the writer's metrics. A failed write leaves nothing. An ``atomic`` writer writes ``target``
+    itself."""
+    target = Path(target)
+    if writer.atomic:
+        return dict(writer.write(ctx, ctx.model, target, {**options, "overwrite": overwrite}) or {})
+    remove_stale_temporaries(target.parent, f".{target.name}.", ".writing")  # left by an export killed with -9
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".writing", dir=str(target.parent))
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the output gets the user's usual mode
+        metrics = writer.write(ctx, ctx.model, tmp, options) or {}  # writes (or replaces) the empty file ``tmp``
+        if not tmp.is_file():
+            raise GptoptError(f"export --format {writer.name} left no file to publish")
+        publish_file(tmp, target, overwrite, "export --to")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dict(metrics)

@@ -130,7 +130,10 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
     "cpu-fast: unknown format": (G2 + ["cpu-fast", "--format", "bogus"], "format: Input should be 'auto'"),
     "cpu-fast after 4-bit quantize": (G2 + ["quantize", "--bits", "4", "cpu-fast"], "it is already quantized"),
     "save: unknown format": (G2 + ["save", "--to", "./m", "--format", "onnx"],
-                             "unknown format 'onnx'; known formats: auto, compressed-tensors, safetensors"),
+                             "unknown format 'onnx'; known formats: auto, bitsandbytes, compressed-tensors, cpu-fast, "
+                             "safetensors"),
+    "export: unknown format": (G2 + ["export", "--to", "m.gguf", "--format", "onnx"],
+                               "export: unknown format 'onnx'; known formats: auto, gguf"),
     "save: nf4 as compressed-tensors": (G2 + ["quantize", "--bits", "4", "save", "--to", "./m", "--format",
                                               "compressed-tensors"], "quantize with --method rtn or --method gptq"),
     "save: integer grid as safetensors": (G2 + ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",

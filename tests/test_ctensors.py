@@ -302,7 +302,7 @@ def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_p
         res = run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "s"), "format": "torch-state"}))
         assert res.records[0]["metrics"]["format"] == "torch-state"
         assert (tmp_path / "s" / "state.pt").is_file() and not (tmp_path / "s" / "model.safetensors").exists()
-        with pytest.raises(PlanError, match="known formats: auto, compressed-tensors, safetensors, torch-state"):
+        with pytest.raises(PlanError, match="known formats: auto, bitsandbytes, compressed-tensors, cpu-fast, safetensors, torch-state"):
             run("tiny-random-gpt2", ("save", {"to": str(tmp_path / "x"), "format": "nope"}))
 
     class Twice(StateDictFormat):

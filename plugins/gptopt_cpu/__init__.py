@@ -9,10 +9,11 @@ The plugin's shape (docs/architecture.md): this module holds the hooks only, :mo
 from gptopt_core import hookimpl
 
 from .report import report_sections
-from .serialize import load_converted, resolve, save_converted
+from .serialize import load_converted, resolve
 from .step import CpuFastStep
+from .writer import CpuFastWriter
 
-__all__ = ["CpuFastStep", "load_converted"]
+__all__ = ["CpuFastStep", "CpuFastWriter", "load_converted"]
 
 
 @hookimpl
@@ -21,12 +22,10 @@ def gptopt_register_steps(register):
 
 
 @hookimpl
-def gptopt_save_model(ctx, model, path):
-    """Write a ``cpu-fast`` model: int8 weights + conversion record (no standard HF format exists for them)."""
-    if getattr(model, "gptopt_cpu", None) is None:
-        return None
-    save_converted(model, path)
-    return True
+def gptopt_register_writers(register):
+    """``save --format cpu-fast``: int8 weights + conversion record (no standard HF format exists for them); chosen
+    by the facts ``cpu-only`` / ``quantized:cpu-*`` under ``auto`` and ``--format safetensors``."""
+    register(CpuFastWriter)
 
 
 @hookimpl

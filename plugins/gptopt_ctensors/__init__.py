@@ -24,7 +24,7 @@ __all__ = ["CompressedTensorsFormat", "load_model", "plain_note"]
 
 
 @hookimpl
-def gptopt_register_save_formats(register):
+def gptopt_register_writers(register):
     register(CompressedTensorsFormat)
 
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import sys
 
-from gptopt_core import SaveFormat, grid_layers, input_quant_of, is_conv1d, on_grid
+from gptopt_core import SaveFormat, find_fact, grid_layers, input_quant_of, is_conv1d, on_grid
 
 from .writer import write
+
+CPU_HINT = "cpu-fast layers (bf16 / torch or torchao int8) are not held; save --format safetensors"
+#: the facts cpu-fast gives a model it converted (its bf16 layers look like any float layer, hence the facts)
+CPU_FACTS = ("cpu-only", "quantized:cpu-int8", "quantized:cpu-bf16")
 
 BNB_HINT = ("bitsandbytes nf4/fp4/int8 layers are codebook / absmax formats compressed-tensors does not hold; "
             "quantize with --method rtn or --method gptq (integer grids) to save them here, or save --format "
             "safetensors")
 
 
-def _unholdable(model) -> str | None:
-    """What in ``model`` compressed-tensors cannot hold, as a sentence, or ``None``."""
+def _unholdable(model, facts) -> str | None:
+    """What in ``model`` (whose facts are ``facts``) compressed-tensors cannot hold, as a sentence, or ``None``."""
+    if any(find_fact(f, facts) for f in CPU_FACTS):
+        return CPU_HINT
     if type(model).__module__.split(".")[0] == "peft":
         return "LoRA adapters are not held; merge them first (lora --merge) or save --format safetensors"
     for name, module in model.named_modules():
@@ -23,8 +29,8 @@ def _unholdable(model) -> str | None:
         if cls.__module__.split(".")[0] == "bitsandbytes" or getattr(getattr(module, "weight", None),
                                                                       "quant_state", None) is not None:
             return f"{name} is a bitsandbytes layer: {BNB_HINT}"
-        if type(module).__name__ == "LinearPackedParams" or getattr(model, "gptopt_cpu", None) is not None:
-            return "cpu-fast layers (bf16 / torch or torchao int8) are not held; save --format safetensors"
+        if type(module).__name__ == "LinearPackedParams":
+            return CPU_HINT
         weight = getattr(module, "weight", None)
         if weight is not None and hasattr(weight, "dtype") and not weight.dtype.is_floating_point:
             return f"{name} holds {weight.dtype} weights that are not an integer grid gptopt knows; {BNB_HINT}"
@@ -36,21 +42,20 @@ class CompressedTensorsFormat(SaveFormat):
 
     name = "compressed-tensors"
     summary = "packed int4/int8 grids with fp16 scales (pack-quantized), bitmask / 2:4 sparsity"
+    kind = "directory"
+    facts = frozenset({"quantized:grid"})  # what auto picks it for; a pruned float model stays safetensors
 
     def plan_refusal(self, facts, options):
         if any(f in facts for f in ("quantized:4bit", "quantized:8bit")):
             return BNB_HINT
-        if any(f.startswith("quantized:cpu") for f in facts):
-            return "cpu-fast layers (bf16 / torch or torchao int8) are not held; save --format safetensors"
+        if any(find_fact(f, facts) for f in CPU_FACTS):
+            return CPU_HINT
         if "adapter" in facts:
             return "LoRA adapters are not held; merge them first (lora --merge) or save --format safetensors"
         return None
 
-    def claims(self, ctx, model):
-        return bool(grid_layers(model))
-
     def refusal(self, ctx, model, options):
-        reason = _unholdable(model)
+        reason = _unholdable(model, set(getattr(ctx, "facts", None) or ()))
         if reason:
             return reason
         grids = grid_layers(model)

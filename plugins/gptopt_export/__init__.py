@@ -1,4 +1,5 @@
-"""gptopt-export: ``export --format gguf`` (a GGUF file llama.cpp loads, integer grids written without
+"""gptopt-export: the ``export`` step, which writes a file with a file writer of the one writer registry, and
+its ``gguf`` writer (``export --format gguf``: a GGUF file llama.cpp loads, integer grids written without
 re-rounding) and ``llamacpp`` (the file measured in llama.cpp: perplexity on eval's tokens, prefill and decode
 speed on bench's workload). See docs/export.md.
 
@@ -6,15 +7,22 @@ Heavy imports (torch, gguf, numpy, llama_cpp) happen inside the steps only.
 """
 from gptopt_core import hookimpl
 
+from .fileformat import GgufWriter
 from .step import ExportStep, LlamacppStep
 
-__all__ = ["ExportStep", "LlamacppStep"]
+__all__ = ["ExportStep", "GgufWriter", "LlamacppStep"]
 
 
 @hookimpl
 def gptopt_register_steps(register):
     register(ExportStep)
     register(LlamacppStep)
+
+
+@hookimpl
+def gptopt_register_writers(register):
+    """``export --format gguf`` (the file writers' fallback: ``auto`` picks it where no other claims the model)."""
+    register(GgufWriter)
 
 
 @hookimpl

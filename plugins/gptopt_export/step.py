@@ -6,15 +6,17 @@ from typing import Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, OutputLock, Params, PlanError, Step
+from gptopt_core import GptoptError, OutputLock, Params, PlanError, Step, choose_writer, write_model_file
 
 from .blocks import TYPES
+from .fileformat import GGUF, REFUSED, planned_format
 
 TYPE_CHOICES = ("auto",) + TYPES
 
 
 class ExportParams(Params):
-    format: Literal["gguf"] = pydantic.Field("gguf", description="file format (gguf: llama.cpp)")
+    format: str = pydantic.Field("gguf", min_length=1, description="file format: gguf (llama.cpp), auto (by the "
+                                 "model's facts), or a file writer a plugin registers (docs/save-formats.md)")
     to: str = pydantic.Field(..., min_length=1, description="file to write, FILE.gguf (written to a temporary name "
                                                             "next to it, then renamed)")
     type: Literal[TYPE_CHOICES] = pydantic.Field(
@@ -80,8 +82,8 @@ class ExportParams(Params):
 
     @pydantic.field_validator("to")
     @classmethod
-    def _suffix(cls, value):
-        if not value.endswith(".gguf"):
+    def _suffix(cls, value, info):
+        if info.data.get("format") == GGUF and not value.endswith(".gguf"):  # another format's: at plan time
             raise ValueError("give a file name ending in .gguf")
         return value
 
@@ -107,13 +109,16 @@ class ExportStep(Step):
     Params = ExportParams
     path_params = ("to", "imatrix")
     file_params = ("to", "imatrix")  # one file each, not a directory (the core's output-path check)
-    provides = frozenset({"gguf"})
-    forbids = {
-        "adapter": "the model carries an unmerged LoRA adapter; give lora --merge so the adapter is folded into the "
-                   "weights, then export",
-        "quantized:cpu-int8": "cpu-fast's int8 kernels have no GGUF form; put export before cpu-fast",
-        "quantized:cpu-bf16": "cpu-fast converted the model; put export before cpu-fast",
-    }
+    provides = frozenset({"gguf"})  # when it writes GGUF (next_facts)
+    forbids = REFUSED  # --format gguf's; another writer (or auto) refuses what it cannot hold in check_plan
+    writer_name = None  # the file writer --format names or auto picks, set by check_plan
+
+    def forbidden_facts(self):
+        return dict(self.forbids) if self.params.format == GGUF else {}
+
+    def next_facts(self, facts):
+        gguf = (self.writer_name or self.params.format) == GGUF
+        return set(facts) | (set(self.provides) if gguf else set())
 
     def target(self) -> Path:
         return Path(self.params.to).expanduser()
@@ -137,6 +142,9 @@ class ExportStep(Step):
         """Before the model loads: the output paths, and every side file as far as the file alone allows (an
         ``--imatrix-in`` in full: sizes, counts, values; a ``--plan`` file: syntax, names, types, duplicates)."""
         self.check_target()
+        self.writer_name = planned_format(self, facts)  # the file writer (fileformat.py); the rest is GGUF's
+        if self.writer_name != GGUF:
+            return
         if self.params.imatrix_in:
             written = {str(Path(s.params.imatrix).expanduser()) for s in before
                        if s.name == "export" and s.params.imatrix}
@@ -167,6 +175,8 @@ class ExportStep(Step):
 
     def preflight(self, ctx):
         """Right after the model loads, before any step runs: the checks that need the model's tensors."""
+        if self.writer_name not in (None, GGUF):
+            return
         from .gguf_writer import check_model, choices
 
         check_model(ctx.model, ctx.plugins, self.params.ignore_sliding_window)
@@ -209,25 +219,27 @@ class ExportStep(Step):
         target.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(target, "export --to"):  # a second export to this file fails now, not silently later
             self.check_target()  # again under the lock: an export that finished meanwhile wrote it
-            return self.export(ctx, target)
+            writer = choose_writer(ctx, ctx.model, self.params_dict(), kind="file")
+            return self.export(ctx, target, writer)
 
-    def export(self, ctx, target: Path) -> dict:
+    def export(self, ctx, target: Path, writer) -> dict:
         import time
 
-        from .gguf_writer import write_gguf
-
-        imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
-        if self.params.imatrix_in:
-            importance, imatrix_metrics = self.read_imatrix_in(ctx)
-        importance = importance if self.params.imatrix_weighting else None
-        started = time.perf_counter()
-        plan, plan_metrics = self.plan(ctx, importance)
-        metrics = write_gguf(ctx.model, ctx.tokenizer, target, self.params.type, self.params.embeddings,
-                             name=ctx.model_spec, plugins=ctx.plugins, importance=importance, plan=plan,
-                             ignore_window=self.params.ignore_sliding_window, overwrite=self.params.overwrite)
+        options, imatrix_metrics, plan_metrics, started = self.params_dict(), {}, {}, time.perf_counter()
+        if writer.name == GGUF:  # GGUF's own inputs: an importance matrix, a type per tensor
+            imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
+            if self.params.imatrix_in:
+                importance, imatrix_metrics = self.read_imatrix_in(ctx)
+            options["importance"] = importance = importance if self.params.imatrix_weighting else None
+            started = time.perf_counter()
+            options["plan"], plan_metrics = self.plan(ctx, importance)
+        metrics = write_model_file(ctx, writer, target, options, overwrite=self.params.overwrite)
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
-        metrics.update(imatrix_metrics)
+        metrics.update(imatrix_metrics, format=writer.name)
         metrics.update(plan_metrics)
+        if writer.name != GGUF:
+            ctx.log(f"  wrote {target} ({writer.name})")
+            return metrics
         ctx.state["gguf"] = str(target)
         ctx.log(f"  wrote {target} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {metrics['gguf_tensor_types']}, "
                 f"{metrics['gguf_exact_grid_tensors']} grids written exactly, {metrics['gguf_grid_min_rounded_tensors']} "

@@ -10,8 +10,9 @@ module (``gptopt --help``) loads no torch.
 from gptopt_core import hookimpl
 
 from .step import QuantizeStep
+from .writer import BitsAndBytesWriter
 
-__all__ = ["QuantizeStep"]
+__all__ = ["BitsAndBytesWriter", "QuantizeStep"]
 
 
 @hookimpl
@@ -20,11 +21,7 @@ def gptopt_register_steps(register):
 
 
 @hookimpl
-def gptopt_save_model(ctx, model, path):
-    """Save a model quantized by this plugin so plain ``AutoModelForCausalLM.from_pretrained(dir)`` loads it."""
-    if getattr(model, "gptopt_bnb", None) is None:
-        return None
-    from .saving import save_quantized  # bitsandbytes and torch: imported when such a model is saved
-
-    save_quantized(model, path)
-    return True
+def gptopt_register_writers(register):
+    """``save --format bitsandbytes``; chosen by the facts ``quantized:4bit`` / ``quantized:8bit`` under ``auto`` and
+    ``--format safetensors`` (it specializes safetensors)."""
+    register(BitsAndBytesWriter)

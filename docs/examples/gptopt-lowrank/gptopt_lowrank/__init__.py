@@ -1,12 +1,13 @@
 """Example plugin that changes a model's module structure: ``lowrank`` replaces linear layers by two smaller ones
 (truncated SVD), and the plugin saves and reloads such a model.
 
-Why a plugin that changes the structure needs both hooks: ``save_pretrained`` writes the new layers' weights
-under new names, but a plain ``from_pretrained`` builds the original architecture, ignores those names and gives
-the original layers random weights, silently. The convention:
+Why a plugin that changes the structure needs a writer and a model source: ``save_pretrained`` writes the new
+layers' weights under new names, but a plain ``from_pretrained`` builds the original architecture, ignores those
+names and gives the original layers random weights, silently. The convention:
 
-* ``gptopt_save_model``: write a marker file naming the changed layers (here ``gptopt-lowrank.json``) next to the
-  weights, and return ``None`` so the next saver (finally the core's ``save_pretrained``) writes the weights;
+* a directory writer (``gptopt_register_writers``) chosen by a fact the step provides (here ``lowrank``) that
+  specializes ``safetensors``: ``save`` (``auto`` or ``--format safetensors``) hands such a model to it, and it
+  writes the weights with ``save_pretrained`` and a marker file naming the changed layers (``gptopt-lowrank.json``);
 * ``gptopt_resolve_model``: for a directory with that marker, build the architecture from ``config.json``, put the
   changed layers back, load every weight strictly (a missing or unexpected weight is an error), and return it.
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pydantic
 
-from gptopt_core import (GptoptError, LoadedModel, Params, SourceError, Step, get_module, hookimpl, replace_module,
-                         weight_matrix, weight_modules)
+from gptopt_core import (GptoptError, LoadedModel, Params, SourceError, Step, Writer, get_module, hookimpl,
+                         replace_module, weight_matrix, weight_modules)
 
 MARKER = "gptopt-lowrank.json"
 
@@ -42,6 +43,7 @@ class LowRank(Step):
     Params = LowRankParams
     forbids = {"quantized": "the SVD needs float weights; put lowrank before quantize",
                "adapter": "merge the LoRA adapter first (lora --merge)"}
+    provides = frozenset({"lowrank"})  # the fact the writer below is chosen by
     columns = {"lowrank_layers": ("low-rank layers", "d")}
 
     def apply(self, ctx):
@@ -69,13 +71,24 @@ def gptopt_register_steps(register):
     register(LowRank)
 
 
-@hookimpl(tryfirst=True)
-def gptopt_save_model(ctx, model, path):
-    """Name the factored layers in the marker; the core's save_pretrained writes the weights."""
-    layers = {n: m.gptopt_lowrank for n, m in model.named_modules() if getattr(m, "gptopt_lowrank", None)}
-    if layers:
+class LowRankWriter(Writer):
+    """The weights (``save_pretrained``) and the marker naming the factored layers."""
+
+    name = "lowrank"
+    summary = "save_pretrained + gptopt-lowrank.json naming the factored layers"
+    kind = "directory"
+    facts = frozenset({"lowrank"})
+    specializes = "safetensors"
+
+    def write(self, ctx, model, path, options):
+        model.save_pretrained(str(path), safe_serialization=True)
+        layers = {n: m.gptopt_lowrank for n, m in model.named_modules() if getattr(m, "gptopt_lowrank", None)}
         (Path(path) / MARKER).write_text(json.dumps({"layers": layers}, indent=1))
-    return None
+
+
+@hookimpl
+def gptopt_register_writers(register):
+    register(LowRankWriter)
 
 
 @hookimpl
