@@ -112,6 +112,9 @@ def _validated(qc: dict, path: Path):
         return QuantizationConfig.model_validate(qc) if qc.get("config_groups") else None
     except pydantic.ValidationError as exc:  # "2 validation errors for ...": the first one, located
         raise GptoptError(f"--model {str(path)[:160]}: quantization_config.{validation_message(exc)}") from None
+    except NotImplementedError as exc:  # compressed-tensors' own limits: "Only num_bits in (8) are supported"
+        raise GptoptError(f"--model {str(path)[:160]}: quantization_config.config_groups asks for what "
+                          f"compressed-tensors does not implement ({str(exc)[:120]})") from None
     except (TypeError, ValueError) as exc:  # a validator comparing a wrong-typed value ('<' between str and int)
         raise GptoptError(f"--model {str(path)[:160]}: quantization_config.config_groups holds a value of the wrong "
                           f"type ({type(exc).__name__}: {str(exc)[:120]}); compare it with a config gptopt "
