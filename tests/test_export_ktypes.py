@@ -54,13 +54,13 @@ def test_encoder_matches_ggml_quantizer(type_name):
     """Same block bytes as ggml's ``ggml_quantize_chunk`` (no imatrix) up to float summation order, same error."""
     import gguf
 
-    from gptopt_export.kquants import quantize
+    from gptopt_export.ggml_types import get
 
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((16, 768)) * np.exp(rng.standard_normal((1, 768)) * 0.5) * 0.02).astype(np.float32)
     x[0, :256] = 0  # an empty super-block
     qtype = getattr(gguf.GGMLQuantizationType, type_name.upper())
-    ours = quantize(x, type_name)
+    ours = get(type_name).quantize(x)  # the type table's encoder
     ref = np.zeros_like(ours)
     assert ggml_lib().ggml_quantize_chunk(int(qtype), x.ctypes.data, ref.ctypes.data, 0, 16, 768, None) == ours.nbytes
     assert (ours == ref).mean() > 0.9
@@ -72,8 +72,8 @@ def test_encoder_matches_ggml_quantizer(type_name):
 @pytest.mark.parametrize("type_name", KTYPES)
 def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_path):
     """Every weight is written as the type; llama.cpp predicts as torch with the de-quantized weights."""
+    from gptopt_export.ggml_types import get
     from gptopt_export.gguf_writer import write_gguf
-    from gptopt_export.kquants import quantize
     from gptopt_export.llamacpp import next_token_logits
     from gptopt_export.tensors import permute_rows
 
@@ -85,7 +85,7 @@ def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, type_name.upper())
-    assert np.array_equal(tensors["blk.1.attn_v.weight"][1], gguf.quants.dequantize(quantize(v, type_name), qtype))
+    assert np.array_equal(tensors["blk.1.attn_v.weight"][1], gguf.quants.dequantize(get(type_name).quantize(v), qtype))
     with torch.no_grad():  # the torch model with the file's weights (q/k rows back from llama.cpp's order)
         for i, layer in enumerate(model.model.layers):
             for short, mod in (("attn_q", layer.self_attn.q_proj), ("attn_k", layer.self_attn.k_proj),
