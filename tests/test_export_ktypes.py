@@ -1,4 +1,4 @@
-"""export --type q4_k / q5_k / q6_k / iq4_nl and --imatrix: the numpy encoders against ggml's own quantizer, the
+"""export --type q2_k / q3_k / q4_k / q5_k / q6_k / iq4_nl and --imatrix: the numpy encoders against ggml's own quantizer, the
 files loaded by llama.cpp and decoded by gguf-py to what the encoder wrote, llama.cpp's fallback for rows that are
 not whole 256-weight super-blocks, and the importance matrix read back and used by llama.cpp's quantizer."""
 import ctypes
@@ -13,7 +13,7 @@ from gptopt_core.models import tiny_model
 
 pytest.importorskip("llama_cpp")
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x ** 2  # 12345\n"
-KTYPES = ["q4_k", "q5_k", "q6_k", "iq4_nl"]
+KTYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl"]
 
 
 def ggml_lib():
@@ -104,14 +104,15 @@ def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
-def test_rows_not_whole_superblocks_fall_back_as_llamacpp(tmp_path):
+@pytest.mark.parametrize("type_name, fallback", [("q4_k", "q5_0"), ("q3_k", "iq4_nl")])
+def test_rows_not_whole_superblocks_fall_back_as_llamacpp(type_name, fallback, tmp_path):
     from gptopt_export.gguf_writer import write_gguf
     from gptopt_export.llamacpp import next_token_logits
 
     model, tok = tiny_model("tiny-random-llama")  # rows of 64 and 128 weights
-    metrics = write_gguf(model, tok, tmp_path / "f.gguf", "q4_k")
-    assert metrics["gguf_tensor_types"] == {"f32": 5, "q5_0": 16} and metrics["gguf_fallback_tensors"] == 16
-    assert "q4_k -> q5_0 as llama.cpp" in metrics["gguf_fallback_examples"][0]
+    metrics = write_gguf(model, tok, tmp_path / "f.gguf", type_name)
+    assert metrics["gguf_tensor_types"] == {"f32": 5, fallback: 16} and metrics["gguf_fallback_tensors"] == 16
+    assert f"{type_name} -> {fallback} as llama.cpp" in metrics["gguf_fallback_examples"][0]
     assert next_token_logits(tmp_path / "f.gguf", tok(TEXT)["input_ids"], threads=1).shape[0] > 0
 
 

@@ -208,6 +208,7 @@ def export_digests(out: Path) -> dict:
     cases += [(model, tok, "q4_0", None, None, {"blk.0.attn_v.weight": "q6_k", "token_embd.weight": "f16"})]
     wide, wtok = _wide()
     cases += [(wide, wtok, t, "f32", None, None) for t in ("q4_k", "q5_k", "q6_k")]
+    cases += [(wide, wtok, t, "f32", None, None) for t in ("q3_k", "q2_k")]  # added with these types (pinned then)
     out_digests = {}
     for i, (m, t, type_name, emb, imp, plan) in enumerate(cases):
         path = out / f"{i}.gguf"
@@ -226,6 +227,8 @@ PINNED = {  # taken from the writer before the type table (commit e475253), iden
     "6-q4_k": "94d9b0f71ba3bb0e", "7-q4_0": "cc372fe7f5a222f3", "8-iq4_nl": "18ff1d79db56ec3c",
     "9-q4_0": "c18211bb3c2b61d4", "10-q4_k": "e58ac9784fee5442", "11-q5_k": "385c1aa480daabe5",
     "12-q6_k": "2d03d57e5b4fbe7e", "grid-sym": "602dedbaf646165d", "grid-asym": "644db7a2d80346ea",
+    # q3_k and q2_k, pinned when they were added (their bytes: llama.cpp's own, tests/test_export_ktypes.py)
+    "13-q3_k": "db89a67f9b45a0ba", "14-q2_k": "35bd7c22af0df101",
 }
 
 

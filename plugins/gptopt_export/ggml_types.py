@@ -10,7 +10,7 @@ which of gptopt's integer grids it holds exactly (written from the codes by :mod
 The writer (:mod:`.gguf_writer`), the type chooser (:mod:`.types`), ``--plan`` (:mod:`.mix`), the importance
 matrix weighting and the option checks (``--type``, plan files) read this table only; a test checks every record
 against gguf-py's ids and sizes. Encoders: gguf-py's reference quantizers for the float and legacy types, and
-gptopt's numpy ports of ggml's K-quant and IQ4_NL functions (:mod:`.kquants`).
+gptopt's numpy ports of ggml's K-quant and IQ4_NL functions (:mod:`.kquants`, :mod:`.kquants_low`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import blocks, kquants
+from . import blocks, kquants, kquants_low
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ for _record in (
     GgufType("q4_1", 3, QK, 20, 3, _gguf_py(3), exact_grid=(4, False), pack=blocks.pack_q4_1),
     GgufType("q5_0", 6, QK, 22, 8, _gguf_py(6)),
     GgufType("q5_1", 7, QK, 24, 9, _gguf_py(7)),
+    GgufType("q2_k", 10, QK_K, 84, 10, kquants_low.quantize_q2_k, fallback="iq4_nl", k_type=True),
+    GgufType("q3_k", 11, QK_K, 110, 11, kquants_low.quantize_q3_k, fallback="iq4_nl", k_type=True),
     GgufType("q4_k", 12, QK_K, 144, 14, kquants.quantize_q4_k, fallback="q5_0", k_type=True),
     GgufType("q5_k", 13, QK_K, 176, 16, kquants.quantize_q5_k, fallback="q5_1", k_type=True),
     GgufType("q6_k", 14, QK_K, 210, 18, kquants.quantize_q6_k, fallback="q8_0", k_type=True),
