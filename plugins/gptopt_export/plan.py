@@ -33,7 +33,10 @@ def fingerprint(model) -> tuple:
     except RuntimeError:
         return (object(),)
     config = getattr(model, "config", None)
-    out.append(config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config))
+    try:
+        out.append(config.to_json_string(use_diff=False))
+    except Exception:  # a config that does not serialize: its identity and repr
+        out.append((id(config), repr(config)))
     return tuple(out)
 
 
