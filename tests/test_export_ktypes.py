@@ -69,6 +69,27 @@ def test_encoder_matches_ggml_quantizer(type_name):
     assert np.sqrt(((a - x) ** 2).mean()) <= 1.005 * np.sqrt(((b - x) ** 2).mean())
 
 
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "q3_k"])
+def test_weighted_encoder_matches_ggml_quantizer_with_an_imatrix(type_name):
+    """The types the table gives an importance-weighted encoder write ggml's bytes for the same imatrix."""
+    import gguf
+
+    from gptopt_export.ggml_types import get, weighted_names
+
+    assert type_name in weighted_names()
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 768)) * np.exp(rng.standard_normal((1, 768)) * 0.5) * 0.02).astype(np.float32)
+    qw = np.exp(rng.standard_normal(768) * 1.5).astype(np.float32)
+    t = get(type_name)
+    ours, plain = t.quantize(x, qw), t.quantize(x)
+    ref = np.zeros_like(ours)
+    assert ggml_lib().ggml_quantize_chunk(t.ggml_id, x.ctypes.data, ref.ctypes.data, 0, 16, 768, qw.ctypes.data) \
+        == ours.nbytes
+    assert (ours == ref).mean() > 0.99 and (ours != plain).mean() > 0.1
+    a, b = (gguf.quants.dequantize(v, t.qtype()).reshape(x.shape) for v in (ours, ref))
+    assert (qw * (a - x) ** 2).sum() <= 1.005 * (qw * (b - x) ** 2).sum()
+
+
 @pytest.mark.parametrize("type_name", KTYPES)
 def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_path):
     """Every weight is written as the type; llama.cpp predicts as torch with the de-quantized weights."""

@@ -1,7 +1,8 @@
 """numpy encoders for GGML's 3- and 2-bit K-quants (q3_K, q2_K), after ggml's ``ggml-quants.c``.
 
 Both follow llama.cpp's reference functions step for step (what its quantizer runs without an importance
-matrix), vectorized over sub-blocks, float32 throughout, ``nearest_int`` = round half to even:
+matrix; with one, q3_K's ``quantize_row_q3_K_impl`` too), vectorized over sub-blocks, float32 throughout,
+``nearest_int`` = round half to even:
 
 * ``q3_k``: ``quantize_row_q3_K_ref``: 256-weight super-blocks of sixteen 16-weight sub-blocks; each sub-block's
   scale fitted by ``make_q3_quants`` (codes in [-4, 3], weights ``x^2``, five passes of one-code-at-a-time
@@ -17,7 +18,7 @@ Rows must be whole 256-weight super-blocks; llama.cpp (and :mod:`.ggml_types`) f
 """
 from __future__ import annotations
 
-from .kquants import QK_K, _f16, make_qkx2
+from .kquants import QK_K, _f16, make_qkx2, make_qx
 
 GROUP_MAX_EPS = 1e-15
 
@@ -84,16 +85,42 @@ def quantize_q3_k(x):
     import numpy as np
 
     f32 = np.float32
-    rows, cols = x.shape
     sb = x.astype(f32).reshape(-1, QK_K)
     S = sb.shape[0]
     scales, L = make_q3(sb.reshape(S * 16, 16), 4)
-    scales, L = scales.reshape(S, 16), L.reshape(S, 16, 16)
+    scales = scales.reshape(S, 16)
     max_scale = scales[np.arange(S), np.abs(scales).argmax(1)]
     nz = max_scale != 0
     iscale = np.where(nz, f32(-32) / np.where(nz, max_scale, f32(1)), f32(1)).astype(f32)
     ls = np.where(nz[:, None], _nearest(iscale[:, None] * scales, -32, 31) + 32, 0)
-    d = _f16(np.where(nz, f32(1) / iscale, f32(0)))
+    return _q3_blocks(x.shape, sb, L, ls, _f16(np.where(nz, f32(1) / iscale, f32(0))))
+
+
+def quantize_q3_k_weighted(x, qw):
+    """``quantize_row_q3_K_impl`` with an importance ``qw (cols,)``: sub-block scales fitted by ``make_qx_quants``
+    with weights ``qw * sqrt(sigma2 + x^2)`` (``sigma2``: twice the super-block's mean ``x^2``), then the sixteen
+    scales themselves quantized to 6 bits by ``make_qx_quants`` weighted by their sub-blocks' summed weights."""
+    import numpy as np
+
+    f32 = np.float32
+    rows, cols = x.shape
+    sb = x.astype(f32).reshape(-1, QK_K)
+    S = sb.shape[0]
+    sigma2 = f32(2) * (sb * sb).sum(1, keepdims=True) / f32(QK_K)
+    w = np.tile(np.asarray(qw, dtype=f32).reshape(-1, QK_K), (rows, 1)) * np.sqrt(sigma2 + sb * sb)
+    scales, L = make_qx(sb.reshape(S * 16, 16), 4, w.reshape(S * 16, 16))
+    d, ls = make_qx(scales.reshape(S, 16), 32, w.reshape(S, 16, 16).sum(2))
+    return _q3_blocks(x.shape, sb, L, ls, _f16(d))
+
+
+def _q3_blocks(shape, sb, L, ls, d):
+    """q3_K bytes of super-blocks ``sb (S, 256)``: codes ``L`` (+4) re-rounded on the 6-bit scales ``ls`` (+32)
+    and fp16 ``d``, where a sub-block's scale is not zero."""
+    import numpy as np
+
+    f32 = np.float32
+    S = sb.shape[0]
+    L = L.reshape(S, 16, 16)
     dl = d.astype(f32)[:, None] * (ls - 32).astype(f32)
     q = _nearest(sb.reshape(S, 16, 16) / np.where(dl == 0, f32(1), dl)[..., None], -4, 3) + 4
     L = np.where((dl == 0)[..., None], L, q).reshape(S, QK_K)
@@ -102,7 +129,7 @@ def quantize_q3_k(x):
     hmask = (high.reshape(S, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(
         1).astype(np.uint8)  # distinct bits: sum == or
     out = np.concatenate([hmask, _pack_2bit(L), _q3_scale_bytes(ls), d.reshape(-1, 1).view(np.uint8)], axis=1)
-    return np.ascontiguousarray(out.reshape(rows, -1))
+    return np.ascontiguousarray(out.reshape(shape[0], -1))
 
 
 def quantize_q2_k(x):
