@@ -63,13 +63,13 @@ def test_encoder_matches_ggml_quantizer(type_name):
     ours = get(type_name).quantize(x)  # the type table's encoder
     ref = np.zeros_like(ours)
     assert ggml_lib().ggml_quantize_chunk(int(qtype), x.ctypes.data, ref.ctypes.data, 0, 16, 768, None) == ours.nbytes
-    assert (ours == ref).mean() > 0.9
+    assert (ours == ref).mean() > 0.99  # the rest: float sums in another order (ties between candidate scales)
     a, b = (gguf.quants.dequantize(v, qtype).reshape(x.shape) for v in (ours, ref))
     assert np.abs(a[0, :256]).max() == 0
     assert np.sqrt(((a - x) ** 2).mean()) <= 1.005 * np.sqrt(((b - x) ** 2).mean())
 
 
-@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "q3_k"])
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "q3_k", "q2_k"])
 def test_weighted_encoder_matches_ggml_quantizer_with_an_imatrix(type_name):
     """The types the table gives an importance-weighted encoder write ggml's bytes for the same imatrix."""
     import gguf

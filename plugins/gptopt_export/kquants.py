@@ -56,7 +56,8 @@ def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
     L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     best = (w * error(scale[:, None] * L + mn[:, None] - x)).sum(1)
     for step in range(nstep + 1):
-        iscale = (f32(rmin) + f32(rdelta) * step + nmax) / span
+        # ggml divides by max - min with the min of the best candidate so far (it updates `min` in the loop)
+        iscale = (f32(rmin) + f32(rdelta) * step + nmax) / np.where(flat, f32(1), mx - mn)
         la = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(f32)
         sum_l, sum_l2, sum_xl = (w * la).sum(1), (w * la * la).sum(1), (w * la * x).sum(1)
         D = sum_w * sum_l2 - sum_l * sum_l

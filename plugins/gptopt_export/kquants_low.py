@@ -1,7 +1,7 @@
 """numpy encoders for GGML's 3- and 2-bit K-quants (q3_K, q2_K), after ggml's ``ggml-quants.c``.
 
 Both follow llama.cpp's reference functions step for step (what its quantizer runs without an importance
-matrix; with one, q3_K's ``quantize_row_q3_K_impl`` too), vectorized over sub-blocks, float32 throughout,
+matrix; with one, ``quantize_row_q2_K_impl`` / ``quantize_row_q3_K_impl``), vectorized over sub-blocks, float32 throughout,
 ``nearest_int`` = round half to even:
 
 * ``q3_k``: ``quantize_row_q3_K_ref``: 256-weight super-blocks of sixteen 16-weight sub-blocks; each sub-block's
@@ -153,6 +153,16 @@ def quantize_q2_k(x):
     sc = ((ls & 0xFF) | ((lm << 4) & 0xFF)).astype(np.uint8)  # uint8 stores, as ggml's
     d = _f16(np.where(max_scale > 0, max_scale / f32(15), f32(0)))
     dmin = _f16(np.where(max_min > 0, max_min / f32(15), f32(0)))
+    return _q2_blocks(sb, L, sc, d, dmin, rows)
+
+
+def _q2_blocks(sb, L, sc, d, dmin, rows):
+    """q2_K bytes of super-blocks ``sb (S, 256)``: codes ``L`` re-rounded on the 4-bit scales and mins ``sc`` and
+    fp16 ``d`` / ``dmin``, where a sub-block's scale is not zero."""
+    import numpy as np
+
+    f32 = np.float32
+    S = sb.shape[0]
     dl = d.astype(f32)[:, None] * (sc & 0xF).astype(f32)
     ml = dmin.astype(f32)[:, None] * (sc >> 4).astype(f32)
     q = _nearest((sb.reshape(S, 16, 16) + ml[..., None]) / np.where(dl == 0, f32(1), dl)[..., None], 0, 3)
@@ -160,3 +170,64 @@ def quantize_q2_k(x):
     out = np.concatenate([sc, _pack_2bit(L), d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8)],
                          axis=1)
     return np.ascontiguousarray(out.reshape(rows, -1))
+
+
+def make_qp(x, w, nmax: int):
+    """``make_qp_quants(n, nmax, x, L, quant_weights)`` over rows ``x (S, n)`` of non-negative values (the
+    sub-block scales or mins of a super-block), weights ``w``: ``(scale (S,), codes in [0, nmax])``."""
+    import numpy as np
+
+    f32 = np.float32
+    top = np.maximum(x.max(1), f32(0))
+    zero = top < GROUP_MAX_EPS
+    top = np.where(zero, f32(1), top)
+
+    def codes(iscale):
+        return np.minimum(nmax, np.rint(iscale[:, None] * x)).astype(np.int32)
+
+    iscale = (f32(nmax) / top).astype(f32)
+    best = (w * (x - (f32(1) / iscale)[:, None] * codes(iscale)) ** 2).sum(1)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = ((f32(0.1) * step + nmax) / top).astype(f32)
+        mse = (w * (x - (f32(1) / trial)[:, None] * codes(trial)) ** 2).sum(1)
+        iscale = np.where(mse < best, trial, iscale).astype(f32)
+        best = np.minimum(mse, best)
+    L = codes(iscale)
+    lf = L.astype(f32)
+    sumlx, suml2 = (w * x * lf).sum(1), (w * lf * lf).sum(1)
+    for _ in range(5):  # as make_q3: a pass that changes nothing changes nothing after it
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i].astype(f32)
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = np.minimum(nmax, np.rint(xi * sl2 / np.where(ok, slx, f32(1)))).astype(np.int32)
+            nf = new.astype(f32)
+            slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
+            take = ok & (new != L[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = np.where(take, new, L[:, i])
+            sumlx, suml2 = np.where(take, slx2, sumlx).astype(f32), np.where(take, sl22, suml2).astype(f32)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0)).astype(f32)
+    return np.where(zero, f32(0), scale), np.where(zero[:, None], 0, L)
+
+
+def quantize_q2_k_weighted(x, qw):
+    """``quantize_row_q2_K_impl`` with an importance ``qw (cols,)``: sub-block scale and min fitted by
+    ``make_qkx3_quants`` (weights ``qw * sqrt(sigma2 + x^2)``, squared error, 37 candidates), the sixteen scales
+    and mins quantized to 4 bits by ``make_qp_quants`` weighted by their sub-blocks' summed weights."""
+    import numpy as np
+
+    f32 = np.float32
+    rows, cols = x.shape
+    sb = x.astype(f32).reshape(-1, QK_K)
+    S = sb.shape[0]
+    sigma2 = (sb * sb).sum(1, keepdims=True) / f32(QK_K)
+    w = (np.tile(np.asarray(qw, dtype=f32).reshape(-1, QK_K), (rows, 1)) * np.sqrt(sigma2 + sb * sb)).reshape(
+        S * 16, 16)
+    scales, mins, L = make_qkx2(sb.reshape(S * 16, 16), w, 3, -0.9, 0.05, 36)  # make_qkx3_quants with weights
+    sw = w.sum(1).reshape(S, 16)
+    dm, ls = make_qp(scales.reshape(S, 16), sw, 15)
+    mm, lm = make_qp(mins.reshape(S, 16), sw, 15)
+    sc = ((ls & 0xFF) | ((lm << 4) & 0xFF)).astype(np.uint8)
+    return _q2_blocks(sb, L, sc, _f16(dm), _f16(mm), rows)
