@@ -1,4 +1,4 @@
-"""export --type q4_k / q5_k / q6_k / iq4_nl and --imatrix: the numpy encoders against ggml's own quantizer, the
+"""export --type q2_k / q3_k / q4_k / q5_k / q6_k / iq4_nl and --imatrix: the numpy encoders against ggml's own quantizer, the
 files loaded by llama.cpp and decoded by gguf-py to what the encoder wrote, llama.cpp's fallback for rows that are
 not whole 256-weight super-blocks, and the importance matrix read back and used by llama.cpp's quantizer."""
 import ctypes
@@ -13,7 +13,7 @@ from gptopt_core.models import tiny_model
 
 pytest.importorskip("llama_cpp")
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x ** 2  # 12345\n"
-KTYPES = ["q4_k", "q5_k", "q6_k", "iq4_nl"]
+KTYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl"]
 
 
 def ggml_lib():
@@ -54,26 +54,47 @@ def test_encoder_matches_ggml_quantizer(type_name):
     """Same block bytes as ggml's ``ggml_quantize_chunk`` (no imatrix) up to float summation order, same error."""
     import gguf
 
-    from gptopt_export.kquants import quantize
+    from gptopt_export.ggml_types import get
 
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((16, 768)) * np.exp(rng.standard_normal((1, 768)) * 0.5) * 0.02).astype(np.float32)
     x[0, :256] = 0  # an empty super-block
     qtype = getattr(gguf.GGMLQuantizationType, type_name.upper())
-    ours = quantize(x, type_name)
+    ours = get(type_name).quantize(x)  # the type table's encoder
     ref = np.zeros_like(ours)
     assert ggml_lib().ggml_quantize_chunk(int(qtype), x.ctypes.data, ref.ctypes.data, 0, 16, 768, None) == ours.nbytes
-    assert (ours == ref).mean() > 0.9
+    assert (ours == ref).mean() > 0.99  # the rest: float sums in another order (ties between candidate scales)
     a, b = (gguf.quants.dequantize(v, qtype).reshape(x.shape) for v in (ours, ref))
     assert np.abs(a[0, :256]).max() == 0
     assert np.sqrt(((a - x) ** 2).mean()) <= 1.005 * np.sqrt(((b - x) ** 2).mean())
 
 
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "q3_k", "q2_k"])
+def test_weighted_encoder_matches_ggml_quantizer_with_an_imatrix(type_name):
+    """The types the table gives an importance-weighted encoder write ggml's bytes for the same imatrix."""
+    import gguf
+
+    from gptopt_export.ggml_types import get, weighted_names
+
+    assert type_name in weighted_names()
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 768)) * np.exp(rng.standard_normal((1, 768)) * 0.5) * 0.02).astype(np.float32)
+    qw = np.exp(rng.standard_normal(768) * 1.5).astype(np.float32)
+    t = get(type_name)
+    ours, plain = t.quantize(x, qw), t.quantize(x)
+    ref = np.zeros_like(ours)
+    assert ggml_lib().ggml_quantize_chunk(t.ggml_id, x.ctypes.data, ref.ctypes.data, 0, 16, 768, qw.ctypes.data) \
+        == ours.nbytes
+    assert (ours == ref).mean() > 0.99 and (ours != plain).mean() > 0.1
+    a, b = (gguf.quants.dequantize(v, t.qtype()).reshape(x.shape) for v in (ours, ref))
+    assert (qw * (a - x) ** 2).sum() <= 1.005 * (qw * (b - x) ** 2).sum()
+
+
 @pytest.mark.parametrize("type_name", KTYPES)
 def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_path):
     """Every weight is written as the type; llama.cpp predicts as torch with the de-quantized weights."""
+    from gptopt_export.ggml_types import get
     from gptopt_export.gguf_writer import write_gguf
-    from gptopt_export.kquants import quantize
     from gptopt_export.llamacpp import next_token_logits
     from gptopt_export.tensors import permute_rows
 
@@ -85,7 +106,7 @@ def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, type_name.upper())
-    assert np.array_equal(tensors["blk.1.attn_v.weight"][1], gguf.quants.dequantize(quantize(v, type_name), qtype))
+    assert np.array_equal(tensors["blk.1.attn_v.weight"][1], gguf.quants.dequantize(get(type_name).quantize(v), qtype))
     with torch.no_grad():  # the torch model with the file's weights (q/k rows back from llama.cpp's order)
         for i, layer in enumerate(model.model.layers):
             for short, mod in (("attn_q", layer.self_attn.q_proj), ("attn_k", layer.self_attn.k_proj),
@@ -104,14 +125,15 @@ def test_ktype_file_loads_in_llamacpp_and_decodes_to_the_encoder(type_name, tmp_
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
-def test_rows_not_whole_superblocks_fall_back_as_llamacpp(tmp_path):
+@pytest.mark.parametrize("type_name, fallback", [("q4_k", "q5_0"), ("q3_k", "iq4_nl")])
+def test_rows_not_whole_superblocks_fall_back_as_llamacpp(type_name, fallback, tmp_path):
     from gptopt_export.gguf_writer import write_gguf
     from gptopt_export.llamacpp import next_token_logits
 
     model, tok = tiny_model("tiny-random-llama")  # rows of 64 and 128 weights
-    metrics = write_gguf(model, tok, tmp_path / "f.gguf", "q4_k")
-    assert metrics["gguf_tensor_types"] == {"f32": 5, "q5_0": 16} and metrics["gguf_fallback_tensors"] == 16
-    assert "q4_k -> q5_0 as llama.cpp" in metrics["gguf_fallback_examples"][0]
+    metrics = write_gguf(model, tok, tmp_path / "f.gguf", type_name)
+    assert metrics["gguf_tensor_types"] == {"f32": 5, fallback: 16} and metrics["gguf_fallback_tensors"] == 16
+    assert f"{type_name} -> {fallback} as llama.cpp" in metrics["gguf_fallback_examples"][0]
     assert next_token_logits(tmp_path / "f.gguf", tok(TEXT)["input_ids"], threads=1).shape[0] > 0
 
 

@@ -86,7 +86,7 @@ def test_plan_file_names_tensors_by_gguf_or_module_name(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ({"model.layers.9.mlp.up_proj": "q8_0"}, "'model.layers.9.mlp.up_proj' is not a tensor of this model"),
-    ({"blk.0.attn_v.weight": "q3_k"}, "type 'q3_k' unknown"),
+    ({"blk.0.attn_v.weight": "q3_x"}, "type 'q3_x' unknown"),
     (["blk.0.attn_v.weight"], "give a mapping of tensor names to GGUF types"),
 ])
 def test_bad_plan_file_is_one_line_exit_2_and_writes_nothing(tmp_path, content, message):

@@ -5,7 +5,7 @@ GGUF holds every model the architecture table gives a llama.cpp layout, except c
 unmerged LoRA adapter: it is the file writers' fallback, what ``export --format auto`` picks when no writer of
 particular facts claims the model. The GGUF work is :mod:`.gguf_writer` (gguf, numpy and torch, imported when it
 writes); ``export``'s GGUF-only inputs (``--imatrix``, ``--plan``) reach it as ``options["importance"]`` /
-``options["plan"]``.
+``options["export_plan"]`` (the plan the step built once).
 """
 from __future__ import annotations
 
@@ -41,12 +41,16 @@ class GgufWriter(Writer):
         return self.plan_refusal(set(getattr(ctx, "facts", None) or ()), options)
 
     def write(self, ctx, model, path, options):
-        from .gguf_writer import write_gguf  # gguf, numpy, torch
+        from .gguf_writer import write_gguf, write_plan  # gguf, numpy, torch
 
+        window, overwrite = bool(options.get("ignore_sliding_window")), bool(options.get("overwrite"))
+        if options.get("export_plan") is not None:  # the export step's plan, built once (plan.ExportPlan)
+            return write_plan(options["export_plan"], model, ctx.tokenizer, path, name=ctx.model_spec,
+                              importance=options.get("importance"), ignore_window=window, overwrite=overwrite)
         return write_gguf(model, ctx.tokenizer, path, options.get("type", "auto"), options.get("embeddings"),
                           name=ctx.model_spec, plugins=ctx.plugins, importance=options.get("importance"),
-                          plan=options.get("plan"), ignore_window=bool(options.get("ignore_sliding_window")),
-                          overwrite=bool(options.get("overwrite")))
+                          plan=options.get("plan") if isinstance(options.get("plan"), dict) else None,
+                          ignore_window=window, overwrite=overwrite)
 
 
 def planned_format(step, facts) -> str:

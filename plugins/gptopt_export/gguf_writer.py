@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gptopt_core import GptoptError, publish_file, remove_stale_temporaries
 
-from . import blocks, tensors, types, vocab
+from . import ggml_types, plan as export_plan, tensors, types, vocab
 
 
 def _rope_theta(cfg):
@@ -73,10 +73,11 @@ def tensor_bytes(src, choice, importance=None):
         flat = dataclasses.replace(src, values=src.values.reshape(-1, src.values.shape[-1]))
         data, raw = tensor_bytes(flat, choice, importance)
         return data.reshape(n, -1, data.shape[-1]), raw
-    if choice.how == "exact grid" or choice.how.startswith(types.GRID_CODES):
-        return blocks.pack_exact(choice.type, src.grid, src.codes), blocks.ggml_type(choice.type)
-    data = blocks.encode(src.values, choice.type, importance)
-    return data, (None if choice.type in ("f32", "f16") else blocks.ggml_type(choice.type))
+    kind = ggml_types.get(choice.type)
+    if choice.from_codes:
+        return kind.pack(src.grid, src.codes), kind.qtype()
+    data = ggml_types.encode(src.values, choice.type, importance)
+    return data, (None if kind.native else kind.qtype())
 
 
 #: llama.cpp sets these tokens' attributes when ``general.name`` contains "phi3" / "phi-3" and aborts the load
@@ -92,13 +93,6 @@ def loadable_name(name: str, tokenizer) -> str:
     if re.search("phi-?3", name, re.IGNORECASE) and not set(PHI3_TOKENS) <= set(tokenizer.get_vocab()):
         return re.sub("phi-?3", "phi_3", name, flags=re.IGNORECASE)
     return name
-
-
-def choices(srcs, type_name: str, embeddings: str | None, plan: dict | None = None) -> list:
-    """``[(source, Choice)]``: ``--type`` / ``--embeddings``, or the plan's type for a tensor it names."""
-    plan = plan or {}
-    return [(src, types.choose(src, plan[src.name], None) if src.name in plan
-             else types.choose(src, type_name, embeddings)) for src in srcs]
 
 
 def check_model(model, plugins=None, ignore_window: bool = False):
@@ -118,35 +112,40 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
                plan: dict | None = None, ignore_window: bool = False, overwrite: bool = True) -> dict:
     """Write ``model`` to ``target`` (atomically); returns metrics: bytes, tensor types, exact-grid counts.
     ``importance``: ``{GGUF tensor name: mean x^2 per input column}`` (``--imatrix``) for the re-rounded
-    q4_0 / iq4_nl tensors' block scales; ``plan``: ``{GGUF tensor name: type}`` (``--plan``), over ``type_name``
-    and ``embeddings`` for the tensors it names; ``ignore_window``: write a sliding window llama.cpp does not apply
-    (``--ignore-sliding-window``) instead of refusing it. Without ``overwrite`` an existing ``target`` (even one
-    that appeared while writing) is never replaced: a one-line error."""
+    tensors of the types that weight their rounding by it (q4_0 / iq4_nl block scales); ``plan``: ``{GGUF tensor
+    name: type}`` (``--plan``), over ``type_name`` and ``embeddings`` for the tensors it names; ``ignore_window``:
+    write a sliding window llama.cpp does not apply (``--ignore-sliding-window``) instead of refusing it. Without
+    ``overwrite`` an existing ``target`` (even one that appeared while writing) is never replaced: a one-line
+    error. The export step builds its :class:`~gptopt_export.plan.ExportPlan` once and calls :func:`write_plan`."""
+    check_model(model, plugins, ignore_window)
+    built = export_plan.build(model, plugins, type_name, embeddings, plan)
+    return write_plan(built, model, tokenizer, target, name, importance, ignore_window, overwrite)
+
+
+def write_plan(plan, model, tokenizer, target: Path, name: str = "", importance: dict | None = None,
+               ignore_window: bool = False, overwrite: bool = True) -> dict:
+    """Write the tensors of ``plan`` (:class:`~gptopt_export.plan.ExportPlan` of ``model``) with ``model``'s
+    hyper-parameters and ``tokenizer`` to ``target``, atomically; see :func:`write_gguf`."""
     import gguf
 
-    arch = check_model(model, plugins, ignore_window)
-    srcs = tensors.sources(model, plugins)
-    chosen = choices(srcs, type_name, embeddings, plan)
-    weight_types = Counter(c.type for s, c in chosen if s.values.dim() >= 2 and s.role != "position")
-    file_type = types.FILE_TYPES[weight_types.most_common(1)[0][0]] if weight_types else 0
-
+    arch, file_type = plan.arch, plan.file_type()
     target = Path(target)
     remove_stale_temporaries(target.parent, f".{target.name}.", ".part")  # left by an export killed with -9
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".part", dir=str(target.parent))
     os.close(fd)
     tmp, writer = Path(tmp_name), None
+    importance = importance or {}
     try:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf.arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(loadable_name(name or str(getattr(model.config, "name_or_path", "") or arch.gguf.arch),
                                       tokenizer))
         add_hparams(writer, model, arch, ignore_window)
-        writer.add_file_type(file_type)
+        writer.add_file_type(ggml_types.get(file_type).file_type)
         with tempfile.TemporaryDirectory(prefix="gptopt-export-tok-") as workdir:
             vocab_info = vocab.add_vocab(writer, tokenizer, int(model.config.vocab_size), Path(workdir))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        importance = importance or {}
-        for src, choice in chosen:
+        for src, choice in plan.entries:
             data, raw = tensor_bytes(src, choice, importance.get(src.name))
             writer.add_tensor(src.name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -163,9 +162,9 @@ def write_gguf(model, tokenizer, target: Path, type_name: str = "auto", embeddin
         "gguf_path": str(target),
         "gguf_bytes": target.stat().st_size,
         "gguf_architecture": arch.gguf.arch,
-        "gguf_file_type": weight_types.most_common(1)[0][0] if weight_types else "f32",
-        **_grid_metrics(chosen),
-        **_peer_metrics(chosen, importance),
+        "gguf_file_type": file_type,
+        **_grid_metrics(plan.entries),
+        **_peer_metrics(plan.entries, importance),
         **vocab_info,
     }
 
@@ -201,9 +200,9 @@ def _grid_metrics(chosen) -> dict:
 
 def _peer_metrics(chosen, importance) -> dict:
     """K-quant fallbacks (rows not whole super-blocks) and imatrix-weighted re-rounding, counted."""
-    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK)]
-    weighted = sum(1 for s, c in chosen if s.name in importance and c.type in blocks.WEIGHTED
-                   and not (c.how == "exact grid" or c.how.startswith(types.GRID_CODES)))
+    fallback = [f"{s.name}: {c.how}" for s, c in chosen if c.how.startswith(types.FALLBACK_NOTE)]
+    weighted = sum(1 for s, c in chosen if s.name in importance and ggml_types.get(c.type).weighted is not None
+                   and not c.from_codes)
     return {"gguf_imatrix_weighted_tensors": weighted, "gguf_fallback_tensors": len(fallback),
             "gguf_fallback_examples": fallback[:3]}
 

@@ -99,3 +99,22 @@ def read(path) -> dict:
     from .imatrix_files import load
 
     return load(path)
+
+
+def write_for_export(ctx, params, plan) -> tuple[dict, dict]:
+    """``export --imatrix FILE``: calibrate (train split), write the importance matrix under llama.cpp's tensor
+    names (``plan``'s); ``(metrics, {name: mean x^2 per column})``."""
+    from gptopt_core import GptoptError
+
+    path = Path(params.imatrix).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    got = collect(ctx, params.imatrix_blocks, params.imatrix_seq_len)
+    entries = named(got["sums"], plan.sources)
+    if not entries:
+        raise GptoptError("export --imatrix: no weight of the transformer blocks was calibrated")
+    size = write(path, entries, params.imatrix_blocks, params.imatrix_seq_len,
+                 f"{ctx.data_spec or 'data'} (train split)")
+    ctx.log(f"  wrote {path}: importance matrix of {len(entries)} weights, {got['tokens']} calibration tokens")
+    means = {name: (sums / max(tokens, 1)).astype("float32") for name, (sums, tokens) in entries.items()}
+    return {"imatrix_path": str(path), "imatrix_bytes": size, "imatrix_entries": len(entries),
+            "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}, means

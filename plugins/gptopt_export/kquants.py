@@ -14,23 +14,13 @@ functions step for step, vectorized over blocks (float32 throughout, ``nearest_i
   weights ``x^2``): 32-weight blocks, an fp16 scale and 4-bit indices into the non-linear table
   ``kvalues_iq4nl``; 18 bytes per 32 weights (4.5 bits).
 
-Rows must be whole super-blocks (256 weights; 32 for iq4_nl): :func:`fallback` says what llama.cpp writes instead.
+Rows must be whole super-blocks (256 weights; 32 for iq4_nl); the type table (:mod:`.ggml_types`) registers these
+encoders and says what llama.cpp writes for rows that are not.
 """
 from __future__ import annotations
 
 QK_K = 256
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-#: llama.cpp's ``tensor_type_fallback`` for rows that are not whole 256-weight super-blocks
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-BLOCK_OF = {"q4_k": QK_K, "q5_k": QK_K, "q6_k": QK_K, "iq4_nl": 32}
-TYPES = tuple(BLOCK_OF)
-
-
-def fallback(type_name: str, row_len: int) -> str:
-    """The type llama.cpp's quantizer writes for ``type_name`` on rows of ``row_len`` weights."""
-    if type_name in FALLBACK and row_len % QK_K:
-        return FALLBACK[type_name]
-    return type_name
 
 
 def _f16(x):
@@ -45,9 +35,13 @@ def _rint(x):
     return np.rint(x).astype(np.int32)
 
 
-def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """``make_qkx2_quants`` over blocks ``x (B, n)``: ``(scale (B,), the_min (B,) >= 0, codes (B, n))``."""
+def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool = False):
+    """``make_qkx2_quants`` over blocks ``x (B, n)``: ``(scale (B,), the_min (B,) >= 0, codes (B, n))``; ``mad``:
+    the error is weighted absolute (``use_mad``, q2_K), else weighted squared."""
     import numpy as np
+
+    def error(diff):
+        return np.abs(diff) if mad else diff ** 2
 
     f32 = np.float32
     mn = np.minimum(x.min(1), 0).astype(f32)
@@ -60,9 +54,10 @@ def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
     L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
+    best = (w * error(scale[:, None] * L + mn[:, None] - x)).sum(1)
     for step in range(nstep + 1):
-        iscale = (f32(rmin) + f32(rdelta) * step + nmax) / span
+        # ggml divides by max - min with the min of the best candidate so far (it updates `min` in the loop)
+        iscale = (f32(rmin) + f32(rdelta) * step + nmax) / np.where(flat, f32(1), mx - mn)
         la = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(f32)
         sum_l, sum_l2, sum_xl = (w * la).sum(1), (w * la * la).sum(1), (w * la * x).sum(1)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -73,7 +68,7 @@ def make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         pos = this_min > 0
         this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
         this_min = np.where(pos, f32(0), this_min)
-        err = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(1)
+        err = (w * error(this_scale[:, None] * la + this_min[:, None] - x)).sum(1)
         better = ok & (err < best)
         L = np.where(better[:, None], la.astype(np.int32), L)
         best = np.where(better, err, best)
@@ -277,19 +272,3 @@ def quantize_q4_0_weighted(x, qw):
     qs = L[:, :16] | (L[:, 16:] << 4)
     out = np.concatenate([_f16(d).reshape(-1, 1).view(np.uint8), qs], axis=1)
     return np.ascontiguousarray(out.reshape(rows, -1))
-
-
-ENCODERS = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k, "iq4_nl": quantize_iq4_nl}
-#: types whose encoder takes an importance vector (llama.cpp's ``quantize_*`` with ``quant_weights``)
-WEIGHTED = {"q4_0": quantize_q4_0_weighted, "iq4_nl": lambda x, qw: quantize_iq4_nl(x, 7, qw)}
-
-
-def quantize(x, type_name: str, importance=None):
-    """uint8 block bytes of float32 ``x (rows, cols)`` in ``type_name`` (one of :data:`TYPES`, or q4_0 with an
-    ``importance``: mean squared activation per column, as llama.cpp's quantizer uses an imatrix)."""
-    if x.shape[-1] % BLOCK_OF.get(type_name, 32):
-        raise ValueError(f"{type_name}: rows of {x.shape[-1]} are not whole {BLOCK_OF[type_name]}-weight blocks")
-    x = x.reshape(-1, x.shape[-1])
-    if importance is not None and type_name in WEIGHTED:
-        return WEIGHTED[type_name](x, importance)
-    return ENCODERS[type_name](x)

@@ -24,7 +24,7 @@ import time
 
 from gptopt_core import GptoptError
 
-from . import blocks, types
+from . import ggml_types, types
 
 #: tokens per calibration block of the sensitivity measurement
 PLAN_SEQ_LEN = 256
@@ -32,10 +32,7 @@ PLAN_SEQ_LEN = 256
 
 def type_bytes(type_name: str, shape) -> int:
     """Bytes of a ``(rows, cols)`` tensor stored as ``type_name`` (ggml's block sizes, as the file holds it)."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[blocks.ggml_type(type_name)]
-    return int(math.prod(shape[:-1]) * (shape[-1] // block) * size)
+    return ggml_types.get(type_name).nbytes(shape)
 
 
 def counted(src) -> bool:
@@ -55,8 +52,8 @@ def roundtrip(values, type_name: str, importance=None):
     import gguf
     import torch
 
-    data = blocks.encode(values, type_name, importance)
-    return torch.from_numpy(gguf.quants.dequantize(data, blocks.ggml_type(type_name))).reshape(values.shape)
+    data = ggml_types.encode(values, type_name, importance)
+    return torch.from_numpy(gguf.quants.dequantize(data, ggml_types.get(type_name).qtype())).reshape(values.shape)
 
 
 def with_weight(module, weight):
@@ -86,7 +83,7 @@ def candidates(chosen, upgrade: str, embeddings):
     out = []
     for src, low in chosen:
         role_ok = src.role == "weight" or (untied and src.role in ("head", "embedding"))
-        if not role_ok or src.origin != "float" or src.module is None or low.type in blocks.FLOAT_TYPES:
+        if not role_ok or src.origin != "float" or src.module is None or ggml_types.get(low.type).is_float:
             continue
         high = types.choose(src, upgrade, embeddings)
         if type_bytes(high.type, src.values.shape) > type_bytes(low.type, src.values.shape):
@@ -154,9 +151,9 @@ def read_plan_file(path) -> dict:
             raise GptoptError(f"{where}: key {safe_text(repr(key), 40)} is not a tensor name")
         if not isinstance(value, str):
             raise GptoptError(f"{where}: '{safe_text(key, 80)}': give a type name such as q8_0, not {_kind(value)}")
-        if value not in blocks.TYPES:
+        if value not in ggml_types.TYPES:
             raise GptoptError(f"{where}: '{safe_text(key, 80)}': type '{safe_text(value, 40)}' unknown; use one of "
-                              f"{', '.join(blocks.TYPES)}")
+                              f"{', '.join(ggml_types.NAMES)}")
     return data
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 #: ``--type`` name -> llama.cpp ``LLAMA_FTYPE_MOSTLY_*`` (the mixes are llama.cpp's own per-tensor rules)
-FTYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
-          "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30}
+FTYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+          "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25,
+          "iq4_xs": 30}
 
 
 def quantize(src, dst, ftype: str, imatrix=None, nthread: int = 0) -> dict:

@@ -8,8 +8,8 @@ import pydantic
 
 from gptopt_core import GptoptError, OutputLock, Params, PlanError, Step, choose_writer, write_model_file
 
-from .blocks import TYPES
 from .fileformat import GGUF, REFUSED, planned_format
+from .ggml_types import NAMES as TYPES
 
 TYPE_CHOICES = ("auto",) + TYPES
 
@@ -141,6 +141,7 @@ class ExportStep(Step):
     def check_plan(self, before, after, facts):
         """Before the model loads: the output paths, and every side file as far as the file alone allows (an
         ``--imatrix-in`` in full: sizes, counts, values; a ``--plan`` file: syntax, names, types, duplicates)."""
+        self._steps_before = len(before)  # preflight's export plan is kept only when nothing runs before
         self.check_target()
         self.writer_name = planned_format(self, facts)  # the file writer (fileformat.py); the rest is GGUF's
         if self.writer_name != GGUF:
@@ -174,38 +175,56 @@ class ExportStep(Step):
         return self._plan_file[1]
 
     def preflight(self, ctx):
-        """Right after the model loads, before any step runs: the checks that need the model's tensors."""
+        """Right after the model loads, before any step runs: the checks that need the model's tensors (and the
+        export plan, kept for :meth:`apply` when no step runs before the export: see :meth:`export_plan`)."""
         if self.writer_name not in (None, GGUF):
             return
-        from .gguf_writer import check_model, choices
+        from .gguf_writer import check_model
 
         check_model(ctx.model, ctx.plugins, self.params.ignore_sliding_window)
-        from . import mix, tensors, vocab
+        from . import mix, vocab
 
         vocab.check_tokenizer(ctx.tokenizer)  # a tokenizer llama.cpp cannot read: refused before the chain runs
 
         p = self.params
-        srcs = tensors.sources(ctx.model, ctx.plugins) if (p.plan or getattr(self, "_importance", None)) else None
+        self._export_plan = None
+        if not (p.plan or getattr(self, "_importance", None)):
+            return
+        plan = self.export_plan(ctx)
         if p.plan == "auto":  # explicit --type: the sizes do not depend on earlier steps
-            mix.check_budget(choices(srcs, p.type, p.embeddings), p.max_bpw)
-        elif p.plan is not None:
-            self.planned = mix.file_plan(self.plan_file(), srcs, f"export --plan {p.plan}")
+            mix.check_budget(plan.entries, p.max_bpw)
         if p.imatrix_in and getattr(self, "_importance", None):
             from .imatrix_files import match_model
 
-            match_model(self._importance[1], srcs, f"export --imatrix-in {p.imatrix_in}")
+            match_model(self._importance[1], plan.sources, f"export --imatrix-in {p.imatrix_in}")
+        if getattr(self, "_steps_before", 1):  # the chain runs first: its model gets its own plan, none held
+            self._export_plan = None
 
-    def read_imatrix_in(self, ctx) -> tuple[dict, dict]:
-        """``(importance, metrics)`` of ``--imatrix-in``, matched to the model as the chain left it; entries no
-        quantizer uses and block weights without one are counted and named in the log."""
+    def export_plan(self, ctx):
+        """The :class:`~gptopt_export.plan.ExportPlan` of the model as it is now, a ``--plan`` file's types
+        applied: the one :meth:`preflight` kept while the model is unchanged since, else built (once) now."""
+        from . import mix
+        from .plan import build
+
+        kept = getattr(self, "_export_plan", None)
+        if kept is not None and kept.current(ctx.model):
+            return kept
+        p = self.params
+        plan = build(ctx.model, ctx.plugins, p.type, p.embeddings)
+        if p.plan not in (None, "auto"):
+            plan = plan.with_types(mix.file_plan(self.plan_file(), plan.sources, f"export --plan {p.plan}"))
+        self._export_plan = plan
+        return plan
+
+    def read_imatrix_in(self, ctx, plan) -> tuple[dict, dict]:
+        """``(importance, metrics)`` of ``--imatrix-in``, matched to the model as the chain left it (``plan``'s
+        tensors); entries no quantizer uses and block weights without one are counted and named in the log."""
         from gptopt_core import safe_text
 
-        from . import tensors
         from .imatrix_files import match_model
 
         importance = self.importance_in()
-        report = match_model(importance, tensors.sources(ctx.model, ctx.plugins),
-                             f"export --imatrix-in {self.params.imatrix_in}")
+        report = match_model(importance, plan.sources, f"export --imatrix-in {self.params.imatrix_in}")
         for what, names in (("entries for tensors no quantizer weights (not matrices)", report["unused"]),
                             ("block weights without an entry (quantized unweighted)", report["missing"])):
             if names:
@@ -226,14 +245,24 @@ class ExportStep(Step):
         import time
 
         options, imatrix_metrics, plan_metrics, started = self.params_dict(), {}, {}, time.perf_counter()
-        if writer.name == GGUF:  # GGUF's own inputs: an importance matrix, a type per tensor
-            imatrix_metrics, importance = (self.write_imatrix(ctx) if self.params.imatrix else ({}, None))
+        if writer.name == GGUF:  # GGUF's own inputs: the export plan, an importance matrix, a type per tensor
+            from .gguf_writer import check_model
+
+            check_model(ctx.model, ctx.plugins, self.params.ignore_sliding_window)
+            plan = self.export_plan(ctx)
+            from . import imatrix
+
+            imatrix_metrics, importance = (imatrix.write_for_export(ctx, self.params, plan) if self.params.imatrix
+                                           else ({}, None))
             if self.params.imatrix_in:
-                importance, imatrix_metrics = self.read_imatrix_in(ctx)
+                importance, imatrix_metrics = self.read_imatrix_in(ctx, plan)
             options["importance"] = importance = importance if self.params.imatrix_weighting else None
             started = time.perf_counter()
-            options["plan"], plan_metrics = self.plan(ctx, importance)
-        metrics = write_model_file(ctx, writer, target, options, overwrite=self.params.overwrite)
+            options["export_plan"], plan_metrics = self.plan(ctx, plan, importance)
+        try:
+            metrics = write_model_file(ctx, writer, target, options, overwrite=self.params.overwrite)
+        finally:
+            self._export_plan = None  # its tensors are not held after the export
         metrics["export_seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(imatrix_metrics, format=writer.name)
         metrics.update(plan_metrics)
@@ -247,40 +276,20 @@ class ExportStep(Step):
                 f"re-rounded)")
         return metrics
 
-    def plan(self, ctx, importance) -> tuple[dict | None, dict]:
-        """``--plan``: ``({GGUF name: type}, metrics)``; ``(None, {})`` without one."""
+    def plan(self, ctx, plan, importance) -> tuple:
+        """``--plan``: ``(plan with its types, metrics)``; ``(plan, {})`` without one."""
         p = self.params
         if p.plan is None:
-            return None, {}
+            return plan, {}
         if p.plan != "auto":
-            return self.planned, {"gguf_plan": self.planned, "gguf_plan_file": p.plan}
-        from . import mix, tensors
-        from .gguf_writer import choices
+            return plan, {"gguf_plan": plan.overrides, "gguf_plan_file": p.plan}
+        from . import mix
 
-        chosen = choices(tensors.sources(ctx.model, ctx.plugins), p.type, p.embeddings)
-        plan, metrics = mix.auto_plan(ctx, chosen, p.upgrade_type, p.max_bpw, p.plan_blocks, p.embeddings,
-                                      importance)
-        ctx.log(f"  plan auto: {len(plan)} of {metrics['gguf_plan_candidates']} tensors to {p.upgrade_type}, "
+        overrides, metrics = mix.auto_plan(ctx, plan.entries, p.upgrade_type, p.max_bpw, p.plan_blocks,
+                                           p.embeddings, importance)
+        ctx.log(f"  plan auto: {len(overrides)} of {metrics['gguf_plan_candidates']} tensors to {p.upgrade_type}, "
                 f"{metrics['gguf_plan_bpw']:.3f} bits per weight (budget {p.max_bpw:g})")
-        return plan, metrics
-
-    def write_imatrix(self, ctx):
-        """Calibrate (train split), write the importance matrix under llama.cpp's tensor names; ``(metrics,
-        {name: mean x^2 per column})``."""
-        from . import imatrix, tensors
-
-        path = Path(self.params.imatrix).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        got = imatrix.collect(ctx, self.params.imatrix_blocks, self.params.imatrix_seq_len)
-        entries = imatrix.named(got["sums"], tensors.sources(ctx.model))
-        if not entries:
-            raise GptoptError("export --imatrix: no weight of the transformer blocks was calibrated")
-        size = imatrix.write(path, entries, self.params.imatrix_blocks, self.params.imatrix_seq_len,
-                             f"{ctx.data_spec or 'data'} (train split)")
-        ctx.log(f"  wrote {path}: importance matrix of {len(entries)} weights, {got['tokens']} calibration tokens")
-        means = {name: (sums / max(tokens, 1)).astype("float32") for name, (sums, tokens) in entries.items()}
-        return {"imatrix_path": str(path), "imatrix_bytes": size, "imatrix_entries": len(entries),
-                "imatrix_tokens": got["tokens"], "imatrix_seconds": got["seconds"]}, means
+        return plan.with_types(overrides), metrics
 
 
 def _file_key(path: Path):
