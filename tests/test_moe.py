@@ -400,3 +400,13 @@ def test_a_mixtral_pruned_to_half_its_experts_reloads_in_transformers_and_runs_i
     got = np.asarray(next_token_logits(tmp_path / "pruned.gguf", ids[0].tolist(), threads=2, f32_cache=True),
                      dtype=np.float32)
     assert float(np.abs(got - want.numpy()).max()) <= TOLERANCE
+
+
+def test_prune_experts_is_lossy_for_the_kl_base(text, tmp_path, monkeypatch):
+    """--kl-base auto takes its base before prune-experts, as before quantize or prune: the eval after it reports
+    the KL of the pruned model against the model with all its experts."""
+    monkeypatch.setenv("GPTOPT_CACHE", str(tmp_path / "cache"))
+    res = run("tiny-random-mixtral", text, [("prune-experts", {"keep": 2, "calib_samples": 2, "calib_seq_len": 32}),
+                                            ("eval", {"block_size": 64, "max_tokens": 256})])
+    m = res.records[-1]["metrics"]
+    assert m["kl_base"] == "model before the first lossy step" and m["kl_mean"] > 0 and m["same_top1"] < 100
