@@ -15,7 +15,9 @@ tokens, and RTN / GPTQ / Wanda / SparseGPT / magnitude treat each expert like an
 one ``gate_up_proj`` layer per expert: they read the same input, so their per-row grids, Hessian and Wanda norms are
 those of two separate layers (llama.cpp's export splits them into ``ffn_gate_exps`` / ``ffn_up_exps``).
 
-The router stays float: it is not a linear layer, so no step touches it.
+The routers stay float: Mixtral's and the others' are no linear layer, and Qwen2-MoE's shared-expert gate (a linear
+layer of one row) is left out of :func:`gptopt_core.weight_modules` unless named, so no step touches them; each step
+says what it did to experts and routers in its metrics (:func:`moe_effect`).
 
 An expert whose calibration saw fewer than ``min_tokens`` tokens (default :data:`MIN_EXPERT_TOKENS`) gets
 uninformative statistics (identity Hessian, unit activation norms), the one stated rule: GPTQ on it is then
@@ -108,20 +110,64 @@ def _fused(experts):
     return experts
 
 
-def moe_blocks(model, arch=None) -> list:
-    """``[(block index, qualified name of the experts module, experts module, router module)]`` of a MoE model (by
-    its architecture row's ``moe``); ``[]`` for a dense model."""
+@dataclass(frozen=True, eq=False)
+class MoeBlock:
+    """One mixture-of-experts block of a model, found by its architecture row (:func:`moe_layers`)."""
+
+    index: int  # the transformer block's index
+    name: str  # qualified name of the MoE module holding experts and router (``model.layers.0.mlp``)
+    module: object  # that module
+    experts_name: str  # qualified name of the experts module (``model.layers.0.mlp.experts``)
+    experts: object  # the module holding the fused ``gate_up_proj`` / ``down_proj`` (a peft wrapper looked through)
+    router: object  # the router (``weight (E, H)``)
+    shared_gate: object = None  # Qwen2-MoE's shared-expert gate (an ``nn.Linear`` of one row), else None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+
+def moe_layers(model, arch=None) -> list:
+    """The :class:`MoeBlock` s of a model, in block order (by its architecture row's ``moe``; a PEFT wrapper is
+    looked through); ``[]`` for a dense model or a family the table does not know."""
     from .architectures import architecture_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     arch = arch or architecture_of(base)
     if arch is None or getattr(arch, "moe", None) is None:
         return []
+    moe = arch.moe
+    parent = moe.experts.rsplit(".", 1)[0] if "." in moe.experts else ""
     out = []
     for i, block in enumerate(base.get_submodule(arch.blocks)):
-        out.append((i, f"{arch.blocks}.{i}.{arch.moe.experts}", _fused(block.get_submodule(arch.moe.experts)),
-                    block.get_submodule(arch.moe.router)))
+        prefix = f"{arch.blocks}.{i}"
+        out.append(MoeBlock(i, f"{prefix}.{parent}" if parent else prefix, block.get_submodule(parent),
+                            f"{prefix}.{moe.experts}", _fused(block.get_submodule(moe.experts)),
+                            block.get_submodule(moe.router),
+                            block.get_submodule(moe.shared_gate) if moe.shared_gate else None))
     return out
+
+
+def moe_blocks(model, arch=None) -> list:
+    """``[(block index, qualified name of the experts module, experts module, router module)]`` of a MoE model (by
+    its architecture row's ``moe``); ``[]`` for a dense model."""
+    return [(b.index, b.experts_name, b.experts, b.router) for b in moe_layers(model, arch)]
+
+
+def router_ids(model) -> set:
+    """``id()`` of every router and shared-expert gate of a MoE model: the modules every step keeps float unless
+    asked (:func:`gptopt_core.weight_modules` leaves them out unless ``include`` names them)."""
+    return {id(m) for b in moe_layers(model) for m in (b.router, b.shared_gate) if m is not None}
+
+
+#: what a step that does not touch routers says of them
+ROUTER_FLOAT = "float (not quantized or pruned)"
+
+
+def moe_effect(model, experts: str, router: str = ROUTER_FLOAT) -> dict:
+    """``{"experts": experts, "router": router}``: what a step did to a mixture of experts' experts and routers,
+    for its metrics; ``{}`` for a dense model."""
+    return {"experts": experts, "router": router} if moe_layers(model) else {}
 
 
 def expert_layers(model) -> list:
@@ -166,17 +212,7 @@ class expert_linears:
         self.coverage: dict = {}  # {block: {expert: tokens}} filled by the calibration engine
         self.below: list = []
 
-    def _shared_gates(self):
-        from .architectures import architecture_of
-
-        arch = architecture_of(self.model) if self.blocks else None
-        if arch is None or not arch.moe.shared_gate:
-            return []
-        return [b.get_submodule(arch.moe.shared_gate) for b in self.model.get_submodule(arch.blocks)]
-
     def __enter__(self):
-        for gate in self._shared_gates():
-            gate.gptopt_router = True
         for i, _, experts, _ in self.blocks:
             views = _experts_views(experts, i)
             for e, view in enumerate(views):
@@ -187,8 +223,6 @@ class expert_linears:
         return self
 
     def __exit__(self, *exc):
-        for gate in self._shared_gates():
-            gate.__dict__.pop("gptopt_router", None)
         for i, _, experts, _ in self.blocks:
             for e, view in enumerate(_views.get(experts, [])):
                 experts._modules.pop(str(e), None)
@@ -219,7 +253,7 @@ class expert_linears:
         if not self.blocks:
             return {}
         n = self.blocks[0][2].gate_up_proj.shape[0]
-        out = {"moe_blocks": len(self.blocks), "experts_per_block": n, "router": "float (not quantized or pruned)"}
+        out = {"moe_blocks": len(self.blocks), "experts_per_block": n, "router": ROUTER_FLOAT}
         if self.coverage:
             out["expert_tokens"] = {str(b): [self.coverage[b].get(e, 0) for e in range(n)]
                                     for b in sorted(self.coverage)}

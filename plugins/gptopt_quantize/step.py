@@ -330,6 +330,10 @@ class QuantizeStep(Step):
 
             return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log,
                                 self.params.offload, "quantize")
+        from gptopt_core import moe_effect
+
         from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
-        return quantize_model(ctx, self)
+        return {**quantize_model(ctx, self), **moe_effect(
+            ctx.model, "float (bitsandbytes quantizes linear layers; the fused 3-D expert weights are none; "
+                       "--method rtn|gptq puts every expert on a grid)")}
