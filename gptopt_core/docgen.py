@@ -250,7 +250,9 @@ def _moe_lines(table) -> list[str]:
             "- `save`: safetensors in the per-expert checkpoint layout; compressed-tensors one packed layer per "
             "expert (vLLM's MoE layout), routers in `ignore`; plain transformers reloads both at the same logits.",
             "- the routers (and Qwen2-MoE's shared-expert gate, a 1-row linear layer) stay float and dense: no step "
-            "quantizes or prunes them unless `--include` names the shared-expert gate.",
+            "quantizes or prunes them, unless `quantize --method rtn|gptq --router include` (routers and gates on "
+            "the step's grids, GPTQ's Hessian from the router's input; the metrics' `router` says so) or "
+            "`--include` names the shared-expert gate.",
             "- `export --format gguf`: llama.cpp's merged `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`, one "
             "GGML type per merged tensor (written from the codes when every expert is on one grid of that type), "
             "routers `ffn_gate_inp` in f32; Mixtral as llama.cpp's `llama`. Refused in one line: top-k "

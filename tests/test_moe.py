@@ -505,3 +505,39 @@ def test_prune_experts_is_lossy_for_the_kl_base(text, tmp_path, monkeypatch):
                                             ("eval", {"block_size": 64, "max_tokens": 256})])
     m = res.records[-1]["metrics"]
     assert m["kl_base"] == "model before the first lossy step" and m["kl_mean"] > 0 and m["same_top1"] < 100
+
+
+@pytest.mark.parametrize("name,params", [("tiny-random-qwen2-moe", RECIPES["quantize rtn int4"][0][0][1]),
+                                         ("tiny-random-mixtral", {**RECIPES["quantize gptq int4"][0][0][1],
+                                                                  "calib_blocks": 2})],
+                         ids=["rtn qwen2-moe", "gptq mixtral"])
+def test_router_include_quantizes_the_routers_and_says_so(name, params, text, tmp_path):
+    """quantize --router include: every router (and Qwen2-MoE's shared-expert gate) on the step's 4-bit grid
+    (RTN: exactly round-to-nearest of the float weight), the rest as without it, and run.json's metrics say so."""
+    from gptopt_core import fit_grid
+
+    arch = MOE[name]
+    res = run(name, text, [("quantize", {**params, "bits": 4, "router": "include"})], out=tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "run.json").read_text())["steps"][0]["metrics"]
+    assert m["router"].startswith("quantized like the linear layers (--router include")
+    float_model = tiny_model(name)[0]
+    for i, block in enumerate(res.model.model.layers):
+        for rel in (arch.moe.router, arch.moe.shared_gate):
+            if not rel:
+                continue
+            w, w0 = block.get_submodule(rel).weight, float_model.model.layers[i].get_submodule(rel).weight
+            # 4 bits in groups of 32: at most 16 values per row and group (the float weight has 32)
+            assert max(len(torch.unique(g)) for g in w.detach().reshape(-1, 32)) <= 16, rel
+            if params["method"] == "rtn":
+                grid = fit_grid(w0.detach(), 4, 32, True)
+                assert torch.equal(w, grid.dequantize(grid.codes(w0))), rel
+    assert all(on_grid(m_, grid_of(m_)) for _, m_ in expert_layers(res.model))  # experts as without it
+    assert "gptopt_linear" not in dict(res.model.named_modules()).get(f"model.layers.0.{arch.moe.router}")._modules
+
+
+def test_router_include_is_refused_for_bitsandbytes_in_one_line():
+    from gptopt_core import ParamsError, get_plugins
+
+    with pytest.raises(ParamsError, match="--router applies to --method rtn/gptq/signround, not bitsandbytes") as info:
+        get_plugins().step_class("quantize")(bits=4, router="include")
+    assert "\n" not in str(info.value)

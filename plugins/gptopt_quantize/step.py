@@ -16,7 +16,7 @@ METHODS = ("bnb", "rtn", "gptq", "signround")
 #: options that only bitsandbytes (--method bnb) reads, and those only the integer-grid methods (rtn, gptq) read
 BNB_ONLY = ("quant_type", "double_quant", "compute_dtype", "block_size", "int8_threshold", "plan", "max_ppl_increase",
             "check_blocks")
-GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip")
+GRID_ONLY = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip", "router")
 GPTQ_ONLY = ("act_order", "dampening", "offload", "sequential", "min_expert_tokens")
 SIGNROUND_ONLY = ("iters", "lr")
 #: calibration defaults: --plan auto (bnb) and gptq
@@ -136,6 +136,9 @@ class QuantizeParams(Params):
     sequential: Optional[bool] = pydantic.Field(
         None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                           "block with the earlier ones already quantized [default: on]")
+    router: Optional[Literal["float", "include"]] = pydantic.Field(
+        None, description="rtn/gptq on a mixture of experts: keep the routers and shared-expert gates float, or "
+                          "quantize them like the linear layers (the metrics' router says which) [default: float]")
     min_expert_tokens: Optional[int] = pydantic.Field(
         None, ge=0, le=1_000_000, description="gptq on a mixture of experts: an expert the router sent fewer "
                                               "calibration tokens is quantized round-to-nearest (identity Hessian) and "
@@ -329,7 +332,7 @@ class QuantizeStep(Step):
             from gptopt_core import with_experts
 
             return with_experts(ctx.model, lambda: quantize_grid(ctx, self), self.params.min_expert_tokens, ctx.log,
-                                self.params.offload, "quantize")
+                                self.params.offload, "quantize", routers=self.params.router == "include")
         from gptopt_core import moe_effect
 
         from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
