@@ -102,15 +102,25 @@ def check_gates_float(res, arch):
                 assert type(gate.weight) is torch.nn.Parameter and gate.weight.dtype == torch.float32, rel
 
 
+_FLOAT: dict = {}
+
+
+def float_model(arch):
+    """The family's float tiny model, built once per module (the checks only read it)."""
+    if arch.name not in _FLOAT:
+        _FLOAT[arch.name] = tiny_model(f"tiny-random-{arch.name}")[0]
+    return _FLOAT[arch.name]
+
+
 def float_experts(arch) -> dict:
-    return {n: m.weight.detach().clone() for n, m in expert_layers(tiny_model(f"tiny-random-{arch.name}")[0])}
+    return {n: m.weight for n, m in expert_layers(float_model(arch))}
 
 
 def check_fused(res, arch):
     """The experts are still the family's fused module (3-D parameters of the float model's shapes, no peft
     wrapper left)."""
     want = {(p, tuple(getattr(e, p).shape)) for e in (b.get_submodule(arch.moe.experts) for b in
-            tiny_model(f"tiny-random-{arch.name}")[0].model.layers) for p in ("gate_up_proj", "down_proj")}
+            float_model(arch).model.layers) for p in ("gate_up_proj", "down_proj")}
     for block in res.model.model.layers:
         experts = block.get_submodule(arch.moe.experts)
         assert {(p, tuple(t.shape)) for p, t in experts._parameters.items()} == want and not hasattr(experts,
@@ -204,7 +214,7 @@ def check_experts_on_grids(res, arch):
     check_grids(res, without_gates(arch))
     check_gates_float(res, arch)
     # the one size measure counts each expert as its packed grid (the fused parameter holds de-quantized floats)
-    float_bytes = model_bytes(tiny_model(f"tiny-random-{arch.name}")[0])
+    float_bytes = model_bytes(float_model(arch))
     packed = [(m, g) for _, m, g in grid_layers(res.model)] + [(m, grid_of(m)) for _, m in expert_layers(res.model)]
     saved = sum(m.weight.numel() * 4 - g.stored_bytes(*m.weight.shape) for m, g in packed)
     assert model_bytes(res.model) == float_bytes - saved
@@ -415,16 +425,30 @@ def test_planted_moe_faults_fail_the_check(fault, monkeypatch, tmp_path):
     assert llamacpp_difference("tiny-random-mixtral", tmp_path / "m.gguf") > 100 * TOLERANCE
 
 
-def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(cli, tmp_path):
+def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """The console entry point (run in process, its global settings restored after) exits 2 with one error line."""
+    import signal
+    import warnings
+
+    from gptopt_core.cli import TERMINATING, main
     from gptopt_core.models import byte_tokenizer
 
     model, _ = tiny_model("tiny-random-qwen3-moe")
     model.config.norm_topk_prob = False
     model.save_pretrained(tmp_path / "m")
     byte_tokenizer().save_pretrained(tmp_path / "m")
-    proc = cli("run", "--model", tmp_path / "m", "export", "--to", tmp_path / "m.gguf")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    handlers = {n: signal.getsignal(getattr(signal, n)) for n in TERMINATING}
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["run", "--model", str(tmp_path / "m"), "export", "--to", str(tmp_path / "m.gguf")])
+    finally:
+        for n, h in handlers.items():
+            signal.signal(getattr(signal, n), h)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
     assert "Qwen3-MoE with norm_topk_prob=False" in errors[0] and not (tmp_path / "m.gguf").exists()
 
 
