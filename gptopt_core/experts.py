@@ -158,8 +158,12 @@ def router_ids(model) -> set:
     """``id()`` of every router and shared-expert gate of a MoE model: the modules every step keeps float unless
     asked (:func:`gptopt_core.weight_modules` leaves them out unless ``include`` names them); none while
     ``expert_linears(model, routers=True)`` shows them as layers to quantize."""
+    from .architectures import architecture_table
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, ROUTERS_SHOWN, False):
+    kind = getattr(getattr(base, "config", None), "model_type", None)
+    row = architecture_table().get(kind) if isinstance(kind, str) else None
+    if row is None or row.moe is None or getattr(base, ROUTERS_SHOWN, False):  # a dense model: nothing to look up
         return set()
     return {id(m) for b in moe_layers(model) for m in (b.router, b.shared_gate) if m is not None}
 
