@@ -24,7 +24,8 @@ _LAZY = {
     "architecture_of": "architectures", "check_architecture": "architectures",
     # mixture-of-experts: each expert seen as linear layers
     "MoeLayout": "experts", "expert_linears": "experts", "expert_layers": "experts", "moe_blocks": "experts",
-    "MIN_EXPERT_TOKENS": "experts", "with_experts": "experts",
+    "MIN_EXPERT_TOKENS": "experts", "with_experts": "experts", "MoeBlock": "experts", "moe_layers": "experts",
+    "moe_effect": "experts",
     # llama.cpp's byte-level BPE pre-tokenizer names
     "PreTokenizer": "pretokenizers", "pre_tokenizer_table": "pretokenizers",
     # models and data

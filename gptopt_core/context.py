@@ -51,6 +51,7 @@ FACTS: dict[str, tuple[str, str]] = {
     "adapter": ("gptopt-transfer", "the model carries an unmerged LoRA adapter (a PEFT model)"),
     "l1": ("gptopt-l1", "an L1 regularizer is armed for the next training step"),
     "robust": ("gptopt-l1", "a gradient-L1 (robustness) regularizer is armed for the next training step"),
+    "experts-pruned": ("gptopt-prune", "a mixture of experts lost experts (prune-experts dropped or merged them)"),
     "cpu-only": ("gptopt-cpu", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)"),
     "gguf": ("gptopt-export", "a GGUF file of the model was written (ctx.state['gguf'])"),
 }

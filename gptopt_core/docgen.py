@@ -21,7 +21,7 @@ from .architectures import architecture_table
 from .pretokenizers import pre_tokenizer_table
 from .cli import option_specs, run
 from .hookspecs import hook_names
-from .matrix import CELLS, checked, supported
+from .matrix import CELLS, supported
 from .plugins import get_plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -230,17 +230,32 @@ def _moe_lines(table) -> list[str]:
             "parameters and which run exactly the tokens the router sends to the expert. Tiny models: 4 experts "
             "of width 64, 2 per token, routers scaled to peaked routing (~96 % of a token's router mass on its top "
             "2).", "",
+            "What each step does to experts and routers (its metrics say it too: `experts`, `router`; "
+            "`tests/test_moe.py` runs every cell of the matrix above on every MoE family and checks it):", "",
             "- `quantize --method rtn|gptq`: every expert on its own integer grid; GPTQ's Hessian per expert from "
-            "its routed calibration tokens. `quantize` (bitsandbytes) leaves the fused experts float.",
-            "- `prune` (magnitude, wanda, sparsegpt; unstructured or N:M): per expert, Wanda's norms and "
-            "SparseGPT's Hessian from its routed tokens. Masks are recorded under the expert layers' names and "
-            "training after the prune keeps the experts' zeros. `--offload cpu|disk` is refused on a MoE.",
+            "its routed calibration tokens. `quantize` (bitsandbytes int8 / nf4) quantizes the linear layers "
+            "(attention, shared expert) and leaves the fused experts float.",
+            "- `prune` (magnitude, wanda, sparsegpt; unstructured or N:M): every expert pruned to the pattern; "
+            "Wanda's norms and SparseGPT's Hessian per expert from its routed tokens. Masks are recorded under the "
+            "expert layers' names and training after the prune keeps the experts' zeros. `--offload cpu|disk` is "
+            "refused on a MoE. `prune-experts` (REAP) drops or merges whole experts, routers' rows follow.",
             f"- coverage: the step's metrics (run.json) list `expert_tokens` (per block, tokens per expert). An "
             f"expert that saw fewer than `--min-expert-tokens` (default {MIN_EXPERT_TOKENS}) calibration tokens "
             "gets an identity Hessian / unit norms: GPTQ on it is round-to-nearest, Wanda and SparseGPT magnitude "
             "pruning; it is listed in `experts_below_min`, never skipped.",
-            "- the router (and Qwen2-MoE's shared-expert gate, a 1-row linear layer) stays float and dense: no step "
-            "quantizes or prunes it unless `--include` names the shared-expert gate.",
+            "- `lora`: `--experts include` adds LoRA on the fused expert weights (peft `target_parameters`), "
+            "`--merge` folds it into them in their fused layout; `--experts exclude` (default) leaves them as they "
+            "are. `finetune` trains them in their fused layout (`--experts exclude` freezes them).",
+            "- `l1`: regularizes the linear layers (attention, shared expert) only; the experts are trained by the "
+            "step after it without the penalty (no zeros in them).",
+            "- `cpu-fast`: `bf16` casts experts and routers with the model; the int8 formats convert linear layers "
+            "only, experts and routers stay float32.",
+            "- `save`: safetensors in the per-expert checkpoint layout; compressed-tensors one packed layer per "
+            "expert (vLLM's MoE layout), routers in `ignore`; plain transformers reloads both at the same logits.",
+            "- the routers (and Qwen2-MoE's shared-expert gate, a 1-row linear layer) stay float and dense: no step "
+            "quantizes or prunes them, unless `quantize --method rtn|gptq --router include` (routers and gates on "
+            "the step's grids, GPTQ's Hessian from the router's input; the metrics' `router` says so) or "
+            "`--include` names the shared-expert gate.",
             "- `export --format gguf`: llama.cpp's merged `ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`, one "
             "GGML type per merged tensor (written from the codes when every expert is on one grid of that type), "
             "routers `ffn_gate_inp` in f32; Mixtral as llama.cpp's `llama`. Refused in one line: top-k "
@@ -274,7 +289,7 @@ def _matrix_lines(table) -> list[str]:
         for arch in table.values():
             why = supported(arch, cell)
             if why is None:
-                row.append("yes" if checked(arch, cell) else "not checked")
+                row.append("yes")
             else:
                 mark = reasons.setdefault(why, len(reasons) + 1)
                 row.append(f"no ({mark})")

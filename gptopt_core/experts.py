@@ -15,7 +15,9 @@ tokens, and RTN / GPTQ / Wanda / SparseGPT / magnitude treat each expert like an
 one ``gate_up_proj`` layer per expert: they read the same input, so their per-row grids, Hessian and Wanda norms are
 those of two separate layers (llama.cpp's export splits them into ``ffn_gate_exps`` / ``ffn_up_exps``).
 
-The router stays float: it is not a linear layer, so no step touches it.
+The routers stay float: Mixtral's and the others' are no linear layer, and Qwen2-MoE's shared-expert gate (a linear
+layer of one row) is left out of :func:`gptopt_core.weight_modules` unless named, so no step touches them; each step
+says what it did to experts and routers in its metrics (:func:`moe_effect`).
 
 An expert whose calibration saw fewer than ``min_tokens`` tokens (default :data:`MIN_EXPERT_TOKENS`) gets
 uninformative statistics (identity Hessian, unit activation norms), the one stated rule: GPTQ on it is then
@@ -108,20 +110,117 @@ def _fused(experts):
     return experts
 
 
-def moe_blocks(model, arch=None) -> list:
-    """``[(block index, qualified name of the experts module, experts module, router module)]`` of a MoE model (by
-    its architecture row's ``moe``); ``[]`` for a dense model."""
+@dataclass(frozen=True, eq=False)
+class MoeBlock:
+    """One mixture-of-experts block of a model, found by its architecture row (:func:`moe_layers`)."""
+
+    index: int  # the transformer block's index
+    name: str  # qualified name of the MoE module holding experts and router (``model.layers.0.mlp``)
+    module: object  # that module
+    experts_name: str  # qualified name of the experts module (``model.layers.0.mlp.experts``)
+    experts: object  # the module holding the fused ``gate_up_proj`` / ``down_proj`` (a peft wrapper looked through)
+    router: object  # the router (``weight (E, H)``)
+    shared_gate: object = None  # Qwen2-MoE's shared-expert gate (an ``nn.Linear`` of one row), else None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+
+def moe_layers(model, arch=None) -> list:
+    """The :class:`MoeBlock` s of a model, in block order (by its architecture row's ``moe``; a PEFT wrapper is
+    looked through); ``[]`` for a dense model or a family the table does not know."""
     from .architectures import architecture_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     arch = arch or architecture_of(base)
     if arch is None or getattr(arch, "moe", None) is None:
         return []
+    moe = arch.moe
+    parent = moe.experts.rsplit(".", 1)[0] if "." in moe.experts else ""
     out = []
     for i, block in enumerate(base.get_submodule(arch.blocks)):
-        out.append((i, f"{arch.blocks}.{i}.{arch.moe.experts}", _fused(block.get_submodule(arch.moe.experts)),
-                    block.get_submodule(arch.moe.router)))
+        prefix = f"{arch.blocks}.{i}"
+        out.append(MoeBlock(i, f"{prefix}.{parent}" if parent else prefix, block.get_submodule(parent),
+                            f"{prefix}.{moe.experts}", _fused(block.get_submodule(moe.experts)),
+                            block.get_submodule(moe.router),
+                            block.get_submodule(moe.shared_gate) if moe.shared_gate else None))
     return out
+
+
+def moe_blocks(model, arch=None) -> list:
+    """``[(block index, qualified name of the experts module, experts module, router module)]`` of a MoE model (by
+    its architecture row's ``moe``); ``[]`` for a dense model."""
+    return [(b.index, b.experts_name, b.experts, b.router) for b in moe_layers(model, arch)]
+
+
+def router_ids(model) -> set:
+    """``id()`` of every router and shared-expert gate of a MoE model: the modules every step keeps float unless
+    asked (:func:`gptopt_core.weight_modules` leaves them out unless ``include`` names them); none while
+    ``expert_linears(model, routers=True)`` shows them as layers to quantize."""
+    from .architectures import architecture_table
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(getattr(base, "config", None), "model_type", None)
+    row = architecture_table().get(kind) if isinstance(kind, str) else None
+    if row is None or row.moe is None or getattr(base, ROUTERS_SHOWN, False):  # a dense model: nothing to look up
+        return set()
+    return {id(m) for b in moe_layers(model) for m in (b.router, b.shared_gate) if m is not None}
+
+
+#: what a step that does not touch routers says of them
+ROUTER_FLOAT = "float (not quantized or pruned)"
+ROUTER_INCLUDED = ("quantized like the linear layers (--router include: routers and shared-expert gates on the "
+                   "step's grids)")
+ROUTER_VIEW = "gptopt_linear"  # --router include: the child nn.Linear of a router that is no linear layer
+ROUTERS_SHOWN = "gptopt_routers_shown"  # on the model while routers are shown as layers
+
+
+def _show_routers(model, blocks) -> list:
+    """``--router include``: each router that is no linear layer gets a child ``nn.Linear`` holding the very same
+    weight parameter, run on the router's input by a forward pre-hook (so calibration sees the router's tokens);
+    Qwen2-MoE's shared-expert gate is a linear layer already. Returns the hooks to remove."""
+    import torch.nn as nn
+
+    from .layertypes import is_weight_layer
+
+    hooks = []
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).__dict__[ROUTERS_SHOWN] = True
+    for b in blocks:
+        if is_weight_layer(b.router):
+            continue
+        rows, cols = b.router.weight.shape
+        view = nn.Linear(cols, rows, bias=False, device="meta")
+        view.weight = b.router.weight
+        b.router.add_module(ROUTER_VIEW, view)
+        hooks.append(b.router.register_forward_pre_hook(_run_view(view)))
+    return hooks
+
+
+def _run_view(view):
+    def hook(module, args):
+        view(args[0])  # the calibration engine's hooks on the view see the router's input; the router runs as it is
+    return hook
+
+
+def _hide_routers(model, blocks, hooks) -> None:
+    """Undo :func:`_show_routers`; a router weight a step replaced on the view is copied back."""
+    import torch
+
+    for h in hooks:
+        h.remove()
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).__dict__.pop(ROUTERS_SHOWN, None)
+    for b in blocks:
+        view = b.router._modules.pop(ROUTER_VIEW, None)
+        if view is not None and view.weight is not b.router.weight:
+            with torch.no_grad():
+                b.router.weight.copy_(view.weight.to(b.router.weight.dtype))
+
+
+def moe_effect(model, experts: str, router: str = ROUTER_FLOAT) -> dict:
+    """``{"experts": experts, "router": router}``: what a step did to a mixture of experts' experts and routers,
+    for its metrics; ``{}`` for a dense model."""
+    return {"experts": experts, "router": router} if moe_layers(model) else {}
 
 
 def expert_layers(model) -> list:
@@ -161,22 +260,13 @@ class expert_linears:
     ``moe.min_tokens``: the ``--min-expert-tokens`` rule (module docstring); ``moe.metrics()``: what the step
     reports (number of experts, and the coverage the calibration engine recorded)."""
 
-    def __init__(self, model, min_tokens: int = MIN_EXPERT_TOKENS):
+    def __init__(self, model, min_tokens: int = MIN_EXPERT_TOKENS, routers: bool = False):
         self.model, self.min_tokens, self.blocks = model, int(min_tokens), moe_blocks(model)
+        self.routers, self.router_hooks = routers and bool(self.blocks), []
         self.coverage: dict = {}  # {block: {expert: tokens}} filled by the calibration engine
         self.below: list = []
 
-    def _shared_gates(self):
-        from .architectures import architecture_of
-
-        arch = architecture_of(self.model) if self.blocks else None
-        if arch is None or not arch.moe.shared_gate:
-            return []
-        return [b.get_submodule(arch.moe.shared_gate) for b in self.model.get_submodule(arch.blocks)]
-
     def __enter__(self):
-        for gate in self._shared_gates():
-            gate.gptopt_router = True
         for i, _, experts, _ in self.blocks:
             views = _experts_views(experts, i)
             for e, view in enumerate(views):
@@ -184,11 +274,13 @@ class expert_linears:
                 for layer in view.values():
                     layer.gptopt_expert_rule = self
             experts.forward = _routed_forward(experts, views)
+        if self.routers:
+            self.router_hooks = _show_routers(self.model, moe_layers(self.model))
         return self
 
     def __exit__(self, *exc):
-        for gate in self._shared_gates():
-            gate.__dict__.pop("gptopt_router", None)
+        if self.routers:
+            _hide_routers(self.model, moe_layers(self.model), self.router_hooks)
         for i, _, experts, _ in self.blocks:
             for e, view in enumerate(_views.get(experts, [])):
                 experts._modules.pop(str(e), None)
@@ -219,7 +311,8 @@ class expert_linears:
         if not self.blocks:
             return {}
         n = self.blocks[0][2].gate_up_proj.shape[0]
-        out = {"moe_blocks": len(self.blocks), "experts_per_block": n, "router": "float (not quantized or pruned)"}
+        out = {"moe_blocks": len(self.blocks), "experts_per_block": n,
+               "router": ROUTER_INCLUDED if self.routers else ROUTER_FLOAT}
         if self.coverage:
             out["expert_tokens"] = {str(b): [self.coverage[b].get(e, 0) for e in range(n)]
                                     for b in sorted(self.coverage)}
@@ -250,18 +343,19 @@ def peak_routers(model, logit_std: float = 4.0) -> None:
             w.mul_(logit_std / float(w.norm(dim=1).mean()))
 
 
-def with_experts(model, run, min_tokens=None, log=None, offload=None, step: str = "") -> dict:
+def with_experts(model, run, min_tokens=None, log=None, offload=None, step: str = "", routers: bool = False) -> dict:
     """``run()`` (a step's body, returning its metrics) with the experts shown as linear layers
     (:class:`expert_linears`), the experts' figures added to its metrics; a dense model just runs it. ``log``
     (``ctx.log``) gets one line naming the experts below ``min_tokens`` (``block.expert``). ``offload`` (the step's
     ``--offload``): block offloading moves each view apart from its fused parameter, so a MoE model refuses it
-    (one-line :class:`gptopt_core.GptoptError` naming ``step``)."""
+    (one-line :class:`gptopt_core.GptoptError` naming ``step``). ``routers``: ``--router include``, the routers and
+    shared-expert gates are layers of the step too (the metrics' ``router`` says so)."""
     if offload not in (None, "none") and moe_blocks(model):
         from .errors import GptoptError
 
         raise GptoptError(f"{step} --offload {offload}: not supported on a mixture of experts yet (offloading "
                           "moves each expert's layers apart from the fused expert weights); use --offload none")
-    with expert_linears(model, MIN_EXPERT_TOKENS if min_tokens is None else min_tokens) as moe:
+    with expert_linears(model, MIN_EXPERT_TOKENS if min_tokens is None else min_tokens, routers) as moe:
         metrics = run()
     if moe.below and log is not None:
         log(f"  {len(moe.below)} experts saw fewer than {moe.min_tokens} calibration tokens (identity statistics: "

@@ -1,9 +1,9 @@
 """Which model a KL measurement compares against, and the cache that computes its logits once per (model, tokens).
 
 ``--kl-base auto`` (the default of ``eval`` and ``llamacpp``): the chain's model just before its first lossy step (a
-step whose facts say ``quantized`` / ``masks`` / ``cpu-only``: quantize, prune, cpu-fast). Before that step runs,
-the core's ``gptopt_step_started`` hook computes the base's top-k log-probs on every later step's token set and
-windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy step has no base to differ from
+step whose facts say ``quantized`` / ``masks`` / ``cpu-only`` / ``experts-pruned``: quantize, prune, cpu-fast,
+prune-experts). Before that step runs, the core's ``gptopt_step_started`` hook computes the base's top-k log-probs
+on every later step's token set and windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy step has no base to differ from
 (``eval`` stores its own log-probs as the base instead, so the hook finds them); ``llamacpp`` then measures against
 the torch model as it is. ``--kl-base PATH``: a reference model (directory, .gguf, anything ``--model`` takes) in
 torch; ``llamacpp --kl-base FILE.gguf`` runs the reference in llama.cpp. ``--kl-base none``: no KL.
@@ -25,7 +25,7 @@ from .divergence import BaseLogits
 from .errors import GptoptError
 
 CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
-LOSSY_FACTS = ("quantized", "masks", "cpu-only")
+LOSSY_FACTS = ("quantized", "masks", "cpu-only", "experts-pruned")
 
 
 def is_lossy(step) -> bool:

@@ -16,10 +16,14 @@ def weight_modules(model, include=None, exclude=None, with_head: bool = False):
     """``[(qualified_name, module)]`` of linear / Conv1D layers in model order.
 
     The output head (the module returned by ``get_output_embeddings()``) is left out unless ``with_head``
-    or it is matched by ``include``; so is a MoE gate that is a linear layer (Qwen2-MoE's ``shared_expert_gate``)
-    while :func:`gptopt_core.expert_linears` is showing the experts, unless ``include`` names it. ``include``/``exclude`` are glob patterns on qualified names.
+    or it is matched by ``include``; so is a MoE router or shared-expert gate that is a linear layer (Qwen2-MoE's
+    ``shared_expert_gate``) unless ``include`` names it: every step keeps routers float by default.
+    ``include``/``exclude`` are glob patterns on qualified names.
     """
+    from .experts import router_ids
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    routers = router_ids(model)
     found = []
     for name, module in model.named_modules():
         if not is_weight_layer(module):
@@ -30,8 +34,8 @@ def weight_modules(model, include=None, exclude=None, with_head: bool = False):
             continue
         if module is head and not (with_head or include):
             continue
-        if getattr(module, "gptopt_router", False) and not (include and matches(name, include)):
-            continue  # a MoE router-like gate (Qwen2-MoE's shared-expert gate): float unless named
+        if id(module) in routers and not (include and matches(name, include)):
+            continue  # a MoE router or shared-expert gate (Qwen2-MoE's is a linear layer): float unless named
         found.append((name, module))
     return found
 

@@ -154,7 +154,9 @@ def test_a_kept_plan_is_not_written_once_the_model_changed(tmp_path):
 
     plan, _ = _side_files(tmp_path)
     ctx = make_context("tiny-random-llama")
-    step = get_plugins().step_class("export")(to=str(tmp_path / "m.gguf"), type="auto", plan=str(plan))
+    plugins = get_plugins()
+    step = plugins.step_class("export")(to=str(tmp_path / "m.gguf"), type="auto", plan=str(plan))
+    step.plugins = plugins  # as the pipeline sets it: export picks its file writer from the registry
     step.check_plan([], [], set())
     step.preflight(ctx)
     kept = step._export_plan

@@ -19,7 +19,7 @@ from gptopt_core.matrix import CELLS, supported
 from gptopt_core.modules import weight_matrix, weight_modules
 
 ARCH = {f"tiny-random-{a.name}": a for a in architecture_table().values()}
-#: dense families; the mixture-of-experts rows run their cells in tests/test_moe.py (matrix.MOE_CELLS)
+#: dense families; the mixture-of-experts rows run every cell in tests/test_moe.py (with checks on experts and routers)
 NAMES = [n for n in tiny_names() if ARCH[n].moe is None]
 EVAL = {"block_size": 64, "max_tokens": 256}
 

@@ -14,15 +14,26 @@ import torch
 
 from gptopt_core import (GptoptError, architecture_table, check_architecture, expert_layers, expert_linears, grid_layers,
                          grid_of, model_bytes, on_grid, sparsity, tiny_model, weight_matrix, weight_modules)
-from gptopt_core.matrix import MOE_CELLS
+from gptopt_core.matrix import CELLS as MATRIX, supported
 
-from test_families import (PPL_RATIO, RECIPES, _with_target, check_gguf, check_grids, check_prune, check_saved_roundtrip,
-                           run, two_of_four)
+from test_families import (FAST, PPL_RATIO, RECIPES, _with_target, check_bnb, check_cpu_fast, check_eval, check_gguf,
+                           check_grids, check_l1, check_prune, check_saved, check_saved_roundtrip, check_trained, run,
+                           two_of_four)
 
 MOE = {f"tiny-random-{a.name}": a for a in architecture_table().values() if a.moe is not None}
-#: (tiny model, cell) as matrix.MOE_CELLS lists them: every MoE family runs the GPTQ -> q4_0 -> llama.cpp chain;
-#: Mixtral (written as llama.cpp's llama) every MoE cell; Qwen2-MoE (a shared expert and its gate) Wanda and a save
-CELLS = [(name, cell) for name, arch in MOE.items() for cell in MOE_CELLS[arch.model_type]]
+#: every cell of the family matrix on every MoE family
+CELLS = [(name, cell) for name in MOE for cell in MATRIX]
+#: the matrix's chains, but LoRA adapts the experts too (``--experts include``: peft's LoRA on fused parameters has
+#: no dropout)
+MOE_RECIPES = {**{c: steps for c, (steps, _) in RECIPES.items()},
+               "lora + merge": [("lora", {"r": 4, "merge": True, "lr": 1e-2, "experts": "include", "dropout": 0.0,
+                                          **FAST}), ("eval", RECIPES["lora + merge"][0][1][1])],
+               "save compressed-tensors": RECIPES["quantize rtn int4"][0] + RECIPES["save compressed-tensors"][0][1:]}
+#: cells whose chain is the start of another cell's chain, checked on that chain's run (run once per family, for
+#: the suite's time): the records they check come first in it and the steps after them (export, llamacpp, save of
+#: a model on its grids) leave the model as it is
+SHARED = {"eval": "export gguf f32 + llamacpp", "quantize gptq int4": "gptq int4 -> export gguf q4_0 + llamacpp",
+          "quantize rtn int4": "save compressed-tensors"}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +99,100 @@ def without_gates(arch):
 
 
 def check_gates_float(res, arch):
+    """Routers (and Qwen2-MoE's shared-expert gate) stay float, dense, plain parameters (no bitsandbytes)."""
     for block in res.model.model.layers:
         for rel in (arch.moe.router, arch.moe.shared_gate):
             if rel:
                 gate = block.get_submodule(rel)
                 assert grid_of(gate) is None and not bool((gate.weight == 0).any()), rel
+                assert type(gate.weight) is torch.nn.Parameter and gate.weight.dtype == torch.float32, rel
+
+
+_FLOAT: dict = {}
+
+
+def float_model(arch):
+    """The family's float tiny model, built once per module (the checks only read it)."""
+    if arch.name not in _FLOAT:
+        _FLOAT[arch.name] = tiny_model(f"tiny-random-{arch.name}")[0]
+    return _FLOAT[arch.name]
+
+
+def float_experts(arch) -> dict:
+    return {n: m.weight for n, m in expert_layers(float_model(arch))}
+
+
+def check_fused(res, arch):
+    """The experts are still the family's fused module (3-D parameters of the float model's shapes, no peft
+    wrapper left)."""
+    want = {(p, tuple(getattr(e, p).shape)) for e in (b.get_submodule(arch.moe.experts) for b in
+            float_model(arch).model.layers) for p in ("gate_up_proj", "down_proj")}
+    for block in res.model.model.layers:
+        experts = block.get_submodule(arch.moe.experts)
+        assert {(p, tuple(t.shape)) for p, t in experts._parameters.items()} == want and not hasattr(experts,
+                                                                                                    "base_layer")
+
+
+def check_moe_bnb(res, arch):
+    """bitsandbytes quantizes the linear layers (attention, shared expert); the fused experts stay float and
+    unchanged, routers float, and the step says so."""
+    check_bnb(res, without_gates(arch))
+    check_gates_float(res, arch)
+    before = float_experts(arch)
+    assert all(torch.equal(m.weight, before[n]) for n, m in expert_layers(res.model))
+    m = res.records[0]["metrics"]
+    assert m["experts"].startswith("float (bitsandbytes") and m["router"].startswith("float"), m
+
+
+def check_moe_trained(what):
+    """Trained (LoRA merged / fine-tuned) like a dense family, every expert's weights changed in the fused layout,
+    routers float, and the step's metrics say what it did to the experts."""
+    def check(res, arch):
+        check_trained(res, without_gates(arch))
+        check_fused(res, arch)
+        before = float_experts(arch)
+        assert all(not torch.equal(m.weight, before[n]) for n, m in expert_layers(res.model))
+        assert res.records[0]["metrics"]["experts"].startswith(what), res.records[0]["metrics"]
+    return check
+
+
+def check_moe_l1(res, arch):
+    """The stated rule: l1 regularizes the linear layers (attention, shared expert), not the experts; the finetune
+    after it trains the experts (changed, fused, no zeros)."""
+    check_l1(res, without_gates(arch))
+    check_fused(res, arch)
+    before = float_experts(arch)
+    for name, layer in expert_layers(res.model):
+        assert not torch.equal(layer.weight, before[name]) and not bool((layer.weight == 0).any()), name
+    assert res.records[0]["metrics"]["experts"].startswith("not L1-regularized")
+
+
+def check_moe_cpu_fast(res, arch):
+    """bf16 casts the whole model: experts and routers compute in bf16, as the step says."""
+    check_cpu_fast(res, without_gates(arch))
+    for block in res.model.model.layers:
+        experts = block.get_submodule(arch.moe.experts)
+        assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.bfloat16
+        assert block.get_submodule(arch.moe.router).weight.dtype == torch.bfloat16
+    m = res.records[0]["metrics"]
+    assert m["experts"] == "bfloat16 (cast with the model)" and m["router"].startswith("bfloat16"), m
+
+
+def check_moe_compressed(res, arch, out):
+    """Per-expert packed layers in the file (vLLM's MoE layout), routers ignored (float); plain transformers
+    reloads it at the same logits."""
+    from safetensors import safe_open
+
+    check_saved(res, arch, out)
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        keys = set(f.keys())
+    hub = "block_sparse_moe" if arch.model_type == "mixtral" else "mlp"
+    leaves = ("w1", "w3", "w2") if arch.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    assert {f"model.layers.{i}.{hub}.experts.{e}.{leaf}.weight_packed" for i in range(2) for e in range(4)
+            for leaf in leaves} <= keys
+    assert f"model.layers.0.{hub}.gate.weight" in keys  # the router, float
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert f"model.layers.0.{hub}.gate" in qconfig["ignore"]
 
 
 def test_views_write_back_and_follow_the_fused_parameters():
@@ -120,10 +220,11 @@ def check_experts_on_grids(res, arch):
     check_grids(res, without_gates(arch))
     check_gates_float(res, arch)
     # the one size measure counts each expert as its packed grid (the fused parameter holds de-quantized floats)
-    float_bytes = model_bytes(tiny_model(f"tiny-random-{arch.name}")[0])
+    float_bytes = model_bytes(float_model(arch))
     packed = [(m, g) for _, m, g in grid_layers(res.model)] + [(m, grid_of(m)) for _, m in expert_layers(res.model)]
     saved = sum(m.weight.numel() * 4 - g.stored_bytes(*m.weight.shape) for m, g in packed)
-    assert model_bytes(res.model) == float_bytes - saved and len(packed) == 8 + 16
+    assert model_bytes(res.model) == float_bytes - saved
+    assert len(packed) == len(without_gates(arch).linear_layers) * 2 + 16
     layers = expert_layers(res.model)
     assert len(layers) == 16 and all(on_grid(m, grid_of(m)) for _, m in layers)
     if res.records[0]["params"]["method"] == "gptq":
@@ -187,25 +288,55 @@ def check_merged_gguf(type_name):
     return check
 
 
-CHECKS = {"quantize rtn int4": check_experts_on_grids,
-          "prune magnitude 2:4": check_experts_pruned("2:4"), "prune wanda": check_experts_pruned(""),
-          "prune sparsegpt": check_experts_pruned(""), "save safetensors": check_saved_roundtrip,
-          "export gguf f32 + llamacpp": check_gguf("f32"),
+CHECKS = {"eval": check_eval, "quantize bnb int8": check_moe_bnb, "quantize bnb nf4": check_moe_bnb,
+          "quantize rtn int4": check_experts_on_grids, "quantize gptq int4": check_experts_on_grids,
+          "prune magnitude": check_experts_pruned(""), "prune magnitude 2:4": check_experts_pruned("2:4"),
+          "prune wanda": check_experts_pruned(""), "prune wanda 2:4": check_experts_pruned("2:4"),
+          "prune sparsegpt": check_experts_pruned(""), "prune sparsegpt 2:4": check_experts_pruned("2:4"),
+          "lora + merge": check_moe_trained("LoRA on the fused expert weights (--experts include), merged"),
+          "finetune": check_moe_trained("trained in their fused layout"), "l1 + finetune": check_moe_l1,
+          "cpu-fast": check_moe_cpu_fast, "save safetensors": check_saved_roundtrip,
+          "save compressed-tensors": check_moe_compressed, "export gguf f32 + llamacpp": check_gguf("f32"),
           "rtn int8 -> export gguf q8_0 + llamacpp": check_merged_gguf("q8_0"),
           "gptq int4 -> export gguf q4_0 + llamacpp": check_merged_gguf("q4_0")}
 
 
-def test_every_moe_cell_has_a_check():
-    assert set(MOE_CELLS) == {a.model_type for a in MOE.values()}
-    assert set(CHECKS) == {c for cells in MOE_CELLS.values() for c in cells} == {c for _, c in CELLS}
+def test_every_matrix_cell_has_a_moe_check():
+    assert list(CHECKS) == list(MATRIX) == list(MOE_RECIPES)
+
+
+_RUNS: dict = {}
+
+
+def run_cell(name, cell, text, folder):
+    """``(result, output path)`` of ``cell``'s chain on ``name``, run once per module (``SHARED`` cells reuse the
+    longer chain they start)."""
+    chain = SHARED.get(cell, cell)
+    assert MOE_RECIPES[chain][:len(MOE_RECIPES[cell])] == MOE_RECIPES[cell]  # a shared cell's chain starts it
+    if (name, chain) not in _RUNS:
+        out = folder / f"{name}-{len(_RUNS)}" / ("m.gguf" if "export" in chain else "m")
+        out.parent.mkdir(parents=True)
+        _RUNS[(name, chain)] = (run(name, text, _with_target(MOE_RECIPES[chain], out)), out)
+    return _RUNS[(name, chain)]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    yield tmp_path_factory.mktemp("runs")
+    _RUNS.clear()
 
 
 @pytest.mark.parametrize("name,cell", CELLS)
-def test_moe_family_matrix(name, cell, text, tmp_path):
+def test_moe_family_matrix(name, cell, text, runs_dir):
     arch = MOE[name]
-    steps, _ = RECIPES[cell]
-    out = tmp_path / ("m.gguf" if "export" in cell else "m")
-    res = run(name, text, _with_target(steps, out))
+    why = supported(arch, cell)
+    if why is not None:  # the family cannot run this cell: one line, nothing written
+        out = runs_dir / "refused" / "m"
+        with pytest.raises(GptoptError) as info:
+            run(name, text, _with_target(MOE_RECIPES[cell], out))
+        assert "\n" not in str(info.value) and arch.model_type in str(info.value) and not out.exists()
+        return
+    res, out = run_cell(name, cell, text, runs_dir)
     check = CHECKS[cell]
     if "out" in check.__code__.co_varnames[:check.__code__.co_argcount]:
         check(res, arch, out)
@@ -320,16 +451,30 @@ def test_planted_moe_faults_fail_the_check(fault, monkeypatch, tmp_path):
     assert llamacpp_difference("tiny-random-mixtral", tmp_path / "m.gguf") > 100 * TOLERANCE
 
 
-def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(cli, tmp_path):
+def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """The console entry point (run in process, its global settings restored after) exits 2 with one error line."""
+    import signal
+    import warnings
+
+    from gptopt_core.cli import TERMINATING, main
     from gptopt_core.models import byte_tokenizer
 
     model, _ = tiny_model("tiny-random-qwen3-moe")
     model.config.norm_topk_prob = False
     model.save_pretrained(tmp_path / "m")
     byte_tokenizer().save_pretrained(tmp_path / "m")
-    proc = cli("run", "--model", tmp_path / "m", "export", "--to", tmp_path / "m.gguf")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    handlers = {n: signal.getsignal(getattr(signal, n)) for n in TERMINATING}
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["run", "--model", str(tmp_path / "m"), "export", "--to", str(tmp_path / "m.gguf")])
+    finally:
+        for n, h in handlers.items():
+            signal.signal(getattr(signal, n), h)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
     assert "Qwen3-MoE with norm_topk_prob=False" in errors[0] and not (tmp_path / "m.gguf").exists()
 
 
@@ -400,3 +545,49 @@ def test_a_mixtral_pruned_to_half_its_experts_reloads_in_transformers_and_runs_i
     got = np.asarray(next_token_logits(tmp_path / "pruned.gguf", ids[0].tolist(), threads=2, f32_cache=True),
                      dtype=np.float32)
     assert float(np.abs(got - want.numpy()).max()) <= TOLERANCE
+
+
+def test_prune_experts_is_lossy_for_the_kl_base(text, tmp_path, monkeypatch):
+    """--kl-base auto takes its base before prune-experts, as before quantize or prune: the eval after it reports
+    the KL of the pruned model against the model with all its experts."""
+    monkeypatch.setenv("GPTOPT_CACHE", str(tmp_path / "cache"))
+    res = run("tiny-random-mixtral", text, [("prune-experts", {"keep": 2, "calib_samples": 2, "calib_seq_len": 32}),
+                                            ("eval", {"block_size": 64, "max_tokens": 256})])
+    m = res.records[-1]["metrics"]
+    assert m["kl_base"] == "model before the first lossy step" and m["kl_mean"] > 0 and m["same_top1"] < 100
+
+
+@pytest.mark.parametrize("name,params", [("tiny-random-qwen2-moe", RECIPES["quantize rtn int4"][0][0][1]),
+                                         ("tiny-random-mixtral", {**RECIPES["quantize gptq int4"][0][0][1],
+                                                                  "calib_blocks": 1})],
+                         ids=["rtn qwen2-moe", "gptq mixtral"])
+def test_router_include_quantizes_the_routers_and_says_so(name, params, text, tmp_path):
+    """quantize --router include: every router (and Qwen2-MoE's shared-expert gate) on the step's 4-bit grid
+    (RTN: exactly round-to-nearest of the float weight), the rest as without it, and run.json's metrics say so."""
+    from gptopt_core import fit_grid
+
+    arch = MOE[name]
+    res = run(name, text, [("quantize", {**params, "bits": 4, "router": "include"})], out=tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "run.json").read_text())["steps"][0]["metrics"]
+    assert m["router"].startswith("quantized like the linear layers (--router include")
+    float_model = tiny_model(name)[0]
+    for i, block in enumerate(res.model.model.layers):
+        for rel in (arch.moe.router, arch.moe.shared_gate):
+            if not rel:
+                continue
+            w, w0 = block.get_submodule(rel).weight, float_model.model.layers[i].get_submodule(rel).weight
+            # 4 bits in groups of 32: at most 16 values per row and group (the float weight has 32)
+            assert max(len(torch.unique(g)) for g in w.detach().reshape(-1, 32)) <= 16, rel
+            if params["method"] == "rtn":
+                grid = fit_grid(w0.detach(), 4, 32, True)
+                assert torch.equal(w, grid.dequantize(grid.codes(w0))), rel
+    assert all(on_grid(m_, grid_of(m_)) for _, m_ in expert_layers(res.model))  # experts as without it
+    assert "gptopt_linear" not in dict(res.model.named_modules()).get(f"model.layers.0.{arch.moe.router}")._modules
+
+
+def test_router_include_is_refused_for_bitsandbytes_in_one_line():
+    from gptopt_core import ParamsError, get_plugins
+
+    with pytest.raises(ParamsError, match="--router applies to --method rtn/gptq/signround, not bitsandbytes") as info:
+        get_plugins().step_class("quantize")(bits=4, router="include")
+    assert "\n" not in str(info.value)

@@ -12,7 +12,7 @@ from gptopt_quantize.step import QuantizeParams, QuantizeStep
 SAMPLE = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32", "block_size": 64,
           "int8_threshold": 6.0, "plan": "auto", "max_ppl_increase": 0.05, "check_blocks": 4, "calib_blocks": 4,
           "calib_seq_len": 32, "group_size": 32, "symmetric": True, "observer": "minmax", "activations": 8,
-          "awq": True, "awq_clip": True, "act_order": True, "dampening": 0.01, "offload": "cpu", "sequential": True,
+          "awq": True, "awq_clip": True, "router": "include", "act_order": True, "dampening": 0.01, "offload": "cpu", "sequential": True,
           "min_expert_tokens": 4, "iters": 10, "lr": 0.1}
 
 

@@ -37,6 +37,21 @@ def convert_with_guard(ctx, model, fmt: str, params, guard: bool, blocks=None) -
     return record, metrics
 
 
+def moe_dtypes(model) -> dict:
+    """What the conversion did to a mixture of experts (``{}`` for a dense model): bf16 casts the fused expert
+    weights and routers with the model; the int8 formats convert linear layers only, so experts and routers stay
+    float32."""
+    from gptopt_core import moe_effect, moe_layers
+
+    blocks = moe_layers(model)
+    if not blocks:
+        return {}
+    experts = str(blocks[0].experts.gate_up_proj.dtype).replace("torch.", "")
+    router = str(blocks[0].router.weight.dtype).replace("torch.", "")
+    why = "cast with the model" if experts != "float32" else "left float: the int8 formats convert linear layers only"
+    return moe_effect(model, f"{experts} ({why})", f"{router} (not quantized)")
+
+
 def run_cpu_fast(ctx, step) -> dict:
     p = step.params
     model = ctx.model

@@ -153,6 +153,7 @@ class CpuFastStep(Step):
                                   f"like {linear_names(ctx.model)[0]})")
 
     def apply(self, ctx):
-        from .run import run_cpu_fast  # torch
+        from .run import moe_dtypes, run_cpu_fast  # torch
 
-        return run_cpu_fast(ctx, self)
+        metrics = run_cpu_fast(ctx, self)
+        return {**metrics, **moe_dtypes(ctx.model)}

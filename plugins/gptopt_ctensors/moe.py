@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptopt_core import GptoptError, WeightGrid, expert_layers, fit_grid, grid_of, on_grid
+from gptopt_core import GptoptError, WeightGrid, expert_layers, fit_grid, grid_of, moe_layers, on_grid
 
 #: per-expert linear names (gate, up, down) by model type; every other family uses transformers' Qwen-style names
 LEAVES = {"mixtral": ("w1", "w3", "w2")}
@@ -39,16 +39,14 @@ class ExpertBlock:
                 for leaf in self.leaves]
 
 
-def expert_blocks(model) -> list[ExpertBlock]:
-    """The model's MoE blocks with fused ``gate_up_proj`` / ``down_proj`` experts and a router ``gate``."""
+def file_blocks(model) -> list[ExpertBlock]:
+    """The model's MoE blocks (:func:`gptopt_core.moe_layers`, the architecture table's) with their names in the
+    file; one-line refusal for fused expert tensors other than ``gate_up_proj`` / ``down_proj``."""
     kind = getattr(model.config, "model_type", "")
     rename = BLOCK_RENAMES.get(kind)
     out = []
-    for name, module in model.named_modules():
-        experts, gate = getattr(module, "experts", None), getattr(module, "gate", None)
-        gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-        if gu is None or down is None or gu.dim() != 3 or getattr(gate, "weight", None) is None:
-            continue
+    for block in moe_layers(model):
+        name, experts = block.name, block.experts
         extra = sorted(n for n, _ in experts.named_parameters(recurse=False) if n not in ("gate_up_proj", "down_proj"))
         if extra or getattr(experts, "is_transposed", False):
             raise GptoptError(f"save --format compressed-tensors: {name}.experts holds {', '.join(extra) or 'transposed'}"
@@ -145,7 +143,7 @@ def fuse_experts(model, tensors: dict, qconfig, grid_from) -> int:
 
     import torch
 
-    blocks = {b.hub: b for b in expert_blocks(model)}
+    blocks = {b.hub: b for b in file_blocks(model)}
     pattern = re.compile(r"^(?P<hub>.+)\.experts\.(?P<j>\d+)\.(?P<leaf>\w+)\.weight_scale$")
     found: dict = {}
     for key in [k for k in tensors if pattern.match(k)]:

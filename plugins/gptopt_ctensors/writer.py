@@ -70,7 +70,7 @@ def write(ctx, model, path) -> dict:
     sparse = masked if compress_sparse else {}
     qconfig = layout.quantization_config(model, grids)
     sconfig = layout.sparsity_config(model, sparse)
-    blocks = moe.expert_blocks(model) if qconfig is not None else []
+    blocks = moe.file_blocks(model) if qconfig is not None else []
     tensors: dict = {}
     replaced = set()
     experts = moe.add_experts(model, blocks, qconfig, tensors, replaced) if blocks else None

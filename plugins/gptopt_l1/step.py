@@ -106,6 +106,10 @@ class L1Step(Step):
         what = "the weights the later prune removes" if self.plan["select"] == "prunable" else "all weights"
         ctx.log(f"  l1: λ={p.weight} {p.mode} ({p.schedule}) on {what} of {len(names)} layers, "
                 f"during the next {self.plan['train_step']}")
+        from gptopt_core import moe_effect
+
         return {"l1_weight": p.weight, "l1_select": self.plan["select"], "l1_target_layers": len(names),
-                "l1_sparsity_target": self.plan["sparsity"]}
+                "l1_sparsity_target": self.plan["sparsity"],
+                **moe_effect(ctx.model, "not L1-regularized: l1 targets linear layers (attention, shared expert); the "
+                                        "training step after it trains the fused experts without the penalty")}
 

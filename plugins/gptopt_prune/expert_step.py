@@ -45,6 +45,7 @@ class PruneExpertsStep(Step):
 
     name = "prune-experts"
     Params = PruneExpertsParams
+    provides = frozenset({"experts-pruned"})  # lossy: --kl-base auto takes its base before this step
     forbids = {"quantized": "expert pruning needs float weights; put prune-experts before quantize",
                "adapter": "merge the LoRA adapter first (lora --merge) or put prune-experts before lora"}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptopt_core import GptoptError
+from gptopt_core import GptoptError, moe_layers
 
 #: config keys that count a model's routed experts (aliases of each other in the families that have both)
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -62,32 +62,15 @@ class MoeLayer:
         return [float(s) / int(n) if int(n) else 0.0 for s, n in zip(self.score_sum, self.tokens)]
 
 
-def _is_moe_block(module) -> bool:
-    import torch.nn as nn
-
-    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-    if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-        return False
-    weight = getattr(gate, "weight", None)
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
-        return False
-    fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3 and p.shape[0] == weight.shape[0]]
-    return len(fused) >= 2
-
-
-def find_moe_layers(model) -> list[MoeLayer]:
-    """The model's mixture-of-experts blocks, in model order (a PEFT wrapper is looked through)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [MoeLayer(n, m, m.gate, m.experts) for n, m in base.named_modules() if _is_moe_block(m)]
-
-
 def check_moe(model, what: str = "prune-experts") -> list[MoeLayer]:
-    """The MoE layers; one-line refusal for a model without any, or with layers of different expert counts."""
-    layers = find_moe_layers(model)
+    """The model's MoE blocks in model order, as the architecture table finds them (:func:`gptopt_core.moe_layers`,
+    a PEFT wrapper looked through); one-line refusal for a model without any, or with layers of different expert
+    counts."""
+    layers = [MoeLayer(b.name, b.module, b.router, b.experts) for b in moe_layers(model)]
     if not layers:
         kind = getattr(getattr(model, "config", None), "model_type", "?")
-        raise GptoptError(f"{what}: the model ('{kind}') has no mixture-of-experts layers (a router 'gate' and "
-                          "fused 'experts'); it applies to MoE models such as Mixtral, Qwen2/3-MoE, OLMoE")
+        raise GptoptError(f"{what}: the model ('{kind}') has no mixture-of-experts layers (no MoE family of the "
+                          "architecture table); it applies to MoE models such as Mixtral, Qwen2/3-MoE, OLMoE")
     counts = sorted({layer.num_experts for layer in layers})
     if len(counts) > 1:
         raise GptoptError(f"{what}: the MoE layers hold different expert counts ({counts}); the config holds one")

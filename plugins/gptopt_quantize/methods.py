@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from gptopt_core import get_observer, with_experts
+from gptopt_core import get_observer, moe_effect, with_experts
 
 #: the integer-grid methods' common options, and the calibration text's
-GRID = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip")
+GRID = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip", "router")
 CALIB = ("calib_blocks", "calib_seq_len")
 GPTQ = ("act_order", "dampening", "offload", "sequential", "min_expert_tokens")
 
@@ -97,7 +97,7 @@ def grid_engine(ctx, step) -> dict:
     p = step.params
     rounding = METHODS[p.method].rounding
     return with_experts(ctx.model, lambda: quantize_grid(ctx, step, rounding), p.min_expert_tokens, ctx.log,
-                        p.offload, "quantize")
+                        p.offload, "quantize", routers=p.router == "include")
 
 
 def rtn_rounding(*args) -> list[str]:
@@ -127,7 +127,9 @@ def grid_preflight(ctx, step) -> None:
 def bnb_engine(ctx, step) -> dict:
     from .workflow import quantize_model  # bitsandbytes and torch: imported when it runs
 
-    return quantize_model(ctx, step)
+    return {**quantize_model(ctx, step), **moe_effect(
+        ctx.model, "float (bitsandbytes quantizes linear layers; the fused 3-D expert weights are none; "
+                   "--method rtn|gptq puts every expert on a grid)")}
 
 
 def bnb_facts(step) -> set:

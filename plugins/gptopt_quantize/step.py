@@ -120,6 +120,9 @@ class QuantizeParams(Params):
     sequential: Optional[bool] = pydantic.Field(
         None, description="gptq: within a block, quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                           "block with the earlier ones already quantized [default: on]")
+    router: Optional[Literal["float", "include"]] = pydantic.Field(
+        None, description="rtn/gptq on a mixture of experts: keep the routers and shared-expert gates float, or "
+                          "quantize them like the linear layers (the metrics' router says which) [default: float]")
     min_expert_tokens: Optional[int] = pydantic.Field(
         None, ge=0, le=1_000_000, description="gptq on a mixture of experts: an expert the router sent fewer "
                                               "calibration tokens is quantized round-to-nearest (identity Hessian) and "

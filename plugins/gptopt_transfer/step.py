@@ -8,7 +8,7 @@ from typing import List, Literal, Optional
 import pydantic
 
 from gptopt_core import (GptoptError, PlanError, Step, TrainParams, Trainer, apply_masks, architecture_of, is_conv1d,
-                         resolve_precision, sparsity, train_blocks, weight_modules)
+                         moe_effect, resolve_precision, sparsity, train_blocks, weight_modules)
 
 from .experts import expert_parameters, is_router
 
@@ -124,6 +124,8 @@ class FinetuneStep(_TrainingStep):
         ctx.model = model
         if frozen:
             metrics["frozen_expert_parameters"] = len(frozen)
+        metrics.update(moe_effect(model, "frozen (--experts exclude)" if frozen else
+                                  "trained in their fused layout (--experts include)"))
         if ctx.state.get("masks"):
             from .masked import masks_hold  # torch
 
@@ -189,6 +191,9 @@ class LoraStep(_TrainingStep):
             model, metrics = self._train(ctx, model)
         metrics["lora_targets"] = len(targets)
         metrics["lora_expert_parameters"] = len(experts)
+        merged = ", merged into them in their fused layout" if p.merge else ""
+        metrics.update(moe_effect(ctx.model, f"LoRA on the fused expert weights (--experts include){merged}"
+                                  if experts else "not adapted (--experts exclude)"))
         metrics["qlora"] = bool(k_bit)
         if masks:
             metrics["lora_masked_layers"] = len(masked)
