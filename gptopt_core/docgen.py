@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import gptopt_core
@@ -112,7 +113,7 @@ API_END = "<!-- end of generated public API -->"
 def _api_entry(name: str, obj) -> list[str]:
     """One public name: heading with its signature, where it lives, its docstring (a table for the key tables)."""
     where = getattr(obj, "__module__", None) or f"gptopt_core.{gptopt_core._LAZY.get(name, '')}".rstrip(".")
-    if isinstance(obj, dict):  # STATE_KEYS, FACTS: (owner, meaning) tables
+    if isinstance(obj, Mapping):  # STATE_KEYS, FACTS: (owner, meaning) tables
         rows = [f"| `{key}` | {owner} | {meaning.replace('|', '&#124;')} |" for key, (owner, meaning) in obj.items()]
         return [f"### `{name}`", "", f"`{where}`; one row per key: name, owner, meaning.", "",
                 "| key | owner | meaning |", "|---|---|---|", *rows, ""]

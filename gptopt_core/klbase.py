@@ -1,7 +1,7 @@
 """Which model a KL measurement compares against, and the cache that computes its logits once per (model, tokens).
 
 ``--kl-base auto`` (the default of ``eval`` and ``llamacpp``): the chain's model just before its first lossy step (a
-step whose facts say ``quantized`` / ``masks`` / ``cpu-only``: quantize, prune, cpu-fast). Before that step runs,
+step whose facts belong to a family declared ``lossy``: quantize, prune, cpu-fast). Before that step runs,
 the core's ``gptopt_step_started`` hook computes the base's top-k log-probs on every later step's token set and
 windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy step has no base to differ from
 (``eval`` stores its own log-probs as the base instead, so the hook finds them); ``llamacpp`` then measures against
@@ -25,14 +25,15 @@ from .divergence import BaseLogits
 from .errors import GptoptError
 
 CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
-LOSSY_FACTS = ("quantized", "masks", "cpu-only")
 
 
 def is_lossy(step) -> bool:
-    """Whether ``step`` changes the model's numbers in a way KL is meant to measure (its planned facts)."""
-    from .steps import fact_matches
+    """Whether ``step`` changes the model's numbers in a way KL is meant to measure: a fact it plans belongs to a
+    family declared ``lossy`` (:class:`gptopt_core.Fact`, e.g. the core's ``quantized``)."""
+    from .vocabulary import lossy_families
 
-    return any(fact_matches(p, f) for f in step.next_facts(set()) for p in LOSSY_FACTS)
+    lossy = lossy_families(getattr(step, "plugins", None))
+    return any(f.split(":")[0] in lossy for f in step.next_facts(set()))
 
 
 def cache_key(model_key: str, ids, block_size: int, stride: int, max_tokens: int) -> str:

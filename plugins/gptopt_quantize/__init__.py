@@ -7,7 +7,7 @@ the torch work is in the engine modules (:mod:`.grid`, :mod:`.gptq` for the grid
 :mod:`.convert`, :mod:`.planner`, :mod:`.saving` for bitsandbytes), imported where they run, so that importing this
 module (``gptopt --help``) loads no torch.
 """
-from gptopt_core import hookimpl
+from gptopt_core import MatrixCell, hookimpl
 
 from .step import QuantizeStep
 
@@ -17,6 +17,12 @@ __all__ = ["QuantizeStep"]
 @hookimpl
 def gptopt_register_steps(register):
     register(QuantizeStep)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    for cell in ("bnb int8", "bnb nf4", "rtn int4", "gptq int4"):
+        register(MatrixCell(f"quantize {cell}"))
 
 
 @hookimpl
