@@ -6,20 +6,32 @@ from pathlib import Path
 from typing import Any
 
 
-from .vocabulary import FACTS, STATE_KEYS  # noqa: F401 (their home before 0.3; gptopt_core.STATE_KEYS)
+from .vocabulary import FACTS, STATE_KEYS, State  # noqa: F401 (FACTS, STATE_KEYS: their home before 0.3)
 
 
-@dataclass
+@dataclass(slots=True)
 class RunContext:
-    """The state a chain of steps works on.
+    """The state a chain of steps works on. Every field is declared here (``__slots__``): setting any other
+    attribute raises ``AttributeError``; a plugin keeps its own data in ``ctx.state`` under a key it declared.
 
     * ``model`` / ``tokenizer``: the current model (steps may replace ``ctx.model``).
     * ``device``: ``torch.device`` the model lives on.
-    * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``).
+    * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``); ``eval_data``
+      the ``--eval-data`` one or ``None``.
+    * ``seed``: the run's seed.
     * ``facts``: set of fact strings about the model (``quantized:4bit``, ``masks``, ...): see :data:`FACTS`.
-    * ``state``: data shared between plugins, by documented key: see :data:`STATE_KEYS`.
-    * ``records``: the records of the steps run so far.
-    * ``out_dir``: the run's output directory or ``None``.
+    * ``state``: data shared between plugins, by declared key (:data:`STATE_KEYS`); storing a key no loaded plugin
+      declared raises (:class:`gptopt_core.vocabulary.State`).
+    * ``records``: the records of the steps run so far; ``step_index``: the running step's index in ``steps``.
+    * ``steps``: the run's chain of steps, in order (a step may look at the ones after it).
+    * ``recipe``: the resolved recipe of the run (what ``run.json`` and a saved model's ``recipe.yaml`` hold).
+    * ``manifest``: what the run recorded about its inputs before the first step: ``model`` (``spec``,
+      ``source``, ``hash``), ``data``, ``device``, ``loaded`` (the loaded model's metrics).
+    * ``out_dir``: the run's output directory or ``None``; ``resume``: ``--resume`` (continue training steps
+      from their checkpoints under ``out_dir``); ``quiet``: no progress bars or log lines.
+    * ``plugins``: the loaded plugins (:func:`gptopt_core.get_plugins`); ``hook``: their hook relay.
+    * ``console``: the ``rich`` console the run logs to (stderr); ``model_spec`` / ``data_spec``: ``--model`` /
+      ``--data`` as given.
     """
 
     model: Any
@@ -38,8 +50,17 @@ class RunContext:
     eval_data: Any = None
     step_index: int = 0
     quiet: bool = False
-    resume: bool = False  # continue training steps from their checkpoints under out_dir (``--resume``)
+    resume: bool = False
+    steps: tuple = ()
+    recipe: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    #: the model as loaded, kept when a step wants_original_model() (:meth:`original_model` copies it)
     _original_state: Any = field(default=None, repr=False)
+    #: the live progress bar of :meth:`progress`, for :meth:`progress_info`
+    _bar: Any = field(default=None, repr=False, init=False)
+
+    def __post_init__(self):
+        self.state = State(self.state, self.plugins)
 
     @property
     def hook(self):
@@ -74,7 +95,7 @@ class RunContext:
 
     def progress_info(self, text: str) -> None:
         """Show extra text (loss, tokens/s, zeros...) next to the current progress bar."""
-        bar = getattr(self, "_bar", None)
+        bar = self._bar
         if bar:
             bar[0].update(bar[1], info=text)
 

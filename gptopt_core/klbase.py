@@ -161,8 +161,7 @@ def kl_plan(ctx, ids, block_size: int, stride: int, max_tokens: int, reference: 
 
 
 def _lossy_later(ctx) -> bool:
-    steps = getattr(getattr(ctx, "pipeline", None), "steps", [])
-    return any(is_lossy(s) for s in steps[ctx.step_index + 1:])
+    return any(is_lossy(s) for s in ctx.steps[ctx.step_index + 1:])
 
 
 def capture_before_lossy(ctx, step) -> None:
@@ -172,8 +171,7 @@ def capture_before_lossy(ctx, step) -> None:
 
     if ctx is None or "kl_base_hash" in ctx.state or not is_lossy(step):  # ctx None: a hook test's bare call
         return
-    pipeline = getattr(ctx, "pipeline", None)
-    later = getattr(pipeline, "steps", [])[ctx.step_index + 1:]
+    later = ctx.steps[ctx.step_index + 1:]
     wanted = [w for w in (s.kl_windows(ctx) for s in later) if w]
     key = content_hash(ctx.model) if wanted else ""
     ctx.state["kl_base_hash"] = key

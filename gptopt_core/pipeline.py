@@ -234,21 +234,18 @@ class Pipeline:
             self.validate(loaded.facts)
         self.check_positions(loaded.model)
         seed_everything(self.seed)
+        original = copy.deepcopy(loaded.model) if any(s.wants_original_model() for s in self.steps) else None
+        manifest = {"model": {"spec": self.model_spec, "source": loaded.source, "hash": content_hash(loaded.model)},
+                    "data": {"spec": self.data_spec, "hash": data.content_hash(),
+                             "train_tokens": int(data.train_ids.numel()), "valid_tokens": int(data.valid_ids.numel())},
+                    "device": str(device)}
         ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
                          facts=set(loaded.facts), out_dir=self.out, plugins=self.plugins, console=console,
                          model_spec=self.model_spec, data_spec=self.data_spec, eval_data=eval_data,
-                         quiet=self.quiet)
-        ctx.pipeline = self
-        if any(s.wants_original_model() for s in self.steps):
-            ctx._original_state = copy.deepcopy(loaded.model)
-        ctx.manifest = {"model": {"spec": self.model_spec, "source": loaded.source,
-                                  "hash": content_hash(loaded.model)},
-                        "data": {"spec": self.data_spec, "hash": data.content_hash(),
-                                 "train_tokens": int(data.train_ids.numel()),
-                                 "valid_tokens": int(data.valid_ids.numel())},
-                        "device": str(device), "loaded": self.collect_metrics(ctx)}
+                         quiet=self.quiet, resume=self.resume, steps=tuple(self.steps), recipe=self.recipe(),
+                         manifest=manifest, _original_state=original)
+        manifest["loaded"] = self.collect_metrics(ctx)
         self.warn_on_changed_inputs(ctx)
-        ctx.resume = self.resume
         return ctx
 
     def _run(self) -> RunResult:

@@ -61,11 +61,10 @@ def cpu_kernels() -> dict:
 
 
 def build_manifest(ctx, error=None) -> dict:
-    pipeline = ctx.pipeline
     manifest = {"gptopt": versions()["gptopt"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(), "cpu": cpu_kernels(), "seed": ctx.seed}
-    manifest.update(getattr(ctx, "manifest", {}))
-    manifest["recipe"] = pipeline.recipe()
+    manifest.update(ctx.manifest)
+    manifest["recipe"] = ctx.recipe
     manifest["steps"] = ctx.records
     manifest["status"] = "ok" if error is None else ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
     if error is not None:
@@ -212,7 +211,7 @@ def _save_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
         else:
             ctx.hook.gptopt_save_model(ctx=ctx, model=ctx.model, path=tmp)
         ctx.tokenizer.save_pretrained(str(tmp))
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.recipe, sort_keys=False))
         write_json_atomic(tmp / "run.json", build_manifest(ctx))
         if target.exists():
             if not overwrite and (not target.is_dir() or any(target.iterdir())):
