@@ -191,8 +191,8 @@ def architectures_markdown() -> str:
     table = architecture_table()
     lines = ["# Architectures", "",
              "Generated from the architecture table (`gptopt_core/families.py`, the `gptopt_register_architectures` "
-             "hook) and the family matrix (`gptopt_core/matrix.py`) by `python -m gptopt_core.docgen`; do not edit "
-             "by hand.", "",
+             "hook) and the family matrix (the cells the plugins declare with `gptopt_register_vocabulary`) by "
+             "`python -m gptopt_core.docgen`; do not edit by hand.", "",
              "Each model family is one row of data: where its blocks are, its linear layers in the order a block "
              "computes them (the calibration engine's sequential groups for GPTQ / SparseGPT / Wanda, LoRA's "
              "`--target-modules auto`), its norms, rotary layout, embedding scale and how llama.cpp's "

@@ -7,8 +7,8 @@ Loading one plugin is a transaction (after tox 4's plugin manager: validate, war
 3. validate them: a ``@hookimpl`` for a hook that does not exist (e.g. a misspelled name) is an error, and so is a
    function named like a known hook but not marked ``@hookimpl`` (pluggy would silently skip it);
 4. register what its ``gptopt_register_*`` hooks give (steps, save formats, columns, architectures, observers,
-   pre-tokenizers, vocabulary; :meth:`Plugins._call_registry_hook`): a wrong kind of object, no name, or a name the core or
-   another plugin already registered (e.g. ``eval``) is an error naming both plugins.
+   pre-tokenizers, vocabulary; :meth:`Plugins._call_registry_hook`): a wrong kind of object, no name, or a name
+   the core or another plugin already registered (e.g. ``eval``) is an error naming both plugins.
 
 A name ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` excludes is rejected by :meth:`Plugins.register`, naming it.
 

@@ -93,7 +93,8 @@ def refusal(record, table: dict, new: dict) -> Optional[str]:
                 "MatrixCell")
     word, meaning = getattr(record, what), getattr(record, "meaning", "x")
     if not isinstance(word, str) or not word.strip() or not isinstance(meaning, str) or not meaning.strip():
-        return f"registered {record!r}: give a non-empty {what}" + (" and meaning" if hasattr(record, "meaning") else "")
+        also = " and meaning" if hasattr(record, "meaning") else ""
+        return f"registered {record!r}: give a non-empty {what}{also}"
     if isinstance(record, Fact) and ":" in word:
         return f"fact '{word}': declare the family only ('{word.split(':')[0]}'); details need no declaration"
     if isinstance(record, MatrixCell) and record.needs is not None and record.needs not in _architecture_fields():
