@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
+from .recipes import chain_recipe
 from .vocabulary import FACTS, STATE_KEYS, State  # noqa: F401 (FACTS, STATE_KEYS: their home before 0.3)
 
 
@@ -24,7 +25,8 @@ class RunContext:
       declared raises (:class:`gptopt_core.vocabulary.State`).
     * ``records``: the records of the steps run so far; ``step_index``: the running step's index in ``steps``.
     * ``steps``: the run's chain of steps, in order (a step may look at the ones after it).
-    * ``recipe``: the resolved recipe of the run (what ``run.json`` and a saved model's ``recipe.yaml`` hold).
+    * ``recipe``: the run's resolved recipe (what ``run.json`` and a saved model's ``recipe.yaml`` hold): its
+      ``recipe_head`` (model, data, seed, device as given) and ``steps`` with their params as they are now.
     * ``manifest``: what the run recorded about its inputs before the first step: ``model`` (``spec``,
       ``source``, ``hash``), ``data``, ``device``, ``loaded`` (the loaded model's metrics).
     * ``out_dir``: the run's output directory or ``None``; ``resume``: ``--resume`` (continue training steps
@@ -52,7 +54,7 @@ class RunContext:
     quiet: bool = False
     resume: bool = False
     steps: tuple = ()
-    recipe: dict = field(default_factory=dict)
+    recipe_head: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
     #: the model as loaded, kept when a step wants_original_model() (:meth:`original_model` copies it)
     _original_state: Any = field(default=None, repr=False)
@@ -61,6 +63,11 @@ class RunContext:
 
     def __post_init__(self):
         self.state = State(self.state, self.plugins)
+
+    @property
+    def recipe(self) -> dict:
+        """The recipe that replays this run: ``recipe_head`` and every step of ``steps`` with its params now."""
+        return chain_recipe(self.recipe_head, self.steps)
 
     @property
     def hook(self):

@@ -9,7 +9,7 @@ from conftest import ROOT
 from gptopt_core import Pipeline, RunContext, StepFailed, get_plugins
 from gptopt_core.vocabulary import State, UndeclaredStateKey
 
-DECLARED = {f.name for f in dataclasses.fields(RunContext)} | {"hook", "is_main_process"}
+DECLARED = {f.name for f in dataclasses.fields(RunContext)} | {"hook", "is_main_process", "recipe"}
 #: ``ctx.NAME =`` / ``self.ctx.NAME +=`` in code: the attribute a statement sets on a RunContext
 ASSIGNED = re.compile(r"\b(?:self\.)?ctx\.(\w+)\s*(?:[-+*/|&]?=)(?!=)")
 
@@ -20,7 +20,7 @@ def assigned_names(text: str) -> set:
 
 def test_run_context_declares_every_field_and_refuses_others():
     assert "__slots__" in vars(RunContext) and not hasattr(RunContext(None, None, None, None), "__dict__")
-    assert {"pipeline", "manifest", "recipe", "steps", "state", "plugins"} - DECLARED == {"pipeline"}
+    assert {"pipeline", "manifest", "recipe", "recipe_head", "steps", "state", "plugins"} - DECLARED == {"pipeline"}
     ctx = RunContext(model=None, tokenizer=None, device="cpu", data=None, plugins=get_plugins())
     ctx.model, ctx.step_index = "a model", 2  # declared fields are the context's to change
     with pytest.raises(AttributeError):
@@ -45,13 +45,19 @@ def test_no_code_sets_an_undeclared_attribute_on_a_context():
 
 
 def test_report_takes_the_recipe_and_manifest_as_data():
+    """No pipeline behind the context: the report reads the recipe from the context's steps as they are now (a
+    step may resolve a param while it runs, as quantize --plan auto does)."""
     from gptopt_core.report import build_manifest
 
-    recipe = {"model": "m", "steps": [{"eval": {}}]}
+    step = get_plugins().step_class("eval")(max_tokens=64)
     ctx = RunContext(model=None, tokenizer=None, device="cpu", data=None, seed=3, plugins=get_plugins(),
-                     recipe=recipe, manifest={"device": "cpu", "model": {"spec": "m", "hash": "h"}})
+                     steps=(step,), recipe_head={"model": "m", "seed": 3},
+                     manifest={"device": "cpu", "model": {"spec": "m", "hash": "h"}})
+    step.params = step.Params(**{**step.params.model_dump(), "max_tokens": 128})  # as quantize --plan auto does
     manifest = build_manifest(ctx)
-    assert manifest["recipe"] == recipe and manifest["device"] == "cpu" and manifest["seed"] == 3
+    assert manifest["recipe"] == {"model": "m", "seed": 3, "steps": [{"eval": step.params_dict()}]}
+    assert manifest["recipe"]["steps"][0]["eval"]["max_tokens"] == 128
+    assert manifest["device"] == "cpu" and manifest["seed"] == 3
 
 
 def test_a_step_storing_an_undeclared_state_key_fails_naming_it():
