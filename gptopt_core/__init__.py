@@ -17,7 +17,8 @@ _LAZY = {
     # plugin contract
     "fact_matches": "steps", "find_fact": "steps", "parse_percent": "steps", "parse_choice": "steps",
     "as_percent": "options", "as_group_size": "options", "as_choice": "options",
-    "group_columns": "options", "STATE_KEYS": "context", "FACTS": "context",
+    "group_columns": "options", "STATE_KEYS": "vocabulary", "FACTS": "vocabulary", "StateKey": "vocabulary",
+    "Fact": "vocabulary", "MatrixCell": "vocabulary",
     "PluginHookError": "plugins", "get_plugins": "plugins",
     # the architecture table
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",

@@ -25,6 +25,7 @@ from .observers import Observer
 from .saveformats import SafetensorsFormat, write_model_dir
 from .writers import check_plan, choose, specialized
 from .steps import Params, Step
+from .vocabulary import Fact, MatrixCell, StateKey
 
 
 class EvalParams(Params):
@@ -211,6 +212,31 @@ def gptopt_register_observers(register):
     register(Observer("hmse", mse_range, importance=True,
                       help="gptq: mse with each column's error weighted by the calibration Hessian's diagonal, the "
                            "mean squared activation llama.cpp's imatrix holds"))
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    """The core's own words: what its training loop, KL bases and model copy keep in ``ctx.state``, and the
+    ``quantized`` key and fact several plugins write and the core's model sources and save formats read."""
+    register(StateKey("trainer", "the running gptopt_core.Trainer while a training loop runs (.step, .total_steps, "
+                                 ".params, .accelerator); removed afterwards"))
+    register(StateKey("original_model", "a frozen copy of the model as loaded, created on demand "
+                                        "(RunContext.original_model) for steps whose wants_original_model() is true"))
+    register(StateKey("kl_base", "{cache key: BaseLogits}: the KL bases of this run's measurements (top-k log-probs "
+                                 "per token set and windows), also cached on disk"))
+    register(StateKey("kl_base_hash", "content hash of the model just before the chain's first lossy step: the base "
+                                      "of --kl-base auto from then on"))
+    register(StateKey("quantized", "{qualified module name: format}: which layers are quantized and how (bench, "
+                      "savers and exporters read it; quantize, prune sparsegpt --quantize-bits and cpu-fast write "
+                      "it). Formats: 'int8', 'nf4', 'fp4' (bitsandbytes); an integer grid's WeightGrid.describe(), "
+                      "int<bits>-g<group size>|channel-sym|asym, e.g. 'int4-g64-sym', 'int8-channel-sym'; a cpu-fast "
+                      "--format value, e.g. 'int8-dynamic'"))
+    register(Fact("quantized", "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes, also "
+                  "set by the model sources for a model loaded quantized), quantized:grid (integer grids; "
+                  "quantized:w8a8 beside it where the layers' inputs are int8 too), quantized:cpu-int8 / "
+                  "quantized:cpu-bf16 (cpu-fast); float training and pruning refuse it", lossy=True))
+    register(MatrixCell("eval"))
+    register(MatrixCell("save safetensors"))
 
 
 @hookimpl(trylast=True)

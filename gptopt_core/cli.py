@@ -201,6 +201,8 @@ def plugins(as_json):
             click.echo(f"    columns: {', '.join(i.columns)}")
         if i.observers:
             click.echo(f"    observers: {', '.join(i.observers)}")
+        if i.vocabulary:
+            click.echo(f"    vocabulary: {', '.join(i.vocabulary)}")
         if i.hooks:
             click.echo(f"    hooks: {', '.join(i.hooks)}")
 

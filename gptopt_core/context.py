@@ -6,68 +6,34 @@ from pathlib import Path
 from typing import Any
 
 
-#: Every ``ctx.state`` key, in one place: key → (owner, meaning). A plugin that shares data with another plugin
-#: does it through one of these keys (add yours here); a test checks every ``ctx.state["..."]`` literal in
-#: ``plugins/`` against this table.
-STATE_KEYS: dict[str, tuple[str, str]] = {
-    "masks": ("gptopt-prune", "{qualified module name: bool tensor shaped like module.weight as stored, True = "
-                              "kept}; the prune plugin keeps these weights at zero while later steps train, lora "
-                              "--merge re-applies them, savers may store them sparse"),
-    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu",
-                  "{qualified module name: format}: which layers are quantized and how (bench, savers and exporters "
-                  "read it). Formats: 'int8', 'nf4', 'fp4' (bitsandbytes); an integer grid's WeightGrid.describe(), "
-                  "int<bits>-g<group size>|channel-sym|asym, e.g. 'int4-g64-sym', 'int8-channel-sym' (quantize "
-                  "rtn/gptq, prune sparsegpt --quantize-bits); a cpu-fast --format value, e.g. 'int8-dynamic'"),
-    "trainer": ("core (training)", "the running gptopt_core.Trainer while a training loop runs (.step, "
-                                   ".total_steps, .params, .accelerator); removed afterwards"),
-    "original_model": ("core (RunContext.original_model)", "a frozen copy of the model as loaded, created on "
-                                                           "demand for steps whose wants_original_model() is true"),
-    "distill": ("gptopt-transfer", "{'weight', 'temperature'} of --distill-from while its training step runs"),
-    "l1": ("gptopt-l1", "the l1 step's configuration for the next training step (weight, mode, select, ...)"),
-    "l1_runtime": ("gptopt-l1", "l1's per-training-run state (targets, schedule), created on the first hook call"),
-    "robust": ("gptopt-l1", "the robust step's configuration for the next training step (weight, mode, fd_step, "
-                            "targets, ...)"),
-    "robust_runtime": ("gptopt-l1", "robust's per-training-run state (probes on the targeted layers, schedule, "
-                                    "‖∇L‖₁ history), created when the training step starts"),
-    "gguf": ("gptopt-export", "path of the GGUF file the last export step wrote (llamacpp measures it)"),
-    "kl_base": ("core (klbase)", "{cache key: BaseLogits}: the KL bases of this run's measurements (top-k log-probs "
-                                 "per token set and windows), also cached on disk"),
-    "kl_base_hash": ("core (klbase)", "content hash of the model just before the chain's first lossy step: the "
-                                      "base of --kl-base auto from then on"),
-}
-
-#: Every fact family a model can carry: name → (owner, meaning). A fact is a string ``family`` or
-#: ``family:detail`` (``quantized:4bit``). Matching rule (:func:`gptopt_core.steps.fact_matches`): a pattern
-#: without a detail matches the family and every detail (``quantized`` matches ``quantized:8bit``); a pattern
-#: with a detail matches only itself (``quantized:4bit`` does not match ``quantized:8bit``).
-FACTS: dict[str, tuple[str, str]] = {
-    "quantized": ("gptopt-quantize, gptopt-prune, gptopt-cpu, model sources",
-                  "weights are stored quantized: quantized:4bit / quantized:8bit (bitsandbytes), quantized:grid "
-                  "(integer grids; quantized:w8a8 beside it where the layers' inputs are int8 too), "
-                  "quantized:cpu-int8 / quantized:cpu-bf16 (cpu-fast); float training and pruning refuse it"),
-    "masks": ("gptopt-prune", "pruning masks exist in ctx.state['masks'] (kept through later training); before it "
-                              "runs, a pruning step's plan_facts()['masks'] says {sparsity, rule, method} (l1 reads "
-                              "it)"),
-    "adapter": ("gptopt-transfer", "the model carries an unmerged LoRA adapter (a PEFT model)"),
-    "l1": ("gptopt-l1", "an L1 regularizer is armed for the next training step"),
-    "robust": ("gptopt-l1", "a gradient-L1 (robustness) regularizer is armed for the next training step"),
-    "experts-pruned": ("gptopt-prune", "a mixture of experts lost experts (prune-experts dropped or merged them)"),
-    "cpu-only": ("gptopt-cpu", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)"),
-    "gguf": ("gptopt-export", "a GGUF file of the model was written (ctx.state['gguf'])"),
-}
+from .recipes import chain_recipe
+from .vocabulary import FACTS, STATE_KEYS, State  # noqa: F401 (FACTS, STATE_KEYS: their home before 0.3)
 
 
-@dataclass
+@dataclass(slots=True)
 class RunContext:
-    """The state a chain of steps works on.
+    """The state a chain of steps works on. Every field is declared here (``__slots__``): setting any other
+    attribute raises ``AttributeError``; a plugin keeps its own data in ``ctx.state`` under a key it declared.
 
     * ``model`` / ``tokenizer``: the current model (steps may replace ``ctx.model``).
     * ``device``: ``torch.device`` the model lives on.
-    * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``).
+    * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``); ``eval_data``
+      the ``--eval-data`` one or ``None``.
+    * ``seed``: the run's seed.
     * ``facts``: set of fact strings about the model (``quantized:4bit``, ``masks``, ...): see :data:`FACTS`.
-    * ``state``: data shared between plugins, by documented key: see :data:`STATE_KEYS`.
-    * ``records``: the records of the steps run so far.
-    * ``out_dir``: the run's output directory or ``None``.
+    * ``state``: data shared between plugins, by declared key (:data:`STATE_KEYS`); storing a key no loaded plugin
+      declared raises (:class:`gptopt_core.vocabulary.State`).
+    * ``records``: the records of the steps run so far; ``step_index``: the running step's index in ``steps``.
+    * ``steps``: the run's chain of steps, in order (a step may look at the ones after it).
+    * ``recipe``: the run's resolved recipe (what ``run.json`` and a saved model's ``recipe.yaml`` hold): its
+      ``recipe_head`` (model, data, seed, device as given) and ``steps`` with their params as they are now.
+    * ``manifest``: what the run recorded about its inputs before the first step: ``model`` (``spec``,
+      ``source``, ``hash``), ``data``, ``device``, ``loaded`` (the loaded model's metrics).
+    * ``out_dir``: the run's output directory or ``None``; ``resume``: ``--resume`` (continue training steps
+      from their checkpoints under ``out_dir``); ``quiet``: no progress bars or log lines.
+    * ``plugins``: the loaded plugins (:func:`gptopt_core.get_plugins`); ``hook``: their hook relay.
+    * ``console``: the ``rich`` console the run logs to (stderr); ``model_spec`` / ``data_spec``: ``--model`` /
+      ``--data`` as given.
     """
 
     model: Any
@@ -86,8 +52,22 @@ class RunContext:
     eval_data: Any = None
     step_index: int = 0
     quiet: bool = False
-    resume: bool = False  # continue training steps from their checkpoints under out_dir (``--resume``)
+    resume: bool = False
+    steps: tuple = ()
+    recipe_head: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    #: the model as loaded, kept when a step wants_original_model() (:meth:`original_model` copies it)
     _original_state: Any = field(default=None, repr=False)
+    #: the live progress bar of :meth:`progress`, for :meth:`progress_info`
+    _bar: Any = field(default=None, repr=False, init=False)
+
+    def __post_init__(self):
+        self.state = State(self.state, self.plugins)
+
+    @property
+    def recipe(self) -> dict:
+        """The recipe that replays this run: ``recipe_head`` and every step of ``steps`` with its params now."""
+        return chain_recipe(self.recipe_head, self.steps)
 
     @property
     def hook(self):
@@ -122,7 +102,7 @@ class RunContext:
 
     def progress_info(self, text: str) -> None:
         """Show extra text (loss, tokens/s, zeros...) next to the current progress bar."""
-        bar = getattr(self, "_bar", None)
+        bar = self._bar
         if bar:
             bar[0].update(bar[1], info=text)
 

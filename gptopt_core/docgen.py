@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import gptopt_core
@@ -115,7 +116,7 @@ API_END = "<!-- end of generated public API -->"
 def _api_entry(name: str, obj) -> list[str]:
     """One public name: heading with its signature, where it lives, its docstring (a table for the key tables)."""
     where = getattr(obj, "__module__", None) or f"gptopt_core.{gptopt_core._LAZY.get(name, '')}".rstrip(".")
-    if isinstance(obj, dict):  # STATE_KEYS, FACTS: (owner, meaning) tables
+    if isinstance(obj, Mapping):  # STATE_KEYS, FACTS: (owner, meaning) tables
         rows = [f"| `{key}` | {owner} | {meaning.replace('|', '&#124;')} |" for key, (owner, meaning) in obj.items()]
         return [f"### `{name}`", "", f"`{where}`; one row per key: name, owner, meaning.", "",
                 "| key | owner | meaning |", "|---|---|---|", *rows, ""]
@@ -193,8 +194,8 @@ def architectures_markdown() -> str:
     table = architecture_table()
     lines = ["# Architectures", "",
              "Generated from the architecture table (`gptopt_core/families.py`, the `gptopt_register_architectures` "
-             "hook) and the family matrix (`gptopt_core/matrix.py`) by `python -m gptopt_core.docgen`; do not edit "
-             "by hand.", "",
+             "hook) and the family matrix (the cells the plugins declare with `gptopt_register_vocabulary`) by "
+             "`python -m gptopt_core.docgen`; do not edit by hand.", "",
              "Each model family is one row of data: where its blocks are, its linear layers in the order a block "
              "computes them (the calibration engine's sequential groups for GPTQ / SparseGPT / Wanda, LoRA's "
              "`--target-modules auto`), its norms, rotary layout, embedding scale and how llama.cpp's "

@@ -11,7 +11,7 @@ them. The annotations are documentation (nothing imports torch here): ``RunConte
 
 Every ``ctx`` argument is the run's :class:`gptopt_core.RunContext`: the current model (``ctx.model``), tokenizer,
 device, data, seed, the model's facts (``ctx.facts``), data shared between plugins by documented key
-(``ctx.state``, see :data:`gptopt_core.context.STATE_KEYS`), the records so far and the output directory.
+(``ctx.state``, see :data:`gptopt_core.STATE_KEYS`), the records so far and the output directory.
 
 An exception a hook raises is reported with the plugin's name and the hook's (``plugin X failed in HOOK: ...``);
 raise :class:`gptopt_core.GptoptError` for something the user can fix (one line, exit code 2).
@@ -26,8 +26,8 @@ from .step import DropBlocksStep   # Params + Step (docs/plugin-guide.md)
 
 
 # 1. registry: called once as the plugin loads, with a register callback (gptopt_register_steps,
-#    gptopt_register_writers, gptopt_register_columns, gptopt_register_architectures,
-#    gptopt_register_observers); a bad registration rejects the plugin then
+#    gptopt_register_writers, gptopt_register_save_formats, gptopt_register_columns, gptopt_register_architectures,
+#    gptopt_register_observers, gptopt_register_vocabulary); a bad registration rejects the plugin then
 @hookimpl
 def gptopt_register_steps(register):
     register(DropBlocksStep)
@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # names for the annotations only
     from .observers import Observer
     from .pretokenizers import PreTokenizer
     from .steps import Step
+    from .vocabulary import Fact, MatrixCell, StateKey
 
     Model = Any
     Tensor = Any
@@ -268,6 +269,23 @@ def gptopt_register_pre_tokenizers(register: Callable[[PreTokenizer], None]) -> 
         error of the second plugin. A tokenizer matching no row is refused in one line naming what it is.
 
     .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def gptopt_register_vocabulary(register: Callable[[StateKey | Fact | MatrixCell], None]) -> None:
+    """Declare the words a plugin shares: its ``ctx.state`` keys, fact families and family-matrix cells.
+
+    :param register: callable taking a :class:`gptopt_core.StateKey` (a ``ctx.state`` key and what its value is),
+        a :class:`gptopt_core.Fact` (a fact family its steps provide, require or forbid; ``lossy=True`` when a step
+        providing it changes the model's outputs on purpose) or a :class:`gptopt_core.MatrixCell` (a family-matrix
+        cell its tests run on every family, with the :class:`gptopt_core.Architecture` field it ``needs``). The
+        registering plugin owns the word; a word the core or another plugin declared is an error of the second
+        plugin. ``gptopt_core.STATE_KEYS`` / ``FACTS`` list what the loaded plugins declared, and ``ctx.state``
+        refuses to store a key nobody declared. The core declares its own words (``trainer``, ``original_model``,
+        ``kl_base``, ``kl_base_hash``, the shared ``quantized`` key and fact) first, through this hook.
+
+    .. versionadded:: 0.3
     """
 
 

@@ -1,9 +1,9 @@
 """Which model a KL measurement compares against, and the cache that computes its logits once per (model, tokens).
 
 ``--kl-base auto`` (the default of ``eval`` and ``llamacpp``): the chain's model just before its first lossy step (a
-step whose facts say ``quantized`` / ``masks`` / ``cpu-only`` / ``experts-pruned``: quantize, prune, cpu-fast,
-prune-experts). Before that step runs, the core's ``gptopt_step_started`` hook computes the base's top-k log-probs
-on every later step's token set and windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy step has no base to differ from
+step whose facts belong to a family declared ``lossy``: quantize, prune, cpu-fast, prune-experts). Before that step runs,
+the core's ``gptopt_step_started`` hook computes the base's top-k log-probs on every later step's token set and
+windows (:meth:`gptopt_core.Step.kl_windows`). A measurement before any lossy step has no base to differ from
 (``eval`` stores its own log-probs as the base instead, so the hook finds them); ``llamacpp`` then measures against
 the torch model as it is. ``--kl-base PATH``: a reference model (directory, .gguf, anything ``--model`` takes) in
 torch; ``llamacpp --kl-base FILE.gguf`` runs the reference in llama.cpp. ``--kl-base none``: no KL.
@@ -25,14 +25,15 @@ from .divergence import BaseLogits
 from .errors import GptoptError
 
 CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
-LOSSY_FACTS = ("quantized", "masks", "cpu-only", "experts-pruned")
 
 
 def is_lossy(step) -> bool:
-    """Whether ``step`` changes the model's numbers in a way KL is meant to measure (its planned facts)."""
-    from .steps import fact_matches
+    """Whether ``step`` changes the model's numbers in a way KL is meant to measure: a fact it plans belongs to a
+    family declared ``lossy`` (:class:`gptopt_core.Fact`, e.g. the core's ``quantized``)."""
+    from .vocabulary import lossy_families
 
-    return any(fact_matches(p, f) for f in step.next_facts(set()) for p in LOSSY_FACTS)
+    lossy = lossy_families(getattr(step, "plugins", None))
+    return any(f.split(":")[0] in lossy for f in step.next_facts(set()))
 
 
 def cache_key(model_key: str, ids, block_size: int, stride: int, max_tokens: int) -> str:
@@ -160,8 +161,7 @@ def kl_plan(ctx, ids, block_size: int, stride: int, max_tokens: int, reference: 
 
 
 def _lossy_later(ctx) -> bool:
-    steps = getattr(getattr(ctx, "pipeline", None), "steps", [])
-    return any(is_lossy(s) for s in steps[ctx.step_index + 1:])
+    return any(is_lossy(s) for s in ctx.steps[ctx.step_index + 1:])
 
 
 def capture_before_lossy(ctx, step) -> None:
@@ -171,8 +171,7 @@ def capture_before_lossy(ctx, step) -> None:
 
     if ctx is None or "kl_base_hash" in ctx.state or not is_lossy(step):  # ctx None: a hook test's bare call
         return
-    pipeline = getattr(ctx, "pipeline", None)
-    later = getattr(pipeline, "steps", [])[ctx.step_index + 1:]
+    later = ctx.steps[ctx.step_index + 1:]
     wanted = [w for w in (s.kl_windows(ctx) for s in later) if w]
     key = content_hash(ctx.model) if wanted else ""
     ctx.state["kl_base_hash"] = key

@@ -9,33 +9,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-#: cell -> what the family needs for it (``None``: nothing beyond being a causal LM with linear layers)
-CELLS = {
-    "eval": None,
-    "quantize bnb int8": None,
-    "quantize bnb nf4": None,
-    "quantize rtn int4": None,
-    "quantize gptq int4": None,
-    "prune magnitude": None,
-    "prune magnitude 2:4": None,
-    "prune wanda": None,
-    "prune wanda 2:4": None,
-    "prune sparsegpt": None,
-    "prune sparsegpt 2:4": None,
-    "lora + merge": None,
-    "finetune": None,
-    "l1 + finetune": None,
-    "cpu-fast": None,
-    "save safetensors": None,
-    "save compressed-tensors": None,
-    "export gguf f32 + llamacpp": "gguf",
-    "rtn int8 -> export gguf q8_0 + llamacpp": "gguf",
-    "gptq int4 -> export gguf q4_0 + llamacpp": "gguf",
-}
+from . import vocabulary
+
+#: cell name -> :class:`gptopt_core.MatrixCell` (what the family needs for it; ``needs=None``: nothing beyond being
+#: a causal LM with linear layers), as the plugins that own the cells' steps declare them
+#: (``gptopt_register_vocabulary``; the core's ``eval`` and ``save safetensors`` too)
+CELLS = vocabulary.CELLS
 
 
 def supported(arch, cell: str) -> Optional[str]:
     """``None`` when ``cell`` runs on the family ``arch``; otherwise why not, in a few words."""
-    if CELLS[cell] == "gguf" and arch.gguf is None:
-        return "llama.cpp has no architecture for it (no GGUF layout in the table)"
+    needs = CELLS[cell].needs
+    if needs is not None and getattr(arch, needs, None) is None:
+        return CELLS[cell].why_not or f"the family has no {needs} in the table"
     return None

@@ -17,7 +17,7 @@ from .errors import GptoptError, PlanError, StepFailed, user_error
 from .models import content_hash, max_positions
 from .paths import LOCK_NAME, RunLock, check_output_path, check_path_lengths
 from .plugins import get_plugins
-from .recipes import check_recipe_path, normalize_recipe, parse_recipe
+from .recipes import chain_recipe, check_recipe_path, normalize_recipe, parse_recipe
 from .report import finish_run, step_line
 from .steps import find_fact
 from .version import installed_version
@@ -91,12 +91,13 @@ class Pipeline:
 
     def recipe(self) -> dict:
         """The resolved recipe (every param explicit): replaying it gives the same chain."""
-        recipe = {"gptopt": installed_version(), "model": self.model_spec, "data": self.data_spec,
-                  "seed": self.seed, "device": self.device}
-        if self.eval_data_spec:
-            recipe["eval_data"] = self.eval_data_spec
-        recipe["steps"] = [{s.name: s.params_dict()} for s in self.steps]
-        return recipe
+        return chain_recipe(self.recipe_head(), self.steps)
+
+    def recipe_head(self) -> dict:
+        """The recipe's keys other than ``steps``: the run's inputs as given."""
+        head = {"gptopt": installed_version(), "model": self.model_spec, "data": self.data_spec, "seed": self.seed,
+                "device": self.device}
+        return {**head, "eval_data": self.eval_data_spec} if self.eval_data_spec else head
 
     # -- validation -----------------------------------------------------------------------------------
     def validate(self, facts: set | None = None) -> None:
@@ -234,21 +235,18 @@ class Pipeline:
             self.validate(loaded.facts)
         self.check_positions(loaded.model)
         seed_everything(self.seed)
+        original = copy.deepcopy(loaded.model) if any(s.wants_original_model() for s in self.steps) else None
+        manifest = {"model": {"spec": self.model_spec, "source": loaded.source, "hash": content_hash(loaded.model)},
+                    "data": {"spec": self.data_spec, "hash": data.content_hash(),
+                             "train_tokens": int(data.train_ids.numel()), "valid_tokens": int(data.valid_ids.numel())},
+                    "device": str(device)}
         ctx = RunContext(model=loaded.model, tokenizer=loaded.tokenizer, device=device, data=data, seed=self.seed,
                          facts=set(loaded.facts), out_dir=self.out, plugins=self.plugins, console=console,
                          model_spec=self.model_spec, data_spec=self.data_spec, eval_data=eval_data,
-                         quiet=self.quiet)
-        ctx.pipeline = self
-        if any(s.wants_original_model() for s in self.steps):
-            ctx._original_state = copy.deepcopy(loaded.model)
-        ctx.manifest = {"model": {"spec": self.model_spec, "source": loaded.source,
-                                  "hash": content_hash(loaded.model)},
-                        "data": {"spec": self.data_spec, "hash": data.content_hash(),
-                                 "train_tokens": int(data.train_ids.numel()),
-                                 "valid_tokens": int(data.valid_ids.numel())},
-                        "device": str(device), "loaded": self.collect_metrics(ctx)}
+                         quiet=self.quiet, resume=self.resume, steps=tuple(self.steps), recipe_head=self.recipe_head(),
+                         manifest=manifest, _original_state=original)
+        manifest["loaded"] = self.collect_metrics(ctx)
         self.warn_on_changed_inputs(ctx)
-        ctx.resume = self.resume
         return ctx
 
     def _run(self) -> RunResult:

@@ -7,8 +7,8 @@ Loading one plugin is a transaction (after tox 4's plugin manager: validate, war
 3. validate them: a ``@hookimpl`` for a hook that does not exist (e.g. a misspelled name) is an error, and so is a
    function named like a known hook but not marked ``@hookimpl`` (pluggy would silently skip it);
 4. register what its ``gptopt_register_*`` hooks give (steps, save formats, columns, architectures, observers,
-   pre-tokenizers; :meth:`Plugins._call_registry_hook`): a wrong kind of object, no name, or a name the core or
-   another plugin already registered (e.g. ``eval``) is an error naming both plugins.
+   pre-tokenizers, vocabulary; :meth:`Plugins._call_registry_hook`): a wrong kind of object, no name, or a name
+   the core or another plugin already registered (e.g. ``eval``) is an error naming both plugins.
 
 A name ``GPTOPT_LOAD_PLUGINS`` / ``GPTOPT_BLOCK_PLUGINS`` excludes is rejected by :meth:`Plugins.register`, naming it.
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs, observers, pretokenizers, writers
+from . import architectures, builtin, hookspecs, observers, pretokenizers, vocabulary, writers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names
@@ -59,6 +59,9 @@ CORE = "gptopt-core"
 RENAMED = {"gptopt-bnb": "gptopt-quantize"}
 #: how the error of a plugin that failed to import starts; its warning is ``plugin NAME failed to load: ...``
 LOAD_FAILED = "failed to load: "
+#: record registries: PluginInfo field / Plugins table / gptopt_register_<it> hook -> (refusal's module, key)
+_RECORD_TABLES = {"architectures": (architectures, "model_type"), "observers": (observers, "name"),
+                  "pre_tokenizers": (pretokenizers, "name"), "vocabulary": (vocabulary, "key")}
 
 
 class _Rejected(Exception):
@@ -79,6 +82,8 @@ class PluginInfo:
     architectures: list = field(default_factory=list)
     observers: list = field(default_factory=list)
     pre_tokenizers: list = field(default_factory=list)
+    #: the words it declared (``gptopt_register_vocabulary``), e.g. ``["state key 'masks'", "fact 'masks'"]``
+    vocabulary: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     error: str | None = None  # set when the plugin was rejected; it is then not registered at all
     warning: str | None = None  # loaded, but something is odd (e.g. it provides no hooks and no steps)
@@ -110,6 +115,8 @@ class Plugins:
         self.observers: dict = {}
         #: ``tokenizer.ggml.pre`` name -> :class:`gptopt_core.PreTokenizer` (``gptopt_register_pre_tokenizers``)
         self.pre_tokenizers: dict = {}
+        #: ``StateKey`` / ``Fact`` / ``MatrixCell`` ``.key`` -> record (``gptopt_register_vocabulary``)
+        self.vocabulary: dict = {}
         #: entry-point name -> the environment variable that keeps it from loading
         self.excluded_by: dict[str, str] = {}
         self.strict = os.environ.get("GPTOPT_STRICT_PLUGINS") == "1" if strict is None else strict
@@ -126,8 +133,7 @@ class Plugins:
         Returns its :class:`PluginInfo`; when the plugin was rejected, ``info.error`` says why and nothing of it is
         registered. Raises :class:`GptoptError` instead under strict mode.
         """
-        info = PluginInfo(name, distribution, version, builtin=builtin,
-                          aliases=_aliases(name))
+        info = PluginInfo(name, distribution, version, builtin=builtin, aliases=_aliases(name))
         try:
             if name in self.info:
                 raise _Rejected(f"a plugin named {name} is already loaded"
@@ -135,8 +141,8 @@ class Plugins:
             self._register(module, info)
         except _Rejected as exc:
             self._drop(name, module)
-            info.steps, info.save_formats, info.writers, info.columns = [], [], [], []
-            info.hooks, info.observers = [], []
+            for what in ("steps", "save_formats", "writers", "columns", "hooks", *_RECORD_TABLES):
+                setattr(info, what, [])
             info.error = _one_line(str(exc))
             self.info.setdefault(name, info)
             self._complain(info, info.error)
@@ -170,12 +176,9 @@ class Plugins:
         info.writers = self._register_writers(module, name)
         info.save_formats = [n for n in info.writers if getattr(self.formats[n][1], "kind", DIRECTORY) == DIRECTORY]
         info.columns = self._register_columns(module, name)
-        info.architectures = self._register_records(module, name, "gptopt_register_architectures",
-                                                    self.architectures, architectures.refusal, "model_type")
-        info.observers = self._register_records(module, name, "gptopt_register_observers", self.observers,
-                                                observers.refusal, "name")
-        info.pre_tokenizers = self._register_records(module, name, "gptopt_register_pre_tokenizers",
-                                                     self.pre_tokenizers, pretokenizers.refusal, "name")
+        for what, (registry, key) in _RECORD_TABLES.items():  # gptopt_register_architectures, ...
+            setattr(info, what, self._register_records(module, name, f"gptopt_register_{what}", getattr(self, what),
+                                                       registry.refusal, key))
         self._wrap(module, name, callers)
 
     def _register_steps(self, module, name: str) -> list[str]:
@@ -260,9 +263,9 @@ class Plugins:
                 continue
             try:
                 impl.function(*[{"register": register}[a] for a in impl.argnames])  # hooks may take any subset
-            except _Rejected:
-                raise
             except (Exception, SystemExit) as exc:
+                if isinstance(exc, _Rejected):
+                    raise
                 raise _Rejected(f"{hook} raised {type(exc).__name__}: {exc}") from None
 
     def _wrap(self, module, name: str, callers) -> None:
@@ -284,21 +287,15 @@ class Plugins:
     def _drop(self, name: str, module=None) -> None:
         """Remove everything plugin ``name`` registered (hooks, steps and save formats)."""
         plugin = self.pm.get_plugin(name)
-        if plugin is not None and (module is None or plugin is module):
+        if module is not None and plugin is not module:  # not this plugin's registrations (a name clash)
+            return
+        if plugin is not None:
             self.pm.unregister(plugin)
-        for step_name, cls in list(self.steps.items()):
-            if cls.plugin == name and (module is None or plugin is module):
-                del self.steps[step_name]
-        for fmt_name, (owner, _) in list(self.formats.items()):
-            if owner == name and (module is None or plugin is module):
-                del self.formats[fmt_name]
-        for key, (owner, _, _) in list(self.columns.items()):
-            if owner == name and (module is None or plugin is module):
-                del self.columns[key]
-        for table in (self.architectures, self.observers, self.pre_tokenizers):
-            for key, record in list(table.items()):
-                if record.plugin == name and (module is None or plugin is module):
-                    del table[key]
+        owners = [(self.steps, lambda cls: cls.plugin), (self.formats, lambda v: v[0]), (self.columns, lambda v: v[0]),
+                  *((getattr(self, what), lambda r: r.plugin) for what in _RECORD_TABLES)]
+        for table, owner in owners:
+            for key in [k for k, v in table.items() if owner(v) == name]:
+                del table[key]
 
     def unregister(self, name: str) -> None:
         """Remove plugin ``name`` entirely: its hooks, its steps, its save formats and its listing."""
@@ -396,5 +393,5 @@ def get_plugins() -> Plugins:
     return _plugins
 
 
-for _registry in (architectures, observers, pretokenizers):  # their tables are the plugins' registrations
+for _registry, _ in _RECORD_TABLES.values():  # their tables are the plugins' registrations
     _registry.use_registry(get_plugins)

@@ -261,3 +261,10 @@ def check_version(version, where: str) -> None:
     if key(version) > key(installed_version()):
         raise GptoptError(f"{where} was written by gptopt {version}, newer than this gptopt {installed_version()}; "
                           "upgrade gptopt to replay it")
+
+
+def chain_recipe(head: dict, steps) -> dict:
+    """The recipe that replays a chain: ``head`` (``gptopt``, ``model``, ``data``, ``seed``, ``device``, maybe
+    ``eval_data``) and every step with every param explicit, as the steps hold them now (a step may resolve a
+    param while it runs, e.g. ``quantize --plan auto`` records the plan it chose)."""
+    return {**head, "steps": [{s.name: s.params_dict()} for s in steps]}

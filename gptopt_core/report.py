@@ -57,11 +57,10 @@ def cpu_kernels() -> dict:
 
 
 def build_manifest(ctx, error=None) -> dict:
-    pipeline = ctx.pipeline
     manifest = {"gptopt": versions()["gptopt"], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(), "cpu": cpu_kernels(), "seed": ctx.seed}
-    manifest.update(getattr(ctx, "manifest", {}))
-    manifest["recipe"] = pipeline.recipe()
+    manifest.update(ctx.manifest)
+    manifest["recipe"] = ctx.recipe
     manifest["steps"] = ctx.records
     manifest["status"] = "ok" if error is None else ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
     if error is not None:

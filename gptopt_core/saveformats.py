@@ -107,7 +107,7 @@ def _write_model_dir(ctx, target: Path, overwrite: bool, write) -> list[str]:
     try:
         write(tmp)
         ctx.tokenizer.save_pretrained(str(tmp))
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.pipeline.recipe(), sort_keys=False))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(ctx.recipe, sort_keys=False))
         write_json_atomic(tmp / "run.json", build_manifest(ctx))
         if target.exists():
             if not overwrite and (not target.is_dir() or any(target.iterdir())):

@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import run_gptopt
 
-from gptopt_core import GptoptError, Params, ParamsError, Pipeline, PlanError, Step, hookimpl
+from gptopt_core import Fact, GptoptError, Params, ParamsError, Pipeline, PlanError, StateKey, Step, hookimpl
 from gptopt_core.data import TextData, split_documents
 from gptopt_core.evaluate import perplexity
 from gptopt_core.models import tiny_model
@@ -86,8 +86,10 @@ class NeedsCut(Step):
         raise RuntimeError("boom")
 
 
-plugin = types.SimpleNamespace(gptopt_register_steps=hookimpl(lambda register: [register(c) for c in
-                                                                                  (Packs, Cuts, NeedsCut)]))
+plugin = types.SimpleNamespace(
+    gptopt_register_steps=hookimpl(lambda register: [register(c) for c in (Packs, Cuts, NeedsCut)]),
+    gptopt_register_vocabulary=hookimpl(lambda register: [register(w) for w in (
+        StateKey("cuts", "whether cuts ran"), Fact("packed", "weights packed"), Fact("cut", "weights cut"))]))
 
 
 def test_plan_is_validated_before_anything_loads():

@@ -19,12 +19,15 @@ def contexts():
     return {m: make_context(model=m) for m in MODELS}
 
 
+DENSE: dict = {}  # tiny model name -> its dense weights, kept the first time fresh() sees it
+
+
 def fresh(contexts, name):
     """The tiny model's context with dense weights again and no masks."""
     ctx = contexts[name]
-    if not hasattr(ctx, "_dense"):
-        ctx._dense = {k: v.clone() for k, v in ctx.model.state_dict().items()}
-    ctx.model.load_state_dict(ctx._dense)
+    if name not in DENSE:
+        DENSE[name] = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    ctx.model.load_state_dict(DENSE[name])
     ctx.state.clear()
     return ctx
 

@@ -6,7 +6,7 @@ The plugin's shape (docs/architecture.md): this module holds the hooks only, :mo
 :mod:`.report` the auto table; the torch work is in :mod:`.run`, :mod:`.convert`, :mod:`.guard`, :mod:`.timing`, and
 :mod:`.serialize` (saving, loading: torch imported inside its functions), imported where they run.
 """
-from gptopt_core import hookimpl
+from gptopt_core import Fact, MatrixCell, hookimpl
 
 from .report import report_sections
 from .serialize import load_converted, resolve
@@ -26,6 +26,13 @@ def gptopt_register_writers(register):
     """``save --format cpu-fast``: int8 weights + conversion record (no standard HF format exists for them); chosen
     by the facts ``cpu-only`` / ``quantized:cpu-*`` under ``auto`` and ``--format safetensors``."""
     register(CpuFastWriter)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(Fact("cpu-only", "the model was converted for CPU inference (torch dynamic int8, torchao, compile)",
+                  lossy=True))
+    register(MatrixCell("cpu-fast"))
 
 
 @hookimpl

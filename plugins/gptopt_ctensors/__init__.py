@@ -15,7 +15,7 @@ checks), :mod:`.writer` / :mod:`.reader` / :mod:`.layout` / :mod:`.packing` the 
 (imported inside their functions), :mod:`.moe` the per-expert layout of mixture-of-experts models. See
 docs/save-formats.md.
 """
-from gptopt_core import hookimpl
+from gptopt_core import MatrixCell, hookimpl
 
 from .reader import load_model, resolve
 from .saveformat import CompressedTensorsFormat, plain_note
@@ -26,6 +26,11 @@ __all__ = ["CompressedTensorsFormat", "load_model", "plain_note"]
 @hookimpl
 def gptopt_register_writers(register):
     register(CompressedTensorsFormat)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(MatrixCell("save compressed-tensors"))
 
 
 @hookimpl

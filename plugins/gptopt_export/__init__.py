@@ -5,7 +5,7 @@ speed on bench's workload). See docs/export.md.
 
 Heavy imports (torch, gguf, numpy, llama_cpp) happen inside the steps only.
 """
-from gptopt_core import hookimpl
+from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
 
 from .fileformat import GgufWriter
 from .step import ExportStep, LlamacppStep
@@ -23,6 +23,16 @@ def gptopt_register_steps(register):
 def gptopt_register_writers(register):
     """``export --format gguf`` (the file writers' fallback: ``auto`` picks it where no other claims the model)."""
     register(GgufWriter)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(StateKey("gguf", "path of the GGUF file the last export step wrote (llamacpp measures it)"))
+    register(Fact("gguf", "a GGUF file of the model was written (ctx.state['gguf'])"))
+    why_not = "llama.cpp has no architecture for it (no GGUF layout in the table)"
+    for cell in ("export gguf f32 + llamacpp", "rtn int8 -> export gguf q8_0 + llamacpp",
+                 "gptq int4 -> export gguf q4_0 + llamacpp"):
+        register(MatrixCell(cell, needs="gguf", why_not=why_not))
 
 
 @hookimpl

@@ -34,7 +34,7 @@ robustness regularizer λ·‖∇_W L‖₁ for the next training step, through 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.regularizer` the torch work (torch imported inside its functions).
 """
-from gptopt_core import hookimpl
+from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
 
 from .gradpenalty import Runtime as RobustRuntime
 from .regularizer import SMALL, runtime
@@ -48,6 +48,20 @@ __all__ = ["L1Params", "L1Step", "RobustParams", "RobustStep", "SMALL"]
 def gptopt_register_steps(register):
     register(L1Step)
     register(RobustStep)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(StateKey("l1", "the l1 step's configuration for the next training step (weight, mode, select, ...)"))
+    register(StateKey("l1_runtime", "l1's per-training-run state (targets, schedule), created on the first hook "
+                                    "call"))
+    register(StateKey("robust", "the robust step's configuration for the next training step (weight, mode, "
+                                "fd_step, targets, ...)"))
+    register(StateKey("robust_runtime", "robust's per-training-run state (probes on the targeted layers, schedule, "
+                                        "‖∇L‖₁ history), created when the training step starts"))
+    register(Fact("l1", "an L1 regularizer is armed for the next training step"))
+    register(Fact("robust", "a gradient-L1 (robustness) regularizer is armed for the next training step"))
+    register(MatrixCell("l1 + finetune"))
 
 
 @hookimpl

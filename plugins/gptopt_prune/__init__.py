@@ -12,7 +12,7 @@ mixture-of-experts models by their router-weighted output on calibration text (R
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.pruning`, :mod:`.sparsegpt_step`, :mod:`.sparsegpt` and :mod:`.masks` the torch work.
 """
-from gptopt_core import hookimpl
+from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
 
 from .expert_step import PruneExpertsParams, PruneExpertsStep
 from .masks import reapply_masks
@@ -25,6 +25,20 @@ __all__ = ["PruneExpertsParams", "PruneExpertsStep", "PruneParams", "PruneStep",
 def gptopt_register_steps(register):
     register(PruneStep)
     register(PruneExpertsStep)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(StateKey("masks", "{qualified module name: bool tensor shaped like module.weight as stored, True = kept}; "
+                               "the prune plugin keeps these weights at zero while later steps train, lora --merge "
+                               "re-applies them, savers may store them sparse"))
+    register(Fact("masks", "pruning masks exist in ctx.state['masks'] (kept through later training); before it runs, "
+                           "a pruning step's plan_facts()['masks'] says {sparsity, rule, method} (l1 reads it)",
+                  lossy=True))
+    register(Fact("experts-pruned", "a mixture of experts lost experts (prune-experts dropped or merged them)",
+                  lossy=True))
+    for cell in ("magnitude", "magnitude 2:4", "wanda", "wanda 2:4", "sparsegpt", "sparsegpt 2:4"):
+        register(MatrixCell(f"prune {cell}"))
 
 
 @hookimpl(tryfirst=True)

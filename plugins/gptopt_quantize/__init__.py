@@ -7,7 +7,7 @@ the torch work is in the engine modules (:mod:`.grid`, :mod:`.gptq` for the grid
 :mod:`.convert`, :mod:`.planner`, :mod:`.saving` for bitsandbytes), imported where they run, so that importing this
 module (``gptopt --help``) loads no torch.
 """
-from gptopt_core import hookimpl
+from gptopt_core import MatrixCell, hookimpl
 
 from .step import QuantizeStep
 from .writer import BitsAndBytesWriter
@@ -25,3 +25,10 @@ def gptopt_register_writers(register):
     """``save --format bitsandbytes``; chosen by the facts ``quantized:4bit`` / ``quantized:8bit`` under ``auto`` and
     ``--format safetensors`` (it specializes safetensors)."""
     register(BitsAndBytesWriter)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    for cell in ("bnb int8", "bnb nf4", "rtn int4", "gptq int4"):
+        register(MatrixCell(f"quantize {cell}"))
+

@@ -8,7 +8,7 @@ pruned sparsity exactly. ``--distill-from original`` adds a KL term against the 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the
 steps, :mod:`.masked`, :mod:`.distill` and :mod:`.adapter` the torch / peft work (imported where it runs).
 """
-from gptopt_core import PlanError, hookimpl
+from gptopt_core import Fact, MatrixCell, PlanError, StateKey, hookimpl
 
 from .adapter import is_peft_model, load_with_adapter, save_with_adapter
 from .distill import distill_loss
@@ -22,6 +22,14 @@ __all__ = ["FinetuneStep", "LoraStep", "LoraParams", "FinetuneParams", "resolve_
 def gptopt_register_steps(register):
     register(LoraStep)
     register(FinetuneStep)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(StateKey("distill", "{'weight', 'temperature'} of --distill-from while its training step runs"))
+    register(Fact("adapter", "the model carries an unmerged LoRA adapter (a PEFT model)"))
+    register(MatrixCell("lora + merge"))
+    register(MatrixCell("finetune"))
 
 
 @hookimpl

@@ -1,7 +1,7 @@
 """An example gptopt plugin: the `hello` step counts the model's weight layers and greets."""
 import pydantic
 
-from gptopt_core import Params, Step, hookimpl, weight_modules
+from gptopt_core import Fact, Params, StateKey, Step, hookimpl, weight_modules
 
 
 class HelloParams(Params):
@@ -14,14 +14,22 @@ class Hello(Step):
 
     name = "hello"
     Params = HelloParams
+    provides = frozenset({"greeted"})
 
     def apply(self, ctx):
         layers = len(weight_modules(ctx.model))
         for _ in range(self.params.times):
             ctx.log(f"Hello, {self.params.name}! This model has {layers} weight layers.")
+        ctx.state["greetings"] = ctx.state.get("greetings", 0) + self.params.times
         return {"weight_layers": layers}
 
 
 @hookimpl
 def gptopt_register_steps(register):
     register(Hello)
+
+
+@hookimpl
+def gptopt_register_vocabulary(register):
+    register(StateKey("greetings", "how many greetings the hello steps of this run said so far"))
+    register(Fact("greeted", "a hello step greeted the model"))
