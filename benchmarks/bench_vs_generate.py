@@ -37,7 +37,7 @@ def load_variant(name: str, device):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from gptopt_core.models import smollm2_dir
+    from gptopt_core.kit.models import smollm2_dir
 
     path = smollm2_dir()
     if name == "fp32":
@@ -116,7 +116,7 @@ def main(argv=None):
     import torch
 
     from gptopt_bench import BenchStep
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.testing import make_context
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.testing import make_context
 
     ctx = make_context(model=args.model)
     ids = ctx.data.valid_ids[:4096]

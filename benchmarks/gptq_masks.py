@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_gptq import random_layer, two_four_mask  # noqa: E402
 
 from gptopt_quantize.gptq import gptq_quantize  # noqa: E402
-from gptopt_core.grids import fake_quantize, fit_grid, fit_group  # noqa: E402
+from gptopt_core.kit.grids import fake_quantize, fit_grid, fit_group  # noqa: E402
 
 
 def masked_update(W, H, bits, gs, M, damp=0.01):

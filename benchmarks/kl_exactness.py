@@ -1,5 +1,5 @@
 """How exact is the KL gptopt reports? Its base is stored as llama.cpp stores it (uint16 log-probs over
-[max - 16, max], base log-probs below -16 dropped; gptopt_core/divergence.py); this compares that figure with the
+[max - 16, max], base log-probs below -16 dropped; gptopt_core/kit/divergence.py); this compares that figure with the
 exact KL over the whole vocabulary (float64 from full float32 logits) and with a smaller store that was considered
 (the top-k log-probs per position plus one tail bucket, several k), on SmolLM2 against a round-to-nearest int4
 (group 32, symmetric) copy of it.

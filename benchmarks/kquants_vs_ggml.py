@@ -30,7 +30,7 @@ def main():
     import llama_cpp
     from safetensors.numpy import load_file
 
-    from gptopt_core.models import smollm2_dir
+    from gptopt_core.kit.models import smollm2_dir
     from gptopt_export.ggml_types import get
 
     weights = load_file(str(smollm2_dir() / "model.safetensors"))

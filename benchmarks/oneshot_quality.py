@@ -139,8 +139,8 @@ def fresh(ctx, base):
 
 def run_config(ctx, base, name, spec, dense_ppl, max_tokens):
     from gptopt_quantize.step import QuantizeStep
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.metrics import model_bytes
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.metrics import model_bytes
     from gptopt_prune import PruneStep
 
     step_name, params = spec
@@ -164,9 +164,9 @@ def memory_child(offload: str, max_tokens: int, calib_blocks: int) -> dict:
     import gc
 
     from gptopt_quantize.step import QuantizeStep
-    from gptopt_core.calibration import resident_param_bytes
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.calibration import resident_param_bytes
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.testing import make_context
 
     ctx = make_context(model="smollm2-135m", device="cpu")
     # the loader may leave weights in a lazily paged file mapping; make them ordinary resident memory (as after
@@ -239,9 +239,9 @@ def main(argv=None):
     if todo:
         import torch
 
-        from gptopt_core.evaluate import perplexity
-        from gptopt_core.metrics import model_bytes
-        from gptopt_core.testing import make_context
+        from gptopt_core.kit.evaluate import perplexity
+        from gptopt_core.kit.metrics import model_bytes
+        from gptopt_core.kit.testing import make_context
 
         ctx = make_context(model="smollm2-135m", device="cpu")
         base = ctx.model

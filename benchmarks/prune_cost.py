@@ -42,7 +42,7 @@ def rss_bytes() -> int:
 
 
 def child(model_name: str, params: dict) -> None:
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.testing import make_context
     from gptopt_prune import PruneStep
 
     ctx = make_context(model=model_name, device="cpu")

@@ -72,8 +72,8 @@ def main(argv=None):
         return
     import torch
 
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.testing import make_context
     from gptopt_prune import PruneStep
 
     names = args.only.split(",") if args.only else list(CONFIGS)

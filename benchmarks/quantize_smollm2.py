@@ -38,9 +38,9 @@ def run_chain(params, save_to=None):
 def reload_ppl(path):
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.data import TextData
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.metrics import model_bytes
+    from gptopt_core.kit.data import TextData
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.metrics import model_bytes
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -53,8 +53,8 @@ def timing(repeats=3):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from gptopt_core.models import smollm2_dir
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.models import smollm2_dir
+    from gptopt_core.kit.testing import make_context
     from gptopt_quantize import QuantizeStep
 
     path = str(smollm2_dir())

@@ -50,8 +50,8 @@ def run(prune: bool, args, eval_data: str, tmp: Path) -> dict:
     # reload as a user would: plain transformers, no gptopt in the loop
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.metrics import sparsity
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.metrics import sparsity
 
     plain = AutoModelForCausalLM.from_pretrained(str(out))
     data, other = result.ctx.data, result.ctx.eval_data

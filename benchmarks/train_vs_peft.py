@@ -62,8 +62,8 @@ def main():
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
 
-    from gptopt_core.testing import make_context
-    from gptopt_core.training import TrainParams, Trainer, train_blocks
+    from gptopt_core.kit.testing import make_context
+    from gptopt_core.kit.training import TrainParams, Trainer, train_blocks
 
     ctx = make_context(model=args.model)
     base = ctx.model

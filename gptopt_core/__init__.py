@@ -8,7 +8,7 @@ stays fast. ``docs/python-api.md`` documents every public name with its signatur
 from .context import RunContext
 from .errors import GptoptError, ParamsError, PlanError, SourceError, StepFailed, error_text, safe_text
 from .hookspecs import hookimpl
-from .paths import check_output_path
+from .kit.paths import check_output_path
 from .pipeline import Pipeline, RunResult
 from .steps import Params, Step
 
@@ -24,63 +24,78 @@ _LAZY = {
     "Architecture": "architectures", "GgufLayout": "architectures", "architecture_table": "architectures",
     "architecture_of": "architectures", "check_architecture": "architectures",
     # mixture-of-experts: each expert seen as linear layers
-    "MoeLayout": "experts", "expert_linears": "experts", "expert_layers": "experts", "moe_blocks": "experts",
-    "MIN_EXPERT_TOKENS": "experts", "with_experts": "experts", "MoeBlock": "experts", "moe_layers": "experts",
-    "moe_effect": "experts",
+    "MoeLayout": "kit.experts", "expert_linears": "kit.experts", "expert_layers": "kit.experts",
+    "moe_blocks": "kit.experts",
+    "MIN_EXPERT_TOKENS": "kit.experts", "with_experts": "kit.experts", "MoeBlock": "kit.experts",
+    "moe_layers": "kit.experts",
+    "moe_effect": "kit.experts",
     # llama.cpp's byte-level BPE pre-tokenizer names
-    "PreTokenizer": "pretokenizers", "pre_tokenizer_table": "pretokenizers",
+    "PreTokenizer": "kit.pretokenizers", "pre_tokenizer_table": "kit.pretokenizers",
     # models and data
-    "LoadedModel": "models", "tiny_model": "models", "load_local_dir": "models", "check_local_dir": "models",
-    "smollm2_dir": "models", "TextData": "data",
+    "LoadedModel": "kit.models", "tiny_model": "kit.models", "load_local_dir": "kit.models",
+    "check_local_dir": "kit.models",
+    "smollm2_dir": "kit.models", "TextData": "kit.data",
     # input files someone else wrote: regular files only, size-capped, one safe JSON/YAML loader, GGUF headers
-    "check_input_file": "inputs", "read_input_file": "inputs", "load_structured_file": "inputs",
-    "check_gguf_file": "gguf_files", "remove_stale_temporaries": "paths",
-    "OutputLock": "locks", "publish_file": "locks",
+    "check_input_file": "kit.inputs", "read_input_file": "kit.inputs", "load_structured_file": "kit.inputs",
+    "check_gguf_file": "kit.gguf_files", "remove_stale_temporaries": "kit.paths",
+    "OutputLock": "kit.locks", "publish_file": "kit.locks",
     # measuring: one perplexity, one size, one sparsity for everyone
-    "perplexity": "evaluate", "perplexity_of": "evaluate", "eval_windows": "evaluate", "generate_sample": "evaluate",
-    "model_device": "evaluate",
+    "perplexity": "kit.evaluate", "perplexity_of": "kit.evaluate", "eval_windows": "kit.evaluate",
+    "generate_sample": "kit.evaluate",
+    "model_device": "kit.evaluate",
     # KL from a base model (llama-perplexity --kl-divergence semantics), its cached base, bootstrap intervals
-    "BaseLogits": "divergence", "paired_bootstrap": "divergence", "token_divergence": "divergence",
-    "percentile": "divergence", "ppl_ratio": "divergence",
-    "mean_interval": "divergence", "kl_plan": "klbase", "kl_metrics": "klbase", "cached_kl_base": "klbase",
-    "model_bytes": "metrics", "num_params": "metrics", "sparsity": "metrics",
+    "BaseLogits": "kit.divergence", "paired_bootstrap": "kit.divergence", "token_divergence": "kit.divergence",
+    "percentile": "kit.divergence", "ppl_ratio": "kit.divergence",
+    "mean_interval": "kit.divergence", "kl_plan": "kit.klbase", "kl_metrics": "kit.klbase",
+    "cached_kl_base": "kit.klbase",
+    "model_bytes": "kit.metrics", "num_params": "kit.metrics", "sparsity": "kit.metrics",
     # weight layers
-    "weight_modules": "modules", "weight_matrix": "modules", "is_conv1d": "layertypes", "is_weight_layer": "layertypes",
-    "matches": "modules", "apply_masks": "modules", "dequantized_weight": "modules", "get_module": "sensitivity",
-    "replace_module": "sensitivity",
+    "weight_modules": "kit.modules", "weight_matrix": "kit.modules", "is_conv1d": "kit.layertypes",
+    "is_weight_layer": "kit.layertypes",
+    "matches": "kit.modules", "apply_masks": "kit.modules", "dequantized_weight": "kit.modules",
+    "get_module": "kit.sensitivity",
+    "replace_module": "kit.sensitivity",
     # training
-    "TrainParams": "train_options", "Trainer": "training", "train": "training", "train_blocks": "train_options",
-    "resolve_precision": "train_options", "mask_targets": "modules",
+    "TrainParams": "kit.train_options", "Trainer": "kit.training", "train": "kit.training",
+    "train_blocks": "kit.train_options",
+    "resolve_precision": "kit.train_options", "mask_targets": "kit.modules",
     # calibration, sensitivity and integer grids
-    "calibration_nll": "sensitivity", "module_sensitivity": "sensitivity",
-    "swapped_modules": "precision_search", "nll_with_modules": "precision_search", "smallest_within": "precision_search",
-    "calibration_batches": "calibration", "run_blockwise": "calibration", "split_by_block": "calibration",
-    "BlockInfo": "calibration", "LayerStats": "calibration", "Observer": "observers", "get_observer": "observers",
-    "resident_param_bytes": "offload", "inverse_hessian_cholesky": "calibration", "torch_threads": "calibration", "find_blocks": "calibration",
-    "WeightGrid": "grids", "attach_grid": "grids", "fake_quantize": "grids", "fit_grid": "grids", "parse_group_size": "grids", "fit_group": "grids",
-    "grid_codes": "grids", "grid_from_groups": "grids", "grid_layers": "grids", "grid_of": "grids", "on_grid": "grids",
-    "round_to_grid": "grids", "GroupSize": "groupsize",
+    "calibration_nll": "kit.sensitivity", "module_sensitivity": "kit.sensitivity",
+    "swapped_modules": "kit.precision_search", "nll_with_modules": "kit.precision_search",
+    "smallest_within": "kit.precision_search",
+    "calibration_batches": "kit.calibration", "run_blockwise": "kit.calibration", "split_by_block": "kit.calibration",
+    "BlockInfo": "kit.calibration", "LayerStats": "kit.calibration", "Observer": "kit.observers",
+    "get_observer": "kit.observers",
+    "resident_param_bytes": "kit.offload", "inverse_hessian_cholesky": "kit.calibration",
+    "torch_threads": "kit.calibration", "find_blocks": "kit.calibration",
+    "WeightGrid": "kit.grids", "attach_grid": "kit.grids", "fake_quantize": "kit.grids", "fit_grid": "kit.grids",
+    "parse_group_size": "kit.grids", "fit_group": "kit.grids",
+    "grid_codes": "kit.grids", "grid_from_groups": "kit.grids", "grid_layers": "kit.grids", "grid_of": "kit.grids",
+    "on_grid": "kit.grids",
+    "round_to_grid": "kit.grids", "GroupSize": "kit.groupsize",
     # the one OBS solver (GPTQ, SparseGPT): the column loop and the rules its callers give it
-    "obs_solve": "obs", "ColumnRule": "obs", "GroupScales": "obs", "prepare_obs": "obs", "lazy_batch": "obs",
-    "InputQuant": "activations", "attach_input_quant": "activations", "detach_input_quant": "activations",
-    "input_quant_of": "activations", "input_quant_layers": "activations", "quantize_tokens": "activations",
+    "obs_solve": "kit.obs", "ColumnRule": "kit.obs", "GroupScales": "kit.obs", "prepare_obs": "kit.obs",
+    "lazy_batch": "kit.obs",
+    "InputQuant": "kit.activations", "attach_input_quant": "kit.activations", "detach_input_quant": "kit.activations",
+    "input_quant_of": "kit.activations", "input_quant_layers": "kit.activations", "quantize_tokens": "kit.activations",
     # decode timing (bench, cpu-fast)
-    "PerfCounterTimer": "decode", "GenerateTiming": "decode", "generation_kwargs": "decode", "time_generate": "decode",
+    "PerfCounterTimer": "kit.decode", "GenerateTiming": "kit.decode", "generation_kwargs": "kit.decode",
+    "time_generate": "kit.decode",
     # writers: one registry of directories (save --format) and files (export --format); SaveFormat is Writer
     "Writer": "writers", "registered_writers": "writers", "SaveFormat": "saveformats", "save_formats": "saveformats",
     "write_model_file": "saveformats",
     # testing plugins
-    "make_context": "testing", "register_plugin": "testing",
+    "make_context": "kit.testing", "register_plugin": "kit.testing",
 }
 
 #: public name → (submodule, name there), where the public name says more than the module's own
 _ALIASES = {"choose_save_format": ("saveformats", "choose"), "check_save_format": ("saveformats", "check_plan"),
             "choose_writer": ("writers", "choose"), "plan_writer": ("writers", "plan_choice"),
             "unsupported_architecture": ("architectures", "unsupported"),
-            "identify_pre_tokenizer": ("pretokenizers", "identify"),
-            "pre_tokenizer_hash": ("pretokenizers", "check_hash"),
-            "pre_tokenizer_signature": ("pretokenizers", "signature_of"),
-            "encode_logits": ("divergence", "encode")}
+            "identify_pre_tokenizer": ("kit.pretokenizers", "identify"),
+            "pre_tokenizer_hash": ("kit.pretokenizers", "check_hash"),
+            "pre_tokenizer_signature": ("kit.pretokenizers", "signature_of"),
+            "encode_logits": ("kit.divergence", "encode")}
 
 __all__ = sorted(["GptoptError", "Params", "ParamsError", "Pipeline", "PlanError", "RunContext", "RunResult",
                   "SourceError", "Step", "StepFailed", "check_output_path", "error_text", "hookimpl", "safe_text",

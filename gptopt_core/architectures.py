@@ -196,7 +196,7 @@ def _field_problem(row) -> Optional[str]:
 def _path_problem(model, row) -> Optional[str]:
     from torch.nn import ModuleList
 
-    from .layertypes import is_weight_layer
+    from .kit.layertypes import is_weight_layer
 
     modules = dict(model.named_modules())
     blocks = modules.get(row.blocks)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import click
 
 from .errors import MAX_MESSAGE, GptoptError, StepFailed, Terminated, safe_text, shorten, user_error
-from .models import cache_dir
+from .kit.models import cache_dir
 from .pipeline import Pipeline
 from .plugins import PluginHookError, get_plugins
 

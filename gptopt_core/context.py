@@ -17,7 +17,7 @@ class RunContext:
 
     * ``model`` / ``tokenizer``: the current model (steps may replace ``ctx.model``).
     * ``device``: ``torch.device`` the model lives on.
-    * ``data``: :class:`gptopt_core.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``); ``eval_data``
+    * ``data``: :class:`gptopt_core.kit.data.TextData` (``train_ids``, ``valid_ids``, ``train_blocks``); ``eval_data``
       the ``--eval-data`` one or ``None``.
     * ``seed``: the run's seed.
     * ``facts``: set of fact strings about the model (``quantized:4bit``, ``masks``, ...): see :data:`FACTS`.

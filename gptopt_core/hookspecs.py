@@ -73,9 +73,9 @@ import pluggy
 if TYPE_CHECKING:  # names for the annotations only
     from .architectures import Architecture
     from .context import RunContext
-    from .models import LoadedModel
-    from .observers import Observer
-    from .pretokenizers import PreTokenizer
+    from .kit.models import LoadedModel
+    from .kit.observers import Observer
+    from .kit.pretokenizers import PreTokenizer
     from .steps import Step
     from .vocabulary import Fact, MatrixCell, StateKey
 

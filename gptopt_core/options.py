@@ -21,7 +21,7 @@ import functools
 
 import pydantic
 
-from .groupsize import GroupSize, parse_group_size
+from .kit.groupsize import GroupSize, parse_group_size
 from .steps import parse_choice, parse_percent
 
 __all__ = ["as_percent", "as_group_size", "as_choice", "group_columns"]

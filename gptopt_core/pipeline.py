@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import chain_of, check_resumable, write_chain
+from .kit.checkpoints import chain_of, check_resumable, write_chain
 from .context import RunContext, main_process
-from .data import TextData
+from .kit.data import TextData
 from .errors import GptoptError, PlanError, StepFailed, user_error
-from .models import content_hash, max_positions
-from .paths import LOCK_NAME, RunLock, check_output_path, check_path_lengths
+from .kit.models import content_hash, max_positions
+from .kit.paths import LOCK_NAME, RunLock, check_output_path, check_path_lengths
 from .plugins import get_plugins
 from .recipes import chain_recipe, check_recipe_path, normalize_recipe, parse_recipe
 from .report import finish_run, step_line
@@ -149,7 +149,7 @@ class Pipeline:
                         yield f"step {i} '{step.name}' --{key.replace('_', '-')}", v, step
 
     def check_outputs(self) -> None:
-        """Every output location, resolved (symlinks followed), checked by :func:`gptopt_core.paths.check_output_path`
+        """Every output location, resolved (symlinks followed), checked by :func:`gptopt_core.kit.paths.check_output_path`
         before anything loads: writable, not a file or a dangling symlink, inside the working directory for
         recipes, not written by two steps, not the run's own ``--out``."""
         seen = {}
@@ -298,7 +298,7 @@ class Pipeline:
         loaded = self.plugins.hook.gptopt_resolve_model(spec=self.model_spec, options=options)
         if loaded is None:
             raise GptoptError(f"no model source understands '{self.model_spec}'")
-        from .model_files import check_finite
+        from .kit.model_files import check_finite
 
         check_finite(loaded.model, f"--model {str(self.model_spec)[:160]}")  # every source: NaN/inf is exit 2
         if not loaded.facts:

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from . import architectures, builtin, hookspecs, observers, pretokenizers, vocabulary, writers
+from . import architectures, hookspecs, vocabulary, writers
+from .kit import builtin, observers, pretokenizers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
 from .hookspecs import hook_names

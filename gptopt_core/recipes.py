@@ -108,7 +108,7 @@ def load_recipe_text(text: str, kind: str = "YAML", where: str = "recipe", limit
     """Parse recipe text (``kind`` YAML or JSON) into plain data with the limits of :func:`_recipe_loader`;
     raises a one-line :class:`GptoptError` that never echoes more than a few characters of the input. Every
     YAML or JSON file gptopt reads from a user goes through here (plan files and configs through
-    :func:`gptopt_core.inputs.load_structured_file`); ``what`` names the kind of file in messages."""
+    :func:`gptopt_core.kit.inputs.load_structured_file`); ``what`` names the kind of file in messages."""
     import json
 
     import yaml
@@ -200,7 +200,7 @@ def parse_recipe(path) -> dict:
 
 def check_recipe_path(value, where: str) -> None:
     """Recipes may only write below the directory they are run from (no absolute paths, no '..'); the value is
-    checked again, resolved, by :func:`gptopt_core.paths.check_output_path` before anything runs."""
+    checked again, resolved, by :func:`gptopt_core.kit.paths.check_output_path` before anything runs."""
     p = Path(str(value))
     if not isinstance(value, str) or p.is_absolute() or ".." in p.parts or str(value).startswith("~"):
         raise GptoptError(f"{where}: '{shorten(value)}' escapes the working directory; a recipe may only write to "

@@ -7,7 +7,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .outfiles import write_file
+from .kit.outfiles import write_file
 
 #: metric key → (column title, formatter); the summary shows the ones any record has
 COLUMNS = {

@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import GptoptError
-from .grids import grid_layers
-from .locks import OutputLock, publish_file
-from .metrics import model_bytes
-from .paths import clean_stale_partials, remove_stale_temporaries
+from .kit.grids import grid_layers
+from .kit.locks import OutputLock, publish_file
+from .kit.metrics import model_bytes
+from .kit.paths import clean_stale_partials, remove_stale_temporaries
 from .writers import (AUTO, DIRECTORY, FILE, Writer, check_plan, choose, format_names,  # noqa: F401 (first names)
                       registered_writers)
 

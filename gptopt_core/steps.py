@@ -111,7 +111,7 @@ class Step:
     removes: ClassVar[frozenset[str]] = frozenset()
     trains: ClassVar[bool] = False
     #: params that name output paths: the pipeline checks each one, resolved, before anything loads
-    #: (:func:`gptopt_core.paths.check_output_path`); a recipe may only point them below the working directory
+    #: (:func:`gptopt_core.kit.paths.check_output_path`); a recipe may only point them below the working directory
     path_params: ClassVar[tuple[str, ...]] = ()
     #: params that are a number of tokens fed to the model at once: checked against the model's positions
     #: once it is loaded, before the first step runs (params a step does not have are ignored)
@@ -175,7 +175,7 @@ class Step:
     def kl_windows(self, ctx):
         """``(token ids, block_size, stride, max_tokens)`` on which this step will measure KL from the chain's base
         model (``--kl-base auto``), or ``None``: the core computes those base logits before the first lossy step
-        (``gptopt_core.klbase``). ``eval`` and ``llamacpp`` answer; default ``None``."""
+        (``gptopt_core.kit.klbase``). ``eval`` and ``llamacpp`` answer; default ``None``."""
         return None
 
     # -- running --------------------------------------------------------------------------------------

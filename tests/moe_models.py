@@ -58,7 +58,7 @@ def save_tiny_moe(directory, family: str = "mixtral", seed: int = 0, experts: in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gptopt_core import Pipeline, hookimpl
 from gptopt_core.cli import main
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 
 
 @hookimpl(tryfirst=True)

@@ -7,7 +7,7 @@ import pytest
 
 from gptopt_core import (Architecture, GgufLayout, GptoptError, Pipeline, architecture_table, check_architecture,
                          grid_layers, hookimpl, tiny_model)
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 
 STARCODER2_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.c_fc",), ("mlp.c_proj",))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gptopt_core import GptoptError, architecture_table
-from gptopt_core.families import rope_parameters
+from gptopt_core.kit.families import rope_parameters
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'gptopt[llamacpp]')")
 
@@ -35,7 +35,7 @@ FAMILIES = [a for a in architecture_table().values() if a.gguf is not None and a
 
 
 def _tokenizer():
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     return byte_tokenizer()
 
@@ -329,7 +329,7 @@ def test_ignore_sliding_window_is_right_within_the_window_only(model_type, tmp_p
 
 
 def test_the_cli_refuses_a_mistral_window_and_writes_nothing(cli, tmp_path):
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     _windowed("mistral").save_pretrained(tmp_path / "mistral")
     byte_tokenizer().save_pretrained(tmp_path / "mistral")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptopt_core import GptoptError, architecture_table, find_blocks, make_context, weight_matrix, weight_modules
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 from gptopt_quantize.awq_fold import FAMILY_PAIRS, family_pairs, fold_scales, source_rows
 from gptopt_quantize.step import QuantizeStep
 

@@ -35,7 +35,7 @@ def run_in_process(*args, cwd):
 
 
 def _corrupt_model_dir(tmp_path):
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     model, tok = tiny_model("tiny-random-gpt2")
     d = tmp_path / "corrupt"

@@ -13,7 +13,7 @@ from gptopt_bench import BenchStep, compare
 from gptopt_bench import measure
 from gptopt_bench.report import points, table
 from gptopt_core import GptoptError, ParamsError, Pipeline, Step, hookimpl
-from gptopt_core.testing import make_context, register_plugin
+from gptopt_core.kit.testing import make_context, register_plugin
 
 from conftest import error_lines
 
@@ -117,7 +117,7 @@ def test_run_bench_repeat_count_follows_cv(llama_ctx, target_cv, expect):
 
 
 def test_bench_step_metrics(llama_ctx):
-    from gptopt_core.metrics import num_params
+    from gptopt_core.kit.metrics import num_params
 
     m = BenchStep(**SMALL, batch_size=2, repeats=2, max_repeats=3).apply(llama_ctx)
     assert m["device"] == "cpu" and m["timer"] == "perf_counter" and m["memory_method"].startswith("cpu_peak_rss")

@@ -9,8 +9,8 @@ import torch
 from conftest import error_lines
 
 from gptopt_core import Pipeline, PlanError
-from gptopt_core.evaluate import perplexity
-from gptopt_core.testing import make_context
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.testing import make_context
 
 ARCHS = ["tiny-random-gpt2", "tiny-random-llama"]
 EVAL = {"block_size": 128, "max_tokens": 512}
@@ -46,8 +46,8 @@ def kinds(model):
     ({"bits": 8, "int8_threshold": 0.0}, "int8"),
 ])
 def test_every_layer_quantized_and_ppl_close(arch, params, expect):
-    from gptopt_core.metrics import model_bytes
-    from gptopt_core.modules import weight_modules
+    from gptopt_core.kit.metrics import model_bytes
+    from gptopt_core.kit.modules import weight_modules
 
     ctx, step, metrics, dense = quantize_ctx(arch, **params)
     q = ctx.state["quantized"]
@@ -76,7 +76,7 @@ def test_every_layer_quantized_and_ppl_close(arch, params, expect):
 def test_layer_outputs_match_dense(arch):
     """The quantized layer computes x @ W^T (+ b) for Conv1D (stored (in, out)) and Linear alike."""
     from gptopt_quantize.convert import make_linear
-    from gptopt_core.modules import weight_matrix, weight_modules
+    from gptopt_core.kit.modules import weight_matrix, weight_modules
 
     ctx = make_context(model=arch)
     name, layer = weight_modules(ctx.model)[0]
@@ -102,7 +102,7 @@ def test_include_exclude(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("emb", ["8", "4"])
 def test_full_quantization_embeddings_and_head(arch, emb):
-    from gptopt_core.metrics import model_bytes
+    from gptopt_core.kit.metrics import model_bytes
 
     ctx, step, metrics, dense = quantize_ctx(arch, bits=4, embeddings=emb)
     model = ctx.model
@@ -128,7 +128,7 @@ def test_full_quantization_embeddings_and_head(arch, emb):
 def test_quantize_after_weights_changed_in_chain():
     """The step quantizes the model as it stands: zeros written by an earlier step stay zeros (int8)."""
     from gptopt_quantize import QuantizeStep
-    from gptopt_core.modules import weight_matrix, weight_modules
+    from gptopt_core.kit.modules import weight_matrix, weight_modules
 
     ctx = make_context(model="tiny-random-gpt2")
     name, layer = weight_modules(ctx.model)[0]
@@ -151,7 +151,7 @@ def test_save_loads_back_with_plain_from_pretrained(arch, params, tmp_path):
     dequantized = params == "mixed" or "embeddings" in params
     if params == "mixed":  # a mixed plan: int8 attention, nf4 MLP, int8 embeddings
         ctx = make_context(model=arch)
-        from gptopt_core.modules import weight_modules
+        from gptopt_core.kit.modules import weight_modules
 
         plan = {n: ("int8" if "attn" in n else "nf4") for n, _ in weight_modules(ctx.model)}
         plan[next(n for n, m in ctx.model.named_modules() if m is ctx.model.get_input_embeddings())] = "int8"
@@ -180,7 +180,7 @@ def test_plan_auto_records_and_replays(tmp_path, cli):
     report = rec["metrics"]["plan"]
     assert report["calib_tokens"] == 2 * 64 and report["check_tokens"] == 3 * 64
     # the reported ratio of the chosen plan is the one measured on the check blocks, against the dense model
-    from gptopt_core.sensitivity import calibration_nll
+    from gptopt_core.kit.sensitivity import calibration_nll
 
     check = res.ctx.calibration_blocks(3, 64)
     dense = make_context(model="tiny-random-llama").model
@@ -207,7 +207,7 @@ def test_plan_auto_records_and_replays(tmp_path, cli):
 
 def test_plan_file(tmp_path):
     ctx = make_context(model="tiny-random-gpt2")
-    from gptopt_core.modules import weight_modules
+    from gptopt_core.kit.modules import weight_modules
 
     names = [n for n, _ in weight_modules(ctx.model)]
     plan = {names[0]: "int8", names[1]: "fp4", names[2]: "keep"}

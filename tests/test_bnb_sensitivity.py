@@ -1,14 +1,14 @@
-"""gptopt_core.sensitivity as the quantize planner uses it: replaying cached blocks gives the full-forward result."""
+"""gptopt_core.kit.sensitivity as the quantize planner uses it: replaying cached blocks gives the full-forward result."""
 import pytest
 
-from gptopt_core.sensitivity import module_sensitivity
-from gptopt_core.testing import make_context
+from gptopt_core.kit.sensitivity import module_sensitivity
+from gptopt_core.kit.testing import make_context
 
 
 @pytest.mark.parametrize("arch", ["tiny-random-gpt2", "tiny-random-llama"])
 def test_block_cache_matches_full_forward(arch):
     from gptopt_quantize.convert import make_linear
-    from gptopt_core.modules import weight_modules
+    from gptopt_core.kit.modules import weight_modules
 
     ctx = make_context(model=arch)
     blocks = ctx.calibration_blocks(2, 64)

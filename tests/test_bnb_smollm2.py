@@ -8,8 +8,8 @@ import pytest
 def test_int8_smollm2_ratio_bytes_and_reload(cli, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptopt_core.data import TextData
-    from gptopt_core.evaluate import perplexity
+    from gptopt_core.kit.data import TextData
+    from gptopt_core.kit.evaluate import perplexity
 
     r = cli("run", "--model", "smollm2-135m", "--device", "cpu", "--out", tmp_path / "run", "-q",
             "eval", "quantize", "--bits", "8", "eval", "save", "--to", tmp_path / "m")

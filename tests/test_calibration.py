@@ -3,9 +3,9 @@ the (compressed) model gives, the groups follow the data flow, and offloading to
 import pytest
 import torch
 
-from gptopt_core.calibration import LayerStats, find_blocks, resident_param_bytes, run_blockwise, split_by_block
-from gptopt_core.models import tiny_model
-from gptopt_core.modules import weight_modules
+from gptopt_core.kit.calibration import LayerStats, find_blocks, resident_param_bytes, run_blockwise, split_by_block
+from gptopt_core.kit.models import tiny_model
+from gptopt_core.kit.modules import weight_modules
 
 
 def batches(n=3, b=2, t=24, seed=0):

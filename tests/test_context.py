@@ -64,7 +64,7 @@ def test_a_step_storing_an_undeclared_state_key_fails_naming_it():
     import types
 
     from gptopt_core import Step, hookimpl
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     class Stash(Step):
         """Stores a key it never declared."""

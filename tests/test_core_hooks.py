@@ -5,8 +5,8 @@ import types
 import pytest
 
 from gptopt_core import GptoptError, Pipeline, SourceError, hookimpl
-from gptopt_core.models import LoadedModel, tiny_model
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.models import LoadedModel, tiny_model
+from gptopt_core.kit.testing import register_plugin
 
 
 def test_observer_metric_model_source_save_and_report_hooks(tmp_path):

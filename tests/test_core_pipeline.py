@@ -10,10 +10,10 @@ import yaml
 from conftest import run_gptopt
 
 from gptopt_core import Fact, GptoptError, Params, ParamsError, Pipeline, PlanError, StateKey, Step, hookimpl
-from gptopt_core.data import TextData, split_documents
-from gptopt_core.evaluate import perplexity
-from gptopt_core.models import tiny_model
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.data import TextData, split_documents
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.models import tiny_model
+from gptopt_core.kit.testing import register_plugin
 
 
 def _strip_timings(records):

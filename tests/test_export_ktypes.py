@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 
 pytest.importorskip("llama_cpp")
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x): return x ** 2  # 12345\n"

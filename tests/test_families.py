@@ -13,10 +13,10 @@ import torch
 
 from gptopt_core import GptoptError, Pipeline, architecture_table
 from gptopt_core.architectures import tiny_names
-from gptopt_core.families import FAMILIES
-from gptopt_core.grids import grid_layers, on_grid
+from gptopt_core.kit.families import FAMILIES
+from gptopt_core.kit.grids import grid_layers, on_grid
 from gptopt_core.matrix import CELLS, supported
-from gptopt_core.modules import weight_matrix, weight_modules
+from gptopt_core.kit.modules import weight_matrix, weight_modules
 
 ARCH = {f"tiny-random-{a.name}": a for a in architecture_table().values()}
 #: dense families; the mixture-of-experts rows run every cell in tests/test_moe.py (with checks on experts and routers)
@@ -57,8 +57,8 @@ def test_the_table_has_every_family_the_issue_names():
 def test_the_table_describes_the_model(name):
     """Blocks, linear layers, embedding, head and norms are where the row says; the sequential groups are the ones
     the calibration engine sees in the data flow (layers reading one input tensor)."""
-    from gptopt_core.calibration import _Collector, capture_first_inputs, find_blocks
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.calibration import _Collector, capture_first_inputs, find_blocks
+    from gptopt_core.kit.models import tiny_model
 
     arch = ARCH[name]
     model, tok = tiny_model(name)
@@ -121,7 +121,7 @@ def check_prune(pattern):
 
 
 def check_trained(res, arch):
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     before = dict(weight_modules(tiny_model(f"tiny-random-{arch.name}")[0]))
     after = dict(weight_modules(res.model))
@@ -306,9 +306,9 @@ def test_gptopt_register_architectures_adds_a_family_and_blames_a_duplicate(text
     import types
 
     from gptopt_core import Architecture, architecture_of, hookimpl
-    from gptopt_core.calibration import find_blocks
-    from gptopt_core.models import tiny_model
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.calibration import find_blocks
+    from gptopt_core.kit.models import tiny_model
+    from gptopt_core.kit.testing import register_plugin
 
     llama = architecture_table()["llama"]
     # Llama's layout registered under another model_type: a model of it now has a family
@@ -347,7 +347,7 @@ def test_gptopt_register_architectures_adds_a_family_and_blames_a_duplicate(text
 def test_unsupported_families_are_one_line_on_the_command_line(cli, tmp_path):
     from transformers import BloomConfig, BloomForCausalLM
 
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     opt = cli("run", "--model", "tiny-random-opt", "eval", "--max-tokens", "600", "export", "--to",
               tmp_path / "o.gguf")
@@ -369,7 +369,7 @@ def test_unsupported_families_are_one_line_on_the_command_line(cli, tmp_path):
 def test_bitsandbytes_quantizes_scaled_embeddings(name, text):
     """Gemma's token embedding scales its output (``embed_scale``, the table's ``embedding_scale``): ``quantize
     --embeddings 8`` quantizes it and keeps the scale, so the model computes as the float one does."""
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     float_model, tok = tiny_model(name)
     res = run(name, text, [("quantize", {"bits": 8, "embeddings": "8"})])

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gptopt_core.grids import fake_quantize, fit_grid, fit_group, grid_of, on_grid
-from gptopt_core.modules import weight_matrix, weight_modules
-from gptopt_core.testing import make_context
+from gptopt_core.kit.grids import fake_quantize, fit_grid, fit_group, grid_of, on_grid
+from gptopt_core.kit.modules import weight_matrix, weight_modules
+from gptopt_core.kit.testing import make_context
 from gptopt_quantize.gptq import gptq_quantize
 from gptopt_quantize.step import QuantizeStep
 
@@ -196,7 +196,7 @@ def test_grid_options_are_checked():
 @pytest.mark.parametrize("spec", ["tiny-random-gpt2", "tiny-random-llama"])
 def test_embeddings_8_put_embedding_and_head_on_int8_grids(spec):
     """--embeddings 8 with an integer-grid method: token embedding and head on int8 per-row grids (a tied head once)."""
-    from gptopt_core.metrics import model_bytes
+    from gptopt_core.kit.metrics import model_bytes
 
     ctx = make_context(spec)
     before = model_bytes(ctx.model)

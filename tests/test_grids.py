@@ -1,11 +1,11 @@
-"""Integer weight grids (gptopt_core.grids): codes, de-quantization, attachment and their size."""
+"""Integer weight grids (gptopt_core.kit.grids): codes, de-quantization, attachment and their size."""
 import pytest
 import torch
 
-from gptopt_core.grids import (WeightGrid, attach_grid, fit_grid, grid_codes, grid_layers, grid_of, on_grid,
+from gptopt_core.kit.grids import (WeightGrid, attach_grid, fit_grid, grid_codes, grid_layers, grid_of, on_grid,
                                round_to_grid)
-from gptopt_core.metrics import model_bytes
-from gptopt_core.modules import weight_matrix, weight_modules
+from gptopt_core.kit.metrics import model_bytes
+from gptopt_core.kit.modules import weight_matrix, weight_modules
 
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (8, None, True), (4, None, False)])
@@ -27,7 +27,7 @@ def test_round_trip_codes_and_ranges(bits, group, sym):
 def test_mse_observer_never_rounds_worse(bits, group, sym):
     """The mse observer keeps min-max where it is best and shrinks the range where clipping an extreme lowers the
     rounding error; its scales are fp16-exact and its codes in range, like min-max's."""
-    from gptopt_core.grids import MSE_NORM
+    from gptopt_core.kit.grids import MSE_NORM
 
     torch.manual_seed(1)
     w = torch.randn(32, 128) * 0.02
@@ -56,7 +56,7 @@ def test_group_size_must_divide():
 
 @pytest.mark.parametrize("spec", ["tiny-random-gpt2", "tiny-random-llama"])
 def test_attach_checks_and_bytes_on_conv1d_and_linear(spec):
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     model, _ = tiny_model(spec)
     before = model_bytes(model)
@@ -90,7 +90,7 @@ def test_gptopt_register_observers_adds_an_observer_rtn_and_gptq_use():
 
     from gptopt_core import GptoptError, Observer, ParamsError, Pipeline, fit_grid, get_observer, hookimpl
     from gptopt_core.plugins import get_plugins
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     seen = []
 

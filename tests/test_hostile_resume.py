@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT, error_lines, gptopt_exe
 from test_hostile_formats import snapshot
 
-from gptopt_core.locks import OutputLock
+from gptopt_core.kit.locks import OutputLock
 
 LL = "tiny-random-llama"
 RESUME = ["run", "--model", LL, "--seed", "3", "--device", "cpu", "--out", "out", "--resume", "lora", "--steps",

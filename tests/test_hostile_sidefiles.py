@@ -327,7 +327,7 @@ def _alarm(signum, frame):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_side_file_is_refused_in_one_line_before_the_work(name, base, tmp_path):
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     when, build, args, expected = CASES[name]
     work = tmp_path / "w"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 
 BLOCK = 64
 
@@ -33,7 +33,7 @@ def noisy_copy(model, scale=0.02, seed=1):
 
 def test_kl_of_a_model_with_itself_is_zero_and_top1_is_100():
     """Zero up to llama.cpp's uint16 storage of the base (log-probs to ~1e-4 nats); perplexity exactly the same."""
-    from gptopt_core.evaluate import perplexity
+    from gptopt_core.kit.evaluate import perplexity
 
     model, tok = tiny_model("tiny-random-llama")
     ids = ids_for(tok)
@@ -47,7 +47,7 @@ def test_kl_of_a_model_with_itself_is_zero_and_top1_is_100():
 
 def direct_kl(base_model, model, ids, block, stride):
     """KL(base || model) over the whole vocabulary, target by target, from full logits (no top-k)."""
-    from gptopt_core.evaluate import eval_windows
+    from gptopt_core.kit.evaluate import eval_windows
 
     out = []
     with torch.inference_mode():
@@ -63,7 +63,7 @@ def test_kl_matches_a_direct_torch_computation():
     """Per-token KL(base || model) as a direct full-vocabulary computation from both models' logits (sliding
     windows, so the scored positions must line up); KL(model || base) differs by 7 % here, so a swapped direction
     fails."""
-    from gptopt_core.evaluate import perplexity
+    from gptopt_core.kit.evaluate import perplexity
 
     base_model, tok = tiny_model("tiny-random-llama")
     model = noisy_copy(base_model, scale=3.0)
@@ -79,7 +79,7 @@ def test_kl_matches_a_direct_torch_computation():
 
 def test_other_windows_are_refused():
     from gptopt_core import GptoptError
-    from gptopt_core.evaluate import perplexity
+    from gptopt_core.kit.evaluate import perplexity
 
     model, tok = tiny_model("tiny-random-llama")
     ids = ids_for(tok)
@@ -89,7 +89,7 @@ def test_other_windows_are_refused():
 
 
 def test_percentiles_as_llamacpp():
-    from gptopt_core.divergence import percentile
+    from gptopt_core.kit.divergence import percentile
 
     values = np.random.default_rng(0).exponential(size=1001)
     for f in (0.5, 0.99, 0.999):
@@ -98,7 +98,7 @@ def test_percentiles_as_llamacpp():
 
 
 def test_paired_bootstrap_is_seeded_and_covers():
-    from gptopt_core.divergence import paired_bootstrap, ppl_ratio
+    from gptopt_core.kit.divergence import paired_bootstrap, ppl_ratio
 
     rng = np.random.default_rng(0)
     tokens = np.full(40, 512)
@@ -122,7 +122,7 @@ def test_paired_bootstrap_is_seeded_and_covers():
 def test_eval_after_quantize_reports_kl_and_the_base_is_cached(tmp_path, monkeypatch):
     """eval quantize eval: the first eval's log-probs are the base (no extra pass), the second eval reports KL;
     a second run finds the base on disk; without the first eval the base is computed before quantize."""
-    import gptopt_core.evaluate as evaluate
+    import gptopt_core.kit.evaluate as evaluate
     from gptopt_core.pipeline import Pipeline
 
     monkeypatch.setenv("GPTOPT_CACHE", str(tmp_path / "cache"))
@@ -183,7 +183,7 @@ def test_builtin_stdlib_docs_reads_docstrings_in_source_order(tmp_path, monkeypa
     (a fake standard library, so the test does not parse the real one)."""
     import sysconfig
 
-    from gptopt_core.data import load_documents
+    from gptopt_core.kit.data import load_documents
 
     (tmp_path / "json").mkdir()
     (tmp_path / "test").mkdir()

@@ -26,7 +26,7 @@ def _rec(result, name):
 
 
 def _target_weights(model):
-    from gptopt_core.modules import weight_modules
+    from gptopt_core.kit.modules import weight_modules
 
     return [m.weight for _, m in weight_modules(model)]
 
@@ -151,7 +151,7 @@ def test_penalty_mode_adds_lambda_sum_abs_to_the_loss():
     res = _run("tiny-random-llama", ("l1", {"weight": lam, "mode": "penalty", "select": "all"}),
                ("finetune", {**TRAIN, "steps": 1}))
     m = _rec(res, "finetune")["metrics"]
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     fresh = tiny_model("tiny-random-llama")[0]
     expected = lam * sum(float(w.abs().sum()) for w in _target_weights(fresh))

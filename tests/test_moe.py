@@ -457,7 +457,7 @@ def test_the_cli_refuses_what_llamacpp_computes_differently_and_writes_nothing(t
     import warnings
 
     from gptopt_core.cli import TERMINATING, main
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     model, _ = tiny_model("tiny-random-qwen3-moe")
     model.config.norm_topk_prob = False
@@ -519,7 +519,7 @@ def test_a_mixtral_pruned_to_half_its_experts_reloads_in_transformers_and_runs_i
     torch's logits on every position."""
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.testing import make_context
     from gptopt_export.gguf_writer import write_gguf
     from gptopt_export.llamacpp import next_token_logits
 

@@ -6,7 +6,7 @@ import torch
 from moe_models import save_tiny_moe
 
 from gptopt_core import GptoptError, ParamsError, Pipeline
-from gptopt_core.testing import make_context
+from gptopt_core.kit.testing import make_context
 from gptopt_transfer.step import LoraStep, resolve_targets
 
 FAST = dict(steps=2, seq_len=32, batch_size=2, eval_every=0)

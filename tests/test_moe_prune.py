@@ -7,7 +7,7 @@ from conftest import error_lines, run_gptopt
 from moe_models import save_tiny_moe
 
 from gptopt_core import GptoptError, ParamsError, Pipeline, calibration_batches
-from gptopt_core.testing import make_context
+from gptopt_core.kit.testing import make_context
 from gptopt_prune import PruneExpertsStep
 
 CALIB = {"calib_samples": 4, "calib_seq_len": 64}

@@ -1,4 +1,4 @@
-"""The one OBS solver (``gptopt_core.obs``): quantize's GPTQ and prune's SparseGPT are two rules on one column loop.
+"""The one OBS solver (``gptopt_core.kit.obs``): quantize's GPTQ and prune's SparseGPT are two rules on one column loop.
 
 Equality with the textbook algorithms is in tests/test_gptq.py and tests/test_sparsegpt.py; here: the solver with
 a plugin's own rule equals the textbook OBS loop, and the two built-in rules agree where they must (SparseGPT

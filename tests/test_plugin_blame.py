@@ -6,7 +6,7 @@ import pytest
 
 from gptopt_core import Pipeline, SourceError, StepFailed, hookimpl
 from gptopt_core.plugins import CORE, PluginHookError, PluginLoadWarning, Plugins
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 
 TINY = {"model": "tiny-random-gpt2", "device": "cpu", "quiet": True}
 EVAL = {"max_tokens": 200, "block_size": 64}

@@ -84,7 +84,7 @@ def test_masks_are_kept_by_the_prune_plugins_hook_not_the_training_loop():
 
 def test_distillation_options_belong_to_the_transfer_plugin():
     from gptopt_core import ParamsError, Step
-    from gptopt_core.training import TrainParams
+    from gptopt_core.kit.training import TrainParams
 
     assert "distill_from" not in TrainParams.model_fields
 
@@ -100,7 +100,7 @@ def test_distillation_options_belong_to_the_transfer_plugin():
 
 def test_l1_reads_a_later_pruning_steps_plan_facts_whoever_provides_it():
     from gptopt_core import Pipeline, Step
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     class MyPrune(Step):
         """A third-party pruner: promises masks, chosen per layer, 30%."""
@@ -126,7 +126,7 @@ def test_l1_reads_a_later_pruning_steps_plan_facts_whoever_provides_it():
 
 def test_a_plugin_steps_declared_columns_reach_the_summary_and_report(tmp_path):
     from gptopt_core import Pipeline, Step, hookimpl
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     class Count(Step):
         """Count weight layers."""

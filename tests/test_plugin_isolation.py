@@ -13,7 +13,7 @@ from conftest import error_lines, run_gptopt
 
 from gptopt_core import GptoptError, Step, hookimpl
 from gptopt_core.plugins import CORE, PluginLoadWarning, Plugins
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 
 
 class Good(Step):

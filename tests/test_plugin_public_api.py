@@ -61,7 +61,7 @@ def test_no_plugin_imports_another_plugin():
 
 def test_every_public_name_resolves_and_is_documented_with_its_signature():
     text = (ROOT / "docs" / "python-api.md").read_text()
-    assert text == docgen.python_api_markdown(), "docs/python-api.md is stale: run python -m gptopt_core.docgen"
+    assert text == docgen.python_api_markdown(), "docs/python-api.md is stale: run python -m gptopt_core.tools.docgen"
     for name in gptopt_core.__all__:
         obj = getattr(gptopt_core, name)
         assert f"### `{name}" in text or f"### `class {name}" in text, name
@@ -72,6 +72,6 @@ def test_every_public_name_resolves_and_is_documented_with_its_signature():
 
 def test_public_helpers_load_lazily():
     code = ("import sys, gptopt_core; assert 'torch' not in sys.modules; "
-            "gptopt_core.perplexity; assert 'gptopt_core.evaluate' in sys.modules; print('ok')")
+            "gptopt_core.perplexity; assert 'gptopt_core.kit.evaluate' in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from gptopt_core import Pipeline
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 
 EVAL = {"max_tokens": 65, "block_size": 64}
 

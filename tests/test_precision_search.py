@@ -43,7 +43,7 @@ def test_swapped_modules_restores_in_order_also_after_an_error():
 
 
 def test_nll_with_modules_measures_the_swapped_model_and_restores_it():
-    from gptopt_core.testing import make_context
+    from gptopt_core.kit.testing import make_context
 
     ctx = make_context(model="tiny-random-llama")
     model, blocks = ctx.model, ctx.calibration_blocks(2, 32)

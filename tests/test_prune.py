@@ -6,8 +6,8 @@ import torch
 from conftest import error_lines, run_gptopt
 
 from gptopt_core import ParamsError, Params, Pipeline, PlanError, Step, hookimpl
-from gptopt_core.modules import weight_matrix, weight_modules
-from gptopt_core.testing import make_context, register_plugin
+from gptopt_core.kit.modules import weight_matrix, weight_modules
+from gptopt_core.kit.testing import make_context, register_plugin
 from gptopt_prune import PruneStep
 from gptopt_prune.pruning import keep_global, keep_layer, keep_nm, keep_rows
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gptopt_core import Pipeline
-from gptopt_core.modules import weight_matrix, weight_modules
+from gptopt_core.kit.modules import weight_matrix, weight_modules
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptopt_core import GptoptError, Pipeline
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 from gptopt_core.recipes import normalize_recipe
 
 

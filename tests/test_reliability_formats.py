@@ -20,7 +20,7 @@ from test_reliability_runs import dead_pid
 
 from gptopt_core import GptoptError, Pipeline
 from gptopt_core.errors import MAX_MESSAGE, user_error
-from gptopt_core.paths import LOCK_NAME, RunLock, clean_stale_partials
+from gptopt_core.kit.paths import LOCK_NAME, RunLock, clean_stale_partials
 
 G2, LL = "tiny-random-gpt2", "tiny-random-llama"
 
@@ -146,7 +146,7 @@ def test_the_next_export_removes_part_files_of_dead_exports(tmp_path):
 
 
 def test_offload_dirs_of_dead_processes_are_removed(tmp_path):
-    from gptopt_core.offload import DiskStore
+    from gptopt_core.kit.offload import DiskStore
 
     dead = tmp_path / f"gptopt-offload-{dead_pid()}-abcd"
     live = tmp_path / f"gptopt-offload-{os.getppid()}-efgh"
@@ -270,7 +270,7 @@ def test_a_gguf_claiming_billions_is_refused_in_bounded_memory(llama_gguf, tmp_p
 def test_any_edit_of_a_gguf_header_loads_or_fails_in_one_line(llama_gguf, tmp_path_factory, data):
     """Bytes of the header (keys, values, tensor table) overwritten, or the file cut: a model comes back or one
     SourceError line; nothing else escapes, each case in seconds and bounded memory."""
-    from gptopt_core.gguf_files import load_gguf
+    from gptopt_core.kit.gguf_files import load_gguf
 
     raw, header_end = llama_gguf
     blob = bytearray(raw)

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptopt_core import GptoptError, Pipeline, Step, hookimpl
-from gptopt_core.data import TextData, tokenize_bounded
+from gptopt_core.kit.data import TextData, tokenize_bounded
 from gptopt_core.errors import MAX_MESSAGE
-from gptopt_core.paths import LOCK_NAME, RunLock, clean_stale_partials
+from gptopt_core.kit.paths import LOCK_NAME, RunLock, clean_stale_partials
 from gptopt_core.plugins import get_plugins
 
 
@@ -154,8 +154,8 @@ def test_data_files_are_read_without_quiet_loss(tmp_path):
 
 
 def test_long_text_is_tokenized_in_pieces_with_the_same_ids(monkeypatch):
-    import gptopt_core.data as data_mod
-    from gptopt_core.models import byte_tokenizer
+    import gptopt_core.kit.data as data_mod
+    from gptopt_core.kit.models import byte_tokenizer
 
     tok = byte_tokenizer()
     text = ("A line of text with words. " * 40 + "\n") * 30
@@ -238,7 +238,7 @@ def test_a_plugin_error_is_one_bounded_line(tmp_path, capsys, monkeypatch):
     import warnings
 
     from gptopt_core.cli import main
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.txt").write_text("Some text. " * 50)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gptopt_core import GptoptError, Pipeline, Step
 from gptopt_core.errors import MAX_MESSAGE
-from gptopt_core.paths import check_output_path
+from gptopt_core.kit.paths import check_output_path
 from gptopt_core.recipes import load_recipe_text, parse_recipe
 
 # ~400 bytes that expand to 10**9 strings in a loader that follows aliases
@@ -142,7 +142,7 @@ def test_check_output_path_refuses_bytes_and_returns_the_resolved_path(tmp_path)
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     d = tmp_path_factory.mktemp("peft")
     model, tok = tiny_model("tiny-random-gpt2")
@@ -155,7 +155,7 @@ def adapter_dir(tmp_path_factory):
 
 
 def test_pickle_adapter_needs_allow_pickle(adapter_dir):
-    from gptopt_core.models import check_local_dir
+    from gptopt_core.kit.models import check_local_dir
 
     with pytest.raises(GptoptError, match="pickle adapter \\(adapter_model.bin\\); pass --allow-pickle"):
         check_local_dir(adapter_dir, allow_pickle=False)

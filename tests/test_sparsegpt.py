@@ -3,9 +3,9 @@ quantization), and ``prune --method sparsegpt`` records masks (and grids) like t
 import pytest
 import torch
 
-from gptopt_core.grids import fake_quantize, fit_group, grid_of, on_grid
-from gptopt_core.modules import weight_modules
-from gptopt_core.testing import make_context
+from gptopt_core.kit.grids import fake_quantize, fit_group, grid_of, on_grid
+from gptopt_core.kit.modules import weight_modules
+from gptopt_core.kit.testing import make_context
 from gptopt_prune import PruneStep
 from gptopt_prune.sparsegpt import drop_lowest, lazy_block_size, sparsegpt_prune
 from test_gptq import random_layer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptopt_core import GptoptError, hookimpl
-from gptopt_core.models import tiny_model
+from gptopt_core.kit.models import tiny_model
 
 TEXT = ("Digits 3 33 333 3333 12345678 3.14\n  two  spaces,   three,\ttab\t\ttabs\n\n\nnewlines\r\n"
         "def f(x):\n    return {'a': x ** 2}  # code\ncafé naïve Ünïcödé — I've 'RE 'll don't\n"
@@ -145,8 +145,8 @@ def test_a_plugin_adds_a_pre_tokenizer(tmp_path):
     from tokenizers import pre_tokenizers as pt
 
     from gptopt_core import PreTokenizer, pre_tokenizer_table
-    from gptopt_core.pretokenizers import signature_of
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.pretokenizers import signature_of
+    from gptopt_core.kit.testing import register_plugin
 
     tok = trained_bpe(pt.Sequence([pt.Split(Regex(r"\w+|\s+|[^\w\s]+"), "isolated"),
                                    pt.ByteLevel(add_prefix_space=False, use_regex=False)]), vocab_size=400)
@@ -177,7 +177,7 @@ def test_a_plugin_adds_a_pre_tokenizer(tmp_path):
 def test_qwen2_directory_saved_by_gptopt_exports(tmp_path):
     """transformers 5 reloads a saved Qwen2 directory with Qwen2's own tokenizer class (Split + ByteLevel), whatever
     tokenizer was saved: its rules name llama.cpp's qwen2, and llama.cpp reads the text as transformers does."""
-    from gptopt_core.models import load_local_dir
+    from gptopt_core.kit.models import load_local_dir
 
     model, tok = tiny_model("tiny-random-qwen2")
     model.save_pretrained(tmp_path / "q")

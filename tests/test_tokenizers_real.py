@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptopt_core import SourceError
-from gptopt_core.real_tokenizers import REAL_TOKENIZERS, real_tokenizer_dir
+from gptopt_core.kit.real_tokenizers import REAL_TOKENIZERS, real_tokenizer_dir
 
 TEXT = ("Digits 3 33 333 3333 12345678 3.14 1,000,000\n  two  spaces,   three,\ttab\t\ttabs\n\n\nnewlines\r\n"
         "def f(x):\n    return {'a': x ** 2}  # code\n"
@@ -22,7 +22,7 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 @functools.lru_cache(maxsize=None)
 def tokenizer_of(name):
     """The real tokenizer ``name``, loaded once per session (Llama 2's goes on three families)."""
-    from gptopt_core.models import load_tokenizer
+    from gptopt_core.kit.models import load_tokenizer
 
     try:
         return load_tokenizer(str(real_tokenizer_dir(name)))
@@ -104,7 +104,7 @@ def test_gguf_source_tokenizer_exports_again(tmp_path):
     """A model loaded from a GGUF file with a SentencePiece-style vocabulary (transformers rebuilds its tokenizer
     from the file) exports with the same tokenizer: llama.cpp's ids on the second file equal the original
     tokenizer's. (transformers takes minutes to rebuild a 280k-merge byte-level BPE from GGUF, so Llama 2's.)"""
-    from gptopt_core.models import load_gguf
+    from gptopt_core.kit.models import load_gguf
     from gptopt_export.gguf_writer import write_gguf
 
     row = REAL_TOKENIZERS["llama2"]

@@ -1,4 +1,4 @@
-"""The core training loop (gptopt_core.training) on the tiny models: data order, accumulation, schedule, masks,
+"""The core training loop (gptopt_core.kit.training) on the tiny models: data order, accumulation, schedule, masks,
 hooks, checkpoint state."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gptopt_core import ParamsError, hookimpl
-from gptopt_core.testing import make_context, register_plugin
-from gptopt_core.training import TrainParams, Trainer, train
+from gptopt_core.kit.testing import make_context, register_plugin
+from gptopt_core.kit.training import TrainParams, Trainer, train
 
 FAST = dict(seq_len=32, batch_size=2, lr=1e-3)
 
@@ -18,7 +18,7 @@ def llama_ctx():
 
 
 def fresh(ctx, name="tiny-random-llama"):
-    from gptopt_core.models import tiny_model
+    from gptopt_core.kit.models import tiny_model
 
     ctx.model = tiny_model(name)[0]
     ctx.state.clear()
@@ -155,7 +155,7 @@ def test_no_code_reaches_into_accelerates_private_state():
 
 def test_fp16_scales_gradients_and_checkpoints_the_scale(llama_ctx, monkeypatch):
     """fp16 needs a CUDA GPU from the command line; here the CPU's fp16 autocast drives the same scaler path."""
-    import gptopt_core.training as training
+    import gptopt_core.kit.training as training
 
     monkeypatch.setattr(training, "resolve_precision", lambda precision, device: "fp16")
     trainer = Trainer(llama_ctx, fresh(llama_ctx), TrainParams(steps=2, **FAST))

@@ -18,9 +18,9 @@ FAST = dict(steps=2, seq_len=32, batch_size=2)
 
 
 def ppl(model, n=600):
-    from gptopt_core.data import TextData
-    from gptopt_core.evaluate import perplexity
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.data import TextData
+    from gptopt_core.kit.evaluate import perplexity
+    from gptopt_core.kit.models import byte_tokenizer
 
     data = TextData.load("builtin:pydoc", byte_tokenizer())
     return perplexity(model, data.valid_ids, 128, 128, n)["perplexity"]
@@ -66,7 +66,7 @@ def test_prune_then_finetune_and_lora_merge_keep_sparsity_exact(tmp_path, model)
     assert "adapter" not in lora["facts"] and "trains" not in lora["facts"]
     from transformers import AutoModelForCausalLM
 
-    from gptopt_core.metrics import sparsity
+    from gptopt_core.kit.metrics import sparsity
 
     plain = AutoModelForCausalLM.from_pretrained(str(out))
     assert type(plain).__module__.startswith("transformers")

@@ -7,7 +7,7 @@ def test_smollm2_wanda_lora_merge_keeps_exact_sparsity(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from gptopt_core import Pipeline
-    from gptopt_core.metrics import sparsity
+    from gptopt_core.kit.metrics import sparsity
 
     out = tmp_path / "m"
     r = (Pipeline(model="smollm2-135m", quiet=True, device="cpu")

@@ -26,7 +26,7 @@ def head32_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from gptopt_core.models import byte_tokenizer
+    from gptopt_core.kit.models import byte_tokenizer
 
     tok = byte_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

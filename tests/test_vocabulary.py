@@ -10,7 +10,7 @@ from conftest import ROOT
 from gptopt_core import FACTS, STATE_KEYS, Fact, GptoptError, MatrixCell, StateKey, hookimpl
 from gptopt_core.matrix import CELLS
 from gptopt_core.plugins import Plugins, get_plugins
-from gptopt_core.testing import register_plugin
+from gptopt_core.kit.testing import register_plugin
 from gptopt_core.vocabulary import State, UndeclaredStateKey, records
 
 
@@ -64,7 +64,7 @@ def test_a_plugins_words_come_and_go_with_it():
         assert STATE_KEYS["hello_count"] == ("test-words", "greetings so far")
         assert FACTS["greeted"] == ("test-words", "the model was greeted")
         assert CELLS["hello"].why_not == "needs a GGUF layout"
-        from gptopt_core.klbase import is_lossy
+        from gptopt_core.kit.klbase import is_lossy
 
         step = types.SimpleNamespace(plugins=None, next_facts=lambda facts: {"greeted:twice"})
         assert is_lossy(step)

@@ -1,5 +1,5 @@
 """W8A8 (issue 35): ``quantize --method rtn|gptq --bits 8 --activations 8`` puts weights on int8 per-channel
-symmetric grids and quantizes every quantized layer's input to int8 per token (gptopt_core.activations), so eval
+symmetric grids and quantizes every quantized layer's input to int8 per token (gptopt_core.kit.activations), so eval
 measures what vLLM's int8 kernels compute; ``save --format compressed-tensors`` writes it ``int-quantized`` with
 ``input_activations``, and both gptopt and plain transformers read it back. (vLLM itself: docs/save-formats.md.)"""
 import json
@@ -9,9 +9,9 @@ import torch
 from test_bad_input import run_in_process
 
 from gptopt_core import Pipeline
-from gptopt_core.activations import input_quant_layers, quantize_tokens
-from gptopt_core.evaluate import perplexity
-from gptopt_core.grids import grid_codes, grid_of
+from gptopt_core.kit.activations import input_quant_layers, quantize_tokens
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.grids import grid_codes, grid_of
 
 EVAL = {"block_size": 128, "max_tokens": 512}
 #: the config group llm-compressor's W8A8 preset is written with and vLLM's CompressedTensorsW8A8Int8 selects

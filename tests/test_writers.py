@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from gptopt_core import GptoptError, Pipeline, PlanError, Writer, hookimpl
 from gptopt_core.plugins import get_plugins
-from gptopt_core.testing import make_context, register_plugin
+from gptopt_core.kit.testing import make_context, register_plugin
 
 LL = "tiny-random-llama"
 PRUNE = ("prune", {"method": "magnitude", "sparsity": 0.5})

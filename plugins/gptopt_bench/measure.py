@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptopt_core import GptoptError, GenerateTiming, PerfCounterTimer, generation_kwargs, time_generate  # noqa: F401
+from gptopt_core import GptoptError
+from gptopt_core.kit.decode import GenerateTiming, PerfCounterTimer, generation_kwargs, time_generate
 
 
 # -- statistics --------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, model_bytes, model_device
+from gptopt_core import GptoptError, Params, PlanError, Step
+from gptopt_core.kit.evaluate import model_device
+from gptopt_core.kit.metrics import model_bytes
+from gptopt_core.options import as_percent
 
 #: workload parameters: two benches are compared only when these match
 WORKLOAD = ("prompt_tokens", "new_tokens", "batch_size")

@@ -6,7 +6,8 @@ The plugin's shape (docs/architecture.md): this module holds the hooks only, :mo
 :mod:`.report` the auto table; the torch work is in :mod:`.run`, :mod:`.convert`, :mod:`.guard`, :mod:`.timing`, and
 :mod:`.serialize` (saving, loading: torch imported inside its functions), imported where they run.
 """
-from gptopt_core import Fact, MatrixCell, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import Fact, MatrixCell
 
 from .report import report_sections
 from .serialize import load_converted, resolve

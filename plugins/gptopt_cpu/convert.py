@@ -16,7 +16,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from gptopt_core import is_conv1d, matches, replace_module
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import matches
+from gptopt_core.kit.sensitivity import replace_module
 
 INT8_FORMATS = ("int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 AO_FORMATS = ("ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")

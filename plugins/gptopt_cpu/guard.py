@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 
-from gptopt_core import calibration_nll, matches, module_sensitivity, nll_with_modules, smallest_within
+from gptopt_core.kit.modules import matches
+from gptopt_core.kit.precision_search import nll_with_modules, smallest_within
+from gptopt_core.kit.sensitivity import calibration_nll, module_sensitivity
 
 from .convert import convert_module, linear_names
 

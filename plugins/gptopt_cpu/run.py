@@ -6,7 +6,9 @@ import gc
 
 import torch
 
-from gptopt_core import GptoptError, model_bytes, perplexity
+from gptopt_core import GptoptError
+from gptopt_core.kit.evaluate import perplexity
+from gptopt_core.kit.metrics import model_bytes
 
 from .convert import BF16_BASED, INT8_FORMATS, compile_model, convert_model, float_dtype, torchao_problem
 from .guard import guard_plan
@@ -41,7 +43,7 @@ def moe_dtypes(model) -> dict:
     """What the conversion did to a mixture of experts (``{}`` for a dense model): bf16 casts the fused expert
     weights and routers with the model; the int8 formats convert linear layers only, so experts and routers stay
     float32."""
-    from gptopt_core import moe_effect, moe_layers
+    from gptopt_core.kit.experts import moe_effect, moe_layers
 
     blocks = moe_layers(model)
     if not blocks:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptopt_core import LoadedModel, SourceError, check_local_dir, error_text
+from gptopt_core import SourceError, error_text
+from gptopt_core.kit.models import LoadedModel, check_local_dir
 
 RECORD = "gptopt_cpu.json"
 WEIGHTS = "gptopt_cpu.safetensors"

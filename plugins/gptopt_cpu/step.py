@@ -5,7 +5,9 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, PlanError, Step, as_percent, matches
+from gptopt_core import GptoptError, Params, PlanError, Step
+from gptopt_core.kit.modules import matches
+from gptopt_core.options import as_percent
 
 FORMAT_CHOICES = ("auto", "bf16", "int8-dynamic", "ao-int8-weight", "ao-int8-weight-bf16", "ao-int8-dynamic")
 #: what ``auto`` may choose from, in the order the table shows them (``fp32`` is the reference row)

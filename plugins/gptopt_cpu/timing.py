@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-from gptopt_core import generation_kwargs, time_generate
+from gptopt_core.kit.decode import generation_kwargs, time_generate
 
 
 def time_decode(model, input_ids, new_tokens: int, pad_token_id=0) -> dict:

@@ -5,7 +5,7 @@ Chosen by the model's facts (``cpu-only``, ``quantized:cpu-int8``, ``quantized:c
 """
 from __future__ import annotations
 
-from gptopt_core import Writer
+from gptopt_core.writers import Writer
 
 
 class CpuFastWriter(Writer):

@@ -1,6 +1,6 @@
 """gptopt-ctensors: the ``compressed-tensors`` save format (``save --format compressed-tensors``) and its loader.
 
-Integer weight grids (:mod:`gptopt_core.grids`, e.g. from ``quantize --method rtn|gptq``) are written packed with
+Integer weight grids (:mod:`gptopt_core.kit.grids`, e.g. from ``quantize --method rtn|gptq``) are written packed with
 their fp16 scales (``pack-quantized``, one config group per scheme and layer kind, full-precision layers in
 ``ignore``), as llm-compressor writes W4A16 / W8A16 checkpoints; embeddings / heads as ``naive-quantized`` int8,
 GPT-2 Conv1D layers in column blocks (:mod:`.layout`). Plain ``AutoModelForCausalLM.from_pretrained(dir)`` reads
@@ -15,7 +15,8 @@ checks), :mod:`.writer` / :mod:`.reader` / :mod:`.layout` / :mod:`.packing` the 
 (imported inside their functions), :mod:`.moe` the per-expert layout of mixture-of-experts models. See
 docs/save-formats.md.
 """
-from gptopt_core import MatrixCell, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import MatrixCell
 
 from .reader import load_model, resolve
 from .saveformat import CompressedTensorsFormat, plain_note

@@ -16,13 +16,15 @@ Conventions (compressed-tensors 0.20.1; see docs/save-formats.md for why each la
   ``block`` strategy, blocks ``[group, 1]`` (``[rows, 1]`` per channel), zero points unpacked int8 (compressed-tensors
   packs zero points only for ``group`` / ``channel``), so that a decompressed weight is the ``Conv1D`` weight itself;
 * W8A8 ``nn.Linear`` layers (kind ``int``: int8 per-channel symmetric weights whose inputs are quantized,
-  :mod:`gptopt_core.activations`): ``int-quantized``, the codes as an int8 ``weight``, fp16 ``weight_scale``
+  :mod:`gptopt_core.kit.activations`): ``int-quantized``, the codes as an int8 ``weight``, fp16 ``weight_scale``
   ``(out, 1)``, and ``input_activations`` int8 / token / symmetric / dynamic (no tensor: the scales are computed at
   run time), as llm-compressor writes its W8A8 preset and vLLM's ``CompressedTensorsW8A8Int8`` reads it.
 """
 from __future__ import annotations
 
-from gptopt_core import input_quant_of, is_conv1d, weight_matrix
+from gptopt_core.kit.activations import input_quant_of
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import weight_matrix
 
 FORMAT = "pack-quantized"
 NAIVE = "naive-quantized"

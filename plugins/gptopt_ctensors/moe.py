@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptopt_core import GptoptError, WeightGrid, expert_layers, fit_grid, grid_of, moe_layers, on_grid
+from gptopt_core import GptoptError
+from gptopt_core.kit.experts import expert_layers, moe_layers
+from gptopt_core.kit.grids import WeightGrid, fit_grid, grid_of, on_grid
 
 #: per-expert linear names (gate, up, down) by model type; every other family uses transformers' Qwen-style names
 LEAVES = {"mixtral": ("w1", "w3", "w2")}

@@ -4,19 +4,22 @@ transformers' own compressed-tensors quantizer (plain ``from_pretrained``) reads
 produces (some only de-quantized, see :func:`.layout.plain_transformers`), but - since compressed-tensors 0.15
 dropped its sparse compressors - not the bitmask formats. This reader decodes every tensor the writer
 (:mod:`.writer`) produces, and what llm-compressor writes in the same formats, into the model's own layers; grid
-layers get their :class:`gptopt_core.grids.WeightGrid` back, so ``model_bytes`` counts them packed again.
+layers get their :class:`gptopt_core.kit.grids.WeightGrid` back, so ``model_bytes`` counts them packed again.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from gptopt_core import (GptoptError, InputQuant, LoadedModel, SourceError, WeightGrid, attach_grid,
-                         attach_input_quant, check_local_dir, error_text, is_conv1d)
+from gptopt_core import GptoptError, SourceError, error_text
+from gptopt_core.kit.activations import InputQuant, attach_input_quant
+from gptopt_core.kit.grids import WeightGrid, attach_grid
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.models import LoadedModel, check_local_dir
 
 
 def read_config(path: Path) -> dict:
     """config.json through the core's safe loader (regular file, size-capped, plain JSON)."""
-    from gptopt_core import load_structured_file
+    from gptopt_core.kit.inputs import load_structured_file
 
     return load_structured_file(Path(path) / "config.json", "--model", kind="JSON")
 

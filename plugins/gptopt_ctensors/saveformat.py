@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import sys
 
-from gptopt_core import SaveFormat, find_fact, grid_layers, input_quant_of, is_conv1d, on_grid
+from gptopt_core.kit.activations import input_quant_of
+from gptopt_core.kit.grids import grid_layers, on_grid
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.saveformats import SaveFormat
+from gptopt_core.steps import find_fact
 
 from .writer import write
 

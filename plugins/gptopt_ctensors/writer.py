@@ -1,6 +1,6 @@
 """Write a model's integer grids (packed, with fp16 scales) and pruning masks (bitmask / 2:4) as compressed-tensors.
 
-The integers come from :func:`gptopt_core.grids.grid_codes` (never re-rounded) and are packed by compressed-tensors'
+The integers come from :func:`gptopt_core.kit.grids.grid_codes` (never re-rounded) and are packed by compressed-tensors'
 own ``pack_to_int32``; bitmasks by its ``pack_bitmasks``. Layers neither on a grid nor sparse are written as they
 are held (float32 for gptopt's models). See :mod:`.layout` for the conventions.
 """
@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 
-from gptopt_core import GptoptError, grid_codes, grid_layers, input_quant_of, is_conv1d, weight_matrix
+from gptopt_core import GptoptError
+from gptopt_core.kit.activations import input_quant_of
+from gptopt_core.kit.grids import grid_codes, grid_layers
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import weight_matrix
 
 from . import layout, moe
 from .packing import packed_codes

@@ -5,7 +5,8 @@ speed on bench's workload). See docs/export.md.
 
 Heavy imports (torch, gguf, numpy, llama_cpp) happen inside the steps only.
 """
-from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import Fact, MatrixCell, StateKey
 
 from .fileformat import GgufWriter
 from .step import ExportStep, LlamacppStep

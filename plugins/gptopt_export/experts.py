@@ -11,7 +11,9 @@ experts' rows in order) and ``--type auto`` writes it from the codes, exactly as
 """
 from __future__ import annotations
 
-from gptopt_core import GptoptError, WeightGrid, expert_layers, grid_of, moe_blocks, on_grid
+from gptopt_core import GptoptError
+from gptopt_core.kit.experts import expert_layers, moe_blocks
+from gptopt_core.kit.grids import WeightGrid, grid_of, on_grid
 
 
 def _merged_grid(layers, rows: slice):

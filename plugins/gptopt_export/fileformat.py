@@ -9,7 +9,8 @@ writes); ``export``'s GGUF-only inputs (``--imatrix``, ``--plan``) reach it as `
 """
 from __future__ import annotations
 
-from gptopt_core import PlanError, Writer, plan_writer
+from gptopt_core import PlanError
+from gptopt_core.writers import Writer, plan_choice as plan_writer
 
 GGUF = "gguf"
 #: export's options only the gguf writer reads: refused with another --format instead of silently ignored

@@ -11,7 +11,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from gptopt_core import GptoptError, publish_file, remove_stale_temporaries
+from gptopt_core import GptoptError
+from gptopt_core.kit.locks import publish_file
+from gptopt_core.kit.paths import remove_stale_temporaries
 
 from . import ggml_types, plan as export_plan, tensors, types, vocab
 

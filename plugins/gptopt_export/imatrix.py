@@ -26,7 +26,7 @@ from pathlib import Path
 def collect(ctx, n_blocks: int, seq_len: int) -> dict:
     """``{module: (sum of x^2 per input column, float64 numpy; tokens)}`` for every weight layer inside the
     transformer blocks, from ``n_blocks`` train blocks of ``seq_len`` tokens through the model as it stands."""
-    from gptopt_core import calibration_batches, run_blockwise
+    from gptopt_core.kit.calibration import calibration_batches, run_blockwise
 
     sums = {}
 

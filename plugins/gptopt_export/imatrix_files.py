@@ -39,13 +39,13 @@ def _name(name: str) -> str:
 def load(path, where: str | None = None) -> dict:
     """``{tensor name: mean x^2 per input column}`` (float32, ``n_mat * n_cols`` values) from a ``.dat`` (legacy)
     or any other name (GGUF) importance matrix, every file-only check passed (see the module docstring)."""
-    from gptopt_core import check_input_file
+    from gptopt_core.kit.inputs import check_input_file
 
     shown = safe_text(os.fspath(path), 160)
     where = where or f"importance matrix {shown}"
     check_input_file(path, where)
     if os.fspath(path).endswith(".dat"):
-        from gptopt_core import read_input_file
+        from gptopt_core.kit.inputs import read_input_file
 
         return _legacy(read_input_file(path, where, MAX_BYTES), where)
     return _gguf(path, where)

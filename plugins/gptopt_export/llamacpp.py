@@ -1,5 +1,5 @@
 """Running a GGUF file in llama.cpp (through llama-cpp-python): held-out perplexity from its logits on exactly
-the windows ``eval`` scores (``gptopt_core.evaluate.perplexity_of``), and prefill latency / decode tokens/s on
+the windows ``eval`` scores (``gptopt_core.kit.evaluate.perplexity_of``), and prefill latency / decode tokens/s on
 ``bench``'s workload (a prompt of real held-out tokens, greedy decoding, decode = first to last new token).
 """
 from __future__ import annotations
@@ -9,7 +9,8 @@ import os
 import statistics
 import time
 
-from gptopt_core import GptoptError, perplexity_of
+from gptopt_core import GptoptError
+from gptopt_core.kit.evaluate import perplexity_of
 
 INSTALL_HINT = "pip install 'gptopt[llamacpp]' (llama-cpp-python builds llama.cpp from source, ~11 min on 2 cores)"
 

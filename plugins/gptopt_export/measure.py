@@ -5,7 +5,8 @@ import hashlib
 import math
 from pathlib import Path
 
-from gptopt_core import GptoptError, cached_kl_base, kl_metrics, kl_plan
+from gptopt_core import GptoptError
+from gptopt_core.kit.klbase import cached_kl_base, kl_metrics, kl_plan
 
 from . import llamacpp
 
@@ -56,7 +57,7 @@ def check_llama_limits(path, params, ids=None) -> None:
     """What llama.cpp aborts on (exit 134, no message), refused before it is called: a header whose claims its
     tensors contradict (:func:`gptopt_core.check_gguf_file`: e.g. 200,000 blocks), a window or a prompt longer
     than the file's context, token ids beyond its vocabulary."""
-    from gptopt_core import check_gguf_file
+    from gptopt_core.kit.gguf_files import check_gguf_file
 
     info = check_gguf_file(path, f"llamacpp: {path}")
     limit = info["context_length"]

@@ -63,7 +63,7 @@ def with_weight(module, weight):
 
     import torch
 
-    from gptopt_core import is_conv1d
+    from gptopt_core.kit.layertypes import is_conv1d
 
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
@@ -76,7 +76,7 @@ def candidates(chosen, upgrade: str, embeddings):
     """``[(source, low Choice, upgraded Choice, weight)]``: float weights that ``--type`` (``--embeddings``)
     quantizes and the upgrade makes bigger: block weights, and an output head and input embedding that are not
     tied (a tied pair is one tensor in the file, and replacing one module would measure half of it)."""
-    from gptopt_core import weight_matrix
+    from gptopt_core.kit.modules import weight_matrix
 
     head = next((s for s, _ in chosen if s.role == "head"), None)
     untied = head is not None and head.module is not None
@@ -102,7 +102,7 @@ def check_budget(chosen, max_bpw: float) -> float:
 
 def auto_plan(ctx, chosen, upgrade: str, max_bpw: float, n_blocks: int, embeddings, importance) -> tuple:
     """``({GGUF name: type}, metrics)``: the upgrades ``--plan auto`` picks (see the module docstring)."""
-    from gptopt_core import module_sensitivity
+    from gptopt_core.kit.sensitivity import module_sensitivity
 
     started = time.perf_counter()
     base_bpw = check_budget(chosen, max_bpw)
@@ -140,7 +140,8 @@ def read_plan_file(path) -> dict:
     """``{name: type}`` from a ``--plan`` JSON/YAML file, every check the file alone allows passed (before the model
     loads): a regular file read by the one safe loader, a non-empty mapping of names (strings) to known GGUF type
     names (strings). One-line errors, names and values escaped."""
-    from gptopt_core import load_structured_file, safe_text
+    from gptopt_core import safe_text
+    from gptopt_core.kit.inputs import load_structured_file
 
     where = f"export --plan {path}"
     data = load_structured_file(path, where)

@@ -21,7 +21,7 @@ def fingerprint(model) -> tuple:
     """What a plan depends on in ``model``: modules, their parameters (identity, storage, shape, dtype and
     in-place version) and attached grids, and the config. A model whose tensors carry no version counter
     (inference tensors) gets a fresh object: never equal, so its plan is never reused."""
-    from gptopt_core import grid_of
+    from gptopt_core.kit.grids import grid_of
 
     out = []
     try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from gptopt_core import GptoptError, architecture_of, unsupported_architecture
+from gptopt_core import GptoptError
+from gptopt_core.architectures import architecture_of, unsupported as unsupported_architecture
 
 @dataclass
 class Source:
@@ -23,7 +24,7 @@ class Source:
     name: str  # GGUF tensor name, e.g. blk.0.attn_q.weight
     values: Any  # torch.Tensor float32
     origin: str  # "float" | "grid" | "bnb-int8" | "bnb-nf4" | "bnb-fp4" | "grid-changed"
-    grid: Any = None  # gptopt_core.grids.WeightGrid (rows permuted like values) when origin == "grid"
+    grid: Any = None  # gptopt_core.kit.grids.WeightGrid (rows permuted like values) when origin == "grid"
     codes: Any = None  # int32 (out, in) codes on ``grid``
     role: str = "weight"  # "weight" | "embedding" | "head" | "norm" | "bias" | "position" | "router"
     hf_name: str = ""
@@ -34,7 +35,7 @@ class Source:
 def family(model, plugins=None):
     """The model's row of the architecture table, when it says how llama.cpp writes it; a one-line
     :class:`GptoptError` naming the exportable families otherwise."""
-    from gptopt_core import architecture_table
+    from gptopt_core.architectures import architecture_table
 
     found = architecture_of(model, plugins)
     if found is None:
@@ -86,7 +87,7 @@ def _bnb_kind(module) -> Optional[str]:
 
 def dequantized(module):
     """float32 ``(out, in)`` weight of a bitsandbytes layer: the core's one :func:`gptopt_core.dequantized_weight`."""
-    from gptopt_core import dequantized_weight
+    from gptopt_core.kit.modules import dequantized_weight
 
     return dequantized_weight(module)
 
@@ -95,7 +96,8 @@ def _source(name, module, role, hf_name, rows=None) -> Source:
     """Describe ``module``'s weight (``nn.Linear``, ``Conv1D``, ``nn.Embedding`` or a bitsandbytes layer)."""
     import torch
 
-    from gptopt_core import grid_of, on_grid, weight_matrix
+    from gptopt_core.kit.grids import grid_of, on_grid
+    from gptopt_core.kit.modules import weight_matrix
 
     kind = _bnb_kind(module)
     grid, codes, origin = None, None, "float"
@@ -113,7 +115,7 @@ def _source(name, module, role, hf_name, rows=None) -> Source:
     if rows is not None:
         values = values[rows]
         if grid is not None:
-            from gptopt_core import WeightGrid
+            from gptopt_core.kit.grids import WeightGrid
 
             codes = codes[rows]
             grid = WeightGrid(bits=grid.bits, group_size=grid.group_size, symmetric=grid.symmetric,
@@ -171,7 +173,7 @@ def _role(gguf_name: str) -> str:
 def _is_layer(module) -> bool:
     import torch.nn as nn
 
-    from gptopt_core import is_weight_layer
+    from gptopt_core.kit.layertypes import is_weight_layer
 
     return is_weight_layer(module) or isinstance(module, nn.Embedding) or _bnb_kind(module) is not None
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 
-from gptopt_core import GptoptError, identify_pre_tokenizer, pre_tokenizer_signature, pre_tokenizer_table
+from gptopt_core import GptoptError
+from gptopt_core.kit.pretokenizers import (identify as identify_pre_tokenizer, signature_of as pre_tokenizer_signature,
+                                           pre_tokenizer_table)
 
 from . import vocab_spm
 from .vocab_spm import looks_special

@@ -130,7 +130,7 @@ LLAMA_CPP_HASHES = [
 def builtin_pre_tokenizers() -> list:
     """Every built-in row as a :class:`gptopt_core.PreTokenizer`: llama.cpp's hashes grouped by name, with the
     signatures above."""
-    from gptopt_core import PreTokenizer
+    from gptopt_core.kit.pretokenizers import PreTokenizer
 
     hashes = defaultdict(list)
     for digest, name in LLAMA_CPP_HASHES:

@@ -34,7 +34,8 @@ robustness regularizer λ·‖∇_W L‖₁ for the next training step, through 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.regularizer` the torch work (torch imported inside its functions).
 """
-from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import Fact, MatrixCell, StateKey
 
 from .gradpenalty import Runtime as RobustRuntime
 from .regularizer import SMALL, runtime

@@ -19,7 +19,8 @@ sees W. The penalty's gradient reaches the adapters only.
 """
 from __future__ import annotations
 
-from gptopt_core import GptoptError, is_conv1d
+from gptopt_core import GptoptError
+from gptopt_core.kit.layertypes import is_conv1d
 
 from .regularizer import find_targets
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gptopt_core import GptoptError, is_conv1d, weight_modules
+from gptopt_core import GptoptError
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import weight_modules
 
 SMALL = 1e-3
 

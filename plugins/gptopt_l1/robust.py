@@ -13,7 +13,8 @@ from typing import Annotated, List, Literal
 
 import pydantic
 
-from gptopt_core import Params, PlanError, Step, as_percent
+from gptopt_core import Params, PlanError, Step
+from gptopt_core.options import as_percent
 
 from .gradpenalty import target_names
 from .step import trains

@@ -8,7 +8,8 @@ from typing import Annotated, List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import Params, PlanError, Step, as_percent
+from gptopt_core import Params, PlanError, Step
+from gptopt_core.options import as_percent
 
 from .regularizer import find_targets
 
@@ -106,7 +107,7 @@ class L1Step(Step):
         what = "the weights the later prune removes" if self.plan["select"] == "prunable" else "all weights"
         ctx.log(f"  l1: λ={p.weight} {p.mode} ({p.schedule}) on {what} of {len(names)} layers, "
                 f"during the next {self.plan['train_step']}")
-        from gptopt_core import moe_effect
+        from gptopt_core.kit.experts import moe_effect
 
         return {"l1_weight": p.weight, "l1_select": self.plan["select"], "l1_target_layers": len(names),
                 "l1_sparsity_target": self.plan["sparsity"],

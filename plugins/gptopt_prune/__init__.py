@@ -12,7 +12,8 @@ mixture-of-experts models by their router-weighted output on calibration text (R
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the step,
 :mod:`.pruning`, :mod:`.sparsegpt_step`, :mod:`.sparsegpt` and :mod:`.masks` the torch work.
 """
-from gptopt_core import Fact, MatrixCell, StateKey, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import Fact, MatrixCell, StateKey
 
 from .expert_step import PruneExpertsParams, PruneExpertsStep
 from .masks import reapply_masks

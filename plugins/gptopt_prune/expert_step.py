@@ -10,7 +10,10 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GptoptError, Params, SourceError, Step, as_percent, calibration_batches, model_device
+from gptopt_core import GptoptError, Params, SourceError, Step
+from gptopt_core.kit.calibration import calibration_batches
+from gptopt_core.kit.evaluate import model_device
+from gptopt_core.options import as_percent
 
 from .experts import check_moe, keep_count, prune_layer, reap_scores, routing_rule, set_config_count
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptopt_core import GptoptError, moe_layers
+from gptopt_core import GptoptError
+from gptopt_core.kit.experts import moe_layers
 
 #: config keys that count a model's routed experts (aliases of each other in the families that have both)
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")

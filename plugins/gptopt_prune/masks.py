@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 
-from gptopt_core import mask_targets
+from gptopt_core.kit.modules import mask_targets
 
 #: the running Trainer → [(weight, bool mask)] of the weights it trains, found once per training run
 _targets: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gptopt_core import GptoptError, is_conv1d, is_weight_layer, matches, weight_modules
+from gptopt_core import GptoptError
+from gptopt_core.kit.layertypes import is_conv1d, is_weight_layer
+from gptopt_core.kit.modules import matches, weight_modules
 
 from .scores import calibration_batches, magnitude_score, taylor_scores, wanda
 from .sparsegpt_step import check_sparsegpt_targets, run_sparsegpt

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptopt_core import GptoptError, SourceError, find_blocks, model_device, run_blockwise, split_by_block
-from gptopt_core import calibration_batches as core_calibration_batches
+from gptopt_core import GptoptError, SourceError
+from gptopt_core.kit.calibration import find_blocks, run_blockwise, split_by_block
+from gptopt_core.kit.evaluate import model_device
+from gptopt_core.kit.calibration import calibration_batches as core_calibration_batches
 
 
 def magnitude_score(t: Target):
@@ -98,7 +100,7 @@ def full_pass_norms(model, group, batches) -> NormCollector:
 
 
 def wanda(ctx, model, targets: list[Target], batches, pruner: Pruner, sequential: bool) -> dict:
-    """Wanda, block by block on the core's calibration engine (:func:`gptopt_core.calibration.run_blockwise`):
+    """Wanda, block by block on the core's calibration engine (:func:`gptopt_core.kit.calibration.run_blockwise`):
     the input-channel norms of one decoder block's layers, fed the previous block's outputs.
 
     ``sequential``: each block is pruned before its outputs feed the next block (later blocks see the pruned

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from gptopt_core import ColumnRule, GroupScales, GroupSize, lazy_batch, obs_solve, prepare_obs
+from gptopt_core.kit.groupsize import GroupSize
+from gptopt_core.kit.obs import ColumnRule, GroupScales, lazy_batch, obs_solve, prepare_obs
 
 
 def drop_lowest(score, k: int):
@@ -79,7 +80,7 @@ def sparsegpt_prune(W, H, sparsity: Optional[float] = None, nm: Optional[tuple[i
     :param bits: also quantize the kept weights to ``bits`` (per ``group_size`` columns, a
         :class:`gptopt_core.GroupSize` or an int; ``None``: per channel).
     :returns: ``(W_new, keep, grid, info)``: the new weights, the bool mask (True = kept), the
-        :class:`~gptopt_core.grids.WeightGrid` (``None`` without ``bits``), ``{"loss", "dampening"}``.
+        :class:`~gptopt_core.kit.grids.WeightGrid` (``None`` without ``bits``), ``{"loss", "dampening"}``.
     """
     W, H = prepare_obs(W, H)
     columns = W.shape[1]

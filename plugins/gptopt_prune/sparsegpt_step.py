@@ -1,12 +1,14 @@
 """``prune --method sparsegpt``: :func:`.sparsegpt.sparsegpt_prune` on every selected layer, block by block on
-calibration text (:func:`gptopt_core.calibration.run_blockwise`: the pruned blocks' outputs feed the next block).
+calibration text (:func:`gptopt_core.kit.calibration.run_blockwise`: the pruned blocks' outputs feed the next block).
 
 Masks go to ``ctx.state["masks"]`` like the other methods'; with ``--quantize-bits`` the kept weights land on an
-integer grid (:mod:`gptopt_core.grids`) and ``ctx.state["quantized"]`` names each layer's grid.
+integer grid (:mod:`gptopt_core.kit.grids`) and ``ctx.state["quantized"]`` names each layer's grid.
 """
 from __future__ import annotations
 
-from gptopt_core import GptoptError, attach_grid, run_blockwise, split_by_block, torch_threads
+from gptopt_core import GptoptError
+from gptopt_core.kit.calibration import run_blockwise, split_by_block, torch_threads
+from gptopt_core.kit.grids import attach_grid
 
 from .sparsegpt import sparsegpt_prune
 

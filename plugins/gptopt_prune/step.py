@@ -10,7 +10,9 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from gptopt_core import GroupSize, Params, Step, as_choice, as_group_size, as_percent, group_columns
+from gptopt_core import Params, Step
+from gptopt_core.kit.groupsize import GroupSize
+from gptopt_core.options import as_choice, as_group_size, as_percent, group_columns
 
 from .pruning import preflight, run_prune
 
@@ -163,7 +165,7 @@ class PruneStep(Step):
         preflight(ctx, self.params)
 
     def apply(self, ctx):
-        from gptopt_core import with_experts  # a MoE's experts pruned as linear layers, each on its routed tokens
+        from gptopt_core.kit.experts import with_experts
 
         return with_experts(ctx.model, lambda: run_prune(ctx, self.params), self.params.min_expert_tokens, ctx.log,
                             self.params.offload, "prune")

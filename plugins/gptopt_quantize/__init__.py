@@ -7,7 +7,8 @@ the torch work is in the engine modules (:mod:`.grid`, :mod:`.gptq` for the grid
 :mod:`.convert`, :mod:`.planner`, :mod:`.saving` for bitsandbytes), imported where they run, so that importing this
 module (``gptopt --help``) loads no torch.
 """
-from gptopt_core import MatrixCell, hookimpl
+from gptopt_core import hookimpl
+from gptopt_core.vocabulary import MatrixCell
 
 from .step import QuantizeStep
 from .writer import BitsAndBytesWriter

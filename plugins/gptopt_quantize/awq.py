@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import time
 
-from gptopt_core import calibration_batches, find_blocks, fit_grid, run_blockwise, split_by_block, weight_matrix
+from gptopt_core.kit.calibration import calibration_batches, find_blocks, run_blockwise, split_by_block
+from gptopt_core.kit.grids import fit_grid
+from gptopt_core.kit.modules import weight_matrix
 
 from .awq_fold import family_pairs, fold_scales, source_rows
 

@@ -13,7 +13,7 @@ sensitive to them. Unlike the scales, clipping changes the float model: that is 
 """
 from __future__ import annotations
 
-from gptopt_core import GroupSize
+from gptopt_core.kit.groupsize import GroupSize
 
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5
 #: leaf names the reference leaves unclipped (query / key, and fused projections holding them)
@@ -26,7 +26,7 @@ def clipped_name(name: str) -> bool:
 
 
 def _rounded(W, spec):
-    from gptopt_core import fit_grid
+    from gptopt_core.kit.grids import fit_grid
 
     bits, gs, symmetric, observer = spec
     grid = fit_grid(W, bits, gs, symmetric, observer)

@@ -23,7 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from gptopt_core import GptoptError, architecture_of, architecture_table, is_weight_layer, weight_matrix
+from gptopt_core import GptoptError
+from gptopt_core.architectures import architecture_of, architecture_table
+from gptopt_core.kit.layertypes import is_weight_layer
+from gptopt_core.kit.modules import weight_matrix
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptopt_core import get_module, replace_module, weight_matrix
+from gptopt_core.kit.modules import weight_matrix
+from gptopt_core.kit.sensitivity import get_module, replace_module
 
 # LLM.int8 casts fp32 activations to fp16 by design; bitsandbytes logs that on every matmul
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -3,7 +3,7 @@
 reference code IST-DASLab/gptq ``gptq.py``) with a rule that rounds each column to its group's grid.
 
 Differences from the reference, each chosen so that the result is the textbook column-by-column algorithm
-(``tests/test_gptq.py`` checks equality with one) and lands on a :class:`gptopt_core.grids.WeightGrid`:
+(``tests/test_gptq.py`` checks equality with one) and lands on a :class:`gptopt_core.kit.grids.WeightGrid`:
 
 * groups are contiguous input columns; without act-order a group's scale is fitted when its first column is
   reached, on the weights *as updated so far* (the reference fits on a copy that lacks the updates from earlier
@@ -11,7 +11,7 @@ Differences from the reference, each chosen so that the result is the textbook c
   straddles two blocks;
 * with act-order the scales are fitted on the weights before any update ("static groups" in the reference), so
   the groups stay contiguous in the stored order and need no index table;
-* scales are fp16-exact (``gptopt_core.grids.fit_group``), as every storage format keeps them;
+* scales are fp16-exact (``gptopt_core.kit.grids.fit_group``), as every storage format keeps them;
 * with a pruning ``mask`` the pruned weights are quantized to zero (zero is on every grid: ``lo <= 0 <= hi``) and
   their error is compensated like any other column's, as SparseGPT does with a fixed mask (the reference
   ``sparsegpt.py`` with ``wbits``): the remaining weights are updated in full, pruned ones included, and those are
@@ -19,7 +19,9 @@ Differences from the reference, each chosen so that the result is the textbook c
 """
 from __future__ import annotations
 
-from gptopt_core import ColumnRule, GroupScales, GroupSize, get_observer, lazy_batch, obs_solve, prepare_obs
+from gptopt_core.kit.groupsize import GroupSize
+from gptopt_core.kit.obs import ColumnRule, GroupScales, lazy_batch, obs_solve, prepare_obs
+from gptopt_core.kit.observers import get_observer
 
 
 def hessian_weighting(H, observer: str, gs: int):
@@ -73,7 +75,7 @@ def gptq_quantize(W, H, bits: int, group_size=None, symmetric: bool = True,
     ``mask``: bool ``(out, in)``, ``False`` where a weight is pruned: those come out exactly zero (see above).
     Computes in ``W``'s dtype (float32 for models; the tests use float64).
     :returns: ``(Q, grid, info)``: ``Q`` the de-quantized weights (on ``grid`` exactly), the
-        :class:`~gptopt_core.grids.WeightGrid`, and ``{"loss": sum of (w - q)^2 / [H^-1]_jj / 2, "dampening"}``.
+        :class:`~gptopt_core.kit.grids.WeightGrid`, and ``{"loss": sum of (w - q)^2 / [H^-1]_jj / 2, "dampening"}``.
     """
     import torch
 

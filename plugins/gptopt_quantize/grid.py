@@ -1,12 +1,12 @@
-"""``quantize --method rtn|gptq``: integer grids (:mod:`gptopt_core.grids`) on the linear / ``Conv1D`` layers.
+"""``quantize --method rtn|gptq``: integer grids (:mod:`gptopt_core.kit.grids`) on the linear / ``Conv1D`` layers.
 
 Each quantized layer stays a plain ``nn.Linear`` / ``Conv1D`` holding the de-quantized weights exactly, with a
-:class:`~gptopt_core.grids.WeightGrid` attached, so ``eval`` / ``bench`` run the same numbers a packed kernel
+:class:`~gptopt_core.kit.grids.WeightGrid` attached, so ``eval`` / ``bench`` run the same numbers a packed kernel
 would, and the GGUF / compressed-tensors writers read the integer codes back without re-rounding.
 
-* ``rtn``: round-to-nearest on min-max scales (:func:`gptopt_core.grids.fit_grid`), no calibration;
+* ``rtn``: round-to-nearest on min-max scales (:func:`gptopt_core.kit.grids.fit_grid`), no calibration;
 * ``gptq``: :func:`.gptq.gptq_quantize` per layer, block by block on calibration text from the train split with
-  :func:`gptopt_core.calibration.run_blockwise` (compressed blocks feed the next; optional offloading). A layer
+  :func:`gptopt_core.kit.calibration.run_blockwise` (compressed blocks feed the next; optional offloading). A layer
   pruned earlier in the chain (``ctx.state["masks"]``, weights still zero outside the mask) keeps its mask: its
   pruned weights are quantized to zero and their error compensated (:mod:`.gptq`), so sparsity survives exactly.
 
@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import time
 
-from gptopt_core import (GptoptError, attach_grid, attach_input_quant, calibration_batches, fit_grid, grid_layers,
-                         grid_of, input_quant_of, is_conv1d, round_to_grid, run_blockwise, split_by_block, torch_threads, weight_matrix, weight_modules)
+from gptopt_core import GptoptError
+from gptopt_core.kit.activations import attach_input_quant, input_quant_of
+from gptopt_core.kit.calibration import calibration_batches, run_blockwise, split_by_block, torch_threads
+from gptopt_core.kit.grids import attach_grid, fit_grid, grid_layers, grid_of, round_to_grid
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import weight_matrix, weight_modules
 
 from .gptq import gptq_quantize
 

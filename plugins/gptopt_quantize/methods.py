@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from gptopt_core import get_observer, moe_effect, with_experts
+from gptopt_core.kit.experts import moe_effect, with_experts
+from gptopt_core.kit.observers import get_observer
 
 #: the integer-grid methods' common options, and the calibration text's
 GRID = ("group_size", "symmetric", "observer", "activations", "awq", "awq_clip", "router")

@@ -1,6 +1,6 @@
 """``quantize --plan auto``: per-module precision (4-bit, int8, kept) that minimises bytes within a ppl budget.
 
-1. Measure each unit's calibration-loss change when it alone goes to 4 bits (``gptopt_core.sensitivity``).
+1. Measure each unit's calibration-loss change when it alone goes to 4 bits (``gptopt_core.kit.sensitivity``).
 2. Order the units by that change per byte saved (4-bit vs int8): the most sensitive per byte first.
 3. Plan(k) puts the first k units in int8 and the rest in 4-bit; binary-search the smallest k whose *measured*
    calibration ppl (all replacements at once) is within the budget. If even all-int8 is over budget, layers
@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 
-from gptopt_core import calibration_nll, get_module, module_sensitivity, nll_with_modules, smallest_within
+from gptopt_core.kit.precision_search import nll_with_modules, smallest_within
+from gptopt_core.kit.sensitivity import calibration_nll, get_module, module_sensitivity
 
 from .convert import is_embedding, make_embedding, make_linear, make_tied_head
 

@@ -8,7 +8,9 @@ import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 
-from gptopt_core import dequantized_weight, is_weight_layer, replace_module
+from gptopt_core.kit.layertypes import is_weight_layer
+from gptopt_core.kit.modules import dequantized_weight
+from gptopt_core.kit.sensitivity import replace_module
 
 from .convert import FOUR_BIT, QuantEmbedding4bit, QuantEmbedding8bit, precision_of
 

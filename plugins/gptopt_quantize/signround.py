@@ -25,7 +25,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from gptopt_core import GroupSize, attach_grid, grid_from_groups, is_conv1d, weight_matrix
+from gptopt_core.kit.grids import attach_grid, grid_from_groups
+from gptopt_core.kit.groupsize import GroupSize
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.modules import weight_matrix
 
 CLIP_MIN = 0.5
 
@@ -195,7 +198,7 @@ def signround_layers(ctx, p, layers, spec, metrics: dict) -> list[str]:
     to ``metrics``; returns the names outside the blocks (the caller rounds them to nearest)."""
     import torch
 
-    from gptopt_core import calibration_batches, run_blockwise, split_by_block, torch_threads
+    from gptopt_core.kit.calibration import calibration_batches, run_blockwise, split_by_block, torch_threads
 
     def torch_threads_now():
         return torch.get_num_threads()

@@ -7,7 +7,10 @@ from typing import Annotated, Literal, Optional, Union
 
 import pydantic
 
-from gptopt_core import GroupSize, Params, Step, as_choice, as_group_size, as_percent, get_observer, group_columns
+from gptopt_core import Params, Step
+from gptopt_core.kit.groupsize import GroupSize
+from gptopt_core.kit.observers import get_observer
+from gptopt_core.options import as_choice, as_group_size, as_percent, group_columns
 
 from .methods import METHODS, refuse_options
 
@@ -34,7 +37,8 @@ def check_plan_mapping(plan: dict, where: str) -> dict:
 
 
 def read_plan_file(path: str) -> dict:
-    from gptopt_core import GptoptError, load_structured_file
+    from gptopt_core import GptoptError
+    from gptopt_core.kit.inputs import load_structured_file
 
     p = Path(path).expanduser()
     if not p.exists() and not p.is_symlink():

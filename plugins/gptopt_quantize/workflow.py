@@ -7,7 +7,10 @@ import time
 
 import torch
 
-from gptopt_core import GptoptError, is_weight_layer, model_bytes, weight_modules
+from gptopt_core import GptoptError
+from gptopt_core.kit.layertypes import is_weight_layer
+from gptopt_core.kit.metrics import model_bytes
+from gptopt_core.kit.modules import weight_modules
 
 from .convert import apply_plan, bits_of, is_embedding, model_layout
 from .planner import auto_plan

@@ -6,7 +6,7 @@ torch, imported when it writes).
 """
 from __future__ import annotations
 
-from gptopt_core import Writer
+from gptopt_core.writers import Writer
 
 ADAPTER_HINT = ("an unmerged LoRA adapter is written by --format safetensors (the base here, the adapter in "
                 "adapter/); or merge it first (lora --merge)")

@@ -1,6 +1,6 @@
 """gptopt-transfer: knowledge transfer by training: ``lora`` (PEFT LoRA, QLoRA on a 4-bit base) and ``finetune``.
 
-Both steps run the core's one training loop (:mod:`gptopt_core.training`) and share its options. Pruning
+Both steps run the core's one training loop (:mod:`gptopt_core.kit.training`) and share its options. Pruning
 masks (``ctx.state["masks"]``) survive: full fine-tuning keeps pruned weights exactly zero after every
 optimizer step, and a LoRA ``--merge`` re-applies the masks to the merged weights, so the saved model has the
 pruned sparsity exactly. ``--distill-from original`` adds a KL term against the model as it was loaded.
@@ -8,7 +8,8 @@ pruned sparsity exactly. ``--distill-from original`` adds a KL term against the 
 The plugin's shape (docs/architecture.md): this module holds the hooks only, :mod:`.step` the params and the
 steps, :mod:`.masked`, :mod:`.distill` and :mod:`.adapter` the torch / peft work (imported where it runs).
 """
-from gptopt_core import Fact, MatrixCell, PlanError, StateKey, hookimpl
+from gptopt_core import PlanError, hookimpl
+from gptopt_core.vocabulary import Fact, MatrixCell, StateKey
 
 from .adapter import is_peft_model, load_with_adapter, save_with_adapter
 from .distill import distill_loss

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptopt_core import SourceError, load_local_dir, replace_module
+from gptopt_core import SourceError
+from gptopt_core.kit.models import load_local_dir
+from gptopt_core.kit.sensitivity import replace_module
 
 
 def is_peft_model(model) -> bool:

@@ -7,8 +7,14 @@ from typing import List, Literal, Optional
 
 import pydantic
 
-from gptopt_core import (GptoptError, PlanError, Step, TrainParams, Trainer, apply_masks, architecture_of, is_conv1d,
-                         moe_effect, resolve_precision, sparsity, train_blocks, weight_modules)
+from gptopt_core import GptoptError, PlanError, Step
+from gptopt_core.architectures import architecture_of
+from gptopt_core.kit.experts import moe_effect
+from gptopt_core.kit.layertypes import is_conv1d
+from gptopt_core.kit.metrics import sparsity
+from gptopt_core.kit.modules import apply_masks, weight_modules
+from gptopt_core.kit.train_options import TrainParams, resolve_precision, train_blocks
+from gptopt_core.kit.training import Trainer
 
 from .experts import expert_parameters, is_router
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptopt_core import GptoptError, check_input_file, read_input_file
+from gptopt_core import GptoptError
+from gptopt_core.kit.inputs import check_input_file, read_input_file
 
 #: head sizes vLLM CPU's attention kernel has (``CPUAttentionBackend.get_supported_head_sizes``, vLLM 0.32.0)
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

@@ -6,7 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from gptopt_core import GptoptError, eval_windows
+from gptopt_core import GptoptError
+from gptopt_core.kit.evaluate import eval_windows
 
 from .checks import check_model_dir
 from .runner import find_python, run_worker

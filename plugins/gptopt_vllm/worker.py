@@ -3,7 +3,7 @@ transformers and compressed-tensors than gptopt, so it lives in a venv of its ow
 only; gptopt is not importable here. Run as ``python worker.py REQUEST.json RESULT.json``.
 
 The request names the model directory, the eval windows (token ids and the index each window scores from, as
-``gptopt_core.evaluate.eval_windows`` cut them) and the decode workload; the result holds, per window, the summed
+``gptopt_core.kit.evaluate.eval_windows`` cut them) and the decode workload; the result holds, per window, the summed
 negative log-likelihood of the scored tokens (vLLM's prompt logprobs) and the timings.
 """
 import json

@@ -6,7 +6,7 @@ import errno
 import os
 from pathlib import Path
 
-from .errors import GptoptError, shorten
+from ..errors import GptoptError, shorten
 
 class OutputLock:
     """An exclusive lock on one output (``save --to DIR``, ``export --to FILE``): ``.NAME.gptopt-lock`` beside it,

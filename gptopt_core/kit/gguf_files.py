@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import re
 
-from .errors import SourceError, shorten
+from ..errors import SourceError, shorten
 from .inputs import check_input_file
 from .model_files import LoadedModel, check_loading_info, load_tokenizer
 

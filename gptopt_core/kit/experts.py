@@ -130,7 +130,7 @@ class MoeBlock:
 def moe_layers(model, arch=None) -> list:
     """The :class:`MoeBlock` s of a model, in block order (by its architecture row's ``moe``; a PEFT wrapper is
     looked through); ``[]`` for a dense model or a family the table does not know."""
-    from .architectures import architecture_of
+    from ..architectures import architecture_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     arch = arch or architecture_of(base)
@@ -158,7 +158,7 @@ def router_ids(model) -> set:
     """``id()`` of every router and shared-expert gate of a MoE model: the modules every step keeps float unless
     asked (:func:`gptopt_core.weight_modules` leaves them out unless ``include`` names them); none while
     ``expert_linears(model, routers=True)`` shows them as layers to quantize."""
-    from .architectures import architecture_table
+    from ..architectures import architecture_table
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kind = getattr(getattr(base, "config", None), "model_type", None)
@@ -351,7 +351,7 @@ def with_experts(model, run, min_tokens=None, log=None, offload=None, step: str 
     (one-line :class:`gptopt_core.GptoptError` naming ``step``). ``routers``: ``--router include``, the routers and
     shared-expert gates are layers of the step too (the metrics' ``router`` says so)."""
     if offload not in (None, "none") and moe_blocks(model):
-        from .errors import GptoptError
+        from ..errors import GptoptError
 
         raise GptoptError(f"{step} --offload {offload}: not supported on a mixture of experts yet (offloading "
                           "moves each expert's layers apart from the fused expert weights); use --offload none")

@@ -6,7 +6,7 @@ produces it from ``64`` / ``"64"`` / ``"channel"``; a step's params resolve "not
 (``QuantizeParams.grid_group_size``); every engine (``fit_grid``, the OBS solver behind GPTQ and SparseGPT, SignRound,
 AWQ) takes it and asks it for ``columns(width)``. Engines also accept the older spellings (an int, ``"channel"`` or
 ``None`` for per channel) through :meth:`GroupSize.of`. A recipe stores it as it was typed: ``64`` or ``"channel"``.
-:class:`~gptopt_core.grids.WeightGrid` keeps the storage convention (``group_size``: an int, or ``None`` per
+:class:`~gptopt_core.kit.grids.WeightGrid` keeps the storage convention (``group_size``: an int, or ``None`` per
 channel) that the writers read; :meth:`GroupSize.grid_size` gives it.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class GroupSize:
 
     @property
     def grid_size(self) -> Optional[int]:
-        """The :class:`~gptopt_core.grids.WeightGrid` spelling: the size, or ``None`` per channel."""
+        """The :class:`~gptopt_core.kit.grids.WeightGrid` spelling: the size, or ``None`` per channel."""
         return self.size
 
     @property

@@ -6,7 +6,7 @@ exactly, and attaches a :class:`WeightGrid` with :func:`attach_grid`. Everything
 model reads the grid back with :func:`grid_of` / :func:`grid_codes`, so the integers are never re-rounded:
 
 * ``eval`` / ``bench`` run the de-quantized weights (same numbers a packed kernel would compute with);
-* :func:`gptopt_core.metrics.model_bytes` counts a grid layer's weight as its packed storage
+* :func:`gptopt_core.kit.metrics.model_bytes` counts a grid layer's weight as its packed storage
   (:meth:`WeightGrid.stored_bytes`), which is what a serving format writes;
 * savers and exporters (compressed-tensors, GGUF) write :func:`grid_codes` and the grid's scales.
 

@@ -11,21 +11,21 @@ from typing import Optional
 
 import pydantic
 
-from .errors import GptoptError, PlanError
+from ..errors import GptoptError, PlanError
 from .evaluate import generate_sample, perplexity
 from .klbase import capture_before_lossy, kl_metrics, kl_plan
 from .families import FAMILIES
 from .families_moe import MOE_FAMILIES
 from .grids import minmax_range, mse_range
-from .hookspecs import hookimpl
+from ..hookspecs import hookimpl
 from .locks import OutputLock
 from .metrics import model_bytes, num_params, sparsity
 from .models import max_positions, resolve_builtin
 from .observers import Observer
-from .saveformats import SafetensorsFormat, write_model_dir
-from .writers import check_plan, choose, specialized
-from .steps import Params, Step
-from .vocabulary import Fact, MatrixCell, StateKey
+from ..saveformats import SafetensorsFormat, write_model_dir
+from ..writers import check_plan, choose, specialized
+from ..steps import Params, Step
+from ..vocabulary import Fact, MatrixCell, StateKey
 
 
 class EvalParams(Params):

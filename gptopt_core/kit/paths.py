@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import GptoptError, shorten
+from ..errors import GptoptError, shorten
 from .locks import _write_pid
 
 #: the lock file inside a locked ``--out`` directory

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import SourceError, shorten
+from ..errors import SourceError, shorten
 
 #: the cap of :func:`read_input_file` when the caller gives none: a config, a plan, a recipe is a few KiB
 MAX_SMALL_FILE = 4 * 2**20
@@ -90,7 +90,7 @@ def load_structured_file(path, where: str, max_bytes: int = MAX_SMALL_FILE, kind
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SourceError(f"{where}: {shorten(os.fspath(path), 160)} is not UTF-8 text (byte {exc.start})") from None
-    from .recipes import load_recipe_text
+    from ..recipes import load_recipe_text
 
     kind = kind or ("JSON" if Path(path).suffix.lower() == ".json" else "YAML")
     return load_recipe_text(text, kind, f"{where}: {shorten(os.fspath(path), 160)}", limit=max_bytes)

@@ -1,6 +1,6 @@
 """Input-activation quantization: "this layer's inputs are rounded to b-bit integers, one scale per token".
 
-W8A8 (int8 weights on a per-channel symmetric grid, :mod:`gptopt_core.grids`, and int8 inputs) is what vLLM's CPU
+W8A8 (int8 weights on a per-channel symmetric grid, :mod:`gptopt_core.kit.grids`, and int8 inputs) is what vLLM's CPU
 int8 kernels run: the weight codes are stored, the inputs are quantized at run time, per token, symmetric, with a
 scale of their own (``dynamic``). A layer marked with :func:`attach_input_quant` keeps its float weight (on its
 grid) and gets a forward pre-hook that rounds its input the same way, so ``eval`` / ``bench`` measure the model as

@@ -100,7 +100,7 @@ class GroupScales:
     """One ``(scale, zero)`` per group of ``group_size`` columns for a rule that rounds: fitted up front
     (:meth:`fit_all`: per channel, act-order) or by the rule at each group's first column (:meth:`fit_at`, on the
     weights as updated so far); :meth:`round` puts a column on its group's grid; :meth:`grid` is the
-    :class:`~gptopt_core.grids.WeightGrid` (groups in the stored column order).
+    :class:`~gptopt_core.kit.grids.WeightGrid` (groups in the stored column order).
 
     ``importance(c)``: the per-column weights of the group starting at column ``c`` for an observer with
     ``importance=True`` (``hmse``), or ``None``.

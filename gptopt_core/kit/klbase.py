@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .divergence import BaseLogits
-from .errors import GptoptError
+from ..errors import GptoptError
 
 CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
 
@@ -30,7 +30,7 @@ CACHE_VERSION = 2  # 2: llama.cpp's uint16 full-vocabulary storage
 def is_lossy(step) -> bool:
     """Whether ``step`` changes the model's numbers in a way KL is meant to measure: a fact it plans belongs to a
     family declared ``lossy`` (:class:`gptopt_core.Fact`, e.g. the core's ``quantized``)."""
-    from .vocabulary import lossy_families
+    from ..vocabulary import lossy_families
 
     lossy = lossy_families(getattr(step, "plugins", None))
     return any(f.split(":")[0] in lossy for f in step.next_facts(set()))

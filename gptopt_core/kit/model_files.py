@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError, shorten
+from ..errors import SourceError, shorten
 
 #: largest config.json (a causal LM's is a few KiB)
 MAX_CONFIG_BYTES = 4 * 2**20

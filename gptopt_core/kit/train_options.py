@@ -6,8 +6,8 @@ from typing import Literal, Optional
 
 import pydantic
 
-from .errors import GptoptError, SourceError
-from .steps import Params
+from ..errors import GptoptError, SourceError
+from ..steps import Params
 
 DEFAULT_STEPS = 100
 

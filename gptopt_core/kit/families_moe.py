@@ -13,12 +13,12 @@ graphs fix whether the top-k router weights are renormalized (Mixtral and Qwen3-
 no) and that every block is a MoE block: a config that asks otherwise is refused in one line.
 
 Tiny models (2 blocks, hidden 64, 4 experts of width 64, 2 per token) get peaked routing
-(:func:`gptopt_core.experts.peak_routers`, applied by ``tiny_model``): router logits of standard deviation ~4, so
+(:func:`gptopt_core.kit.experts.peak_routers`, applied by ``tiny_model``): router logits of standard deviation ~4, so
 each token strongly prefers its top 2 and the experts' order matters to the predictions.
 """
 from __future__ import annotations
 
-from .architectures import Architecture, GgufLayout
+from ..architectures import Architecture, GgufLayout
 from .experts import MoeLayout
 from .families import LLAMA_GROUPS, _act_refusal, _head_dim, _ids
 

@@ -5,7 +5,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SourceError, shorten
+from ..errors import SourceError, shorten
 from .models import cache_dir
 
 VALID_EVERY = 10  # every 10th document (by position) is held out for validation

@@ -23,11 +23,11 @@ that cares about training (pruning masks, L1 penalties, distillation) hooks into
 * **Checkpointing**: :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` hold everything needed to
   continue a run (step, optimizer, scheduler, RNG, histories); the data order needs only the step. With
   ``checkpoint_every`` the loop writes them with the trainable weights to ``--out`` (see
-  :mod:`gptopt_core.checkpoints`), and ``gptopt run --resume`` continues from the latest one.
+  :mod:`gptopt_core.kit.checkpoints`), and ``gptopt run --resume`` continues from the latest one.
 
 Plugin-facing API::
 
-    from gptopt_core.training import TrainParams, Trainer, train
+    from gptopt_core.kit.training import TrainParams, Trainer, train
 
     class MyParams(TrainParams):          # shared options: lr, steps/epochs, batch-size, seq-len, ...
         ...
@@ -45,7 +45,7 @@ import time
 from typing import Any
 
 from . import checkpoints
-from .errors import GptoptError
+from ..errors import GptoptError
 from .evaluate import perplexity
 from .modules import mask_targets
 from .train_options import DEFAULT_STEPS, TrainParams, resolve_precision, train_blocks
@@ -219,7 +219,7 @@ class Trainer:
         progress = (step - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    # -- checkpoint state (gptopt_core.checkpoints) --------------------------------------------------------
+    # -- checkpoint state (gptopt_core.kit.checkpoints) --------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue this run at :attr:`step` (model weights are saved separately)."""
         return checkpoints.trainer_state(self)

@@ -20,7 +20,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import GptoptError, shorten
+from ..errors import GptoptError, shorten
 from .inputs import _kind
 
 #: entries ``--out`` may hold for ``--resume`` to walk it (a run writes a few dozen)

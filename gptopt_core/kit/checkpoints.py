@@ -13,7 +13,7 @@ leaves the previous checkpoint intact (an interrupted write removes its temporar
 ``kill -9`` is removed by the next checkpoint of that step). Nothing under ``--out`` is trusted on ``--resume``:
 the whole directory is walked without following links before the model loads, each directory is checked again
 right before it is written to or cleaned, and files are opened with ``O_NOFOLLOW | O_NONBLOCK``
-(:mod:`gptopt_core.outfiles`): a planted link or FIFO is a one-line refusal, never followed, never waited on. ``gptopt run --resume --out OUT`` (the same chain) replays the steps
+(:mod:`gptopt_core.kit.outfiles`): a planted link or FIFO is a one-line refusal, never followed, never waited on. ``gptopt run --resume --out OUT`` (the same chain) replays the steps
 before training (deterministic for a seed) and continues each training step from its latest checkpoint.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import GptoptError
+from ..errors import GptoptError
 from .outfiles import check_run_tree, open_regular, read_regular, real_dir, write_file
 
 DIRNAME = "checkpoints"

@@ -8,7 +8,7 @@ family has grouped-query attention), the byte tokenizer's vocabulary.
 """
 from __future__ import annotations
 
-from .architectures import Architecture, GgufLayout
+from ..architectures import Architecture, GgufLayout
 
 LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))

@@ -9,7 +9,7 @@ from .modules import weight_matrix, weight_modules
 def model_bytes(model) -> int:
     """Bytes held by parameters and buffers in memory (packed low-bit storage counts as stored).
 
-    A layer on an integer grid (:mod:`gptopt_core.grids`) counts its weight as the packed codes and scales that
+    A layer on an integer grid (:mod:`gptopt_core.kit.grids`) counts its weight as the packed codes and scales that
     savers and exporters write, not as the de-quantized copy it computes with."""
     gridded = {}
     for _, module, grid in grid_layers(model):

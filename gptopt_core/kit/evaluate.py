@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import GptoptError
+from ..errors import GptoptError
 
 
 def model_device(model):
@@ -42,7 +42,7 @@ def perplexity_of(window_logits, ids, block_size: int = 512, stride: int = 512, 
     ``{"perplexity", "nll", "tokens"}``.
 
     ``base``: a :class:`gptopt_core.BaseLogits` of the same token set and windows: the result then also has the KL
-    figures of :func:`gptopt_core.divergence.summarize` (KL from the base, same top token, perplexity ratio with
+    figures of :func:`gptopt_core.kit.divergence.summarize` (KL from the base, same top token, perplexity ratio with
     bootstrap intervals). ``keep_base``: also return these logits as ``"base_logits"`` (another measurement's base).
     """
     import torch

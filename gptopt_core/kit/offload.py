@@ -1,4 +1,4 @@
-"""Where the transformer blocks live while :func:`gptopt_core.calibration.run_blockwise` compresses them
+"""Where the transformer blocks live while :func:`gptopt_core.kit.calibration.run_blockwise` compresses them
 (``offload``): ``"none"`` (where they are), ``"cpu"`` (CPU memory; only the block being compressed on the compute
 device) or ``"disk"`` (safetensors files in a temporary directory, the blocks on the ``meta`` device; only the block
 being compressed is read back, compressed, written again and dropped; at the end every block is read back so the

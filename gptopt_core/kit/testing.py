@@ -3,7 +3,7 @@
 ``register_plugin`` registers a module or object with hook implementations for the duration of a ``with``
 block (or a pytest fixture body) and unregisters it in ``finally``::
 
-    from gptopt_core.testing import register_plugin
+    from gptopt_core.kit.testing import register_plugin
 
     def test_my_step(tmp_path):
         with register_plugin(my_plugin_module, "my-plugin"):
@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-from .errors import GptoptError
-from .pipeline import Pipeline
-from .plugins import get_plugins
+from ..errors import GptoptError
+from ..pipeline import Pipeline
+from ..plugins import get_plugins
 
 
 @contextlib.contextmanager

