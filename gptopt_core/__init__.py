@@ -5,6 +5,8 @@ is private, whatever its name (a test fails when a plugin, benchmark or docs exa
 The contract's core names import at once; the helpers (torch-backed) load on first use, so ``gptopt --help``
 stays fast. ``docs/python-api.md`` documents every public name with its signature (generated and checked).
 """
+import sys
+
 from .context import RunContext
 from .errors import GptoptError, ParamsError, PlanError, SourceError, StepFailed, error_text, safe_text
 from .hookspecs import hookimpl
@@ -111,6 +113,43 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gptopt_core' has no attribute '{name}'")
+
+
+class _MovedModules:
+    """Old dotted paths of the modules that moved into ``gptopt_core.kit`` / ``gptopt_core.tools``
+    (``gptopt_core.grids`` is ``gptopt_core.kit.grids``): private paths, kept resolving for code written before."""
+
+    @staticmethod
+    def _moved(fullname):
+        head, _, leaf = fullname.rpartition(".")
+        if head == __name__ and leaf.isidentifier():
+            from pathlib import Path
+
+            here = Path(__file__).parent
+            return next((f"{__name__}.{sub}.{leaf}" for sub in ("kit", "tools")
+                         if (here / sub / f"{leaf}.py").is_file()), None)
+        return None
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if cls._moved(fullname) is None:
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_loader(fullname, cls)
+
+    @classmethod
+    def create_module(cls, spec):
+        import importlib
+
+        return importlib.import_module(cls._moved(spec.name))
+
+    @staticmethod
+    def exec_module(module):
+        pass
+
+
+sys.meta_path.insert(0, _MovedModules)  # before the path finders: the old file may linger in an old install
 
 
 def __dir__():

@@ -47,7 +47,6 @@ from . import architectures, hookspecs, vocabulary, writers
 from .kit import builtin, observers, pretokenizers
 from .errors import GptoptError
 from .hookcalls import PluginHookError, PluginLoadWarning, _blamed, _one_line  # noqa: F401 (public through here)
-from .hookspecs import hook_names
 from .report import COLUMNS
 from .writers import DIRECTORY
 from .steps import Step
@@ -354,7 +353,7 @@ class Plugins:
 
 def _check_unmarked(module) -> None:
     """A function named like a known hook but not marked ``@hookimpl`` would be skipped silently by pluggy."""
-    specs = set(hook_names())
+    specs = set(hookspecs.hook_names())
     for attr in dir(module):
         if attr in specs:
             value = getattr(module, attr, None)
@@ -363,7 +362,7 @@ def _check_unmarked(module) -> None:
 
 
 def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, hook_names(), n=1)
+    close = difflib.get_close_matches(name, hookspecs.hook_names(), n=1)
     return f" (did you mean {close[0]}?)" if close else " (see docs/hooks.md for the hooks that exist)"
 
 

@@ -322,7 +322,8 @@ def test_save_format_is_planned_against_the_pipelines_own_plugins(tmp_path):
     process-wide set's)."""
     import types
 
-    from gptopt_core import SaveFormat, builtin, hookimpl
+    from gptopt_core import SaveFormat, hookimpl
+    from gptopt_core.kit import builtin
     from gptopt_core.plugins import CORE, Plugins
 
     class Own(SaveFormat):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT, run_gptopt
 
-from gptopt_core import docgen
+from gptopt_core.tools import docgen
 
 
 def test_generated_references_match_the_code():

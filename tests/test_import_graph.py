@@ -12,31 +12,42 @@ PACKAGES = [ROOT / "gptopt_core"] + sorted(p for p in (ROOT / "plugins").iterdir
 
 
 def import_graph(package) -> dict[str, set[str]]:
-    """``{module: modules of the same package it imports}`` (module names without the package; ``__init__`` for
-    the package itself), from every import statement anywhere in the file (top level or inside a function)."""
-    modules = {p.stem for p in package.glob("*.py")}
+    """``{module: modules of the same package it imports}``, module names dotted from the package (``pipeline``,
+    ``kit.grids``; ``__init__`` for the package itself, ``kit`` for a subpackage's ``__init__``), from every import
+    statement anywhere in the file (top level or inside a function), relative or absolute."""
+    files = {".".join(p.relative_to(package).with_suffix("").parts): p for p in package.rglob("*.py")}
+    modules = {name.removesuffix(".__init__") if name != "__init__" else "__init__": p for name, p in files.items()}
+
+    def owner(dotted: str) -> str:  # the longest module name that dotted (relative to the package) starts with
+        parts = dotted.split(".") if dotted else []
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        return ".".join(parts) or "__init__"
+
     graph = {}
-    for path in sorted(package.glob("*.py")):
+    for name, path in modules.items():
+        here = [] if name == "__init__" else name.split(".")
+        pkg = here if path.name == "__init__.py" else here[:-1]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     parts = alias.name.split(".")
                     if parts[0] == package.name:
-                        deps.add(parts[1] if len(parts) > 1 and parts[1] in modules else "__init__")
+                        deps.add(owner(".".join(parts[1:])))
             elif isinstance(node, ast.ImportFrom):
-                if node.level > 1:
-                    continue
-                parts = (node.module or "").split(".") if node.level == 0 else [package.name] + (
-                    node.module.split(".") if node.module else [])
-                if parts[0] != package.name:
-                    continue
-                if len(parts) > 1:
-                    deps.add(parts[1] if parts[1] in modules else "__init__")
-                else:  # from package import a, b: submodules or names of __init__
-                    deps.update(a.name if a.name in modules else "__init__" for a in node.names)
-        deps.discard(path.stem)
-        graph[path.stem] = deps
+                if node.level:
+                    base = pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+                    parts = base + (node.module.split(".") if node.module else [])
+                else:
+                    parts = (node.module or "").split(".")
+                    if parts[0] != package.name:
+                        continue
+                    parts = parts[1:]
+                for alias in node.names:  # from package import a: a submodule or a name of package
+                    deps.add(owner(".".join(parts + [alias.name])))
+        deps.discard(name)
+        graph[name] = deps
     return graph
 
 
@@ -79,8 +90,9 @@ def test_no_import_circle(package):
 
 def test_the_graph_sees_real_imports_and_circles():
     core = import_graph(ROOT / "gptopt_core")
-    assert "plugins" in core["pipeline"] and "builtin" in core["plugins"] and "steps" in core["builtin"]
-    assert not {"pipeline", "plugins", "recipes"} & core["builtin"]  # the core's own plugin is a leaf
+    assert "plugins" in core["pipeline"] and "kit.builtin" in core["plugins"] and "steps" in core["kit.builtin"]
+    assert "kit.modules" in core["kit.calibration"] and "architectures" in core["kit.calibration"]  # across the subpackage
+    assert not {"pipeline", "plugins", "recipes"} & core["kit.builtin"]  # the core's own plugin is a leaf
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

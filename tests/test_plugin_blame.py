@@ -76,7 +76,7 @@ def test_a_failing_run_finished_keeps_the_other_plugins_sections(tmp_path):
 
 
 def test_trace_names_plugin_hook_and_milliseconds(monkeypatch, capsys):
-    from gptopt_core import builtin
+    from gptopt_core.kit import builtin
 
     monkeypatch.setenv("GPTOPT_TRACE_PLUGINS", "1")
     plugins = Plugins()

@@ -75,7 +75,7 @@ def test_step_help_shows_real_defaults_for_every_option():
 
 
 def test_masks_are_kept_by_the_prune_plugins_hook_not_the_training_loop():
-    training = (ROOT / "gptopt_core" / "training.py").read_text()
+    training = (ROOT / "gptopt_core" / "kit" / "training.py").read_text()
     assert 'state.get("masks")' not in training and "mask_targets(" not in training  # (mask_targets: modules.py)
     plugins = get_plugins()
     owners = [impl.plugin_name for impl in plugins.hook.gptopt_after_optimizer_step.get_hookimpls()]

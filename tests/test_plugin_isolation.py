@@ -64,7 +64,7 @@ def gptopt_step_started(ctx, step):
 
 
 def fresh(strict=False):
-    from gptopt_core import builtin
+    from gptopt_core.kit import builtin
 
     plugins = Plugins(strict=strict)
     plugins.register(builtin, CORE, "gptopt", builtin=True)

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import pydantic
 
 from gptopt_core import GptoptError, Params, PlanError, Step
+from gptopt_core.kit.inputs import check_input_file
 from gptopt_core.kit.locks import OutputLock
 from gptopt_core.saveformats import write_model_file
 from gptopt_core.writers import choose as choose_writer
@@ -364,8 +365,6 @@ class LlamacppStep(Step):
             written = {str(Path(s.params.to).expanduser()) for s in before if s.name == "export"}
             path = Path(self.params.file).expanduser()
             if str(path) not in written:
-                from gptopt_core.kit.inputs import check_input_file
-
                 if not check_input_file(path, "llamacpp --file", missing_ok=True):
                     raise PlanError(f"llamacpp --file {path}: no such file")
                 from .measure import check_llama_limits
@@ -373,8 +372,6 @@ class LlamacppStep(Step):
                 check_llama_limits(path, self.params)  # what llama.cpp aborts on, before anything loads
         ref = self.params.kl_base
         if ref.endswith(".gguf"):
-            from gptopt_core.kit.inputs import check_input_file
-
             if not check_input_file(Path(ref).expanduser(), "llamacpp --kl-base", missing_ok=True):
                 raise PlanError(f"llamacpp --kl-base {ref}: no such file")
 
