@@ -141,7 +141,7 @@ PLUGIN_CASES = {  # one plugin per group: bnb (quantize), prune, transfer (lora/
                                           "would be written de-quantized; use --format compressed-tensors"),
     "export onto an existing file": (G2 + ["export", "--to", "fake.gguf"], "exists; pass --overwrite"),
     "export: not a .gguf name": (G2 + ["export", "--to", "model.bin"], "give a file name ending in .gguf"),
-    "export: unknown type": (G2 + ["export", "--to", "m.gguf", "--type", "q3_k"], "type: Input should be 'auto'"),
+    "export: unknown type": (G2 + ["export", "--to", "m.gguf", "--type", "q3_x"], "type: Input should be 'auto'"),
     "export of an unmerged adapter": (G2 + ["lora", "--steps", "1", "export", "--to", "m.gguf"],
                                       "give lora --merge so the adapter is folded"),
     "llamacpp with nothing exported": (G2 + ["llamacpp"], "put export --format gguf --to FILE.gguf before it"),
