@@ -17,6 +17,8 @@ from pathlib import Path
 VARIANTS = {
     "rtn": {"method": "rtn"}, "rtn+awq": {"method": "rtn", "awq": True},
     "gptq": {"method": "gptq"}, "gptq+awq": {"method": "gptq", "awq": True},
+    "gptq-noact": {"method": "gptq", "act_order": False}, "gptq-noact+awq": {"method": "gptq", "act_order": False,
+                                                                            "awq": True},
 }
 KEYS = ("kl_mean", "kl_mean_ci95", "kl_median", "kl_p99", "kl_p999", "same_top1", "perplexity", "perplexity_base",
         "perplexity_ratio", "perplexity_ratio_ci95", "kl_tokens")
